@@ -1,0 +1,317 @@
+"""The base every distopt optimizer builds on: maths written against *shards*.
+
+An optimizer's update sees, for each parameter with a gradient, a :class:`ParamView`: the local
+tensor (the whole parameter when training on one process, a dim-0 slice of it under distopt
+ZeRO, the local shard of a DTensor under FSDP2), its local gradient, the parameter's *global*
+shape and whether the tensor is sharded.  Element-wise optimizers never look further.
+Shape-aware ones (per-tensor norms, trust ratios, Adafactor's row/column statistics, channel
+cosines) compute local partial sums and hand them to :meth:`StepContext.reduce` in **one batched
+call per phase**: unsharded it is free; sharded it is one all-reduce over a flat buffer.
+
+Nothing here imports the sharding or checkpoint layers.  The sharding layer tells an optimizer
+about its shards through :meth:`DistOptimizer.set_sharding` (which parameter tensors are dim-0
+shards, of which global shape, reduced over which process group); DTensor parameters are
+recognised on their own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = [
+    "DistOptimizer",
+    "ParamView",
+    "ShardSpec",
+    "StepContext",
+    "check_betas",
+    "check_nonneg",
+    "check_lr",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_lr(lr: Any, name: str = "lr", allow_none: bool = False) -> None:
+    """Raise ValueError unless ``lr`` is a finite number >= 0 (or None when allowed)."""
+    if lr is None and allow_none:
+        return
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
+        lr = float(lr)
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool):
+        raise ValueError(f"{name} must be a number, got {type(lr).__name__}")
+    if not math.isfinite(lr) or lr < 0.0:
+        raise ValueError(f"Invalid {name}: {lr} (must be finite and >= 0)")
+
+
+def check_nonneg(value: Any, name: str) -> None:
+    """Raise ValueError unless ``value`` is a finite number >= 0."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"Invalid {name}: {value} (must be finite and >= 0)")
+
+
+def check_betas(betas: Any, n: int = 2, name: str = "betas") -> None:
+    """Raise ValueError unless ``betas`` is a sequence of ``n`` numbers in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != n:
+        raise ValueError(f"{name} must be a tuple of {n} numbers in [0, 1), got {betas!r}")
+    for i, b in enumerate(betas):
+        if not isinstance(b, (int, float)) or isinstance(b, bool) or not (0.0 <= b < 1.0):
+            raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
+
+
+# --------------------------------------------------------------------------- shards and views
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How a parameter tensor in a param group relates to the logical (global) parameter.
+
+    ``shape`` is the global shape; the local tensor holds rows ``[row_start, row_start + rows)``
+    of dim 0 (a 0-dim parameter is treated as one row).  ``group`` is the process group over
+    which partial statistics are summed.
+    """
+
+    shape: torch.Size
+    row_start: int
+    rows: int
+    group: Any = None
+
+
+@dataclass
+class ParamView:
+    """One parameter as the maths sees it (see the module docstring)."""
+
+    param: Tensor  # the object in the param group: the key of ``optimizer.state``
+    data: Tensor  # local values, updated in place (fp32 copy for low-precision params)
+    grad: Tensor  # local gradient, never modified in place
+    shape: torch.Size  # global shape
+    sharded: bool  # partial statistics of this tensor must be summed across ranks
+    state: dict
+    _write_back: Tensor | None = None  # low-precision storage that ``data`` is copied into
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the *global* parameter."""
+        return math.prod(self.shape)
+
+
+class StepContext:
+    """Per-step services the maths may use: the batched reducer and bookkeeping."""
+
+    def __init__(self, group: Any, reduce_fn: Callable[[Tensor, Any], None] | None):
+        self._group = group
+        self._reduce_fn = reduce_fn
+        self.num_reductions = 0
+        #: scratch space for statistics shared between groups within one step (e.g. a clip norm)
+        self.extra: dict[str, Any] = {}
+
+    def reduce(self, parts: Sequence[Sequence[Tensor]], sharded: Sequence[bool]) -> list[list[Tensor]]:
+        """Sum partial statistics across ranks in one collective.
+
+        ``parts[k][i]`` is statistic ``k`` of parameter ``i`` (any shape, computed on the local
+        shard); ``sharded[i]`` says whether parameter ``i`` is sharded.  Entries of unsharded
+        parameters are returned unchanged; entries of sharded ones are summed over the process
+        group.  One flat all-reduce carries everything, whatever the number of statistics.
+        """
+        out = [list(p) for p in parts]
+        if self._reduce_fn is None or not any(sharded):
+            return out
+        picked = [(k, i) for k in range(len(out)) for i in range(len(sharded)) if sharded[i]]
+        if not picked:
+            return out
+        flat = torch.cat([out[k][i].reshape(-1).to(torch.float32) for k, i in picked])
+        self._reduce_fn(flat, self._group)
+        self.num_reductions += 1
+        offset = 0
+        for k, i in picked:
+            t = out[k][i]
+            n = t.numel()
+            out[k][i] = flat[offset : offset + n].view(t.shape).to(t.dtype)
+            offset += n
+        return out
+
+
+def _all_reduce_sum(flat: Tensor, group: Any) -> None:
+    import torch.distributed as dist
+
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _dtensor_local_and_sharding(p: Tensor) -> tuple[Tensor, bool, Any]:
+    """Local tensor of a DTensor, whether it is split across ranks, and the process group."""
+    from torch.distributed.tensor import Shard
+
+    local = p.to_local()
+    placements = p.placements
+    mesh = p.device_mesh
+    sharded_dims = [i for i, pl in enumerate(placements) if isinstance(pl, Shard)]
+    if not sharded_dims:
+        return local, False, None
+    for i in sharded_dims:
+        if placements[i].dim != 0:
+            raise NotImplementedError(
+                f"distopt supports DTensor parameters sharded on dim 0 (FSDP2's layout), got {placements}"
+            )
+    if mesh.ndim == 1:
+        group = mesh.get_group()
+    else:  # HSDP: shard dimension of a 2-D mesh
+        if len(sharded_dims) != 1:
+            raise NotImplementedError(f"unsupported DTensor placements {placements}")
+        group = mesh.get_group(sharded_dims[0])
+    return local, True, group
+
+
+# --------------------------------------------------------------------------- the base class
+
+
+class DistOptimizer(Optimizer):
+    """Base class of distopt optimizers.
+
+    Subclasses implement :meth:`_init_state` (create a parameter's state, lazily, at its first
+    step) and :meth:`_update` (one multi-tensor update of a param group).  ``step`` handles the
+    closure, collects :class:`ParamView` objects for parameters that have a gradient, upcasts
+    bf16/fp16 parameters to fp32 for the update (their state is kept in fp32) and writes them back.
+
+    Subclasses may set ``_sparse_ok = True`` to accept sparse gradients; otherwise a sparse
+    gradient raises a RuntimeError naming the optimizer.
+    """
+
+    _sparse_ok = False
+    #: state names whose tensors are *replicated* (not row-sharded) for a parameter of a given
+    #: number of dims, e.g. Adafactor's column statistics of a 2-D matrix.  Used by the
+    #: sharding and checkpoint layers; see :meth:`state_is_sharded`.
+    _replicated_state_2d: frozenset[str] = frozenset()
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any]):
+        super().__init__(params, defaults)
+        self._shard_specs: dict[int, ShardSpec] = {}
+
+    # ------------------------------------------------------------------ sharding hooks
+    def set_sharding(self, specs: dict[Tensor, ShardSpec]) -> None:
+        """Declare which param-group tensors are dim-0 shards (called by the sharding layer)."""
+        self._shard_specs = {id(p): s for p, s in specs.items()}
+
+    def shard_spec(self, p: Tensor) -> ShardSpec | None:
+        """The :class:`ShardSpec` of a param-group tensor, or None if it is not a ZeRO shard."""
+        return self._shard_specs.get(id(p))
+
+    def state_is_sharded(self, name: str, value: Any, param_shape: torch.Size) -> bool:
+        """Whether a state tensor is split by rows like its parameter (else replicated).
+
+        Default: a tensor state of >= 1 dims is row-sharded unless ``name`` is listed in
+        ``_replicated_state_2d`` and the parameter is 2-D; scalars are replicated.
+        """
+        if not isinstance(value, Tensor) or value.dim() == 0 or len(param_shape) == 0:
+            return False
+        if len(param_shape) == 2 and name in self._replicated_state_2d:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ step
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_shard_specs", {})
+
+    def _views(self, group: dict[str, Any]) -> tuple[list[ParamView], Any]:
+        views: list[ParamView] = []
+        pg = None
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad
+            spec = self._shard_specs.get(id(p))
+            if _is_dtensor(p):
+                data, sharded, g = _dtensor_local_and_sharding(p)
+                grad = grad.to_local() if _is_dtensor(grad) else grad
+                shape = p.shape
+                if sharded:
+                    pg = g
+            elif spec is not None:
+                data, shape, sharded = p, spec.shape, True
+                pg = spec.group
+            else:
+                data, shape, sharded = p, p.shape, False
+            if grad.is_sparse and not self._sparse_ok:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            write_back = None
+            if data.dtype in _LOW_PRECISION:
+                write_back = data
+                data = data.detach().float()
+                grad = grad.float()
+            state = self.state[p]
+            views.append(ParamView(p, data.detach(), grad, torch.Size(shape), sharded, state, write_back))
+        return views, pg
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = []
+        pg = None
+        for group in self.param_groups:
+            views, g = self._views(group)
+            pg = pg if g is None else g
+            groups.append((group, views))
+        # The sharding layer guarantees that every rank sees the same parameters with
+        # gradients (empty local shards included), so this decision agrees across ranks.
+        any_sharded = any(v.sharded for _, vs in groups for v in vs)
+        ctx = StepContext(pg, _all_reduce_sum if any_sharded else None)
+        self._step_groups(groups, ctx)
+        for _, views in groups:
+            for v in views:
+                if v._write_back is not None:
+                    v._write_back.copy_(v.data)
+        return loss
+
+    def _step_groups(self, groups: list[tuple[dict[str, Any], list[ParamView]]], ctx: StepContext) -> None:
+        """Update every group; optimizers with cross-group statistics override this."""
+        for group, views in groups:
+            for v in views:
+                if not v.state:
+                    self._init_state(group, v)
+            self._update(group, views, ctx)
+
+    # ------------------------------------------------------------------ for subclasses
+    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _zeros(view: ParamView) -> Tensor:
+        """A zero tensor like the local data, in the state dtype (fp32 for low precision)."""
+        return torch.zeros_like(view.data, memory_format=torch.preserve_format)
+
+    @staticmethod
+    def _step_tensor(view: ParamView) -> Tensor:
+        """A step counter (a float32 scalar tensor on the CPU, as torch.optim keeps it)."""
+        return torch.zeros((), dtype=torch.float32)
+
+
+def reject_unknown_kwargs(cls_name: str, kwargs: dict[str, Any]) -> None:
+    """Raise TypeError for leftover keyword arguments (never accepted silently)."""
+    if kwargs:
+        names = ", ".join(sorted(kwargs))
+        raise TypeError(f"{cls_name}.__init__() got unexpected keyword argument(s): {names}")

@@ -1,0 +1,139 @@
+"""LAMB: layer-wise adaptive moments for large-batch training (You et al., 2020)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from distopt.optim import _functional as F
+from distopt.optim._core import (
+    DistOptimizer,
+    ParamView,
+    StepContext,
+    check_betas,
+    check_lr,
+    check_nonneg,
+)
+
+
+class Lamb(DistOptimizer):
+    r"""LAMB, with the options of timm's implementation.
+
+    Update rule for step ``t`` (per parameter tensor ``p``; norms are over the whole tensor)::
+
+        c  = max(1, ||all grads|| / max_grad_norm)       # global clip, all param groups together
+        g  = grad / c
+        m  <- beta1 * m + beta3 * g      (beta3 = 1 - beta1 if grad_averaging else 1)
+        v  <- beta2 * v + (1 - beta2) * g^2
+        u  = (m / bc1) / (sqrt(v / bc2) + eps)           (bc = 1 - beta^t, or 1 without bias_correction)
+        u  <- u + weight_decay * p                        (or p <- p * (1 - lr * wd) if decoupled_decay)
+        r  = ||p|| / ||u||  (1 if a norm is 0; min(r, 1) if trust_clip)
+             applied only when weight_decay != 0 or always_adapt
+        p  <- p - lr * r * u
+
+    Under ZeRO or FSDP2 the norms ``||p||`` and ``||u||`` of every parameter are computed from
+    local partial sums in one batched all-reduce, and the global clip norm in another, so the
+    result equals single-process training.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (default 1e-3).
+        bias_correction: apply Adam's bias corrections (default True).
+        betas: running-average coefficients (default (0.9, 0.999)).
+        eps: denominator term (default 1e-6).
+        weight_decay: weight decay (default 0.01).
+        grad_averaging: scale the gradient by ``1 - beta1`` in the first moment (default True).
+        max_grad_norm: global gradient-norm clip over all parameters; None disables (default 1.0).
+        trust_clip: clip the trust ratio at 1 (LAMBC) (default False).
+        always_adapt: apply the trust ratio even without weight decay (default False).
+        decoupled_decay: decay the weights directly instead of adding ``wd * p`` to the update
+            (default False).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        bias_correction: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        grad_averaging: bool = True,
+        max_grad_norm: float | None = 1.0,
+        trust_clip: bool = False,
+        always_adapt: bool = False,
+        decoupled_decay: bool = False,
+    ) -> None:
+        check_lr(lr)
+        check_betas(betas)
+        check_nonneg(eps, "eps")
+        check_nonneg(weight_decay, "weight_decay")
+        if max_grad_norm is not None:
+            check_nonneg(max_grad_norm, "max_grad_norm")
+            if max_grad_norm == 0:
+                raise ValueError("Invalid max_grad_norm: 0 (use None to disable clipping)")
+        defaults = dict(
+            lr=lr,
+            bias_correction=bias_correction,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            grad_averaging=grad_averaging,
+            max_grad_norm=max_grad_norm,
+            trust_clip=trust_clip,
+            always_adapt=always_adapt,
+            decoupled_decay=decoupled_decay,
+        )
+        super().__init__(params, defaults)
+
+    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
+        view.state["step"] = self._step_tensor(view)
+        view.state["exp_avg"] = self._zeros(view)
+        view.state["exp_avg_sq"] = self._zeros(view)
+
+    def _step_groups(self, groups: list[tuple[dict[str, Any], list[ParamView]]], ctx: StepContext) -> None:
+        # The clip norm spans every parameter of every group (as in timm), so it is computed
+        # before any group is updated: one reduction for the whole optimizer.
+        max_norm = self.defaults["max_grad_norm"]
+        ctx.extra["clip"] = None
+        all_views = [v for _, vs in groups for v in vs]
+        if max_norm is not None and all_views:
+            norm = F.global_grad_norm(ctx, all_views)
+            ctx.extra["clip"] = float(torch.clamp(norm / max_norm, min=1.0))
+        super()._step_groups(groups, ctx)
+
+    def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
+        if not views:
+            return
+        lr = float(group["lr"])
+        beta1, beta2 = group["betas"]
+        wd = group["weight_decay"]
+        beta3 = 1.0 - beta1 if group["grad_averaging"] else 1.0
+        steps = F.advance_steps(views)
+        if group["bias_correction"]:
+            bc1, bc2 = F.bias_correction(beta1, steps), F.bias_correction(beta2, steps)
+        else:
+            bc1 = bc2 = [1.0] * len(views)
+        params = [v.data for v in views]
+        grads = [v.grad for v in views]
+        clip = ctx.extra.get("clip")
+        if clip is not None and clip != 1.0:
+            grads = F.scaled(grads, 1.0 / clip)
+        exp_avgs = [v.state["exp_avg"] for v in views]
+        F.ema_(exp_avgs, grads, beta1, beta3)
+        F.ema_sq_([v.state["exp_avg_sq"] for v in views], grads, beta2)
+        denom = F.adam_denominator([v.state["exp_avg_sq"] for v in views], bc2, group["eps"])
+        updates = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_div_(updates, bc1)
+        if wd != 0.0:
+            if group["decoupled_decay"]:
+                F.decoupled_decay_(params, lr, wd)
+            else:
+                torch._foreach_add_(updates, params, alpha=wd)
+        if wd != 0.0 or group["always_adapt"]:
+            w_norms, u_norms = F.global_norms(ctx, views, params, updates)
+            ratios = [F.trust_ratio(w, u, group["trust_clip"]) for w, u in zip(w_norms, u_norms)]
+            torch._foreach_mul_(updates, ratios)
+        torch._foreach_add_(params, updates, alpha=-lr)
