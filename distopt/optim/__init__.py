@@ -12,11 +12,13 @@ from distopt.optim.lamb import Lamb
 # -- elementwise optimizers (one module each) --
 # -- shape-aware optimizers --
 # -- wrappers and factory --
+from distopt.optim.lookahead import Lookahead
 
 __all__ = [
     "AdamW",
     "DistOptimizer",
     "Lamb",
+    "Lookahead",
     "ParamView",
     "ShardSpec",
     "StepContext",
