@@ -1,0 +1,478 @@
+"""Adafactor: adaptive learning rates with sublinear memory cost (Shazeer & Stern, 2018).
+
+One kernel, two documented flavours:
+
+* :class:`Adafactor` has the signature and defaults of ``transformers.Adafactor``: every tensor
+  with >= 2 dims has its second moment factored over its last two dims; the parameter-scale
+  factor also multiplies an external lr.
+* :class:`AdafactorTimm` has the signature and defaults of ``timm.optim.Adafactor``: a tensor is
+  factored over dims (0, 1) when it has > 2 dims and both leading dims are larger than
+  ``min_dim_size_to_factor`` (convolution kernels), else over its last two dims when both are
+  larger than it; the relative step is used exactly when ``lr`` is None and the parameter-scale
+  factor applies only to it; optional cautious masking.
+
+Sharding (dim-0 row slices): with factoring dims ``(a, b)`` (``a < b``; ``b`` is never 0), the
+row statistic (mean over ``b``) is always local.  The column statistic (mean over ``a``) and
+the normaliser of the row statistic (its mean over ``a``) are local when ``a > 0`` (dim 0 is then
+a batch dim of the factored moments) and need a sum across ranks when ``a == 0``.  The parameter
+RMS (for ``scale_parameter``) and the update RMS (for ``clip_threshold``) are whole-tensor.
+A step of a param group makes one ``ctx.reduce`` call for the first group of statistics
+(column sums, row-normaliser sums, parameter sums of squares), one for the update sums of squares
+and, with ``caution``, one for the mask sums.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from distopt.optim import _functional as F
+from distopt.optim._core import DistOptimizer, ParamView, StepContext, check_lr, check_nonneg
+
+__all__ = ["Adafactor", "AdafactorTimm", "relative_step_lr"]
+
+
+def relative_step_lr(step: float, warmup_init: bool = False) -> float:
+    """Adafactor's relative step size ``min(1e-6 * t if warmup_init else 1e-2, 1 / sqrt(t))``.
+
+    Delegates to :func:`distopt.schedules._functions.adafactor_relative_step_lr` (the same
+    function the Adafactor schedule evaluates), imported lazily so that this layer never imports
+    the schedules layer at module load.
+    """
+    try:
+        from distopt.schedules._functions import adafactor_relative_step_lr
+    except ImportError:  # pragma: no cover - schedules layer absent
+        min_step = 1e-6 * step if warmup_init else 1e-2
+        return min(min_step, 1.0 / math.sqrt(step)) if step > 0 else float(min_step)
+    return adafactor_relative_step_lr(step, warmup_init)
+
+
+class _Hyper(NamedTuple):
+    lr: float | None  # external lr (None with the relative step)
+    relative_step: bool
+    warmup_init: bool
+    scale_parameter: bool  # the parameter-scale factor multiplies the relative step
+    scale_external: bool  # ... and also an external lr (transformers) or not (timm)
+    eps_sq: float
+    eps_scale: float
+    clip_threshold: float
+    decay_rate: float
+    beta1: float | None
+    weight_decay: float
+    caution: bool
+    min_dim: int | None  # None: factor the last two dims of every >= 2-D tensor (transformers)
+
+
+def _factor_dims(shape: torch.Size, min_dim: int | None) -> tuple[int, int] | None:
+    """The dims ``(a, b)``, ``a < b``, the second moment is factored over, or None."""
+    nd = len(shape)
+    if min_dim is None:
+        return (nd - 2, nd - 1) if nd >= 2 else None
+    if nd > 2 and shape[0] > min_dim and shape[1] > min_dim:
+        return 0, 1
+    if nd >= 2 and shape[-2] > min_dim and shape[-1] > min_dim:
+        return nd - 2, nd - 1
+    return None
+
+
+def _drop(shape: torch.Size, dim: int) -> torch.Size:
+    return torch.Size(shape[:dim] + shape[dim + 1 :])
+
+
+def _check_decay_rate(decay_rate: Any) -> None:
+    if not isinstance(decay_rate, (int, float)) or isinstance(decay_rate, bool):
+        raise ValueError(f"decay_rate must be a number, got {type(decay_rate).__name__}")
+    if not math.isfinite(decay_rate) or decay_rate > 0.0:
+        raise ValueError(f"Invalid decay_rate: {decay_rate} (must be finite and <= 0)")
+
+
+def _check_clip(clip_threshold: Any) -> None:
+    check_nonneg(clip_threshold, "clip_threshold")
+    if clip_threshold == 0.0:
+        raise ValueError("Invalid clip_threshold: 0 (must be > 0)")
+
+
+def _check_beta(beta: Any, name: str) -> None:
+    if beta is None:
+        return
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not (0.0 <= beta < 1.0):
+        raise ValueError(f"Invalid {name}: {beta!r} (must be None or in [0, 1))")
+
+
+class _AdafactorKernel(DistOptimizer):
+    """The Adafactor update shared by both flavours; subclasses map their groups to _Hyper."""
+
+    #: the timm flavour writes the relative-step lr it used into ``group["lr"]``
+    _writes_group_lr = False
+
+    def _hyper(self, group: dict[str, Any]) -> _Hyper:  # pragma: no cover
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ lr
+    @staticmethod
+    def _param_lr(h: _Hyper, step: float, rms: float) -> float:
+        if h.relative_step:
+            lr = relative_step_lr(step, h.warmup_init)
+            scale = h.scale_parameter
+        else:
+            lr = float(h.lr)  # type: ignore[arg-type]
+            scale = h.scale_parameter and h.scale_external
+        return lr * max(h.eps_scale, rms) if scale else lr
+
+    def relative_step_lrs(self) -> list[float]:
+        """The learning rate each param group used at its last step, one float per group.
+
+        For each group: the lr applied to the group's first parameter that has optimizer state,
+        at its latest step (what transformers' ``AdafactorSchedule`` reports), computed with the
+        same function as the update (:func:`relative_step_lr` times the parameter-scale factor).
+        A group that has not taken a step reports its external lr, or 0.0 with the relative step.
+        Under sharding the parameter RMS is the global one, so every rank reports the same.
+        """
+        out = []
+        for group in self.param_groups:
+            h = self._hyper(group)
+            st = next((self.state[p] for p in group["params"] if "step" in self.state.get(p, {})), None)
+            if st is None:
+                out.append(0.0 if h.relative_step else float(h.lr))  # type: ignore[arg-type]
+            else:
+                out.append(self._param_lr(h, float(st["step"]), float(st["RMS"])))
+        return out
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
+        h = self._hyper(group)
+        data = view.data
+        st = view.state
+        st["step"] = self._step_tensor(view)
+        st["RMS"] = torch.zeros((), dtype=torch.float32, device=data.device)
+        if h.beta1 is not None:
+            st["exp_avg"] = self._zeros(view)
+        dims = _factor_dims(view.shape, h.min_dim)
+        if dims is None:
+            st["exp_avg_sq"] = self._zeros(view)
+        else:
+            a, b = dims  # b > 0, so the local shape minus b keeps the local rows
+            st["exp_avg_sq_row"] = data.new_zeros(_drop(data.shape, b))
+            # minus a: the local rows when a > 0; the global trailing shape (replicated) when a == 0
+            st["exp_avg_sq_col"] = data.new_zeros(_drop(data.shape, a))
+
+    def _col_dim_is_zero(self, name: str, param_shape: torch.Size, value: Tensor) -> bool | None:
+        """Whether ``exp_avg_sq_col`` of a parameter is the mean over dim 0 (None: unknown)."""
+        answers = set()
+        for group in self.param_groups:
+            dims = _factor_dims(param_shape, self._hyper(group).min_dim)
+            if dims is not None:
+                answers.add(dims[0] == 0)
+        if len(answers) == 1:
+            return answers.pop()
+        if not answers:
+            return None
+        # groups disagree (different min_dim_size_to_factor): the replicated column statistic has
+        # exactly the parameter's trailing shape
+        return tuple(value.shape) == tuple(param_shape[1:])
+
+    def state_is_sharded(self, name: str, value: Any, param_shape: torch.Size) -> bool:
+        """Row statistics, ``exp_avg`` and unfactored moments are row-sharded; ``exp_avg_sq_col``
+        is replicated when it is the mean over dim 0 (every 2-D parameter; timm's (0, 1)
+        factoring of >2-D kernels); scalars (``step``, ``RMS``) are replicated."""
+        if name == "exp_avg_sq_col" and isinstance(value, Tensor) and len(param_shape) >= 2:
+            if self._col_dim_is_zero(name, torch.Size(param_shape), value):
+                return False
+        return super().state_is_sharded(name, value, param_shape)
+
+    # ------------------------------------------------------------------ the update
+    def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
+        if not views:
+            return
+        h = self._hyper(group)
+        steps = F.advance_steps(views)
+        sharded = [v.sharded for v in views]
+        params = [v.data for v in views]
+        grads = [v.grad for v in views]
+        dims = [_factor_dims(v.shape, h.min_dim) for v in views]
+        beta2t = [1.0 - math.pow(t, h.decay_rate) for t in steps]
+
+        sq = torch._foreach_mul(grads, grads)
+        torch._foreach_add_(sq, h.eps_sq)
+
+        # ---- phase 1: second-moment statistics and the parameter RMS
+        unf = [i for i, d in enumerate(dims) if d is None]
+        if unf:
+            avgs = [views[i].state["exp_avg_sq"] for i in unf]
+            torch._foreach_mul_(avgs, [beta2t[i] for i in unf])
+            new = [sq[i] for i in unf]
+            torch._foreach_mul_(new, [1.0 - beta2t[i] for i in unf])
+            torch._foreach_add_(avgs, new)
+        empty = params[0].new_zeros(0, dtype=torch.float32)
+        col_parts: list[Tensor] = []
+        norm_parts: list[Tensor] = []
+        for i, (v, d) in enumerate(zip(views, dims)):
+            if d is None:
+                col_parts.append(empty)
+                norm_parts.append(empty)
+                continue
+            a, b = d
+            row = v.state["exp_avg_sq_row"]
+            row.mul_(beta2t[i]).add_(sq[i].mean(dim=b), alpha=1.0 - beta2t[i])  # local: b > 0
+            if a == 0:  # partial sums over the (possibly sharded) rows
+                col_parts.append(sq[i].sum(dim=0))
+                norm_parts.append(row.sum(dim=0))
+            else:
+                col_parts.append(empty)
+                norm_parts.append(empty)
+        psq = [s.reshape(1) for s in F.local_sumsq(params)]
+        col_red, norm_red, psq_red = ctx.reduce([col_parts, norm_parts, psq], sharded)
+        rms = torch.cat(psq_red).float().clamp_min(0).sqrt()
+        rms = rms / torch.tensor([math.sqrt(max(v.numel, 1)) for v in views], device=rms.device)
+        torch._foreach_copy_([v.state["RMS"] for v in views], list(rms.to(params[0].device).unbind(0)))
+        lrs = [self._param_lr(h, t, r) for t, r in zip(steps, rms.tolist())]
+        if self._writes_group_lr and h.relative_step:
+            group["lr"] = lrs[-1]
+
+        updates: list[Tensor] = [None] * len(views)  # type: ignore[list-item]
+        if unf:
+            inv = torch._foreach_rsqrt([views[i].state["exp_avg_sq"] for i in unf])
+            torch._foreach_mul_(inv, [grads[i] for i in unf])
+            for i, u in zip(unf, inv):
+                updates[i] = u
+        for i, (v, d) in enumerate(zip(views, dims)):
+            if d is None:
+                continue
+            a, b = d
+            n_a = v.shape[a]
+            row, col = v.state["exp_avg_sq_row"], v.state["exp_avg_sq_col"]
+            if a == 0:
+                col_mean, row_norm = col_red[i] / n_a, norm_red[i] / n_a
+            else:
+                col_mean, row_norm = sq[i].mean(dim=a), row.mean(dim=a)
+            col.mul_(beta2t[i]).add_(col_mean, alpha=1.0 - beta2t[i])
+            r_factor = (row / row_norm.unsqueeze(a)).rsqrt_().unsqueeze(b)
+            c_factor = col.unsqueeze(a).rsqrt()
+            updates[i] = torch.mul(r_factor, c_factor).mul_(grads[i])
+
+        # ---- phase 2: clip by the update RMS, scale by the lr
+        (usq,) = ctx.reduce([[s.reshape(1) for s in F.local_sumsq(updates)]], sharded)
+        u_rms = torch.cat(usq).float().clamp_min(0).sqrt()
+        u_rms = u_rms / torch.tensor([math.sqrt(max(v.numel, 1)) for v in views], device=u_rms.device)
+        clip = (u_rms / h.clip_threshold).clamp_(min=1.0)
+        scales = torch.tensor(lrs, dtype=clip.dtype, device=clip.device) / clip
+        torch._foreach_mul_(updates, list(scales.to(params[0].device).unbind(0)))
+
+        if h.beta1 is not None:
+            exp_avgs = [v.state["exp_avg"] for v in views]
+            torch._foreach_mul_(exp_avgs, h.beta1)
+            torch._foreach_add_(exp_avgs, updates, alpha=1.0 - h.beta1)
+            updates = exp_avgs
+            if h.caution:  # ---- phase 3: the mask mean is whole-tensor
+                masks = torch._foreach_mul(exp_avgs, grads)
+                masks = [(m > 0).to(m.dtype) for m in masks]
+                (msum,) = ctx.reduce([[m.sum().reshape(1) for m in masks]], sharded)
+                mean = torch.cat(msum).float() / torch.tensor(
+                    [float(max(v.numel, 1)) for v in views], device=msum[0].device
+                )
+                torch._foreach_mul_(masks, list((1.0 / mean.clamp_(min=1e-3)).unbind(0)))
+                updates = torch._foreach_mul(exp_avgs, masks)
+
+        if h.weight_decay != 0.0:
+            torch._foreach_mul_(params, [1.0 - h.weight_decay * lr for lr in lrs])
+        torch._foreach_sub_(params, updates)
+
+
+class Adafactor(_AdafactorKernel):
+    r"""Adafactor with the signature and defaults of ``transformers.Adafactor``.
+
+    Update rule for step ``t`` of a parameter ``w`` with gradient ``g``::
+
+        rho   = min(1e-6 * t if warmup_init else 1e-2, 1 / sqrt(t))   if relative_step, else lr
+        alpha = rho * max(eps[1], RMS(w))  if scale_parameter, else rho
+        beta2 = 1 - t^decay_rate
+        G2    = g^2 + eps[0]
+        >= 2-D tensors (factored over the last two dims; dim -2 "rows", dim -1 "columns"):
+            R <- beta2 * R + (1 - beta2) * mean_{-1}(G2)          (exp_avg_sq_row)
+            C <- beta2 * C + (1 - beta2) * mean_{-2}(G2)          (exp_avg_sq_col)
+            V  = (R / mean(R)) outer C
+        other tensors:
+            V <- beta2 * V + (1 - beta2) * G2                     (exp_avg_sq)
+        u = g / sqrt(V)
+        u <- alpha * u / max(1, RMS(u) / clip_threshold)
+        m <- beta1 * m + (1 - beta1) * u;  u = m                  (only when beta1 is not None)
+        w <- w - weight_decay * alpha * w - u
+
+    Args:
+        params: parameters or param groups.
+        lr: external learning rate; must be None with ``relative_step=True`` (default None).
+        eps: (eps added to the squared gradient, lower bound of the parameter scale)
+            (default (1e-30, 1e-3)).
+        clip_threshold: threshold of the update RMS (default 1.0).
+        decay_rate: exponent of the second-moment decay ``1 - t^decay_rate`` (default -0.8).
+        beta1: first-moment coefficient; None disables the first moment (default None).
+        weight_decay: weight decay, scaled by the step size (default 0.0).
+        scale_parameter: multiply the step size by the parameter RMS (default True).
+        relative_step: compute a time-dependent step size instead of using ``lr`` (default True).
+        warmup_init: linear warm-up of the relative step (default False).
+
+    State per parameter: ``step`` (float32 scalar), ``RMS`` (float32 scalar, the parameter RMS
+    of the last step), ``exp_avg_sq_row`` and ``exp_avg_sq_col`` (factored) or ``exp_avg_sq``,
+    and ``exp_avg`` with beta1.  :meth:`relative_step_lrs` gives the lr of each group.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+    ) -> None:
+        if lr is not None and relative_step:
+            raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
+        if warmup_init and not relative_step:
+            raise ValueError("`warmup_init=True` requires `relative_step=True`")
+        if lr is None and not relative_step:
+            raise ValueError("`relative_step=False` requires an external `lr`")
+        check_lr(lr, allow_none=True)
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise ValueError(f"eps must be a pair (eps for the squared gradient, eps for the scale), got {eps!r}")
+        check_nonneg(eps[0], "eps[0]")
+        check_nonneg(eps[1], "eps[1]")
+        _check_clip(clip_threshold)
+        _check_decay_rate(decay_rate)
+        _check_beta(beta1, "beta1")
+        check_nonneg(weight_decay, "weight_decay")
+        defaults = dict(
+            lr=lr,
+            eps=tuple(eps),
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            beta1=beta1,
+            weight_decay=weight_decay,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+        )
+        super().__init__(params, defaults)
+
+    def _hyper(self, group: dict[str, Any]) -> _Hyper:
+        return _Hyper(
+            lr=group["lr"],
+            relative_step=group["relative_step"],
+            warmup_init=group["warmup_init"],
+            scale_parameter=group["scale_parameter"],
+            scale_external=True,
+            eps_sq=group["eps"][0],
+            eps_scale=group["eps"][1],
+            clip_threshold=group["clip_threshold"],
+            decay_rate=group["decay_rate"],
+            beta1=group["beta1"],
+            weight_decay=group["weight_decay"],
+            caution=False,
+            min_dim=None,
+        )
+
+
+class AdafactorTimm(_AdafactorKernel):
+    r"""Adafactor with the signature and defaults of ``timm.optim.Adafactor``.
+
+    The update is :class:`Adafactor`'s with these differences:
+
+    * the relative step is used exactly when ``lr`` is None; ``scale_parameter`` and
+      ``warmup_init`` apply only to it (an external lr is used as given).  With the relative step
+      the lr of the group's last updated parameter is written to ``group["lr"]``, as timm does;
+    * factoring dims: ``(0, 1)`` for tensors with > 2 dims whose dims 0 and 1 are both larger
+      than ``min_dim_size_to_factor`` (convolution kernels: out x in channels), else the last two
+      dims when both are larger than it, else no factoring;
+    * ``betas``: only ``betas[0]`` is used (the first-moment coefficient; None disables it);
+    * ``caution``: mask the update where the first moment and the gradient disagree in sign,
+      rescaled by ``1 / max(mean(mask), 1e-3)`` (only with ``betas``; without a first moment it
+      has no effect, as in timm).
+
+    Args:
+        params: parameters or param groups.
+        lr: external learning rate; None selects the relative step (default None).
+        eps: added to the squared gradient (default 1e-30).
+        eps_scale: lower bound of the parameter scale (default 1e-3).
+        clip_threshold: threshold of the update RMS (default 1.0).
+        decay_rate: exponent of the second-moment decay (default -0.8).
+        betas: (beta1, unused) or None (default None).
+        weight_decay: weight decay, scaled by the step size (default 0.0).
+        scale_parameter: multiply the relative step by the parameter RMS (default True).
+        warmup_init: linear warm-up of the relative step (default False).
+        min_dim_size_to_factor: factor only dims larger than this (default 16).
+        caution: cautious masking (default False).
+
+    State: as :class:`Adafactor`.
+    """
+
+    _writes_group_lr = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | None = None,
+        eps: float = 1e-30,
+        eps_scale: float = 1e-3,
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        betas: tuple[float, float] | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        warmup_init: bool = False,
+        min_dim_size_to_factor: int = 16,
+        caution: bool = False,
+    ) -> None:
+        relative_step = lr is None
+        if warmup_init and not relative_step:
+            raise ValueError("warmup_init requires relative_step=True (lr=None)")
+        check_lr(lr, allow_none=True)
+        check_nonneg(eps, "eps")
+        check_nonneg(eps_scale, "eps_scale")
+        _check_clip(clip_threshold)
+        _check_decay_rate(decay_rate)
+        if betas is not None:
+            if not isinstance(betas, (tuple, list)) or len(betas) not in (1, 2):
+                raise ValueError(f"betas must be None or a tuple (beta1, beta2), got {betas!r}")
+            _check_beta(betas[0], "betas[0]")
+        check_nonneg(weight_decay, "weight_decay")
+        if not isinstance(min_dim_size_to_factor, int) or isinstance(min_dim_size_to_factor, bool) or min_dim_size_to_factor < 0:
+            raise ValueError(f"Invalid min_dim_size_to_factor: {min_dim_size_to_factor!r} (must be an int >= 0)")
+        defaults = dict(
+            lr=lr,
+            eps=eps,
+            eps_scale=eps_scale,
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            beta1=None if betas is None else betas[0],
+            weight_decay=weight_decay,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+            min_dim_size_to_factor=min_dim_size_to_factor,
+            caution=caution,
+        )
+        super().__init__(params, defaults)
+
+    def _hyper(self, group: dict[str, Any]) -> _Hyper:
+        return _Hyper(
+            lr=group["lr"],
+            relative_step=group["relative_step"],
+            warmup_init=group["warmup_init"],
+            scale_parameter=group["scale_parameter"],
+            scale_external=False,
+            eps_sq=group["eps"],
+            eps_scale=group["eps_scale"],
+            clip_threshold=group["clip_threshold"],
+            decay_rate=group["decay_rate"],
+            beta1=group["beta1"],
+            weight_decay=group["weight_decay"],
+            caution=group["caution"],
+            min_dim=group["min_dim_size_to_factor"],
+        )

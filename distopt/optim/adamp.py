@@ -1,0 +1,127 @@
+"""AdamP: Adam with the projection that slows the weight-norm growth of scale-invariant weights.
+
+Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant
+Weights" (ICLR 2021).  The projection lives in :mod:`distopt.optim._projection`, shared with SGDP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from distopt.optim import _functional as F
+from distopt.optim._core import (
+    DistOptimizer,
+    ParamView,
+    StepContext,
+    check_betas,
+    check_lr,
+    check_nonneg,
+)
+from distopt.optim._projection import project_
+
+
+class AdamP(DistOptimizer):
+    r"""AdamP, with the options of timm's implementation.
+
+    Update rule for step ``t`` (``g`` the gradient; bias corrections ``bc_k = 1 - beta_k^t``)::
+
+        m <- beta1 * m + (1 - beta1) * g
+        v <- beta2 * v + (1 - beta2) * g^2
+        d = sqrt(v) / sqrt(bc2) + eps
+        u = m / d                       (nesterov: (beta1 * m + (1 - beta1) * g) / d)
+        u, r = project(w, g, u)         for tensors with > 1 dim: if, for every channel
+                                        (dim-0 row), |cos(g, w)| < delta / sqrt(channel size),
+                                        remove from u its component along each normalised
+                                        channel; else try the same on the whole tensor
+                                        (threshold delta / sqrt(numel)); r = wd_ratio if a
+                                        projection was applied, else 1
+        w <- w * (1 - lr * weight_decay * r)      (only when weight_decay > 0)
+        w <- w - lr / bc1 * u
+
+    With ``caution=True`` the update is masked where it disagrees in sign with the gradient
+    (for projected tensors: with the gradient's tangential part, then projected again), the mask
+    rescaled by ``1 / max(mean(mask), 1e-3)`` (Cautious Optimizers, Liang et al., 2024).
+
+    Under ZeRO or FSDP2 (dim-0 shards) the channel statistics are local; the layer statistics,
+    the all-channels test and the mask means are summed across ranks in one reduction per phase.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (default 1e-3).
+        betas: running-average coefficients (default (0.9, 0.999)).
+        eps: denominator term, also the cosine / normalisation epsilon (default 1e-8).
+        weight_decay: decoupled weight decay (default 0).
+        delta: threshold of the cosine test (default 0.1).
+        wd_ratio: weight-decay multiplier of projected tensors (default 0.1).
+        nesterov: Nesterov-style first moment (default False).
+        caution: cautious masking of the update (default False).
+
+    State per parameter: ``step`` (float32 scalar), ``exp_avg``, ``exp_avg_sq``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        delta: float = 0.1,
+        wd_ratio: float = 0.1,
+        nesterov: bool = False,
+        caution: bool = False,
+    ) -> None:
+        check_lr(lr)
+        check_betas(betas)
+        check_nonneg(eps, "eps")
+        check_nonneg(weight_decay, "weight_decay")
+        check_nonneg(delta, "delta")
+        check_nonneg(wd_ratio, "wd_ratio")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            delta=delta,
+            wd_ratio=wd_ratio,
+            nesterov=nesterov,
+            caution=caution,
+        )
+        super().__init__(params, defaults)
+
+    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
+        view.state["step"] = self._step_tensor(view)
+        view.state["exp_avg"] = self._zeros(view)
+        view.state["exp_avg_sq"] = self._zeros(view)
+
+    def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
+        if not views:
+            return
+        lr = float(group["lr"])
+        beta1, beta2 = group["betas"]
+        eps, wd = group["eps"], group["weight_decay"]
+        steps = F.advance_steps(views)
+        bc1, bc2 = F.bias_correction(beta1, steps), F.bias_correction(beta2, steps)
+        params = [v.data for v in views]
+        grads = [v.grad for v in views]
+        exp_avgs = [v.state["exp_avg"] for v in views]
+        exp_avg_sqs = [v.state["exp_avg_sq"] for v in views]
+        F.ema_(exp_avgs, grads, beta1)
+        F.ema_sq_(exp_avg_sqs, grads, beta2)
+        denom = F.adam_denominator(exp_avg_sqs, bc2, eps)
+        if group["nesterov"]:
+            updates = torch._foreach_mul(exp_avgs, beta1)
+            torch._foreach_add_(updates, grads, alpha=1.0 - beta1)
+            torch._foreach_div_(updates, denom)
+        else:
+            updates = torch._foreach_div(exp_avgs, denom)
+        ratios = project_(
+            ctx, views, grads, updates, group["delta"], group["wd_ratio"], eps, group["caution"]
+        )
+        if wd > 0.0 and lr != 0.0:
+            torch._foreach_mul_(params, [1.0 - lr * wd * r for r in ratios])
+        torch._foreach_mul_(updates, [-lr / b for b in bc1])
+        torch._foreach_add_(params, updates)
