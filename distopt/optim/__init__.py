@@ -6,6 +6,13 @@ rules and the options of each.
 """
 
 from distopt.optim._core import DistOptimizer, ParamView, ShardSpec, StepContext
+from distopt.optim._factory import (
+    create_optimizer,
+    create_optimizer_v2,
+    get_optimizer_class,
+    list_optimizers,
+    register_optimizer,
+)
 from distopt.optim.adamw import AdamW
 from distopt.optim.lamb import Lamb
 
@@ -19,6 +26,11 @@ __all__ = [
     "DistOptimizer",
     "Lamb",
     "Lookahead",
+    "create_optimizer",
+    "create_optimizer_v2",
+    "get_optimizer_class",
+    "list_optimizers",
+    "register_optimizer",
     "ParamView",
     "ShardSpec",
     "StepContext",

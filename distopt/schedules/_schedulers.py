@@ -6,14 +6,15 @@ Conventions shared by every schedule here (see docs/schedules.md):
   of optimizer steps taken.  A scheduler built with ``last_epoch=N`` is in exactly the state
   of an uninterrupted one after ``N`` steps: ``last_epoch == N`` and the groups' lrs are
   ``lrs_at(N)``.  (Plain ``torch`` schedulers built with ``last_epoch=N`` jump to step
-  ``N + 1`` instead.)  ``-1`` and ``0`` both mean "fresh".
+  ``N + 1`` instead.)  ``-1`` means a fresh start; ``0`` resumes a checkpoint saved before
+  the first step (the two differ only in how missing base lrs are recovered).
 * Base lrs (the lr each group is scheduled from), in order of precedence:
   1. the ``base_lrs`` argument (a sequence: one per group; a number: that value times the
      group's ``lr_scale``);
   2. the group's ``initial_lr`` (written by any earlier scheduler, saved in full optimizer
      checkpoints);
-  3. on a fresh start, the group's current ``lr``;
-  4. on a resume without ``initial_lr`` (e.g. param groups restored from a sharded
+  3. on a fresh start (``last_epoch=-1``), the group's current ``lr``;
+  4. on a resume (``last_epoch >= 0``) without ``initial_lr`` (e.g. param groups restored from a sharded
      checkpoint that dropped it): ``optimizer.defaults["lr"] * group.get("lr_scale", 1)``,
      with a warning if the group's current lr fits neither that base nor the scheduled lr.
   ``load_state_dict`` always restores the saved base lrs, so loading the scheduler's own
@@ -156,7 +157,7 @@ class StepSchedule(LRScheduler):
 
     Args:
         optimizer: the optimizer whose param groups are scheduled.
-        last_epoch: number of steps already taken (``-1`` or ``0``: fresh start).
+        last_epoch: number of steps already taken (``-1``: fresh start).
         base_lrs: override the base lrs (see the module docstring for the precedence rule).
     """
 
@@ -227,7 +228,7 @@ class StepSchedule(LRScheduler):
                 out.append(initial)
                 continue
             current = _as_float(group.get("lr"))
-            if last_epoch <= 0:
+            if last_epoch == -1:
                 if current is None:
                     raise ValueError(f"param_groups[{i}] has no numeric 'lr'; pass base_lrs=")
                 out.append(current)

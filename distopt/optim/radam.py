@@ -1,0 +1,136 @@
+"""RAdam: Adam with a rectified adaptive learning rate (Liu et al., 2020).
+
+Also home of :func:`rectification`, the step-count-only scalar of the rectified update that
+AdaBelief's ``rectify`` option shares.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from distopt.optim import _functional as F
+from distopt.optim._core import (
+    DistOptimizer,
+    ParamView,
+    StepContext,
+    check_betas,
+    check_lr,
+    check_nonneg,
+)
+
+__all__ = ["RAdam", "rectification"]
+
+#: below this length of the approximated simple moving average the variance of the adaptive
+#: learning rate is considered intractable and the update falls back to (momentum) SGD.
+SMA_THRESHOLD = 5.0
+
+
+def rectification(beta1: float, beta2: float, step: float) -> tuple[float, float | None]:
+    r"""``(rho_t, r_t / (1 - beta1^t))`` for step ``t`` of a rectified Adam update.
+
+    ``rho_inf = 2 / (1 - beta2) - 1`` and ``rho_t = rho_inf - 2 t beta2^t / (1 - beta2^t)`` is
+    the length of the simple moving average that approximates the exponential one.  When
+    ``rho_t >= 5`` the rectification term is::
+
+        r_t = sqrt((1 - beta2^t) (rho_t - 4) (rho_t - 2) rho_inf / ((rho_inf - 4) (rho_inf - 2) rho_t))
+
+    (with the ``1 - beta2^t`` second-moment bias correction folded in) and the second value is
+    ``r_t / (1 - beta1^t)``; otherwise it is None: the adaptive step is not used.  The result
+    depends on the step count only, so it is the same on every shard of a parameter.
+    """
+    beta2_t = beta2**step
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * step * beta2_t / (1.0 - beta2_t)
+    if rho_t < SMA_THRESHOLD:
+        return rho_t, None
+    r = math.sqrt(
+        (1.0 - beta2_t)
+        * (rho_t - 4.0) / (rho_inf - 4.0)
+        * (rho_t - 2.0) / rho_t
+        * rho_inf / (rho_inf - 2.0)
+    )  # fmt: skip
+    return rho_t, r / (1.0 - beta1**step)
+
+
+class RAdam(DistOptimizer):
+    r"""RAdam with the semantics and defaults of timm's ``RAdamLegacy``.
+
+    Update rule for step ``t`` (``g`` the gradient, all operations element-wise)::
+
+        m  <- beta1 * m + (1 - beta1) * g
+        v  <- beta2 * v + (1 - beta2) * g^2
+        p  <- p * (1 - lr * weight_decay)                      # decoupled decay
+        if rho_t >= 5:   p <- p - lr * r_t / (1 - beta1^t) * m / (sqrt(v) + eps)
+        else:            p <- p - lr / (1 - beta1^t) * m       # SGD with momentum while the
+                                                               # variance is intractable
+
+    with ``rho_t`` and ``r_t`` from :func:`rectification`.  Note that ``eps`` is added to
+    ``sqrt(v)`` *without* the second-moment bias correction (that correction is inside
+    ``r_t``), as in the original implementation.  ``weight_decay`` decays the weights directly
+    (scaled by ``lr``) rather than being added to the gradient.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (default 1e-3).
+        betas: coefficients of the running averages (default (0.9, 0.999)).
+        eps: term added to the denominator (default 1e-8).
+        weight_decay: decoupled weight decay (default 0).
+
+    State per parameter: ``step`` (float32 scalar), ``exp_avg``, ``exp_avg_sq`` (fp32 for
+    bf16/fp16 parameters).  Element-wise: exact under any sharding without communication.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        check_lr(lr)
+        check_betas(betas)
+        check_nonneg(eps, "eps")
+        check_nonneg(weight_decay, "weight_decay")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
+        view.state["step"] = self._step_tensor(view)
+        view.state["exp_avg"] = self._zeros(view)
+        view.state["exp_avg_sq"] = self._zeros(view)
+
+    def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
+        if not views:
+            return
+        lr = float(group["lr"])
+        beta1, beta2 = group["betas"]
+        params = [v.data for v in views]
+        grads = [v.grad for v in views]
+        exp_avgs = [v.state["exp_avg"] for v in views]
+        exp_avg_sqs = [v.state["exp_avg_sq"] for v in views]
+        steps = F.advance_steps(views)
+
+        F.ema_sq_(exp_avg_sqs, grads, beta2)
+        F.ema_(exp_avgs, grads, beta1)
+        F.decoupled_decay_(params, lr, group["weight_decay"])
+
+        rect = [rectification(beta1, beta2, t)[1] for t in steps]
+        adaptive = [i for i, r in enumerate(rect) if r is not None]
+        plain = [i for i, r in enumerate(rect) if r is None]
+        if adaptive:
+            denom = torch._foreach_sqrt([exp_avg_sqs[i] for i in adaptive])
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_addcdiv_(
+                [params[i] for i in adaptive],
+                [exp_avgs[i] for i in adaptive],
+                denom,
+                [-lr * rect[i] for i in adaptive],
+            )
+        if plain:
+            updates = torch._foreach_mul([exp_avgs[i] for i in plain], [-lr / (1.0 - beta1 ** steps[i]) for i in plain])
+            torch._foreach_add_([params[i] for i in plain], updates)

@@ -1,0 +1,73 @@
+"""Cases: the element-wise optimizers (timm's and torch.optim's), several per class for the options.
+
+Peers are timm's implementations (loaded without torchvision) and ``torch.optim`` (single-tensor
+path, ``foreach=False``) for the torch-named classes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import distopt.optim as do
+from tests import references_elementwise as R
+from tests.optim_cases import OptimCase
+from tests.references import load_timm_optim
+
+
+def _timm(module, cls, **kw):
+    def make(params):
+        mod = load_timm_optim(module)
+        return None if mod is None else getattr(mod, cls)(params, **kw)
+
+    return make
+
+
+def _torch(cls, **kw):
+    def make(params):
+        return getattr(torch.optim, cls)(params, foreach=False, **kw)
+
+    return make
+
+
+def _case(id, cls, ref, peer=None, family="", **kw):
+    """A case whose distopt class, reference and peer take the same keyword arguments ``kw``."""
+    opts = {k: kw.pop(k) for k in list(kw) if k in OptimCase.__dataclass_fields__}
+    return OptimCase(
+        id,
+        make=lambda p: cls(p, **kw),
+        reference=None if ref is None else (lambda p: ref(p, **kw)),
+        peer=None if peer is None else peer(**kw),
+        family=family,
+        **opts,
+    )
+
+
+def _timm_peer(module, cls):
+    return lambda **kw: _timm(module, cls, **kw)
+
+
+def _torch_peer(cls):
+    return lambda **kw: _torch(cls, **kw)
+
+
+_ADABELIEF = _timm_peer("adabelief", "AdaBelief")
+_RADAM = _timm_peer("radam", "RAdamLegacy")
+
+CASES = [
+    # -- AdaBelief: rectified (default), plain, amsgrad, L2 / fixed decay, no SGD fallback
+    _case("adabelief", do.AdaBelief, R.RefAdaBelief, _ADABELIEF, "adabelief",
+          lr=1e-2, weight_decay=0.05, rosen_lr=3e-3),
+    _case("adabelief-norectify", do.AdaBelief, R.RefAdaBelief, _ADABELIEF, "adabelief",
+          lr=1e-2, weight_decay=0.05, rectify=False, eps=1e-8, rosen_lr=1e-2),
+    _case("adabelief-amsgrad", do.AdaBelief, R.RefAdaBelief, _ADABELIEF, "adabelief",
+          lr=1e-2, amsgrad=True, rectify=False, rosen_lr=1e-2),
+    _case("adabelief-amsgrad-rectify", do.AdaBelief, R.RefAdaBelief, _ADABELIEF, "adabelief",
+          lr=1e-2, amsgrad=True, betas=(0.8, 0.9), rosen_lr=3e-3),
+    _case("adabelief-l2", do.AdaBelief, R.RefAdaBelief, _ADABELIEF, "adabelief",
+          lr=1e-2, weight_decay=0.05, decoupled_decay=False, rosen_lr=3e-3),
+    _case("adabelief-fixed-decay-nosgd", do.AdaBelief, R.RefAdaBelief, _ADABELIEF, "adabelief",
+          lr=1e-2, weight_decay=1e-3, fixed_decay=True, degenerated_to_sgd=False, rosen_lr=3e-3),
+    # -- RAdam (timm RAdamLegacy)
+    _case("radam", do.RAdam, R.RefRAdam, _RADAM, "radam", lr=1e-2, weight_decay=0.05, rosen_lr=3e-3),
+    _case("radam-betas", do.RAdam, R.RefRAdam, _RADAM, "radam", lr=1e-2, betas=(0.8, 0.95), rosen_lr=3e-3),
+]
