@@ -17,11 +17,26 @@ from distopt.optim.adamw import AdamW
 from distopt.optim.lamb import Lamb
 
 # -- elementwise optimizers (one module each) --
+from distopt.optim.adabelief import AdaBelief
+from distopt.optim.radam import RAdam
 # -- shape-aware optimizers --
+from distopt.optim.adafactor import Adafactor, AdafactorTimm
+from distopt.optim.adamp import AdamP
+from distopt.optim.lars import Lars
+from distopt.optim.nvnovograd import NvNovoGrad
+from distopt.optim.sgdp import SGDP
 # -- wrappers and factory --
 from distopt.optim.lookahead import Lookahead
 
 __all__ = [
+    "Adafactor",
+    "AdafactorTimm",
+    "AdamP",
+    "Lars",
+    "NvNovoGrad",
+    "SGDP",
+    "AdaBelief",
+    "RAdam",
     "AdamW",
     "DistOptimizer",
     "Lamb",
