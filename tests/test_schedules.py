@@ -750,3 +750,19 @@ def test_under_accelerate_steps_count_optimizer_steps():
         S.step_scheduler(sched, acc)
     assert sched.scheduler.last_epoch == 4
     assert sched.get_last_lr()[0] == pytest.approx(LR * 6 / 8)
+
+
+def test_adafactor_schedule_with_distopt_adafactor():
+    optim = pytest.importorskip("distopt.optim")
+    if not hasattr(optim, "Adafactor"):
+        pytest.skip("distopt.optim.Adafactor not built yet")
+    model = torch.nn.Linear(4, 3)
+    opt = optim.Adafactor(model.parameters(), warmup_init=True, scale_parameter=False)
+    sched = S.AdafactorSchedule(opt)
+    for k in range(1, 4):
+        model(torch.ones(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        assert sched.get_last_lr() == opt.relative_step_lrs()
+        assert sched.get_last_lr()[0] == pytest.approx(sched.lr_at(k))
