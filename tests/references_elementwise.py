@@ -88,3 +88,96 @@ class RefRAdam(RefOptimizer):
         else:
             p.sub_(lr * mhat)
 
+
+
+class RefNadam(RefOptimizer):
+    """Nadam, Dozat (2016), with the warming momentum schedule mu_t = b1 (1 - 0.5 * 0.96^(t sd))."""
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, schedule_decay=4e-3):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      schedule_decay=schedule_decay))
+
+    def update(self, p, g, st, grp):
+        b1, b2 = grp["betas"]
+        sd = grp["schedule_decay"]
+        if not st:
+            st.update(t=0, prod=1.0, m=_zeros(p), v=_zeros(p))
+        st["t"] += 1
+        t = st["t"]
+        g = g + grp["weight_decay"] * p
+
+        def mu(k):
+            return b1 * (1 - 0.5 * 0.96 ** (k * sd))
+
+        st["prod"] *= mu(t)
+        st["m"] = b1 * st["m"] + (1 - b1) * g
+        st["v"] = b2 * st["v"] + (1 - b2) * g * g
+        g_hat = g / (1 - st["prod"])
+        m_hat = st["m"] / (1 - st["prod"] * mu(t + 1))
+        m_bar = (1 - mu(t)) * g_hat + mu(t + 1) * m_hat
+        p.sub_(grp["lr"] * m_bar / ((st["v"] / (1 - b2**t)).sqrt() + grp["eps"]))
+
+
+class RefRMSpropTF(RefOptimizer):
+    """RMSprop (Hinton, lecture 6e; centered: Graves 2013) in TensorFlow's formulation."""
+
+    def __init__(self, params, lr=1e-2, alpha=0.9, eps=1e-10, weight_decay=0.0, momentum=0.0, centered=False,
+                 decoupled_decay=False, corrected_weight_decay=False, lr_in_momentum=True, caution=False):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                                      centered=centered, decoupled_decay=decoupled_decay,
+                                      corrected_weight_decay=corrected_weight_decay, max_lr=lr,
+                                      lr_in_momentum=lr_in_momentum, caution=caution))
+
+    def update(self, p, g, st, grp):
+        lr, a, wd, mom = grp["lr"], grp["alpha"], grp["weight_decay"], grp["momentum"]
+        if not st:
+            st.update(ms=torch.ones_like(p), mg=_zeros(p), buf=_zeros(p))
+        if grp["decoupled_decay"]:
+            s = lr * lr / grp["max_lr"] if grp["corrected_weight_decay"] else lr
+            p.mul_(1 - s * wd)
+        else:
+            g = g + wd * p
+        st["ms"] = a * st["ms"] + (1 - a) * g * g
+        if grp["centered"]:
+            st["mg"] = a * st["mg"] + (1 - a) * g
+            d = (st["ms"] - st["mg"] ** 2 + grp["eps"]).sqrt()
+        else:
+            d = (st["ms"] + grp["eps"]).sqrt()
+        if mom == 0:
+            p.sub_(lr * g / d)
+            return
+        if grp["lr_in_momentum"]:
+            st["buf"] = mom * st["buf"] + lr * g / d
+            u = st["buf"]
+        else:
+            st["buf"] = mom * st["buf"] + g / d
+            u = lr * st["buf"]
+        if grp["caution"]:  # Cautious Optimizers (Liang et al. 2024): keep sign-agreeing entries, rescale
+            keep = (u * g > 0).to(u.dtype)
+            u = u * keep / max(float(keep.mean()), 1e-3)
+        p.sub_(u)
+
+
+class RefMADGRAD(RefOptimizer):
+    """MADGRAD, Defazio & Jelassi (2021), Algorithm 1 (lambda_k = (lr + eps) sqrt(k) as in the release)."""
+
+    def __init__(self, params, lr=1e-2, momentum=0.9, weight_decay=0.0, eps=1e-6, decoupled_decay=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps,
+                                      decoupled_decay=decoupled_decay))
+
+    def update(self, p, g, st, grp):
+        lr, eps, wd, mom = grp["lr"], grp["eps"], grp["weight_decay"], grp["momentum"]
+        if not st:
+            st.update(k=0, x0=p.clone(), s=_zeros(p), nu=_zeros(p))
+        st["k"] += 1
+        lam = (lr + eps) * math.sqrt(st["k"])
+        if grp["decoupled_decay"]:
+            p.mul_(1 - lr * wd)
+        else:
+            g = g + wd * p
+        if mom == 0:  # without momentum the dual-averaging anchor is recovered from the current iterate
+            st["x0"] = p + st["s"] / (st["nu"] ** (1 / 3) + eps)
+        st["nu"] = st["nu"] + lam * g * g
+        st["s"] = st["s"] + lam * g
+        z = st["x0"] - st["s"] / (st["nu"] ** (1 / 3) + eps)
+        p.copy_(mom * p + (1 - mom) * z)

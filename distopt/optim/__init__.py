@@ -18,7 +18,10 @@ from distopt.optim.lamb import Lamb
 
 # -- elementwise optimizers (one module each) --
 from distopt.optim.adabelief import AdaBelief
+from distopt.optim.madgrad import MADGRAD
+from distopt.optim.nadam import Nadam
 from distopt.optim.radam import RAdam
+from distopt.optim.rmsprop_tf import RMSpropTF
 # -- shape-aware optimizers --
 from distopt.optim.adafactor import Adafactor, AdafactorTimm
 from distopt.optim.adamp import AdamP
@@ -36,7 +39,10 @@ __all__ = [
     "NvNovoGrad",
     "SGDP",
     "AdaBelief",
+    "MADGRAD",
+    "Nadam",
     "RAdam",
+    "RMSpropTF",
     "AdamW",
     "DistOptimizer",
     "Lamb",

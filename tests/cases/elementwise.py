@@ -52,6 +52,9 @@ def _torch_peer(cls):
 
 _ADABELIEF = _timm_peer("adabelief", "AdaBelief")
 _RADAM = _timm_peer("radam", "RAdamLegacy")
+_NADAM = _timm_peer("nadam", "NAdamLegacy")
+_RMSPROPTF = _timm_peer("rmsprop_tf", "RMSpropTF")
+_MADGRAD = _timm_peer("madgrad", "MADGRAD")
 
 CASES = [
     # -- AdaBelief: rectified (default), plain, amsgrad, L2 / fixed decay, no SGD fallback
@@ -70,4 +73,25 @@ CASES = [
     # -- RAdam (timm RAdamLegacy)
     _case("radam", do.RAdam, R.RefRAdam, _RADAM, "radam", lr=1e-2, weight_decay=0.05, rosen_lr=3e-3),
     _case("radam-betas", do.RAdam, R.RefRAdam, _RADAM, "radam", lr=1e-2, betas=(0.8, 0.95), rosen_lr=3e-3),
+    # -- Nadam (timm NAdamLegacy)
+    _case("nadam", do.Nadam, R.RefNadam, _NADAM, "nadam", lr=1e-2, weight_decay=0.05, rosen_lr=1e-2),
+    _case("nadam-schedule", do.Nadam, R.RefNadam, _NADAM, "nadam",
+          lr=1e-2, betas=(0.8, 0.99), schedule_decay=0.1, rosen_lr=1e-2),
+    # -- RMSpropTF: plain, TF momentum, torch-style momentum + centered + L2, decoupled/corrected decay, caution
+    _case("rmsproptf", do.RMSpropTF, R.RefRMSpropTF, _RMSPROPTF, "rmsprop", lr=1e-2, rosen_lr=3e-3),
+    _case("rmsproptf-momentum", do.RMSpropTF, R.RefRMSpropTF, _RMSPROPTF, "rmsprop",
+          lr=1e-2, momentum=0.9, rosen_lr=1e-3),
+    _case("rmsproptf-centered-torchstyle", do.RMSpropTF, R.RefRMSpropTF, _RMSPROPTF, "rmsprop",
+          lr=1e-2, momentum=0.9, centered=True, lr_in_momentum=False, weight_decay=0.01, rosen_lr=1e-3),
+    _case("rmsproptf-decoupled-corrected", do.RMSpropTF, R.RefRMSpropTF, _RMSPROPTF, "rmsprop",
+          lr=1e-2, momentum=0.5, weight_decay=0.05, decoupled_decay=True, corrected_weight_decay=True,
+          rosen_lr=3e-3),
+    _case("rmsproptf-caution", do.RMSpropTF, R.RefRMSpropTF, _RMSPROPTF, "rmsprop",
+          lr=1e-2, momentum=0.9, caution=True, rosen_lr=1e-3, shape_aware=True),
+    # -- MADGRAD: momentum (default), no momentum + L2, decoupled decay
+    _case("madgrad", do.MADGRAD, R.RefMADGRAD, _MADGRAD, "madgrad", lr=1e-2, rosen_lr=1e-3),
+    _case("madgrad-nomomentum-l2", do.MADGRAD, R.RefMADGRAD, _MADGRAD, "madgrad",
+          lr=1e-2, momentum=0.0, weight_decay=0.01, rosen_lr=1e-4),
+    _case("madgrad-decoupled", do.MADGRAD, R.RefMADGRAD, _MADGRAD, "madgrad",
+          lr=1e-2, weight_decay=0.05, decoupled_decay=True, rosen_lr=1e-3),
 ]

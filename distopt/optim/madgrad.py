@@ -1,0 +1,112 @@
+"""MADGRAD: momentumized, adaptive, dual averaged gradient method (Defazio & Jelassi, 2021)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from distopt.optim import _functional as F
+from distopt.optim._core import (
+    DistOptimizer,
+    ParamView,
+    StepContext,
+    check_lr,
+    check_nonneg,
+)
+
+__all__ = ["MADGRAD"]
+
+
+class MADGRAD(DistOptimizer):
+    r"""MADGRAD, with the options and defaults of timm's implementation (dense gradients).
+
+    A dual-averaging method: the iterate is the starting point ``x0`` minus the weighted sum
+    of all gradients ``s`` divided by the cube root of the weighted sum of their squares.
+    Update rule for step ``k`` (element-wise; ``lam_k = (lr + eps) * sqrt(k)``, ``c = 1 - momentum``)::
+
+        decay:  p <- p * (1 - lr * wd)   if decoupled_decay
+                g <- g + wd * p          otherwise (L2 penalty)
+        x0 = x0 (stored)                                  if momentum > 0
+             p + s / (cbrt(nu) + eps)   (with the old s, nu)  if momentum == 0
+        nu <- nu + lam_k * g^2
+        s  <- s + lam_k * g
+        z  = x0 - s / (cbrt(nu) + eps)
+        p  <- (1 - c) * p + c * z        (p <- z when momentum == 0)
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (default 1e-2).
+        momentum: momentum in [0, 1) (default 0.9).
+        weight_decay: weight decay (default 0).
+        eps: term added to the cube root (default 1e-6); also added to lr in ``lam_k``, as in
+            the reference implementation.
+        decoupled_decay: decay the weights directly, as in AdamW (default False).
+
+    State per parameter: ``step`` (float32 scalar), ``grad_sum_sq`` (``nu``), ``s`` and, with
+    momentum, ``x0`` (a copy of the parameter at its first step); fp32 for bf16/fp16
+    parameters.  Element-wise: exact under any sharding without communication.  Sparse
+    gradients are not supported.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eps: float = 1e-6,
+        decoupled_decay: bool = False,
+    ) -> None:
+        check_lr(lr)
+        check_nonneg(momentum, "momentum")
+        if momentum >= 1.0:
+            raise ValueError(f"Invalid momentum: {momentum} (must be in [0, 1))")
+        check_nonneg(weight_decay, "weight_decay")
+        check_nonneg(eps, "eps")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, decoupled_decay=decoupled_decay)
+        super().__init__(params, defaults)
+
+    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
+        view.state["step"] = self._step_tensor(view)
+        view.state["grad_sum_sq"] = self._zeros(view)
+        view.state["s"] = self._zeros(view)
+        if group["momentum"] != 0:
+            view.state["x0"] = view.data.clone(memory_format=torch.preserve_format)
+
+    def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
+        if not views:
+            return
+        lr = float(group["lr"])
+        eps, wd, momentum = group["eps"], group["weight_decay"], group["momentum"]
+        params = [v.data for v in views]
+        grads = [v.grad for v in views]
+        sum_sqs = [v.state["grad_sum_sq"] for v in views]
+        sums = [v.state["s"] for v in views]
+        lambdas = [(lr + eps) * math.sqrt(t) for t in F.advance_steps(views)]
+
+        if wd != 0.0:
+            if group["decoupled_decay"]:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            else:
+                grads = F.l2_decay(grads, params, wd)
+
+        if momentum == 0:
+            rms = torch._foreach_pow(sum_sqs, 1.0 / 3.0)
+            torch._foreach_add_(rms, eps)
+            x0 = torch._foreach_addcdiv(params, sums, rms)
+            del rms
+        else:
+            x0 = [v.state["x0"] for v in views]
+
+        torch._foreach_addcmul_(sum_sqs, grads, grads, lambdas)
+        torch._foreach_add_(sums, torch._foreach_mul(grads, lambdas))
+        rms = torch._foreach_pow(sum_sqs, 1.0 / 3.0)
+        torch._foreach_add_(rms, eps)
+        z = torch._foreach_addcdiv(x0, sums, rms, value=-1.0)
+        if momentum == 0:
+            torch._foreach_copy_(params, z)
+        else:
+            torch._foreach_lerp_(params, z, 1.0 - momentum)
