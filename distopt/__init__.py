@@ -9,5 +9,6 @@ Subpackages:
 """
 
 from distopt._version import __version__
+from distopt.zero import ShardedModule, clip_grad_norm_, shard
 
-__all__ = ["__version__"]
+__all__ = ["ShardedModule", "__version__", "clip_grad_norm_", "shard"]

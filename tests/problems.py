@@ -71,3 +71,48 @@ def regression_data(n: int = 128, d_in: int = 8, seed: int = 0):
     w = torch.randn(d_in, 1, generator=g)
     y = torch.sin(x @ w) + 0.1 * x[:, :1]
     return x, y
+
+
+class UnevenModel(nn.Module):
+    """A small model whose parameters have awkward shapes for row sharding.
+
+    7x5 and 7 (linear), 30 (vector), 1x1, a 4x2x3x3 conv kernel, a scalar, a 13x6 embedding
+    (13 rows: divisible by none of 2, 3, 4), a frozen 3x3 matrix, and a 5-vector used only on
+    even steps (no gradient on odd steps).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(13, 6)
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.lin = nn.Linear(5, 7)
+        self.vec = nn.Parameter(torch.randn(30) * 0.1)
+        self.one = nn.Parameter(torch.ones(1, 1))
+        self.scalar = nn.Parameter(torch.tensor(0.5))
+        self.frozen = nn.Parameter(torch.eye(3), requires_grad=False)
+        self.sometimes = nn.Parameter(torch.randn(5) * 0.1)
+
+    def forward(self, img, tok, use_sometimes: bool = True):
+        h = self.conv(img).mean(dim=(2, 3))  # (B, 4)
+        e = self.emb(tok).mean(dim=1)  # (B, 6)
+        z = torch.cat([h, e[:, :1]], dim=1)  # (B, 5)
+        if use_sometimes:
+            z = z + self.sometimes
+        out = self.lin(z) * self.one[0, 0]  # (B, 7)
+        out = out + self.vec[:7] * self.scalar + e[:, 1:4].sum(dim=1, keepdim=True) @ self.frozen[:1, :1]
+        return out + self.vec[7:14] * e[:, :1]
+
+
+def uneven_batch(step: int, n: int = 12, seed: int = 7):
+    """The global batch of ``step``: images, tokens, targets (``n`` divisible by 1..4)."""
+    g = torch.Generator().manual_seed(seed * 7919 + step)
+    img = torch.randn(n, 2, 5, 5, generator=g)
+    tok = torch.randint(0, 13, (n, 4), generator=g)
+    target = torch.randn(n, 7, generator=g)
+    return img, tok, target
+
+
+def uneven_loss(model, batch, step: int):
+    img, tok, target = batch
+    out = model(img, tok, use_sometimes=(step % 2 == 0))
+    return ((out - target) ** 2).mean()

@@ -1,0 +1,220 @@
+"""ZeRO-1 / ZeRO-2 partitioned optimizer state for data-parallel training.
+
+``model, optimizer = distopt.shard(model, optimizer, stage=1)`` partitions the optimizer state
+(stage 1) and also the gradients (stage 2) by dim-0 rows of every parameter, balanced across
+ranks.  Every rank updates its rows with the *same* optimizer maths (shape-aware statistics are
+summed across ranks in one batched all-reduce per phase), then the parameters are all-gathered.
+The returned model is used like a DDP model: forward, backward, ``no_sync()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from distopt.zero._comm import CommStats, ring_bytes
+from distopt.zero._engine import ZeroEngine
+
+__all__ = ["CommStats", "ShardedModule", "ZeroEngine", "clip_grad_norm_", "ring_bytes", "shard"]
+
+
+class ShardedModule(nn.Module):
+    """A model whose gradients are reduce-scattered to the owners of each parameter's rows.
+
+    Use it like ``DistributedDataParallel``: call it for the forward pass, call ``backward`` on
+    the loss, wrap micro-batches that should not synchronise in :meth:`no_sync`.
+    ``state_dict()`` / ``load_state_dict()`` are those of the wrapped module (no ``module.``
+    prefix): the parameters are complete and identical on every rank after each step.
+    """
+
+    def __init__(self, module: nn.Module, engine: ZeroEngine):
+        super().__init__()
+        self.module = module
+        self._engine = engine
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Skip gradient communication inside the context (gradients accumulate locally).
+
+        Stage 1 never communicates during backward, so this is free there; stage 2 keeps full
+        gradients until the first backward outside the context, which reduce-scatters them.
+        """
+        with self._engine.no_sync():
+            yield
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the full gradients and the reduced gradient shards."""
+        self._engine.zero_grad(set_to_none)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @property
+    def engine(self) -> ZeroEngine:
+        return self._engine
+
+    def shard_info(self) -> dict[str, Any]:
+        return self._engine.shard_info()
+
+
+def _check_model(model: nn.Module) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        raise ValueError(
+            "distopt.shard: the model is already wrapped in DistributedDataParallel; pass the "
+            "plain module (distopt.shard replaces DDP and does its gradient synchronisation)"
+        )
+    if isinstance(model, ShardedModule):
+        raise ValueError("distopt.shard: the model is already sharded by distopt.shard")
+    if type(model).__name__.startswith("FSDP") or hasattr(model, "_fsdp_wrapped_module"):
+        raise ValueError("distopt.shard: the model is already wrapped by FSDP; use one of the two")
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        raise ValueError(
+            f"distopt.shard: parameters are on mixed devices {sorted(str(d) for d in devices)}; "
+            "move the model to one device per rank first"
+        )
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise ValueError(
+            "distopt.shard: the model has DTensor parameters (FSDP2/tensor parallel); build the "
+            "distopt optimizer directly on them instead — it handles DTensor shards itself"
+        )
+
+
+def shard(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stage: int = 1,
+    process_group: Any = None,
+    bucket_mb: float = 25.0,
+    master_dtype: torch.dtype | None = None,
+    broadcast_from_rank0: bool = True,
+) -> tuple[ShardedModule, torch.optim.Optimizer]:
+    """Partition ``optimizer``'s state (stage 1) and the gradients (stage 2) across ranks.
+
+    Args:
+        model: the plain (unwrapped) model, already on this rank's device.
+        optimizer: a distopt optimizer (or ``Lookahead`` around one) built on ``model``'s
+            parameters, before its first step.  It is changed in place and returned.
+        stage: 1 = optimizer state partitioned, gradients reduce-scattered once at the step;
+            2 = gradients also partitioned, reduce-scattered in buckets during backward.
+        process_group: the data-parallel group (default: the whole world).
+        bucket_mb: size of the flat communication buckets, in MiB (default 25).
+        master_dtype: keep fp32 (or another dtype) master copies of the local rows of low-
+            precision parameters; the optimizer updates the master copy and the model gets the
+            rounded value (default None: update the parameters in their own dtype, via fp32).
+        broadcast_from_rank0: start every rank from rank 0's parameters and buffers, as DDP does
+            (default True).
+
+    Returns:
+        ``(sharded_model, optimizer)``.
+
+    Raises:
+        ValueError: bad stage, an already wrapped model, mixed devices, a process group this rank
+            is not in, optimizer parameters that are not the model's, an optimizer with state.
+        TypeError: an optimizer that is not a distopt optimizer.
+        RuntimeError: ``torch.distributed`` is not initialised.
+    """
+    if stage not in (1, 2):
+        raise ValueError(f"distopt.shard: stage must be 1 or 2, got {stage!r}")
+    if not isinstance(bucket_mb, (int, float)) or bucket_mb <= 0:
+        raise ValueError(f"distopt.shard: bucket_mb must be a positive number, got {bucket_mb!r}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "distopt.shard needs torch.distributed to be initialised "
+            "(torch.distributed.init_process_group, or launch with torchrun)"
+        )
+    _check_model(model)
+    if process_group is not None and dist.get_rank(process_group) < 0:
+        raise ValueError(
+            f"distopt.shard: this process (global rank {dist.get_rank()}) is not a member of "
+            "the given process_group"
+        )
+    engine = ZeroEngine(model, optimizer, stage, process_group, bucket_mb, master_dtype, broadcast_from_rank0)
+    return ShardedModule(model, engine), optimizer
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    model_or_params: nn.Module | Iterable[Tensor] | Tensor,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+) -> Tensor:
+    """Clip gradients by their *global* norm, also when they are sharded; returns the norm.
+
+    * a :class:`ShardedModule` (distopt ZeRO): the reduced gradient shards are clipped; the norm
+      is summed across ranks in one all-reduce;
+    * DTensor gradients (FSDP2): local partial sums, one all-reduce per process group;
+    * anything else: the plain local computation of ``torch.nn.utils.clip_grad_norm_``.
+    """
+    if max_norm is None or not (max_norm > 0):
+        raise ValueError(f"clip_grad_norm_: max_norm must be > 0, got {max_norm!r}")
+    if norm_type != 2.0:
+        raise ValueError("clip_grad_norm_: only the L2 norm (norm_type=2) is supported for sharded gradients")
+    if isinstance(model_or_params, ShardedModule):
+        engine = model_or_params.engine
+        engine.reduce_gradients()
+        grads = [t.grad for t in engine.shards if t.grad is not None]
+        group = engine.group
+        local = _sumsq(grads)
+        dist.all_reduce(local, group=group)
+        total = local.sqrt()
+    else:
+        if isinstance(model_or_params, nn.Module):
+            params = list(model_or_params.parameters())
+        elif isinstance(model_or_params, Tensor):
+            params = [model_or_params]
+        else:
+            params = list(model_or_params)
+        grads = [p.grad for p in params if p.grad is not None]
+        dt = [g for g in grads if type(g).__name__ == "DTensor"]
+        if dt:
+            from distopt.optim._core import _dtensor_local_and_sharding
+
+            per_group: dict[Any, Tensor] = {}
+            plain = torch.zeros((), dtype=torch.float32)
+            for g in grads:
+                if type(g).__name__ == "DTensor":
+                    local, sharded, pg = _dtensor_local_and_sharding(g)
+                    if sharded:
+                        acc = per_group.get(pg)
+                        s = _sumsq([local])
+                        per_group[pg] = s if acc is None else acc + s.to(acc.device)
+                        continue
+                    plain = plain + _sumsq([local]).cpu()
+                else:
+                    plain = plain + _sumsq([g]).cpu()
+            total_sq = plain
+            for pg, s in per_group.items():
+                dist.all_reduce(s, group=pg)
+                total_sq = total_sq + s.cpu()
+            total = total_sq.sqrt()
+            grads = [g.to_local() if type(g).__name__ == "DTensor" else g for g in grads]
+        else:
+            total = _sumsq(grads).sqrt()
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"clip_grad_norm_: the total norm of the gradients is {float(total)}")
+    coef = float(max_norm) / (float(total) + 1e-6)
+    if coef < 1.0 and grads:
+        torch._foreach_mul_(grads, coef)
+    return total
+
+
+def _sumsq(grads: list[Tensor]) -> Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    norms = torch._foreach_norm(grads, 2)
+    return torch.stack([n.float() for n in norms]).pow(2).sum()
