@@ -766,3 +766,9 @@ def test_adafactor_schedule_with_distopt_adafactor():
         sched.step()
         assert sched.get_last_lr() == opt.relative_step_lrs()
         assert sched.get_last_lr()[0] == pytest.approx(sched.lr_at(k))
+
+
+def test_reexported_from_compat_transformers():
+    compat = pytest.importorskip("distopt.compat.transformers")
+    for name in S.TRANSFORMERS_NAMES:
+        assert getattr(compat, name) is getattr(S, name), name
