@@ -324,8 +324,17 @@ def run_distributed(
             for r in range(world_size):
                 p = ctx.Process(
                     target=_child_main,
-                    args=(r, world_size, tmp_dir, backend, pg_timeout_s, fn, args, kwargs,
-                          pdeathsig),
+                    args=(
+                        r,
+                        world_size,
+                        tmp_dir,
+                        backend,
+                        pg_timeout_s,
+                        fn,
+                        args,
+                        kwargs,
+                        pdeathsig,
+                    ),
                     name=f"{name}-rank{r}",
                     daemon=True,
                 )
@@ -393,7 +402,8 @@ def run_distributed(
                 )
             elif timed_out:
                 not_ready = [
-                    r for r in pending
+                    r
+                    for r in pending
                     if not os.path.exists(os.path.join(tmp_dir, f"rank{r}.ready"))
                 ]
                 lines.append(

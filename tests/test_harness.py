@@ -18,8 +18,13 @@ def _identity(tag, *, scale=1):
 
     assert dist.is_initialized()
     assert dist.get_rank() == rank() and dist.get_world_size() == world_size()
-    return {"rank": rank(), "world_size": world_size(), "device": str(device()),
-            "tag": tag, "value": rank() * scale}
+    return {
+        "rank": rank(),
+        "world_size": world_size(),
+        "device": str(device()),
+        "tag": tag,
+        "value": rank() * scale,
+    }
 
 
 def _all_reduce_sum():
