@@ -181,3 +181,136 @@ class RefMADGRAD(RefOptimizer):
         st["s"] = st["s"] + lam * g
         z = st["x0"] - st["s"] / (st["nu"] ** (1 / 3) + eps)
         p.copy_(mom * p + (1 - mom) * z)
+
+
+class RefSGD(RefOptimizer):
+    """SGD with momentum (Polyak) / Nesterov (Sutskever et al. 2013), as documented by torch.optim.SGD."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                 maximize=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, maximize=maximize))
+
+    def update(self, p, g, st, grp):
+        mom = grp["momentum"]
+        if grp["maximize"]:
+            g = -g
+        g = g + grp["weight_decay"] * p
+        if mom != 0:
+            st["b"] = g.clone() if "b" not in st else mom * st["b"] + (1 - grp["dampening"]) * g
+            g = g + mom * st["b"] if grp["nesterov"] else st["b"]
+        p.sub_(grp["lr"] * g)
+
+
+class RefAdam(RefOptimizer):
+    """Adam, Kingma & Ba (2015), Algorithm 1 with an L2 penalty in the gradient (and AMSGrad)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                 maximize=False, decoupled_weight_decay=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                                      maximize=maximize, decoupled_weight_decay=decoupled_weight_decay))
+
+    def update(self, p, g, st, grp):
+        b1, b2 = grp["betas"]
+        if not st:
+            st.update(t=0, m=_zeros(p), v=_zeros(p), vmax=_zeros(p))
+        st["t"] += 1
+        t = st["t"]
+        if grp["maximize"]:
+            g = -g
+        if grp["decoupled_weight_decay"]:
+            p.mul_(1 - grp["lr"] * grp["weight_decay"])
+        else:
+            g = g + grp["weight_decay"] * p
+        st["m"] = b1 * st["m"] + (1 - b1) * g
+        st["v"] = b2 * st["v"] + (1 - b2) * g * g
+        st["vmax"] = torch.maximum(st["vmax"], st["v"])
+        v = st["vmax"] if grp["amsgrad"] else st["v"]
+        p.sub_(grp["lr"] * (st["m"] / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + grp["eps"]))
+
+
+class RefAdamax(RefOptimizer):
+    """Adamax, Kingma & Ba (2015), Algorithm 2 (eps added to |g|, as torch documents)."""
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize))
+
+    def update(self, p, g, st, grp):
+        b1, b2 = grp["betas"]
+        if not st:
+            st.update(t=0, m=_zeros(p), u=_zeros(p))
+        st["t"] += 1
+        if grp["maximize"]:
+            g = -g
+        g = g + grp["weight_decay"] * p
+        st["m"] = b1 * st["m"] + (1 - b1) * g
+        st["u"] = torch.maximum(b2 * st["u"], g.abs() + grp["eps"])
+        p.sub_(grp["lr"] / (1 - b1 ** st["t"]) * st["m"] / st["u"])
+
+
+class RefAdagrad(RefOptimizer):
+    """Adagrad, Duchi et al. (2011), diagonal version with torch's lr_decay."""
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10,
+                 maximize=False):
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value, eps=eps,
+                                      maximize=maximize))
+
+    def update(self, p, g, st, grp):
+        if not st:
+            st.update(t=0, s=torch.full_like(p, grp["initial_accumulator_value"]))
+        st["t"] += 1
+        if grp["maximize"]:
+            g = -g
+        g = g + grp["weight_decay"] * p
+        st["s"] = st["s"] + g * g
+        lr_t = grp["lr"] / (1 + (st["t"] - 1) * grp["lr_decay"])
+        p.sub_(lr_t * g / (st["s"].sqrt() + grp["eps"]))
+
+
+class RefAdadelta(RefOptimizer):
+    """Adadelta, Zeiler (2012), Algorithm 1, with torch's lr scaling of the delta."""
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False):
+        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize))
+
+    def update(self, p, g, st, grp):
+        rho, eps = grp["rho"], grp["eps"]
+        if not st:
+            st.update(eg2=_zeros(p), edx2=_zeros(p))
+        if grp["maximize"]:
+            g = -g
+        g = g + grp["weight_decay"] * p
+        st["eg2"] = rho * st["eg2"] + (1 - rho) * g * g
+        dx = (st["edx2"] + eps).sqrt() / (st["eg2"] + eps).sqrt() * g
+        st["edx2"] = rho * st["edx2"] + (1 - rho) * dx * dx
+        p.sub_(grp["lr"] * dx)
+
+
+class RefRMSprop(RefOptimizer):
+    """RMSprop (Hinton, lecture 6e; centered: Graves 2013), torch's formulation (eps outside the root)."""
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
+                 maximize=False):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                                      centered=centered, maximize=maximize))
+
+    def update(self, p, g, st, grp):
+        a, mom = grp["alpha"], grp["momentum"]
+        if not st:
+            st.update(ms=_zeros(p), mg=_zeros(p), buf=_zeros(p))
+        if grp["maximize"]:
+            g = -g
+        g = g + grp["weight_decay"] * p
+        st["ms"] = a * st["ms"] + (1 - a) * g * g
+        var = st["ms"]
+        if grp["centered"]:
+            st["mg"] = a * st["mg"] + (1 - a) * g
+            var = var - st["mg"] ** 2
+        d = var.sqrt() + grp["eps"]
+        if mom > 0:
+            st["buf"] = mom * st["buf"] + g / d
+            p.sub_(grp["lr"] * st["buf"])
+        else:
+            p.sub_(grp["lr"] * g / d)

@@ -18,10 +18,16 @@ from distopt.optim.lamb import Lamb
 
 # -- elementwise optimizers (one module each) --
 from distopt.optim.adabelief import AdaBelief
+from distopt.optim.adadelta import Adadelta
+from distopt.optim.adagrad import Adagrad
+from distopt.optim.adam import Adam
+from distopt.optim.adamax import Adamax
 from distopt.optim.madgrad import MADGRAD
 from distopt.optim.nadam import Nadam
 from distopt.optim.radam import RAdam
+from distopt.optim.rmsprop import RMSprop
 from distopt.optim.rmsprop_tf import RMSpropTF
+from distopt.optim.sgd import SGD
 # -- shape-aware optimizers --
 from distopt.optim.adafactor import Adafactor, AdafactorTimm
 from distopt.optim.adamp import AdamP
@@ -39,10 +45,16 @@ __all__ = [
     "NvNovoGrad",
     "SGDP",
     "AdaBelief",
+    "Adadelta",
+    "Adagrad",
+    "Adam",
+    "Adamax",
     "MADGRAD",
     "Nadam",
     "RAdam",
+    "RMSprop",
     "RMSpropTF",
+    "SGD",
     "AdamW",
     "DistOptimizer",
     "Lamb",

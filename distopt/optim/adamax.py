@@ -1,0 +1,87 @@
+"""Adamax: Adam with the infinity norm (Kingma & Ba, 2015, section 7), torch.optim semantics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from distopt.optim import _functional as F
+from distopt.optim._core import (
+    DistOptimizer,
+    ParamView,
+    StepContext,
+    check_betas,
+    check_lr,
+    check_nonneg,
+)
+
+__all__ = ["Adamax"]
+
+
+class Adamax(DistOptimizer):
+    r"""Adamax, with the options and defaults of ``torch.optim.Adamax``.
+
+    Update rule for step ``t`` (element-wise)::
+
+        g  <- -g if maximize
+        g  <- g + weight_decay * p                       # L2 penalty
+        m  <- beta1 * m + (1 - beta1) * g
+        u  <- max(beta2 * u, |g| + eps)
+        p  <- p - lr / (1 - beta1^t) * m / u
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (default 2e-3).
+        betas: coefficients of the running average and of the infinity norm (default (0.9, 0.999)).
+        eps: term added to ``|g|`` (default 1e-8).
+        weight_decay: L2 penalty (default 0).
+        maximize: maximize the objective instead of minimizing it (default False).
+
+    State per parameter: ``step`` (float32 scalar), ``exp_avg``, ``exp_inf`` (fp32 for
+    bf16/fp16 parameters).  Element-wise: exact under any sharding without communication.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        check_lr(lr)
+        check_betas(betas)
+        check_nonneg(eps, "eps")
+        check_nonneg(weight_decay, "weight_decay")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults)
+
+    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
+        view.state["step"] = self._step_tensor(view)
+        view.state["exp_avg"] = self._zeros(view)
+        view.state["exp_inf"] = self._zeros(view)
+
+    def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
+        if not views:
+            return
+        lr = float(group["lr"])
+        beta1, beta2 = group["betas"]
+        params = [v.data for v in views]
+        grads = [v.grad for v in views]
+        exp_avgs = [v.state["exp_avg"] for v in views]
+        exp_infs = [v.state["exp_inf"] for v in views]
+        steps = F.advance_steps(views)
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        grads = F.l2_decay(grads, params, group["weight_decay"])
+        F.ema_(exp_avgs, grads, beta1)
+        torch._foreach_mul_(exp_infs, beta2)
+        abs_grads = torch._foreach_abs(grads)
+        torch._foreach_add_(abs_grads, group["eps"])
+        torch._foreach_maximum_(exp_infs, abs_grads)
+        del abs_grads
+        torch._foreach_addcdiv_(params, exp_avgs, exp_infs, [-lr / b for b in F.bias_correction(beta1, steps)])
