@@ -1,0 +1,312 @@
+"""``distopt bench step``: optimizer step time vs ``torch.optim.AdamW(fused=True)``.
+
+On a ViT-S/16 parameter set (timm's ``vit_small_patch16_224``: 152 fp32 tensors, 22.05M
+parameters; ``--quick``: a 2-block, width-64 set) every distopt optimizer is timed with its
+default settings (weight decay 0.01 where it defaults to 0), side by side with torch's fused
+AdamW and, where installed, timm's / transformers' / torch's implementation of the same
+algorithm.  Only ``optimizer.step()`` is timed: gradients are fixed random tensors set once, so
+Adahessian's Hessian-vector product (part of its backward pass) is not counted.
+
+Candidates are compared in groups (one distopt optimizer, its peers and the torch fused AdamW
+baseline), interleaved step by step over ``--repeats`` rounds in a rotating order; the table
+reports the first step separately (state allocation, one-off work), then, after ``--warmup``
+untimed steps, the median of ``--repeats`` steps, and the ratio of that median to the baseline's median *in the same group* (ratios are
+what carries over between machines; absolute times on a shared machine are noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import importlib.util
+import platform
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from distopt.bench._params import make_params, quick_shapes, vit_shapes
+
+__all__ = ["add_parser", "run", "GROUPS"]
+
+WEIGHT_DECAY = 0.01
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def _timm(module: str, cls: str) -> Callable[..., torch.optim.Optimizer] | None:
+    """A class from ``timm.optim.<module>`` imported without timm's model zoo (no torchvision)."""
+    try:
+        if "timm.optim" not in sys.modules:
+            spec = importlib.util.find_spec("timm")
+            if spec is None or not spec.submodule_search_locations:
+                return None
+            locations = list(spec.submodule_search_locations)
+            if "timm" not in sys.modules:
+                pkg = types.ModuleType("timm")
+                pkg.__path__ = locations
+                pkg.__spec__ = spec
+                sys.modules["timm"] = pkg
+            sub = types.ModuleType("timm.optim")
+            sub.__path__ = [loc + "/optim" for loc in locations]
+            sys.modules["timm.optim"] = sub
+        return getattr(importlib.import_module(f"timm.optim.{module}"), cls)
+    except Exception:  # noqa: BLE001 - any import problem: peer not available
+        return None
+
+
+def _transformers(cls: str) -> Callable[..., torch.optim.Optimizer] | None:
+    try:
+        return getattr(importlib.import_module("transformers.optimization"), cls, None)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _torch(cls: str, **fixed: Any) -> Callable[[], Callable[..., torch.optim.Optimizer] | None]:
+    def get():
+        c = getattr(torch.optim, cls, None)
+        if c is None:
+            return None
+        return lambda params, **kw: c(params, **{**kw, **fixed})
+
+    return get
+
+
+@dataclass
+class Group:
+    """One distopt optimizer and its peers (``(label, loader, kwargs)``)."""
+
+    name: str  # distopt.optim class name
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    peers: list[tuple[str, Callable[[], Any], dict[str, Any]]] = field(default_factory=list)
+    note: str = ""
+    wrap_lookahead: bool = False
+
+
+def _wd(**kw: Any) -> dict[str, Any]:
+    return {"weight_decay": WEIGHT_DECAY, **kw}
+
+
+GROUPS: list[Group] = [
+    Group("AdamW", _wd(), [("timm AdamWLegacy", lambda: _timm("adamw", "AdamWLegacy"), _wd()),
+                           ("torch AdamW(foreach)", _torch("AdamW", foreach=True), _wd())]),
+    Group("Adam", _wd(), [("torch Adam(foreach)", _torch("Adam", foreach=True), _wd())]),
+    Group("Nadam", _wd(), [("timm NAdamLegacy", lambda: _timm("nadam", "NAdamLegacy"), _wd()),
+                           ("torch NAdam(foreach)", _torch("NAdam", foreach=True), _wd())]),
+    Group("RAdam", _wd(), [("timm RAdamLegacy", lambda: _timm("radam", "RAdamLegacy"), _wd()),
+                           ("torch RAdam(foreach)", _torch("RAdam", foreach=True), _wd())]),
+    Group("Adamax", _wd(), [("torch Adamax(foreach)", _torch("Adamax", foreach=True), _wd())]),
+    Group("AdaBelief", _wd(), [("timm AdaBelief", lambda: _timm("adabelief", "AdaBelief"), _wd())]),
+    Group("AdamP", _wd(), [("timm AdamP", lambda: _timm("adamp", "AdamP"), _wd())]),
+    Group("Lamb", _wd(), [("timm Lamb", lambda: _timm("lamb", "Lamb"), _wd())]),
+    Group("Lars", _wd(), [("timm Lars", lambda: _timm("lars", "Lars"), _wd())]),
+    Group("NvNovoGrad", _wd(), [("timm NvNovoGrad", lambda: _timm("nvnovograd", "NvNovoGrad"), _wd())]),
+    Group("MADGRAD", _wd(), [("timm MADGRAD", lambda: _timm("madgrad", "MADGRAD"), _wd())]),
+    Group("Adafactor", _wd(), [("transformers Adafactor", lambda: _transformers("Adafactor"), _wd())]),
+    Group("AdafactorTimm", _wd(), [("timm Adafactor", lambda: _timm("adafactor", "Adafactor"), _wd())]),
+    Group("Adahessian", _wd(), [],
+          note="step only: the Hessian-vector product belongs to backward and is not timed"),
+    Group("AdamWeightDecay", _wd(), []),
+    Group("SGD", _wd(lr=0.1), [("torch SGD(foreach)", _torch("SGD", foreach=True), _wd(lr=0.1))]),
+    Group("SGDP", _wd(lr=0.1), [("timm SGDP", lambda: _timm("sgdp", "SGDP"), _wd(lr=0.1))]),
+    Group("RMSprop", _wd(), [("torch RMSprop(foreach)", _torch("RMSprop", foreach=True), _wd())]),
+    Group("RMSpropTF", _wd(), [("timm RMSpropTF", lambda: _timm("rmsprop_tf", "RMSpropTF"), _wd())]),
+    Group("Adagrad", _wd(), [("torch Adagrad(foreach)", _torch("Adagrad", foreach=True), _wd())]),
+    Group("Adadelta", _wd(), [("torch Adadelta(foreach)", _torch("Adadelta", foreach=True), _wd())]),
+    Group("AdamW", _wd(), [("timm Lookahead(torch AdamW fused)", lambda: _timm_lookahead(), _wd())],
+          note="Lookahead(k=6): the median excludes the 1-in-6 slow-weight pass",
+          wrap_lookahead=True),
+]
+
+
+def _timm_lookahead():
+    la = _timm("lookahead", "Lookahead")
+    if la is None:
+        return None
+    return lambda params, **kw: la(torch.optim.AdamW(params, fused=True, **kw))
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Candidate:
+    label: str
+    impl: str
+    opt: torch.optim.Optimizer
+    params: list[torch.Tensor]
+    first: float = 0.0
+    times: list[float] = field(default_factory=list)
+
+
+def _candidate(label: str, impl: str, factory: Callable[..., Any], kwargs: dict[str, Any],
+               shapes: list, seed: int) -> Candidate:
+    params, grads = make_params(shapes, seed=seed)
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt = factory(params, **kwargs)
+    return Candidate(label, impl, opt, params)
+
+
+def _time_step(c: Candidate) -> float:
+    t0 = time.perf_counter()
+    c.opt.step()
+    return time.perf_counter() - t0
+
+
+def _row_label(group: Group) -> str:
+    return f"Lookahead({group.name})" if group.wrap_lookahead else group.name
+
+
+def _selected(groups: list[Group], names: str | None) -> list[Group]:
+    if not names:
+        return groups
+    wanted = {n.strip().lower() for n in names.split(",") if n.strip()}
+    picked = [g for g in groups if _row_label(g).lower() in wanted or
+              (g.name.lower() in wanted and not g.wrap_lookahead)]
+    unknown = wanted - {_row_label(g).lower() for g in groups} - {g.name.lower() for g in groups}
+    if unknown:
+        valid = ", ".join(sorted({_row_label(g) for g in groups}))
+        raise ValueError(f"unknown optimizer(s) for --optim: {', '.join(sorted(unknown))}; valid: {valid}")
+    return picked
+
+
+def run(
+    optim: str | None = None,
+    repeats: int = 10,
+    warmup: int = 3,
+    threads: int | None = None,
+    quick: bool = False,
+    fmt: str = "text",
+    out: Any = None,
+) -> list[dict[str, Any]]:
+    """Run the benchmark, print the table to ``out`` (stdout) and return its rows."""
+    out = out or sys.stdout
+    if repeats < 1:
+        raise ValueError("--repeats must be >= 1")
+    if warmup < 0:
+        raise ValueError("--warmup must be >= 0")
+    if threads is not None and threads < 1:
+        raise ValueError("--threads must be >= 1")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(optim, repeats, warmup, quick, fmt, out)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(optim: str | None, repeats: int, warmup: int, quick: bool, fmt: str, out: Any) -> list[dict[str, Any]]:
+    import distopt.optim as do
+
+    shapes = quick_shapes() if quick else vit_shapes()
+    numel = sum(torch.Size(s).numel() for _, s in shapes)
+    groups = _selected(GROUPS, optim)
+
+    baseline = _candidate("torch.optim.AdamW(fused=True)", "torch", torch.optim.AdamW,
+                          {"fused": True, "weight_decay": WEIGHT_DECAY}, shapes, seed=0)
+    baseline.first = _time_step(baseline)
+    for _ in range(warmup):
+        _time_step(baseline)
+    rows: list[dict[str, Any]] = []
+    base_all: list[float] = []
+    skipped: list[str] = []
+    for gi, group in enumerate(groups):
+        cls = getattr(do, group.name, None)
+        if cls is None:
+            skipped.append(f"{_row_label(group)} (not installed)")
+            continue
+        if group.wrap_lookahead:
+            def factory(params, _cls=cls, **kw):
+                return do.Lookahead(_cls(params, **kw))
+        else:
+            factory = cls
+        cands = [_candidate(_row_label(group), "distopt", factory, group.kwargs, shapes, seed=1)]
+        for label, loader, kwargs in group.peers:
+            peer = loader()
+            if peer is not None:
+                cands.append(_candidate(_row_label(group), label, peer, kwargs, shapes, seed=1))
+        for c in cands:
+            c.first = _time_step(c)
+            for _ in range(warmup):  # untimed: some kernels are slow for a few calls
+                _time_step(c)
+        everyone = [baseline, *cands]
+        base_times: list[float] = []
+        for r in range(repeats):
+            k = (r + gi) % len(everyone)
+            for c in everyone[k:] + everyone[:k]:
+                t = _time_step(c)
+                (base_times if c is baseline else c.times).append(t)
+        base_med = statistics.median(base_times)
+        base_all.extend(base_times)
+        for c in cands:
+            med = statistics.median(c.times)
+            rows.append({"optimizer": c.label, "impl": c.impl, "first_ms": 1e3 * c.first,
+                         "median_ms": 1e3 * med, "ratio": med / base_med, "note": group.note
+                         if c.impl == "distopt" else ""})
+        del cands, everyone
+        if not quick:
+            gc.collect()  # release the group's parameters and state before the next one
+    base_row = {"optimizer": "AdamW", "impl": "torch.optim.AdamW(fused=True)",
+                "first_ms": 1e3 * baseline.first,
+                "median_ms": 1e3 * statistics.median(base_all) if base_all else float("nan"),
+                "ratio": 1.0, "note": "baseline (median over all groups)"}
+    rows.insert(0, base_row)
+    _print(rows, shapes, numel, repeats, warmup, fmt, skipped, out)
+    return rows
+
+
+def _print(rows, shapes, numel, repeats, warmup, fmt, skipped, out) -> None:
+    header = ["optimizer", "implementation", "first step (ms)", "median step (ms)",
+              "x torch fused AdamW", "note"]
+    body = [[r["optimizer"], r["impl"], f"{r['first_ms']:.1f}", f"{r['median_ms']:.1f}",
+             f"{r['ratio']:.2f}", r["note"]] for r in rows]
+    info = (f"{len(shapes)} fp32 tensors, {numel:,} parameters; median of {repeats} interleaved "
+            f"steps after {warmup} untimed; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"{platform.machine()}")
+    if fmt == "md":
+        print(info + "\n", file=out)
+        print("| " + " | ".join(header) + " |", file=out)
+        print("|" + "|".join(["---"] * 2 + ["---:"] * 3 + ["---"]) + "|", file=out)
+        for b in body:
+            print("| " + " | ".join(b) + " |", file=out)
+    else:
+        print(info, file=out)
+        widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), file=out)
+        for b in body:
+            print("  ".join(c.ljust(w) for c, w in zip(b, widths)).rstrip(), file=out)
+    if skipped:
+        print(f"\nnot run: {', '.join(skipped)}", file=out)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _main(args: argparse.Namespace) -> int:
+    run(optim=args.optim, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+        quick=args.quick, fmt=args.format)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("step", help="time optimizer.step() of every optimizer vs torch fused AdamW",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--optim", default=None,
+                   help="comma-separated subset (class names, e.g. AdamW,Lamb,Lookahead(AdamW))")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per candidate (default 10)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps after the first one, before timing (default 3)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's current setting)")
+    p.add_argument("--quick", action="store_true", help="small parameter set (for tests)")
+    p.add_argument("--format", choices=["text", "md"], default="text", help="table format")
+    p.set_defaults(func=_main)

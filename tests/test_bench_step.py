@@ -1,0 +1,45 @@
+"""``distopt bench step --quick`` runs and prints one row per available optimizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import distopt.optim as do
+from distopt.bench.step import GROUPS, _row_label
+from distopt.cli import main
+
+
+def _rows(text):
+    return [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+
+
+def test_bench_step_quick_markdown(capsys):
+    threads = torch.get_num_threads()
+    assert main(["bench", "step", "--quick", "--repeats", "1", "--warmup", "1", "--threads", "1", "--format", "md"]) == 0
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    distopt_rows = {r.split("|")[1].strip() for r in rows if r.split("|")[2].strip() == "distopt"}
+    expected = {_row_label(g) for g in GROUPS if hasattr(do, g.name)}
+    assert distopt_rows == expected
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        first, median, ratio = float(cells[2]), float(cells[3]), float(cells[4])
+        assert first > 0 and median > 0 and ratio >= 0
+    assert "torch.optim.AdamW(fused=True)" in out
+    assert torch.get_num_threads() == threads  # --threads is restored afterwards
+
+
+def test_bench_step_subset_and_errors(capsys):
+    assert main(["bench", "step", "--quick", "--repeats", "1", "--warmup", "0", "--optim", "AdamW,Lamb"]) == 0
+    out = capsys.readouterr().out
+    assert "Lamb" in out and "AdaBelief" not in out
+    assert main(["bench", "step", "--quick", "--optim", "NoSuchOpt"]) == 2
+    assert "NoSuchOpt".lower() in capsys.readouterr().err.lower()
+
+
+def test_bench_help_and_bad_format(capsys):
+    assert main(["bench"]) == 0
+    assert "step" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "step", "--format", "xml"])
