@@ -8,6 +8,7 @@ tensor arithmetic, no multi-tensor kernels and nothing shared with distopt.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -314,3 +315,64 @@ class RefRMSprop(RefOptimizer):
             p.sub_(grp["lr"] * st["buf"])
         else:
             p.sub_(grp["lr"] * g / d)
+
+
+class RefAdamWeightDecay(RefOptimizer):
+    """transformers' TF AdamWeightDecay: Keras Adam (Kingma & Ba's eps-hat form) after decaying
+    selected weights by lr * rate; Keras clipvalue / clipnorm / global_clipnorm on the gradients.
+
+    ``names`` maps ``id(tensor)`` to the name the include/exclude patterns are matched against.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-7, weight_decay=0.0, amsgrad=False,
+                 include_in_weight_decay=None, exclude_from_weight_decay=None, clipnorm=None, clipvalue=None,
+                 global_clipnorm=None, names=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                                      clipnorm=clipnorm, clipvalue=clipvalue))
+        self.include = include_in_weight_decay or []
+        self.exclude = exclude_from_weight_decay or []
+        self.global_clipnorm = global_clipnorm
+        self.names = names or {}
+
+    def _decays(self, p, grp):
+        if grp["weight_decay"] == 0:
+            return False
+        name = self.names.get(id(p))
+        if any(re.search(r, name) for r in self.include):
+            return True
+        return not any(re.search(r, name) for r in self.exclude)
+
+    def _value_clip(self, g, grp):
+        cv = grp["clipvalue"]
+        return g if cv is None else g.clamp(-cv, cv)
+
+    def pre_step(self):
+        self.scale = 1.0
+        if self.global_clipnorm is None:
+            return
+        total = 0.0
+        for grp in self.param_groups:
+            for p in grp["params"]:
+                if p.grad is not None:
+                    total += float((self._value_clip(p.grad, grp).double() ** 2).sum())
+        self.scale = self.global_clipnorm / max(math.sqrt(total), self.global_clipnorm)
+
+    def update(self, p, g, st, grp):
+        b1, b2 = grp["betas"]
+        lr = grp["lr"]
+        g = self._value_clip(g, grp)
+        if grp["clipnorm"] is not None:
+            g = g * grp["clipnorm"] / max(float(g.norm()), grp["clipnorm"])
+        g = g * self.scale
+        if not st:
+            st.update(t=0, m=_zeros(p), v=_zeros(p), vhat=_zeros(p))
+        st["t"] += 1
+        t = st["t"]
+        if self._decays(p, grp):
+            p.sub_(lr * grp["weight_decay"] * p)
+        st["m"] = b1 * st["m"] + (1 - b1) * g
+        st["v"] = b2 * st["v"] + (1 - b2) * g * g
+        st["vhat"] = torch.maximum(st["vhat"], st["v"])
+        v = st["vhat"] if grp["amsgrad"] else st["v"]
+        lr_t = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+        p.sub_(lr_t * st["m"] / (v.sqrt() + grp["eps"]))

@@ -118,4 +118,14 @@ CASES = [
     _case("rmsprop", do.RMSprop, R.RefRMSprop, _torch_peer("RMSprop"), "rmsprop", lr=1e-2, rosen_lr=1e-2),
     _case("rmsprop-centered-momentum", do.RMSprop, R.RefRMSprop, _torch_peer("RMSprop"), "rmsprop",
           lr=1e-2, centered=True, momentum=0.9, weight_decay=0.01, rosen_lr=1e-3),
+    # -- AdamWeightDecay (transformers' TF optimizer; no peer: needs TensorFlow). Name patterns are
+    #    covered in tests/test_optim_elementwise.py (the table's problems have unnamed tensors).
+    _case("adamweightdecay", do.AdamWeightDecay, R.RefAdamWeightDecay, None, "adam",
+          lr=1e-2, weight_decay=0.05, rosen_lr=1e-2),
+    _case("adamweightdecay-amsgrad-clipvalue", do.AdamWeightDecay, R.RefAdamWeightDecay, None, "adam",
+          lr=1e-2, weight_decay=0.05, amsgrad=True, clipvalue=1.0, rosen_lr=1e-2),
+    _case("adamweightdecay-clipnorm", do.AdamWeightDecay, R.RefAdamWeightDecay, None, "adam",
+          lr=1e-2, weight_decay=0.05, clipnorm=2.0, rosen_lr=1e-2, shape_aware=True),
+    _case("adamweightdecay-global-clipnorm", do.AdamWeightDecay, R.RefAdamWeightDecay, None, "adam",
+          lr=1e-2, weight_decay=0.05, global_clipnorm=3.0, clipvalue=1.5, rosen_lr=1e-2, shape_aware=True),
 ]

@@ -1,0 +1,292 @@
+"""AdamWeightDecay: the PyTorch form of transformers' TensorFlow ``AdamWeightDecay`` optimizer.
+
+Keras' Adam (``epsilon`` added to ``sqrt(v)`` before the bias correction of the step size) with
+the weights decayed by ``lr * weight_decay`` *before* the Adam update, for the parameters whose
+names pass the include/exclude regular expressions, plus Keras' gradient clipping options.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distopt.optim import _functional as F
+from distopt.optim._core import (
+    DistOptimizer,
+    ParamView,
+    StepContext,
+    check_betas,
+    check_lr,
+    check_nonneg,
+)
+
+__all__ = ["AdamWeightDecay"]
+
+
+@functools.lru_cache(maxsize=65536)
+def _use_weight_decay(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    """transformers' rule: an ``include`` match decays; else an ``exclude`` match does not; else decay."""
+    if any(re.search(r, name) is not None for r in include):
+        return True
+    return not any(re.search(r, name) is not None for r in exclude)
+
+
+def _patterns(value: Any, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    out = tuple(value)
+    for r in out:
+        if not isinstance(r, str):
+            raise TypeError(f"{what} must be a list of regular expressions (str), got {r!r}")
+        try:
+            re.compile(r)
+        except re.error as e:
+            raise ValueError(f"invalid regular expression {r!r} in {what}: {e}") from e
+    return out
+
+
+def _check_clip(value: Any, name: str) -> None:
+    if value is None:
+        return
+    check_nonneg(value, name)
+    if value == 0:
+        raise ValueError(f"Invalid {name}: 0 (use None to disable clipping)")
+
+
+class AdamWeightDecay(DistOptimizer):
+    r"""transformers' (TensorFlow) ``AdamWeightDecay`` for PyTorch parameters.
+
+    Update rule for step ``t`` (element-wise once the gradient is clipped)::
+
+        g  <- clip(g, -clipvalue, clipvalue)                         if clipvalue
+        g  <- g * clipnorm / max(||g||, clipnorm)                    if clipnorm (per tensor)
+        g  <- g * global_clipnorm / max(||all g||, global_clipnorm)  if global_clipnorm
+        p  <- p - lr * weight_decay * p          # decay FIRST, only for parameters selected by name
+        m  <- beta1 * m + (1 - beta1) * g
+        v  <- beta2 * v + (1 - beta2) * g^2
+        v' <- max(v', v)  if amsgrad else v
+        p  <- p - lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v') + eps)
+
+    ``eps`` is Keras' "epsilon hat": it is added to ``sqrt(v')`` *before* the bias corrections,
+    which are folded into the step size (so its effect differs from torch's Adam at equal value).
+
+    **Which parameters are decayed.**  As in transformers, a parameter is decayed when
+    ``weight_decay != 0`` and its name matches (``re.search``) a pattern of
+    ``include_in_weight_decay``, or else matches no pattern of ``exclude_from_weight_decay``.
+    PyTorch tensors have no names, so names come from the ``params`` argument: pass a module
+    (its ``named_parameters()`` are used), ``model.named_parameters()`` (``(name, tensor)``
+    pairs, also inside param-group dicts), or plain tensors together with
+    ``param_names=dict(model.named_parameters())``.  Names are the module's dotted parameter
+    names (``encoder.layer.0.attention.self.query.weight``), not TensorFlow variable names
+    (``.../kernel:0``): write the patterns for them (e.g. ``["LayerNorm", "layer_norm", "bias"]``
+    works for both).  Names are resolved when a group is added and kept, position by position,
+    in the group's ``param_names`` list (the same key ``torch.optim`` uses).  Giving patterns
+    without names raises a ValueError.
+
+    **Clipping.**  ``clipvalue``, ``clipnorm`` (per tensor) and ``global_clipnorm`` (over all
+    the gradients of the step, every group) follow Keras, in that order; ``clipnorm`` and
+    ``global_clipnorm`` exclude each other.  Norms are of whole parameters: under sharding
+    their partial sums are summed in one batched reduction (per group for ``clipnorm``, once
+    per step for ``global_clipnorm``).  ``global_clipnorm`` is optimizer-wide: the constructor
+    value applies.  Without clipping the optimizer is purely element-wise.
+
+    Differences to TensorFlow: the step count is per parameter (Keras counts optimizer steps,
+    so a variable that skips a step still advances its bias corrections); Keras' legacy
+    ``decay`` (inverse-time lr decay) is not supported, use a schedule.
+
+    Args:
+        params: a module, ``(name, tensor)`` pairs, tensors, or param groups of either.
+        lr: learning rate (default 1e-3; TF ``learning_rate``).
+        betas: coefficients of the running averages (default (0.9, 0.999); TF ``beta_1``, ``beta_2``).
+        eps: Keras' epsilon (default 1e-7; TF ``epsilon``).
+        weight_decay: decay rate (default 0; TF ``weight_decay_rate``).
+        amsgrad: use the AMSGrad maximum of the second moment (default False).
+        include_in_weight_decay: regular expressions of names always decayed (default None).
+        exclude_from_weight_decay: regular expressions of names never decayed unless included
+            (default None).
+        clipnorm: clip each gradient to this L2 norm (default None).
+        clipvalue: clip each gradient element to ``[-clipvalue, clipvalue]`` (default None).
+        global_clipnorm: clip all gradients together to this L2 norm (default None).
+        param_names: mapping ``name -> tensor`` (e.g. ``dict(model.named_parameters())``) used to
+            name tensors given without names (default None).
+
+    State per parameter: ``step`` (float32 scalar), ``exp_avg`` (Keras slot ``m``),
+    ``exp_avg_sq`` (``v``) and, with amsgrad, ``max_exp_avg_sq`` (``vhat``); fp32 for bf16/fp16
+    parameters.
+    """
+
+    def __init__(
+        self,
+        params: Iterable | nn.Module,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-7,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        include_in_weight_decay: Sequence[str] | None = None,
+        exclude_from_weight_decay: Sequence[str] | None = None,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        *,
+        param_names: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        check_lr(lr)
+        check_betas(betas)
+        check_nonneg(eps, "eps")
+        check_nonneg(weight_decay, "weight_decay")
+        _check_clip(clipnorm, "clipnorm")
+        _check_clip(clipvalue, "clipvalue")
+        _check_clip(global_clipnorm, "global_clipnorm")
+        if clipnorm is not None and global_clipnorm is not None:
+            raise ValueError("clipnorm and global_clipnorm cannot both be set (as in Keras)")
+        if param_names is not None and not isinstance(param_names, Mapping):
+            raise TypeError("param_names must be a mapping name -> tensor, e.g. dict(model.named_parameters())")
+        self._name_lookup: dict[int, str] = {id(t): n for n, t in (param_names or {}).items()}
+        if isinstance(params, nn.Module):
+            params = list(params.named_parameters())
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            include_in_weight_decay=_patterns(include_in_weight_decay, "include_in_weight_decay"),
+            exclude_from_weight_decay=_patterns(exclude_from_weight_decay, "exclude_from_weight_decay"),
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_name_lookup", {})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; ``(name, tensor)`` pairs or a module give the names (see the class doc)."""
+        group = dict(param_group)
+        params = group["params"]
+        if isinstance(params, nn.Module):
+            params = list(params.named_parameters())
+        elif isinstance(params, Tensor):
+            params = [params]
+        else:
+            params = list(params)
+        if params and all(isinstance(p, tuple) for p in params):
+            if "param_names" in group:
+                raise ValueError("give names either as (name, tensor) pairs or as 'param_names', not both")
+            group["param_names"] = [n for n, _ in params]
+            params = [t for _, t in params]
+        elif any(isinstance(p, tuple) for p in params):
+            raise ValueError("all params of a group must be (name, tensor) pairs, or none")
+        elif "param_names" not in group and self._name_lookup:
+            names = [self._name_lookup.get(id(p)) for p in params]
+            if all(n is not None for n in names):
+                group["param_names"] = names
+        group["params"] = params
+        for key in ("include_in_weight_decay", "exclude_from_weight_decay"):
+            if key in group:
+                group[key] = _patterns(group[key], key)
+        patterns = group.get("include_in_weight_decay", self.defaults["include_in_weight_decay"]) + group.get(
+            "exclude_from_weight_decay", self.defaults["exclude_from_weight_decay"]
+        )
+        if "param_names" in group and len(group["param_names"]) != len(params):
+            raise ValueError("param_names must name every parameter of the group")
+        if patterns and "param_names" not in group:
+            raise ValueError(
+                "include_in_weight_decay / exclude_from_weight_decay match parameter *names*, but this "
+                "param group has none: pass a module, model.named_parameters(), or "
+                "param_names=dict(model.named_parameters())"
+            )
+        super().add_param_group(group)
+
+    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
+        view.state["step"] = self._step_tensor(view)
+        view.state["exp_avg"] = self._zeros(view)
+        view.state["exp_avg_sq"] = self._zeros(view)
+        if group["amsgrad"]:
+            view.state["max_exp_avg_sq"] = self._zeros(view)
+
+    # ------------------------------------------------------------------ clipping
+    @staticmethod
+    def _value_clipped(group: dict[str, Any], grads: list[Tensor]) -> list[Tensor]:
+        cv = group["clipvalue"]
+        if cv is None or not grads:
+            return grads
+        out = torch._foreach_clamp_max(grads, cv)
+        torch._foreach_clamp_min_(out, -cv)
+        return out
+
+    def _step_groups(self, groups: list[tuple[dict[str, Any], list[ParamView]]], ctx: StepContext) -> None:
+        clip = self.defaults["global_clipnorm"]
+        ctx.extra["global_clip"] = None
+        views = [v for _, vs in groups for v in vs]
+        if clip is not None and views:
+            grads = [g for group, vs in groups for g in self._value_clipped(group, [v.grad for v in vs])]
+            sumsq = F.local_sumsq(grads)
+            sharded = torch.zeros(())
+            full = torch.zeros(())
+            for s, v in zip(sumsq, views):
+                if v.sharded:
+                    sharded = sharded + s
+                else:
+                    full = full + s
+            (red,) = ctx.reduce([[sharded.reshape(1)]], [any(v.sharded for v in views)])
+            norm = float((red[0].reshape(()) + full).sqrt())
+            ctx.extra["global_clip"] = clip / max(norm, clip) if math.isfinite(norm) else math.nan
+        super()._step_groups(groups, ctx)
+
+    # ------------------------------------------------------------------ update
+    def _decay_mask(self, group: dict[str, Any], views: list[ParamView]) -> list[bool]:
+        if group["weight_decay"] == 0:
+            return [False] * len(views)
+        names = group.get("param_names")
+        include, exclude = group["include_in_weight_decay"], group["exclude_from_weight_decay"]
+        if not include and not exclude:
+            return [True] * len(views)
+        if names is None:  # the group was edited after construction
+            raise ValueError("weight-decay patterns need the param group's 'param_names'")
+        by_id = {id(p): n for p, n in zip(group["params"], names)}
+        return [_use_weight_decay(by_id[id(v.param)], include, exclude) for v in views]
+
+    def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
+        if not views:
+            return
+        lr = float(group["lr"])
+        beta1, beta2 = group["betas"]
+        wd = group["weight_decay"]
+        params = [v.data for v in views]
+        grads = self._value_clipped(group, [v.grad for v in views])
+        if group["clipnorm"] is not None:
+            clip = group["clipnorm"]
+            (norms,) = F.global_norms(ctx, views, grads)
+            factors = [clip / torch.clamp(n, min=clip) for n in norms]
+            grads = torch._foreach_mul(grads, factors)
+        global_clip = ctx.extra.get("global_clip")
+        if global_clip is not None and global_clip != 1.0:
+            grads = torch._foreach_mul(grads, global_clip)
+
+        decayed = [p for p, d in zip(params, self._decay_mask(group, views)) if d]
+        F.decoupled_decay_(decayed, lr, wd)
+
+        exp_avgs = [v.state["exp_avg"] for v in views]
+        exp_avg_sqs = [v.state["exp_avg_sq"] for v in views]
+        steps = F.advance_steps(views)
+        F.ema_(exp_avgs, grads, beta1)
+        F.ema_sq_(exp_avg_sqs, grads, beta2)
+        second = exp_avg_sqs
+        if group["amsgrad"]:
+            second = F.amsgrad_max_([v.state["max_exp_avg_sq"] for v in views], exp_avg_sqs)
+        denom = torch._foreach_sqrt(second)
+        torch._foreach_add_(denom, group["eps"])
+        sizes = [-lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) for t in steps]
+        torch._foreach_addcdiv_(params, exp_avgs, denom, sizes)
