@@ -81,14 +81,14 @@ class UnevenModel(nn.Module):
     even steps (no gradient on odd steps).
     """
 
-    def __init__(self):
+    def __init__(self, scalar_shape: tuple[int, ...] = ()):
         super().__init__()
         self.emb = nn.Embedding(13, 6)
         self.conv = nn.Conv2d(2, 4, 3)
         self.lin = nn.Linear(5, 7)
         self.vec = nn.Parameter(torch.randn(30) * 0.1)
         self.one = nn.Parameter(torch.ones(1, 1))
-        self.scalar = nn.Parameter(torch.tensor(0.5))
+        self.scalar = nn.Parameter(torch.full(scalar_shape, 0.5))  # FSDP2 refuses 0-dim: (1,)
         self.frozen = nn.Parameter(torch.eye(3), requires_grad=False)
         self.sometimes = nn.Parameter(torch.randn(5) * 0.1)
 
@@ -99,7 +99,7 @@ class UnevenModel(nn.Module):
         if use_sometimes:
             z = z + self.sometimes
         out = self.lin(z) * self.one[0, 0]  # (B, 7)
-        out = out + self.vec[:7] * self.scalar + e[:, 1:4].sum(dim=1, keepdim=True) @ self.frozen[:1, :1]
+        out = out + self.vec[:7] * self.scalar.reshape(()) + e[:, 1:4].sum(dim=1, keepdim=True) @ self.frozen[:1, :1]
         return out + self.vec[7:14] * e[:, :1]
 
 
