@@ -376,3 +376,46 @@ class RefAdamWeightDecay(RefOptimizer):
         v = st["vhat"] if grp["amsgrad"] else st["v"]
         lr_t = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
         p.sub_(lr_t * st["m"] / (v.sqrt() + grp["eps"]))
+
+
+class RefAdahessian(RefOptimizer):
+    """AdaHessian, Yao et al. (2021), Algorithm 1: Hutchinson's diagonal, (optional) spatial averaging,
+    Adam-like moments with the Hessian power k; decoupled weight decay.
+
+    Draws its Rademacher vectors from its own generator, one parameter at a time.
+    """
+
+    def __init__(self, params, lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, hessian_power=1.0,
+                 update_each=1, n_samples=1, avg_conv_kernel=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      hessian_power=hessian_power, update_each=update_each, n_samples=n_samples,
+                                      avg_conv_kernel=avg_conv_kernel))
+        self.gen = torch.Generator().manual_seed(1234)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        live = [(p, grp) for grp in self.param_groups for p in grp["params"] if p.grad is not None]
+        for p, grp in live:
+            st = self.state[p]
+            if not st:
+                st.update(t=0, m=_zeros(p), v=_zeros(p))
+            if st["t"] % grp["update_each"] == 0:
+                n = grp["n_samples"]
+                d = _zeros(p)
+                for _ in range(n):
+                    z = torch.randint(0, 2, p.shape, generator=self.gen).to(p.dtype) * 2 - 1
+                    (hz,) = torch.autograd.grad(p.grad, p, grad_outputs=z, retain_graph=True)
+                    d = d + z * hz / n
+                if grp["avg_conv_kernel"] and p.dim() == 4:
+                    d = d.abs().mean(dim=(2, 3), keepdim=True).expand_as(d)
+                st["d"] = d
+        for p, grp in live:
+            st = self.state[p]
+            b1, b2 = grp["betas"]
+            st["t"] += 1
+            t = st["t"]
+            p.mul_(1 - grp["lr"] * grp["weight_decay"])
+            st["m"] = b1 * st["m"] + (1 - b1) * p.grad.detach()
+            st["v"] = b2 * st["v"] + (1 - b2) * st["d"] ** 2
+            denom = (st["v"] / (1 - b2**t)) ** (grp["hessian_power"] / 2) + grp["eps"]
+            p.sub_(grp["lr"] * st["m"] / (1 - b1**t) / denom)

@@ -21,6 +21,7 @@ from distopt.optim.adabelief import AdaBelief
 from distopt.optim.adadelta import Adadelta
 from distopt.optim.adagrad import Adagrad
 from distopt.optim.adam import Adam
+from distopt.optim.adahessian import Adahessian
 from distopt.optim.adam_weight_decay import AdamWeightDecay
 from distopt.optim.adamax import Adamax
 from distopt.optim.madgrad import MADGRAD
@@ -48,6 +49,7 @@ __all__ = [
     "AdaBelief",
     "Adadelta",
     "Adagrad",
+    "Adahessian",
     "Adam",
     "AdamWeightDecay",
     "Adamax",

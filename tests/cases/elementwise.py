@@ -55,6 +55,7 @@ _RADAM = _timm_peer("radam", "RAdamLegacy")
 _NADAM = _timm_peer("nadam", "NAdamLegacy")
 _RMSPROPTF = _timm_peer("rmsprop_tf", "RMSpropTF")
 _MADGRAD = _timm_peer("madgrad", "MADGRAD")
+_ADAHESSIAN = _timm_peer("adahessian", "Adahessian")
 
 CASES = [
     # -- AdaBelief: rectified (default), plain, amsgrad, L2 / fixed decay, no SGD fallback
@@ -128,4 +129,11 @@ CASES = [
           lr=1e-2, weight_decay=0.05, clipnorm=2.0, rosen_lr=1e-2, shape_aware=True),
     _case("adamweightdecay-global-clipnorm", do.AdamWeightDecay, R.RefAdamWeightDecay, None, "adam",
           lr=1e-2, weight_decay=0.05, global_clipnorm=3.0, clipvalue=1.5, rosen_lr=1e-2, shape_aware=True),
+    # -- Adahessian (timm): the quadratic test problem has a diagonal Hessian, so the Hutchinson
+    #    estimate is exact whatever the Rademacher draws and the peer agrees to fp32 rounding.
+    _case("adahessian", do.Adahessian, R.RefAdahessian, _ADAHESSIAN, "adahessian",
+          lr=0.1, weight_decay=0.01, create_graph=True, rosen_lr=1.0, model_lr=0.1),
+    _case("adahessian-options", do.Adahessian, R.RefAdahessian, _ADAHESSIAN, "adahessian",
+          lr=0.05, hessian_power=0.5, update_each=3, n_samples=2, avg_conv_kernel=True, create_graph=True,
+          rosen_lr=0.05, model_lr=0.05),
 ]
