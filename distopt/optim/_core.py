@@ -255,6 +255,11 @@ class DistOptimizer(Optimizer):
                 write_back = data
                 data = data.detach().float()
                 grad = grad.float()
+            if not grad.is_sparse and grad.shape == data.shape and grad.stride() != data.stride():
+                # Fused kernels (torch._fused_adamw_) walk parameter and gradient memory in one
+                # order and silently mix elements when the layouts differ (e.g. a transposed
+                # parameter's ZeRO shard with a gradient sliced from a contiguous flat bucket).
+                grad = torch.empty_like(data).copy_(grad)
             state = self.state[p]
             views.append(ParamView(p, data.detach(), grad, torch.Size(shape), sharded, state, write_back))
         return views, pg

@@ -123,23 +123,23 @@ class _AdafactorKernel(DistOptimizer):
             scale = h.scale_parameter and h.scale_external
         return lr * max(h.eps_scale, rms) if scale else lr
 
-    def relative_step_lrs(self) -> list[float]:
-        """The learning rate each param group used at its last step, one float per group.
+    def relative_step_lrs(self) -> list[float | None]:
+        """The learning rate each param group used at its last step (one entry per group).
 
         For each group: the lr applied to the group's first parameter that has optimizer state,
         at its latest step (what transformers' ``AdafactorSchedule`` reports), computed with the
         same function as the update (:func:`relative_step_lr` times the parameter-scale factor).
-        A group that has not taken a step reports its external lr, or 0.0 with the relative step.
-        Under sharding the parameter RMS is the global one, so every rank reports the same.
+        ``None`` for a group that has not taken a step yet (``AdafactorSchedule`` then reports
+        its ``initial_lr``).  Under sharding the parameter RMS is the global one, so every rank
+        reports the same values.
         """
-        out = []
+        out: list[float | None] = []
         for group in self.param_groups:
-            h = self._hyper(group)
             st = next((self.state[p] for p in group["params"] if "step" in self.state.get(p, {})), None)
             if st is None:
-                out.append(0.0 if h.relative_step else float(h.lr))  # type: ignore[arg-type]
+                out.append(None)
             else:
-                out.append(self._param_lr(h, float(st["step"]), float(st["RMS"])))
+                out.append(self._param_lr(self._hyper(group), float(st["step"]), float(st["RMS"])))
         return out
 
     # ------------------------------------------------------------------ state
