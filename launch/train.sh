@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Train the example LM (examples/train.py) under torchrun, after setting up the environment.
+#
+#   bash launch/train.sh [train.py flags...]       e.g. bash launch/train.sh --max-steps 200
+#
+# Environment variables (defaults in brackets):
+#   NPROC        processes per node [number of GPUs if nvidia-smi sees any, else 2]
+#   NNODES       number of nodes [1]
+#   NODE_RANK    this node's rank [0]
+#   MASTER_ADDR  rendezvous host [127.0.0.1]
+#   MASTER_PORT  rendezvous port [29500; on a single node a free port if 29500 is taken]
+#   RDZV_ID      rendezvous id, the same on every node [distopt-train]
+#   MAX_RESTARTS restarts of the worker group after a failure [0]
+#   SETUP_EXTRAS extras passed to launch/setup.sh [progress]
+# setup.sh's own variables (DISTOPT_TORCH_SPEC, DISTOPT_TORCH_INDEX_URL, ...) apply too.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="$(bash "$REPO/launch/setup.sh" "${SETUP_EXTRAS:-progress}" | tail -n 1)"
+
+if [[ -z "${NPROC:-}" ]]; then
+    ngpu=0
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        ngpu="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+    fi
+    if [[ "$ngpu" -gt 0 ]]; then NPROC="$ngpu"; else NPROC=2; fi
+fi
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+RDZV_ID="${RDZV_ID:-distopt-train}"
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
+
+port_free() {
+    "$PY" - "$MASTER_ADDR" "$1" <<'PYEOF'
+import socket, sys
+s = socket.socket()
+try:
+    s.bind((sys.argv[1], int(sys.argv[2])))
+except OSError:
+    sys.exit(1)
+finally:
+    s.close()
+PYEOF
+}
+if [[ -z "${MASTER_PORT:-}" ]]; then
+    MASTER_PORT=29500
+    # Only on a single node may the port be chosen locally (other nodes could not know it).
+    if [[ "$NNODES" == "1" ]] && ! port_free "$MASTER_PORT" 2>/dev/null; then
+        MASTER_PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
+        echo "[train] port 29500 is busy; using free port $MASTER_PORT" >&2
+    fi
+fi
+
+cmd=("$PY" -m torch.distributed.run
+     --nnodes "$NNODES" --nproc-per-node "$NPROC" --node-rank "$NODE_RANK"
+     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID"
+     --max-restarts "$MAX_RESTARTS"
+     "$REPO/examples/train.py" "$@")
+printf '[train]' >&2
+printf ' %q' "${cmd[@]}" >&2
+printf '\n' >&2
+exec "${cmd[@]}"
