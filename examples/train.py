@@ -237,7 +237,8 @@ def init_distributed(args: argparse.Namespace) -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets it to 1; respect a user's value
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     backend = "nccl" if use_cuda else "gloo"
     initialized = False
     if under_torchrun:
