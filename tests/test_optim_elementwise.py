@@ -394,3 +394,23 @@ def test_rmsproptf_square_avg_starts_at_one():
 def test_all_exported():
     for cls in ALL:
         assert cls.__name__ in do.__all__ and issubclass(cls, torch.optim.Optimizer)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_adam_mixed_dtypes_take_the_foreach_path(decoupled):
+    """fp32 and fp64 parameters together cannot use the fused kernel: same numbers either way."""
+    def params():
+        g = torch.Generator().manual_seed(0)
+        return [nn.Parameter(torch.randn(5, 3, generator=g)), nn.Parameter(torch.randn(4, generator=g).double())]
+
+    kw = dict(lr=1e-2, weight_decay=0.05, amsgrad=True, decoupled_weight_decay=decoupled)
+    p1, p2 = params(), params()
+    o1 = do.Adam(p1, **kw)
+    o2 = torch.optim.Adam(p2, foreach=False, **kw)
+    for t in range(5):
+        for o, ps in ((o1, p1), (o2, p2)):
+            o.zero_grad()
+            sum(((i + 1.5) * p.double() ** 2 + t * p.double()).sum() for i, p in enumerate(ps)).backward()
+            o.step()
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -169,7 +169,10 @@ class Adahessian(DistOptimizer):
             prods = [torch.zeros_like(z) if hz is None else hz.detach() * z for hz, z in zip(hzs, zs)]
             if n > 1:
                 torch._foreach_div_(prods, float(n))
-            torch._foreach_add_([est[i] for i in live], [p.to(est[i].dtype) for p, i in zip(prods, live)])
+            # (a 0-dim parameter's local data is a 1-element view: match its shape)
+            torch._foreach_add_(
+                [est[i] for i in live], [p.to(est[i].dtype).reshape(est[i].shape) for p, i in zip(prods, live)]
+            )
         return est
 
     def _step_groups(self, groups: list[tuple[dict[str, Any], list[ParamView]]], ctx: StepContext) -> None:
