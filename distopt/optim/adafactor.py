@@ -196,32 +196,40 @@ class _AdafactorKernel(DistOptimizer):
         dims = [_factor_dims(v.shape, h.min_dim) for v in views]
         beta2t = [1.0 - math.pow(t, h.decay_rate) for t in steps]
 
-        sq = torch._foreach_mul(grads, grads)
-        torch._foreach_add_(sq, h.eps_sq)
+        eps = h.eps_sq
 
         # ---- phase 1: second-moment statistics and the parameter RMS
         unf = [i for i, d in enumerate(dims) if d is None]
         if unf:
             avgs = [views[i].state["exp_avg_sq"] for i in unf]
-            torch._foreach_mul_(avgs, [beta2t[i] for i in unf])
-            new = [sq[i] for i in unf]
+            g_unf = [grads[i] for i in unf]
+            new = torch._foreach_mul(g_unf, g_unf)
+            torch._foreach_add_(new, eps)
             torch._foreach_mul_(new, [1.0 - beta2t[i] for i in unf])
+            torch._foreach_mul_(avgs, [beta2t[i] for i in unf])
             torch._foreach_add_(avgs, new)
+        # Factored tensors never materialise g^2 + eps: the means of g^2 come from norms along
+        # one dim, and mean(g^2 + eps) = mean(g^2) + eps.
         empty = params[0].new_zeros(0, dtype=torch.float32)
         col_parts: list[Tensor] = []
         norm_parts: list[Tensor] = []
+        col_local: dict[int, Tensor] = {}
         for i, (v, d) in enumerate(zip(views, dims)):
             if d is None:
                 col_parts.append(empty)
                 norm_parts.append(empty)
                 continue
             a, b = d
+            g = grads[i]
             row = v.state["exp_avg_sq_row"]
-            row.mul_(beta2t[i]).add_(sq[i].mean(dim=b), alpha=1.0 - beta2t[i])  # local: b > 0
+            row_mean = torch.linalg.vector_norm(g, dim=b).square_().div_(v.shape[b]).add_(eps)
+            row.mul_(beta2t[i]).add_(row_mean, alpha=1.0 - beta2t[i])  # local: b > 0
+            col_sq = torch.linalg.vector_norm(g, dim=a).square_()
             if a == 0:  # partial sums over the (possibly sharded) rows
-                col_parts.append(sq[i].sum(dim=0))
+                col_parts.append(col_sq)
                 norm_parts.append(row.sum(dim=0))
             else:
+                col_local[i] = col_sq
                 col_parts.append(empty)
                 norm_parts.append(empty)
         psq = [s.reshape(1) for s in F.local_sumsq(params)]
@@ -246,9 +254,9 @@ class _AdafactorKernel(DistOptimizer):
             n_a = v.shape[a]
             row, col = v.state["exp_avg_sq_row"], v.state["exp_avg_sq_col"]
             if a == 0:
-                col_mean, row_norm = col_red[i] / n_a, norm_red[i] / n_a
+                col_mean, row_norm = col_red[i].div(n_a).add_(eps), norm_red[i] / n_a
             else:
-                col_mean, row_norm = sq[i].mean(dim=a), row.mean(dim=a)
+                col_mean, row_norm = col_local[i].div_(n_a).add_(eps), row.mean(dim=a)
             col.mul_(beta2t[i]).add_(col_mean, alpha=1.0 - beta2t[i])
             r_factor = (row / row_norm.unsqueeze(a)).rsqrt_().unsqueeze(b)
             c_factor = col.unsqueeze(a).rsqrt()
