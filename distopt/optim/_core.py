@@ -250,6 +250,11 @@ class DistOptimizer(Optimizer):
                 data, shape, sharded = p, p.shape, False
             if grad.is_sparse and not self._sparse_ok:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if data.dim() == 0:
+                # A 0-dim parameter is seen as one row everywhere (as under ZeRO), so its
+                # parameter-shaped state is 1-D in every mode and checkpoints are mode-free.
+                data = data.view(1)
+                grad = grad.reshape(1)
             write_back = None
             if data.dtype in _LOW_PRECISION:
                 write_back = data
