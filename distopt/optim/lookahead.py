@@ -168,6 +168,10 @@ class Lookahead(Optimizer):
     def _replicated_state_2d(self) -> frozenset[str]:
         return getattr(self._base_optimizer, "_replicated_state_2d", frozenset())
 
+    @property
+    def _needs_full_graph(self) -> bool:
+        return bool(getattr(self._base_optimizer, "_needs_full_graph", False))
+
     # ------------------------------------------------------------------ optimizer API
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer, with the lookahead group defaults."""
