@@ -12,6 +12,7 @@ from typing import Any
 
 from distopt.checkpoint._save_load import (
     _barrier,
+    _stage,
     _rank,
     _write_atomic_bytes,
     is_complete,
@@ -96,6 +97,7 @@ class CheckpointManager:
         _barrier()
         save(path, **objects)
         if _rank() == 0:
+            _stage("committed")
             _write_atomic_bytes(self.root / "latest", (path.name + "\n").encode())
             self._rotate()
         _barrier()

@@ -43,6 +43,16 @@ META = "distopt_meta.pt"
 FORMAT_VERSION = 1
 
 
+#: Test hook: called with the name of each stage of :func:`save` (fault-injection tests kill
+#: the process there to prove that an interrupted save never damages the previous checkpoint).
+FAULT_HOOK: Any = None
+
+
+def _stage(name: str) -> None:
+    if FAULT_HOOK is not None:
+        FAULT_HOOK(name)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, corrupted, or does not fit the model/optimizer."""
 
@@ -298,11 +308,13 @@ def save(
     _barrier()
 
     t0 = time.perf_counter()
+    _stage("start")
     tensors, state_meta, objects, ents = _collect(model, optimizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)
         warnings.simplefilter("ignore", category=UserWarning)
         dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _dist_on())
+    _stage("tensors_written")
     torch.save(_rng_state(), tmp / "rng" / f"rank-{rank}.pt")
 
     if rank == 0:
@@ -328,6 +340,7 @@ def save(
         buf = io.BytesIO()
         torch.save(meta, buf)
         _write_atomic_bytes(tmp / META, buf.getvalue())
+    _stage("meta_written")
     _barrier()
 
     # integrity record: each rank checksums the data files it wrote, rank 0 the rest
@@ -344,10 +357,12 @@ def save(
         marker = {"world_size": world, "files": all_sums, "time": time.time(), "format": FORMAT_VERSION}
         _write_atomic_bytes(tmp / MARKER, json.dumps(marker, indent=1).encode())
         _fsync_dir(tmp)
+        _stage("marker_written")
         old = None
         if path.exists():
             old = path.with_name(path.name + f".old-{os.getpid()}")
             os.replace(path, old)
+            _stage("old_moved_aside")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         if old is not None:
@@ -379,9 +394,25 @@ def is_complete(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+def resolve(path: str | os.PathLike) -> Path:
+    """``path`` itself, or — if a save that was replacing it died between its two renames — the
+    committed copy it left beside it (``<path>.partial`` is newer than ``<path>.old-*``)."""
+    path = Path(path)
+    if is_complete(path) or path.exists():
+        return path
+    partial = path.with_name(path.name + ".partial")
+    if is_complete(partial):
+        return partial
+    olds = sorted(path.parent.glob(path.name + ".old-*"), key=lambda p: p.stat().st_mtime)
+    for old in reversed(olds):
+        if is_complete(old):
+            return old
+    return path
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a committed checkpoint (no distributed set-up needed)."""
-    path = Path(path)
+    path = resolve(path)
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint at {path}")
     if not is_complete(path):
@@ -460,7 +491,7 @@ def load(
     """
     import torch.distributed.checkpoint as dcp
 
-    path = Path(path)
+    path = resolve(path)
     rank = _rank()
     err = None
     meta = None

@@ -1,0 +1,241 @@
+"""Single-process checkpoint tests: exact resume for every optimizer case, crash safety,
+corruption and mismatch errors, the manager, import/export and the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import distopt.checkpoint as ckpt
+from distopt.cli import main as cli
+from distopt.schedules import get_scheduler
+from tests.modes import build, full_params, train_steps
+from tests.optim_cases import CASES
+
+REPO = Path(__file__).resolve().parents[1]
+RESUME_CASES = [c for c in CASES if not c.create_graph]
+
+
+def _sched(opt):
+    if opt.param_groups[0].get("lr") is None:  # Adafactor's relative step: no external schedule
+        return None
+    return get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=12)
+
+
+def _run(case, steps_before, steps_after, tmp_path, resume=True):
+    model, opt, raw = build("single", case.make)
+    sched = _sched(opt)
+    lrs: list = []
+    train_steps(model, opt, 0, steps_before, sched, lrs)
+    if not resume:
+        train_steps(model, opt, steps_before, steps_before + steps_after, sched, lrs)
+        return full_params(raw), lrs, torch.rand(3)
+    ckpt.save(tmp_path / "c", model=model, optimizer=opt, scheduler=sched, extra={"step": steps_before})
+    model2, opt2, raw2 = build("single", case.make)
+    sched2 = _sched(opt2)
+    torch.manual_seed(1234)  # scramble: load must restore the stream
+    extra = ckpt.load(tmp_path / "c", model=model2, optimizer=opt2, scheduler=sched2)
+    assert extra == {"step": steps_before}
+    train_steps(model2, opt2, steps_before, steps_before + steps_after, sched2, lrs)
+    return full_params(raw2), lrs, torch.rand(3)
+
+
+@pytest.mark.parametrize("case", RESUME_CASES, ids=[c.id for c in RESUME_CASES])
+def test_resume_is_bitwise(case, tmp_path):
+    torch.manual_seed(5)
+    ref, ref_lrs, ref_rng = _run(case, 4, 4, tmp_path, resume=False)
+    torch.manual_seed(5)
+    got, lrs, rng = _run(case, 4, 4, tmp_path)
+    assert lrs == ref_lrs
+    assert torch.equal(rng, ref_rng), "the RNG stream did not continue"
+    for name, want in ref.items():
+        assert torch.equal(got[name], want), f"{case.id}: {name} differs after resume"
+
+
+def _simple(tmp_path, name="c"):
+    model, opt, raw = build("single", lambda p: __import__("distopt").optim.AdamW(p, lr=1e-2))
+    train_steps(model, opt, 0, 2)
+    ckpt.save(tmp_path / name, model=model, optimizer=opt, extra={"epoch": 1})
+    return model, opt
+
+
+def test_truncated_and_corrupted_files_are_named(tmp_path):
+    _simple(tmp_path)
+    data = sorted((tmp_path / "c").glob("*.distcp"))[0]
+    raw = data.read_bytes()
+    data.write_bytes(raw[: len(raw) // 2])
+    model, opt, _ = build("single", lambda p: __import__("distopt").optim.AdamW(p, lr=1e-2))
+    with pytest.raises(ckpt.CheckpointError, match=data.name + ".*truncated"):
+        ckpt.load(tmp_path / "c", model=model, optimizer=opt)
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(flipped))
+    with pytest.raises(ckpt.CheckpointError, match=data.name + ".*corrupted"):
+        ckpt.load(tmp_path / "c", model=model, optimizer=opt)
+    (tmp_path / "c" / ckpt._save_load.META).write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match="distopt_meta.pt"):
+        ckpt.load(tmp_path / "c", model=model, optimizer=opt, verify_files=False)
+
+
+def test_incomplete_checkpoint_is_refused(tmp_path):
+    _simple(tmp_path)
+    (tmp_path / "c" / ckpt._save_load.MARKER).unlink()
+    model, opt, _ = build("single", lambda p: __import__("distopt").optim.AdamW(p))
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.load(tmp_path / "c", model=model, optimizer=opt)
+
+
+def test_other_model_lists_mismatched_names(tmp_path):
+    _simple(tmp_path)
+
+    class Other(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(5, 8)  # shape differs
+            self.extra_weight = torch.nn.Parameter(torch.zeros(2))  # unexpected here
+
+    other = Other()
+    with pytest.raises(ckpt.CheckpointError) as ei:
+        ckpt.load(tmp_path / "c", model=other)
+    msg = str(ei.value)
+    assert "missing in checkpoint (1): extra_weight" in msg
+    assert "lin.weight: checkpoint (7, 5) vs model (8, 5)" in msg
+    assert "unexpected in checkpoint" in msg and "emb.weight" in msg
+
+
+def test_optimizer_groups_must_match(tmp_path):
+    _simple(tmp_path)
+    model, _, raw = build("single", lambda p: None)
+    import distopt
+
+    ps = list(raw.parameters())
+    opt = distopt.optim.AdamW([{"params": ps[:3]}, {"params": ps[3:]}])
+    with pytest.raises(ckpt.CheckpointError, match="param groups"):
+        ckpt.load(tmp_path / "c", model=model, optimizer=opt)
+
+
+def test_manager_rotation_latest_and_every(tmp_path):
+    import distopt
+
+    model, opt, _ = build("single", lambda p: distopt.optim.AdamW(p))
+    mgr = ckpt.CheckpointManager(tmp_path, keep_last=2, every=3)
+    saved = [s for s in range(1, 10) if mgr.maybe_save(s, model=model, optimizer=opt, extra={"step": s})]
+    assert saved == [3, 6, 9]
+    assert mgr.steps() == [6, 9]
+    assert mgr.latest() == tmp_path / "step-9"
+    # an interrupted newer save is ignored, and so is a pointer to a deleted folder
+    (tmp_path / "step-12.partial").mkdir()
+    (tmp_path / "step-15").mkdir()
+    assert mgr.latest() == tmp_path / "step-9"
+    (tmp_path / "latest").write_text("step-3\n")
+    assert mgr.latest() == tmp_path / "step-9"
+    assert mgr.load_latest(model=model, optimizer=opt) == {"step": 9}
+    with pytest.raises(ValueError, match="keep_last"):
+        ckpt.CheckpointManager(tmp_path, keep_last=0)
+
+
+_CRASH_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch, distopt
+    import distopt.checkpoint as ckpt
+    from tests.modes import build, train_steps
+    root, point = sys.argv[1], sys.argv[2]
+    model, opt, _ = build("single", lambda p: distopt.optim.Lamb(p, lr=1e-2))
+    mgr = ckpt.CheckpointManager(root, keep_last=2)
+    train_steps(model, opt, 0, 2)
+    mgr.save(2, model=model, optimizer=opt, extra={"step": 2})
+    ckpt.save(root + "/plain", model=model, optimizer=opt, extra={"step": 2})
+    train_steps(model, opt, 2, 4)
+    def hook(stage):
+        if stage == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+    ckpt._save_load.FAULT_HOOK = hook
+    mgr.save(4, model=model, optimizer=opt, extra={"step": 4})
+    ckpt.save(root + "/plain", model=model, optimizer=opt, extra={"step": 4})
+    print("survived")
+    """
+)
+
+
+@pytest.mark.parametrize("point", ["start", "tensors_written", "meta_written", "marker_written", "committed", "old_moved_aside"])
+def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, point):
+    script = tmp_path / "crash.py"
+    script.write_text(_CRASH_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), point], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    import distopt
+
+    mgr = ckpt.CheckpointManager(tmp_path / "run")
+    latest = mgr.latest()
+    # Killed before the commit marker: the previous checkpoint.  Killed after the commit but
+    # before the ``latest`` pointer moved: the new one, which is complete.  "old_moved_aside"
+    # only happens when replacing a plain checkpoint in place (the manager's step succeeded):
+    # the committed new copy is found beside the path.
+    expected = 4 if point in ("committed", "old_moved_aside") else 2
+    assert latest == tmp_path / "run" / f"step-{expected}"
+    model, opt, _ = build("single", lambda p: distopt.optim.Lamb(p, lr=1e-2))
+    assert mgr.load_latest(model=model, optimizer=opt) == {"step": expected}
+    plain = 4 if point == "old_moved_aside" else 2
+    assert ckpt.load(tmp_path / "run" / "plain", model=model, optimizer=opt) == {"step": plain}
+
+
+def test_plain_save_replaced_after_kill_between_renames(tmp_path):
+    # simulate the narrow window: old moved aside, new committed copy not yet renamed
+    _simple(tmp_path, "x")
+    os.replace(tmp_path / "x", tmp_path / "x.old-1")
+    model, opt, _ = build("single", lambda p: __import__("distopt").optim.AdamW(p, lr=1e-2))
+    assert ckpt.load(tmp_path / "x", model=model, optimizer=opt) == {"epoch": 1}
+
+
+def test_import_torch_state_dict_and_export_back(tmp_path):
+    import distopt
+
+    torch.manual_seed(0)
+    model, opt, raw = build("single", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
+    train_steps(model, opt, 0, 3)
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    snapshot = {k: v.clone() for k, v in raw.state_dict().items()}
+    train_steps(model, opt, 3, 6)
+    want = full_params(raw)
+
+    model2, opt2, raw2 = build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
+    raw2.load_state_dict(snapshot)
+    ckpt.load_optimizer_state_dict(opt2, torch.load(tmp_path / "optimizer.pt", weights_only=False), model=model2)
+    train_steps(model2, opt2, 3, 6)
+    for n, w in want.items():
+        torch.testing.assert_close(full_params(raw2)[n], w, rtol=1e-6, atol=1e-7)
+
+    # export: consolidate a distopt checkpoint into torch format, continue with torch.optim
+    ckpt.save(tmp_path / "d", model=model2, optimizer=opt2)
+    assert cli(["ckpt", "consolidate", str(tmp_path / "d"), str(tmp_path / "out.pt"),
+                "--model-out", str(tmp_path / "model.pt")]) == 0
+    sd = torch.load(tmp_path / "out.pt", weights_only=False)
+    model3, opt3, raw3 = build("single", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
+    raw3.load_state_dict(torch.load(tmp_path / "model.pt"))
+    opt3.load_state_dict(sd)
+    model4, opt4, raw4 = build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
+    ckpt.load(tmp_path / "d", model=model4, optimizer=opt4)
+    train_steps(model3, opt3, 6, 8)
+    train_steps(model4, opt4, 6, 8)
+    for n, w in full_params(raw4).items():
+        torch.testing.assert_close(full_params(raw3)[n], w, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_inspect(tmp_path, capsys):
+    _simple(tmp_path)
+    assert cli(["ckpt", "inspect", str(tmp_path / "c"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "world size   1  mode single" in out
+    assert "distopt.optim.adamw.AdamW" in out
+    assert "emb.weight" in out and "(13, 6)" in out and "exp_avg[13, 6]" in out
+    assert cli(["ckpt", "inspect", str(tmp_path / "missing")]) == 2
