@@ -39,6 +39,16 @@ def _rows(t: Tensor, view: ParamView) -> Tensor:
     return t.reshape(t.shape[0] if t.dim() > 0 else 1, length)
 
 
+def _rowdot(x: Tensor, y: Tensor) -> Tensor:
+    """Per-row inner products of two (rows, n) tensors without an (rows, n) temporary."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).reshape(x.shape[0])
+
+
+def _rowsq(x: Tensor) -> Tensor:
+    """Per-row sums of squares."""
+    return torch.linalg.vector_norm(x, dim=1).square_()
+
+
 def _project_rows_(u: Tensor, p2: Tensor, coef: Tensor) -> None:
     """``u <- u - p * coef`` with one coefficient per row (``coef = <p, u> / (||p|| + eps)^2``).
 
@@ -77,18 +87,20 @@ def project_(
             stats.append(v.data.new_zeros(0, dtype=torch.float32))
             continue
         p2, g2, u2 = _rows(v.data, v), _rows(grads[i], v), _rows(updates[i], v)
-        pp, gg = (p2 * p2).sum(1), (g2 * g2).sum(1)
-        pg, pu = (p2 * g2).sum(1), (p2 * u2).sum(1)
+        pp, gg = _rowsq(p2), _rowsq(g2)
+        pg, pu = _rowdot(p2, g2), _rowdot(p2, u2)
         rows[i] = (pp, pg, pu)
         cos = pg.abs() / (gg.sqrt().clamp_min(eps) * pp.sqrt().clamp_min(eps))
         # a channel "fails" unless cos < threshold (a NaN fails, as max() would propagate it)
         fails = (~(cos < delta / math.sqrt(p2.shape[1]))).sum()
         stats.append(torch.stack([fails.float(), pg.sum(), gg.sum(), pp.sum(), pu.sum()]).float())
+    table: dict[int, list[float]] = {}  # i -> reduced [fails, <p,g>, <g,g>, <p,p>, <p,u>]
     if cand:
         (stats,) = ctx.reduce([stats], sharded)
-        table = torch.stack([stats[i] for i in cand]).tolist()  # one host sync for all decisions
+        rows_ = torch.stack([stats[i] for i in cand]).tolist()  # one host sync for all decisions
+        table = dict(zip(cand, rows_))
     mode: dict[int, str] = {}
-    for i, (fails, pg, gg, pp, pu) in zip(cand, table if cand else []):
+    for i, (fails, pg, gg, pp, pu) in table.items():
         v = views[i]
         if fails == 0:
             r_pp, _, r_pu = rows[i]
@@ -116,13 +128,13 @@ def project_(
             mask = (u * g > 0).to(g.dtype)
             stats2.append(torch.stack([mask.sum(), mask.new_zeros(())]).float())
         else:
-            p2, g2 = _rows(v.data, v), _rows(g, v)
+            p2 = _rows(v.data, v)
             if m == "channel":
                 r_pp, r_pg, _ = rows[i]
                 d = r_pp.sqrt() + eps
                 radial = p2 * (r_pg / (d * d)).unsqueeze(1)
             else:
-                pp, pg = table[cand.index(i)][3], table[cand.index(i)][1]
+                pg, pp = table[i][1], table[i][3]
                 radial = p2 * (pg / (math.sqrt(pp) + eps) ** 2)
             mask = (u * (g - radial.reshape(g.shape)) > 0).to(g.dtype)
             pum = (v.data * u * mask).sum()
@@ -139,8 +151,8 @@ def project_(
         if m == "channel":
             r_pp = rows[i][0]
             d = r_pp.sqrt() + eps
-            _project_rows_(updates[i], p2, (p2 * u2).sum(1) / (d * d))
+            _project_rows_(updates[i], p2, _rowdot(p2, u2) / (d * d))
         else:
-            pp = table[cand.index(i)][3]
+            pp = table[i][3]
             updates[i].sub_(v.data, alpha=sums[i][1] * scales[i] / (math.sqrt(pp) + eps) ** 2)
     return ratios

@@ -160,7 +160,7 @@ class _AdafactorKernel(DistOptimizer):
             # minus a: the local rows when a > 0; the global trailing shape (replicated) when a == 0
             st["exp_avg_sq_col"] = data.new_zeros(_drop(data.shape, a))
 
-    def _col_dim_is_zero(self, name: str, param_shape: torch.Size, value: Tensor) -> bool | None:
+    def _col_dim_is_zero(self, param_shape: torch.Size, value: Tensor) -> bool | None:
         """Whether ``exp_avg_sq_col`` of a parameter is the mean over dim 0 (None: unknown)."""
         answers = set()
         for group in self.param_groups:
@@ -180,7 +180,7 @@ class _AdafactorKernel(DistOptimizer):
         is replicated when it is the mean over dim 0 (every 2-D parameter; timm's (0, 1)
         factoring of >2-D kernels); scalars (``step``, ``RMS``) are replicated."""
         if name == "exp_avg_sq_col" and isinstance(value, Tensor) and len(param_shape) >= 2:
-            if self._col_dim_is_zero(name, torch.Size(param_shape), value):
+            if self._col_dim_is_zero(torch.Size(param_shape), value):
                 return False
         return super().state_is_sharded(name, value, param_shape)
 
