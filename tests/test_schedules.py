@@ -314,7 +314,7 @@ def test_transformers_state_dict_loads_into_ours():
 # --------------------------------------------------------------------------- resume
 
 def _sched_builders():
-    """name -> build(optimizer, last_epoch) for every stepping schedule."""
+    """name -> build(optimizer, last_epoch, base_lrs=None) for every stepping schedule."""
     w, t = 4, 24
     b = {}
     for name in sorted(REFS):
@@ -322,13 +322,15 @@ def _sched_builders():
         b[name] = functools.partial(_by_name, name, w, t, kw)
     decay = functools.partial(S.polynomial_decay_lr, initial_lr=LR, decay_steps=t - w,
                               end_lr=1e-3, power=2.0)
-    b["warmup"] = lambda opt, le: S.WarmUp(opt, LR, decay, w, power=2.0, last_epoch=le)
-    b["tf_style"] = lambda opt, le: S.create_tf_style_schedule(opt, LR, t, w, 0.1, last_epoch=le)
+    b["warmup"] = lambda opt, le, base_lrs=None: S.WarmUp(opt, LR, decay, w, power=2.0,
+                                                          last_epoch=le, base_lrs=base_lrs)
+    b["tf_style"] = lambda opt, le, base_lrs=None: S.create_tf_style_schedule(
+        opt, LR, t, w, 0.1, last_epoch=le, base_lrs=base_lrs)
     return b
 
 
-def _by_name(name, w, t, kw, opt, last_epoch):
-    return S.get_scheduler(name, opt, w, t, kw, last_epoch=last_epoch)
+def _by_name(name, w, t, kw, opt, last_epoch, base_lrs=None):
+    return S.get_scheduler(name, opt, w, t, kw, last_epoch=last_epoch, base_lrs=base_lrs)
 
 
 BUILDERS = _sched_builders()
@@ -361,20 +363,28 @@ def test_resume_at_every_step(name):
 
     for k in range(n + 1):
         want = full[k:]
-        # 1. rebuild with last_epoch=k on a fresh optimizer (scheduler built before loading)
+        # torch's convention: after k steps, rebuild with last_epoch=k-1 (-1 = fresh when k=0)
+        # 1. on a fresh optimizer (scheduler built before loading the optimizer state)
         o1 = make_optimizer()
-        s1 = build(o1, k)
+        s1 = build(o1, k - 1)
         assert s1.last_epoch == k
         assert _continue(s1, o1, n) == want, ("last_epoch, fresh", k)
+        # 1b. on the restored optimizer, initial_lr included (torch's own resume recipe)
+        o1 = make_optimizer()
+        o1.load_state_dict(opt_states[k])
+        assert _continue(build(o1, k - 1), o1, n) == want, ("last_epoch, restored", k)
         # 2. groups restored from a (sharded) checkpoint that dropped initial_lr
         o2 = make_optimizer()
         st = opt_states[k]
         for g in st["param_groups"]:
             g.pop("initial_lr", None)
         o2.load_state_dict(st)
+        # k == 0 is a fresh start, whose base is the current lr: lrs_at(0) here (0 during
+        # warmup), so the documented remedy is to say the base.
+        base = LR if k == 0 else None
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the fallback must not even warn here
-            s2 = build(o2, k)
+            s2 = build(o2, k - 1, base_lrs=base)
         assert _continue(s2, o2, n) == want, ("last_epoch, no initial_lr", k)
         # 3. a fresh scheduler loading the saved state (through a torch.save round trip)
         o3 = make_optimizer()
@@ -432,12 +442,113 @@ def test_resume_warns_when_base_lr_cannot_be_recovered():
 
 
 def test_last_epoch_semantics():
+    """torch's convention: the constructor steps once, so last_epoch=N lands on step N + 1."""
     opt = make_optimizer()
     s = S.get_linear_schedule_with_warmup(opt, 2, 10, last_epoch=7)
-    assert s.last_epoch == 7
-    assert s.get_last_lr() == s.lrs_at(7)
-    assert [g["lr"] for g in opt.param_groups] == s.lrs_at(7)
-    assert S.get_linear_schedule_with_warmup(make_optimizer(), 2, 10, last_epoch=0).last_epoch == 0
+    assert s.last_epoch == 8
+    assert s.get_last_lr() == s.lrs_at(8)
+    assert [g["lr"] for g in opt.param_groups] == s.lrs_at(8)
+    assert S.get_linear_schedule_with_warmup(make_optimizer(), 2, 10, last_epoch=0).last_epoch == 1
+    fresh = S.get_linear_schedule_with_warmup(make_optimizer(), 2, 10)
+    assert fresh.last_epoch == 0 and fresh.get_last_lr() == fresh.lrs_at(0) == [0.0] * 3
+
+
+def test_resume_check_uses_the_resumed_step():
+    """Without initial_lr, a group lr equal to lrs_at(N + 1) (what the optimizer held after
+    N + 1 steps) is recognised; the one of step N is not."""
+    for lrs_of, warns in ((lambda s: s.lrs_at(6), False), (lambda s: s.lrs_at(5), True)):
+        probe = S.get_linear_schedule_with_warmup(make_optimizer(), 2, 10)
+        opt = make_optimizer()
+        for g, lr in zip(opt.param_groups, lrs_of(probe)):
+            g["lr"] = lr
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            s = S.get_linear_schedule_with_warmup(opt, 2, 10, last_epoch=5)
+        assert bool(rec) is warns
+        assert s.last_epoch == 6 and s.get_last_lr() == probe.lrs_at(6)
+
+
+# Each SchedulerType name with the settings used to compare last_epoch against transformers.
+PARITY_KWARGS = {
+    "constant": {}, "constant_with_warmup": {}, "linear": {}, "cosine": {"num_cycles": 1.5},
+    "cosine_with_restarts": {"num_cycles": 2}, "polynomial": {"power": 2.0, "lr_end": 1e-3},
+    "inverse_sqrt": {"timescale": 5}, "cosine_with_min_lr": {"min_lr_rate": 0.1},
+    "warmup_stable_decay": {"num_decay_steps": 4, "decay_type": "linear"},
+}
+
+
+def _with_initial_lr(opt):
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+    return opt
+
+
+def _transformers_scheduler(T, name, opt, w, t, kw, last_epoch):
+    """transformers' schedule ``name`` built with ``last_epoch`` (its get_scheduler may not
+    take that argument; its factories all do)."""
+    import inspect
+
+    if "last_epoch" in inspect.signature(T.get_scheduler).parameters:
+        return T.get_scheduler(name, opt, w, t, kw, last_epoch=last_epoch)
+    fn = T.TYPE_TO_SCHEDULER_FUNCTION[T.SchedulerType(name)]
+    params = inspect.signature(fn).parameters
+    call = {"num_warmup_steps": w, "num_training_steps": t}
+    call = {k: v for k, v in call.items() if k in params}
+    return fn(opt, last_epoch=last_epoch, **call, **kw)
+
+
+@pytest.mark.parametrize("name", sorted(PARITY_KWARGS))
+def test_last_epoch_matches_transformers(name):
+    T = pytest.importorskip("transformers.optimization")
+    w, t, kw = 3, 12, PARITY_KWARGS[name]
+    assert set(PARITY_KWARGS) | {"reduce_lr_on_plateau"} == {x.value for x in S.SchedulerType}
+    with pytest.raises(KeyError):  # torch/transformers need initial_lr to resume; we don't
+        _transformers_scheduler(T, name, make_optimizer(), w, t, kw, 5)
+    fresh_ro = make_optimizer()
+    full = _run(_transformers_scheduler(T, name, fresh_ro, w, t, kw, -1), fresh_ro, 14)
+    for n in (0, 1, 5, 9):
+        # ours on groups without initial_lr (no KeyError) and with it (torch's precondition)
+        for mo in (make_optimizer(), _with_initial_lr(make_optimizer())):
+            ro = _with_initial_lr(make_optimizer())
+            ref = _transformers_scheduler(T, name, ro, w, t, kw, n)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                mine = S.get_scheduler(name, mo, w, t, kw, last_epoch=n)
+            assert ref.last_epoch == n + 1
+            assert mine.last_epoch == ref.last_epoch, n
+            assert mine.get_last_lr() == ref.get_last_lr() == full[n + 1], n
+            assert [g["lr"] for g in mo.param_groups] == [g["lr"] for g in ro.param_groups]
+            assert _run(mine, mo, 3) == _run(ref, ro, 3), n  # and both continue identically
+
+
+@pytest.mark.parametrize("name", ["warmup", "tf_style"])
+def test_last_epoch_matches_torch_lambda_lr(name):
+    """The TF-style schedules against torch's own LambdaLR (same multiplier, initial_lr set)."""
+    for n in (-1, 0, 1, 5, 9):
+        ro = _with_initial_lr(make_optimizer())
+        ref = torch.optim.lr_scheduler.LambdaLR(ro, BUILDERS[name](make_optimizer(), -1).factor_at,
+                                                last_epoch=n)
+        mo = make_optimizer()
+        mine = BUILDERS[name](mo, n)
+        assert mine.last_epoch == ref.last_epoch == n + 1
+        assert mine.get_last_lr() == pytest.approx(ref.get_last_lr(), rel=1e-14, abs=1e-18)
+        assert mine.get_last_lr() == mine.lrs_at(n + 1)
+
+
+def test_plateau_last_epoch():
+    """torch's plateau counts step(metric) calls from 0 and takes no last_epoch; ours maps
+    last_epoch=N to the counter after N + 1 steps, like every LRScheduler, lrs untouched."""
+    for n in (-1, 0, 1, 5, 9):
+        ro = make_optimizer()
+        ref = torch.optim.lr_scheduler.ReduceLROnPlateau(ro)
+        for i in range(n + 1):
+            ref.step(1.0 - i)  # improving: no lr change
+        mo = make_optimizer()
+        mine = S.get_scheduler("reduce_lr_on_plateau", mo, last_epoch=n)
+        assert mine.last_epoch == ref.last_epoch == n + 1
+        assert mine.get_last_lr() == ref.get_last_lr() == [LR * s for s in SCALES]
+        mine.step(0.5)
+        assert mine.last_epoch == n + 2
 
 
 # --------------------------------------------------------------------------- per-group
@@ -532,10 +643,13 @@ def test_adafactor_schedule_hook_and_fallback():
         assert sched.get_last_lr() == [min(1e-2, k ** -0.5), 2 * min(1e-2, k ** -0.5)]
     assert sched.lr_at(0) == 1e-3 and sched.lr_at(4) == 1e-2
     assert pickle.loads(pickle.dumps(sched.state_dict()))["last_epoch"] == 3
-    resumed = S.get_adafactor_schedule(opt, 1e-3, last_epoch=3)
+    resumed = S.get_adafactor_schedule(opt, 1e-3, last_epoch=2)  # after 3 steps: torch's k - 1
     assert resumed.last_epoch == 3 and resumed.get_last_lr() == sched.get_last_lr()
+    assert all("initial_lr" not in g for g in opt.param_groups)
     # no hook: initial_lr
     plain = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    s2 = S.AdafactorSchedule(plain)
+    assert s2.last_epoch == 0 and S.AdafactorSchedule(plain, last_epoch=4).last_epoch == 5
     s2 = S.AdafactorSchedule(plain)
     plain.step()
     s2.step()

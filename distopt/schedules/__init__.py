@@ -2,8 +2,13 @@
 
 Every schedule is a ``torch.optim.lr_scheduler.LRScheduler`` subclass built from a
 module-level function (so it pickles), exposes a pure ``lr_at(step)``, resumes exactly from
-``last_epoch=N`` or ``state_dict()``, and counts optimizer steps.  The names, formulas and
+``state_dict()`` or from ``last_epoch``, and counts optimizer steps.  The names, formulas and
 defaults are those of ``transformers.optimization``.  See docs/schedules.md.
+
+``last_epoch`` means what it means in torch and transformers: the constructor takes one step,
+so ``last_epoch=-1`` is a fresh start (step 0) and ``last_epoch=N`` lands on step ``N + 1``.
+After ``k`` optimizer steps, resume with ``last_epoch=k - 1``.  Unlike torch, a missing
+``initial_lr`` in the param groups is no error (see ``_schedulers`` for the recovery order).
 """
 
 from distopt.schedules._accelerate import accelerator_kwargs, step_scheduler

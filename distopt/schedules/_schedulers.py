@@ -2,21 +2,24 @@
 
 Conventions shared by every schedule here (see docs/schedules.md):
 
-* ``last_epoch`` is the number of ``scheduler.step()`` calls already made, i.e. the number
-  of optimizer steps taken.  A scheduler built with ``last_epoch=N`` is in exactly the state
-  of an uninterrupted one after ``N`` steps: ``last_epoch == N`` and the groups' lrs are
-  ``lrs_at(N)``.  (Plain ``torch`` schedulers built with ``last_epoch=N`` jump to step
-  ``N + 1`` instead.)  ``-1`` means a fresh start; ``0`` resumes a checkpoint saved before
-  the first step (the two differ only in how missing base lrs are recovered).
+* ``last_epoch`` means exactly what it means for ``torch.optim.lr_scheduler.LRScheduler``
+  (and so for ``transformers.get_scheduler``): the constructor takes one implicit step.
+  ``last_epoch=-1`` (the default) is a fresh start: ``last_epoch == 0``, lrs ``lrs_at(0)``.
+  ``last_epoch=N`` (``N >= 0``) ends with ``last_epoch == N + 1`` and lrs ``lrs_at(N + 1)``.
+  On a fresh scheduler ``last_epoch`` counts ``step()`` calls, i.e. optimizer steps taken.
+  **Resume after ``k`` optimizer steps with ``last_epoch=k - 1``** (``-1`` when ``k == 0``),
+  or with ``load_state_dict``.
 * Base lrs (the lr each group is scheduled from), in order of precedence:
   1. the ``base_lrs`` argument (a sequence: one per group; a number: that value times the
      group's ``lr_scale``);
   2. the group's ``initial_lr`` (written by any earlier scheduler, saved in full optimizer
      checkpoints);
   3. on a fresh start (``last_epoch=-1``), the group's current ``lr``;
-  4. on a resume (``last_epoch >= 0``) without ``initial_lr`` (e.g. param groups restored from a sharded
-     checkpoint that dropped it): ``optimizer.defaults["lr"] * group.get("lr_scale", 1)``,
-     with a warning if the group's current lr fits neither that base nor the scheduled lr.
+  4. on a resume (``last_epoch >= 0``) without ``initial_lr`` (e.g. param groups restored from a
+     sharded checkpoint that dropped it): ``optimizer.defaults["lr"] * group.get("lr_scale", 1)``,
+     with a warning if the group's current lr fits neither that base nor the lr scheduled for
+     the step being resumed (``lrs_at(last_epoch + 1)``, what the saved optimizer holds).
+  torch raises ``KeyError`` instead of 3./4. when ``initial_lr`` is missing on a resume.
   ``load_state_dict`` always restores the saved base lrs, so loading the scheduler's own
   state is exact whatever the optimizer lost.
 * A group's ``lr_scale`` (layer decay) is applied once, by the optimizer factory, to the
@@ -157,7 +160,9 @@ class StepSchedule(LRScheduler):
 
     Args:
         optimizer: the optimizer whose param groups are scheduled.
-        last_epoch: number of steps already taken (``-1``: fresh start).
+        last_epoch: torch's meaning: ``-1`` fresh start; ``N >= 0`` takes the implicit
+            constructor step from ``N`` and lands on step ``N + 1`` (resume after ``k`` steps
+            with ``last_epoch=k - 1``).
         base_lrs: override the base lrs (see the module docstring for the precedence rule).
     """
 
@@ -173,8 +178,8 @@ class StepSchedule(LRScheduler):
         bases = self._resolve_base_lrs(optimizer, last_epoch, base_lrs)
         for group, base in zip(optimizer.param_groups, bases):
             group["initial_lr"] = base
-        # torch steps once in __init__; start it one step early so that we land on last_epoch.
-        super().__init__(optimizer, last_epoch - 1 if last_epoch > 0 else -1)
+        # torch's constructor steps once: last_epoch=N lands on step N + 1 (-1 lands on 0).
+        super().__init__(optimizer, last_epoch)
 
     # ---- the schedule -------------------------------------------------------------------
 
@@ -235,7 +240,8 @@ class StepSchedule(LRScheduler):
                 continue
             base = self.ref_lr * float(group.get("lr_scale", 1.0))
             if current is not None:
-                scheduled = base * self.factor_at(last_epoch)
+                # After k steps the saved optimizer holds lrs_at(k); the resume passes k - 1.
+                scheduled = base * self.factor_at(last_epoch + 1)
                 if not (math.isclose(current, base, rel_tol=1e-6, abs_tol=1e-12)
                         or math.isclose(current, scheduled, rel_tol=1e-6, abs_tol=1e-12)):
                     warnings.warn(
@@ -321,7 +327,7 @@ class LambdaSchedule(StepSchedule):
     Args:
         optimizer: the optimizer to schedule.
         lr_lambda: multiplier as a function of the step.
-        last_epoch: steps already taken (``-1``: fresh).
+        last_epoch: torch's meaning (``-1``: fresh; ``N``: lands on step ``N + 1``).
         base_lrs: base lr override (see module docs).
         name: schedule name (shown in ``repr`` and saved in ``state_dict``).
         config: hyperparameters, saved in ``state_dict`` and checked on load.
@@ -420,6 +426,9 @@ class AdafactorSchedule(LRScheduler):
     :meth:`lr_at` is the pure relative step size
     (:func:`~distopt.schedules.adafactor_relative_step_lr`, without the parameter-scale
     factor, ``initial_lr`` at step 0).
+
+    ``last_epoch`` has torch's meaning (``-1`` fresh, ``N`` lands on step ``N + 1``); the
+    groups need no ``initial_lr``.  (transformers' constructor takes no ``last_epoch``.)
     """
 
     name = "adafactor"
@@ -434,7 +443,7 @@ class AdafactorSchedule(LRScheduler):
         for g in added:
             g["initial_lr"] = self.initial_lr
         try:
-            super().__init__(optimizer, last_epoch - 1 if last_epoch > 0 else -1)
+            super().__init__(optimizer, last_epoch)  # torch: lands on step last_epoch + 1
         finally:
             for g in added:
                 del g["initial_lr"]
@@ -489,6 +498,12 @@ class ReduceLROnPlateauSchedule(ReduceLROnPlateau):
     The lr depends on the metrics seen, so :meth:`lr_at` answers only for steps already
     taken (from the recorded history) and raises ``ValueError`` for future steps.
     ``load_state_dict`` restores the counters, the history and the groups' lrs.
+
+    ``last_epoch`` counts ``step(metric)`` calls, like torch's (``0`` when fresh).  The
+    constructor's ``last_epoch`` follows the ``LRScheduler`` convention of the other
+    schedules: ``-1`` is fresh (``last_epoch == 0``), ``N >= 0`` gives ``last_epoch == N + 1``;
+    the groups' lrs are left as they are.  Only ``load_state_dict`` restores the counters.
+    (torch's and transformers' plateau constructors take no ``last_epoch``.)
     """
 
     name = "reduce_lr_on_plateau"
@@ -505,7 +520,7 @@ class ReduceLROnPlateauSchedule(ReduceLROnPlateau):
         super().__init__(optimizer, mode=mode, factor=factor, patience=patience,
                          threshold=threshold, threshold_mode=threshold_mode,
                          cooldown=cooldown, min_lr=min_lr, eps=eps)
-        self.last_epoch = max(last_epoch, 0)
+        self.last_epoch = last_epoch + 1  # the LRScheduler convention: -1 -> 0, N -> N + 1
         self.lr_history: list[tuple[int, list[float]]] = [
             (self.last_epoch, [float(x) for x in self._last_lr])
         ]
@@ -862,8 +877,10 @@ def get_scheduler(
     ``linear``, ``cosine``, ``cosine_with_restarts``, ``polynomial`` and
     ``cosine_with_min_lr`` (``warmup_stable_decay`` takes it or ``num_stable_steps``).
     Steps are optimizer steps.  ``scheduler_specific_kwargs`` go to the schedule's factory;
-    a name it does not take raises ``TypeError`` naming it.  ``last_epoch=N`` resumes after
-    ``N`` steps; ``base_lrs`` overrides the base lrs (not for ``reduce_lr_on_plateau``).
+    a name it does not take raises ``TypeError`` naming it.  ``last_epoch`` has torch's
+    meaning: ``-1`` fresh, ``N >= 0`` lands on step ``N + 1`` (resume after ``k`` steps with
+    ``last_epoch=k - 1``); ``base_lrs`` overrides the base lrs (not for
+    ``reduce_lr_on_plateau``).
     """
     stype = SchedulerType(getattr(name, "value", name))
     _check_optimizer(optimizer)
