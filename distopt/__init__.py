@@ -9,6 +9,7 @@ Subpackages:
 """
 
 from distopt._version import __version__
+from distopt.accumulate import GradientAccumulator
 from distopt.zero import ShardedModule, clip_grad_norm_, shard
 
-__all__ = ["ShardedModule", "__version__", "clip_grad_norm_", "shard"]
+__all__ = ["GradientAccumulator", "ShardedModule", "__version__", "clip_grad_norm_", "shard"]
