@@ -71,6 +71,7 @@ if hasattr(do, "SGD"):  # the element-wise SGD lands separately; pick it up when
             ),
             rosen_lr=1e-3,
             rosen_steps=3000,
+            model_lr=0.1,
             family="lookahead",
         )
     )
