@@ -339,15 +339,12 @@ def clip_gradients(args: argparse.Namespace, model: torch.nn.Module, feat: dict)
 
 
 def make_accumulator(args: argparse.Namespace, model: torch.nn.Module, feat: dict):
-    """None for one micro-step per optimizer step.
-
-    Assumed API of ``distopt.GradientAccumulator`` (adjust here when it lands):
-    ``acc = GradientAccumulator(model, num_micro_steps)``; ``with acc.micro_step(i):``
-    around the backward of micro-step ``i``, synchronising gradients only on the last one.
+    """None for one micro-step per optimizer step, else a ``distopt.GradientAccumulator``:
+    no gradient sync off the boundary, the loss normalised by the window's global token count.
     """
     if args.accum_steps == 1:
         return None
-    return feat["GradientAccumulator"](model, args.accum_steps)
+    return feat["GradientAccumulator"](model, steps=args.accum_steps)
 
 
 # ------------------------------------------------------------------------- checkpoints
@@ -406,11 +403,16 @@ def train_step(args, step, model, optimizer, scheduler, data, accumulator, d, fe
             micro_step=micro,
             device=d.device,
         )
-        ctx = accumulator.micro_step(micro) if accumulator is not None else contextlib.nullcontext()
+        ntok = y.numel()  # target tokens of this micro-batch
+        ctx = accumulator.accumulate(num_items=ntok) if accumulator is not None else contextlib.nullcontext()
         with ctx:
-            loss = model(x, y)
-            (loss / args.accum_steps).backward()
+            loss = model(x, y)  # mean over the micro-batch's target tokens
+            if accumulator is not None:
+                accumulator.backward(loss * ntok)  # the SUM; normalised over the whole window
+            else:
+                loss.backward()
         total += loss.item()
+    assert accumulator is None or accumulator.sync_gradients
     clip_gradients(args, model, feat)
     optimizer.step()
     scheduler.step()
