@@ -17,8 +17,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _reduce_scatter(output: Tensor, input: Tensor, group: Any) -> None:
+    # looked up at call time, so wrappers around torch.distributed (counting, tracing) see it
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(output, input, group=group)
+
+
+def _all_gather(output: Tensor, input: Tensor, group: Any) -> None:
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(output, input, group=group)
 
 
 @dataclass

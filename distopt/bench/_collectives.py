@@ -1,0 +1,77 @@
+"""Count the bytes of every collective asked for at the ``torch.distributed`` API.
+
+``counting()`` wraps the module-level collectives of ``torch.distributed`` in this process
+(DDP's reducer is routed through them by registering torch's default all-reduce comm hook), so
+DDP, ``ZeroRedundancyOptimizer``, FSDP2, DeepSpeed and distopt are all measured the same way:
+by what they request, not by a formula.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections import Counter
+from collections.abc import Iterator
+
+import torch.distributed as dist
+
+# name -> (kind, which argument holds the buffer whose size counts)
+_WRAP = {
+    "all_reduce": ("all_reduce", 0),
+    "reduce_scatter_tensor": ("reduce_scatter", 1),
+    "reduce_scatter_single": ("reduce_scatter", 1),
+    "_reduce_scatter_base": ("reduce_scatter", 1),
+    "all_gather_into_tensor": ("all_gather", 0),
+    "all_gather_single": ("all_gather", 0),
+    "_all_gather_base": ("all_gather", 0),
+    "broadcast": ("broadcast", 0),
+}
+
+
+class CollectiveCounter:
+    def __init__(self) -> None:
+        self.bytes: Counter = Counter()
+        self.calls: Counter = Counter()
+        self.active = False
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+
+    def ring_bytes(self, world: int) -> float:
+        """Bytes each rank sends under the ring model (all-reduce 2(p-1)/p of the buffer;
+        reduce-scatter, all-gather and broadcast (p-1)/p)."""
+        if world <= 1:
+            return 0.0
+        f = (world - 1) / world
+        b = self.bytes
+        return 2 * f * b["all_reduce"] + f * (b["reduce_scatter"] + b["all_gather"] + b["broadcast"])
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[CollectiveCounter]:
+    counter = CollectiveCounter()
+    originals = {}
+    for name, (kind, pos) in _WRAP.items():
+        fn = getattr(dist, name, None)
+        if fn is None:
+            continue
+        originals[name] = fn
+        try:
+            arg_name = list(inspect.signature(fn).parameters)[pos]
+        except (TypeError, ValueError, IndexError):
+            arg_name = None
+
+        def wrapper(*args, _fn=fn, _kind=kind, _pos=pos, _arg=arg_name, **kwargs):
+            if counter.active:
+                t = args[_pos] if len(args) > _pos else kwargs[_arg]
+                counter.bytes[_kind] += t.numel() * t.element_size()
+                counter.calls[_kind] += 1
+            return _fn(*args, **kwargs)
+
+        setattr(dist, name, wrapper)
+    try:
+        yield counter
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)

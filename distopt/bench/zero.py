@@ -1,0 +1,211 @@
+"""``distopt bench zero``: sharded data-parallel training side by side, in one run per world size.
+
+For a small GPT-like model (about 3.4M parameters, batch 8x64 tokens per rank, one thread per
+rank) and one optimizer, every mode runs in the same processes, interleaved in rounds:
+
+* ``ddp``          DDP + the optimizer unsharded (the baseline: all ratios are to it);
+* ``torch-zero``   DDP + ``torch.distributed.optim.ZeroRedundancyOptimizer`` around the same class;
+* ``distopt-z1``   ``distopt.shard(stage=1)``;  ``distopt-z2``   ``distopt.shard(stage=2)``;
+* ``fsdp2``        ``fully_shard`` on every block and the root, the distopt optimizer on DTensors.
+
+Reported per mode: optimizer-state bytes on the most loaded rank, bytes each rank sends per step
+under the ring model computed from the collectives *requested* at the ``torch.distributed`` API
+(counted by wrapping it, see ``_collectives.py``), and the median step time (forward, backward,
+step).  Ranks meet through a ``FileStore``; gloo on CPU, NCCL with one GPU per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+MODES = ("ddp", "torch-zero", "distopt-z1", "distopt-z2", "fsdp2")
+
+
+def _state_bytes(opt: Any) -> int:
+    inner = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer keeps a local optimizer
+    total = 0
+    for st in inner.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                t = v.to_local() if type(v).__name__ == "DTensor" else v
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _build(mode: str, optim: str, device: torch.device, seed: int) -> tuple[Any, Any]:
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import distopt
+    from distopt.bench._gpt import TinyGPT
+    from distopt.optim import get_optimizer_class
+
+    torch.manual_seed(seed)
+    model = TinyGPT().to(device)
+    cls = get_optimizer_class(optim)
+    kw = {"lr": 1e-3}
+    if mode in ("ddp", "torch-zero"):
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp.register_comm_hook(None, allreduce_hook)  # routes DDP's all-reduce through dist.all_reduce
+        if mode == "ddp":
+            return ddp, cls(ddp.parameters(), **kw)
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ddp, ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=cls, **kw)
+    if mode in ("distopt-z1", "distopt-z2"):
+        opt = cls(model.parameters(), **kw)
+        return distopt.shard(model, opt, stage=int(mode[-1]))
+    if mode == "fsdp2":
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import fully_shard
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for blk in model.blocks:
+            fully_shard(blk, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, cls(model.parameters(), **kw)
+    raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+
+
+def _worker(rank: int, world: int, store_dir: str, cfg: dict[str, Any]) -> None:
+    import torch.distributed as dist
+
+    from distopt.bench._collectives import counting
+    from distopt.bench._gpt import lm_loss
+
+    torch.set_num_threads(cfg["threads"])
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
+    device = torch.device(f"cuda:{rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    store = dist.FileStore(os.path.join(store_dir, "store"), world)
+    dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world)
+    with counting() as counter:
+        runs = {m: _build(m, cfg["optim"], device, 0) for m in cfg["modes"]}
+        g = torch.Generator().manual_seed(1 + rank)
+        batches = [torch.randint(0, 256, (cfg["batch"], cfg["seq"] + 1), generator=g).to(device) for _ in range(4)]
+
+        def step(model, opt, i):
+            opt.zero_grad(set_to_none=True)
+            lm_loss(model, batches[i % len(batches)]).backward()
+            opt.step()
+
+        for m, (model, opt) in runs.items():  # warm-up: state created, buffers allocated
+            for i in range(2):
+                step(model, opt, i)
+        times: dict[str, list[float]] = {m: [] for m in runs}
+        traffic: dict[str, float] = {}
+        for _round in range(cfg["rounds"]):
+            for m, (model, opt) in runs.items():
+                counter.reset()
+                counter.active = True
+                dist.barrier()
+                if use_cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for i in range(cfg["steps"]):
+                    step(model, opt, i)
+                if use_cuda:
+                    torch.cuda.synchronize()
+                dt = (time.perf_counter() - t0) / cfg["steps"]
+                counter.active = False
+                # barrier bytes are excluded: they are issued outside the active window
+                traffic[m] = counter.ring_bytes(world) / cfg["steps"]
+                times[m].append(dt)
+        state = {m: _state_bytes(opt) for m, (_, opt) in runs.items()}
+        total_params = sum(p.numel() for p in runs[cfg["modes"][0]][0].parameters())
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, {"times": times, "traffic": traffic, "state": state})
+    if rank == 0:
+        torch.save({"ranks": gathered, "params": total_params}, os.path.join(store_dir, "result.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(world: int, optim: str = "adamw", modes: tuple[str, ...] = MODES, rounds: int = 5, steps: int = 3,
+        batch: int = 8, seq: int = 64, threads: int = 1) -> dict[str, Any]:
+    """Run the comparison on ``world`` local processes; returns per-mode results (rank-aggregated)."""
+    import torch.multiprocessing as mp
+
+    cfg = dict(optim=optim, modes=tuple(modes), rounds=rounds, steps=steps, batch=batch, seq=seq, threads=threads)
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_worker, args=(world, d, cfg), nprocs=world, start_method="spawn")
+        res = torch.load(os.path.join(d, "result.pt"), weights_only=False)
+    out: dict[str, Any] = {"world": world, "params": res["params"], "optim": optim, "modes": {}}
+    for m in modes:
+        # step time of a synchronous data-parallel step is that of the slowest rank
+        per_round = [max(r["times"][m][i] for r in res["ranks"]) for i in range(rounds)]
+        out["modes"][m] = {
+            "step_s": statistics.median(per_round),
+            "traffic_bytes": max(r["traffic"][m] for r in res["ranks"]),
+            "state_bytes": max(r["state"][m] for r in res["ranks"]),
+        }
+    return out
+
+
+def format_table(result: dict[str, Any], fmt: str = "text") -> str:
+    base = result["modes"]["ddp"] if "ddp" in result["modes"] else next(iter(result["modes"].values()))
+    head = ["mode", "step ms", "x DDP", "state MiB/rank", "x DDP", "traffic MiB/step/rank", "x DDP"]
+    rows = []
+    for m, r in result["modes"].items():
+        rows.append([
+            m,
+            f"{r['step_s'] * 1e3:.1f}", f"{r['step_s'] / base['step_s']:.2f}",
+            f"{r['state_bytes'] / 2**20:.2f}", f"{r['state_bytes'] / max(base['state_bytes'], 1):.2f}",
+            f"{r['traffic_bytes'] / 2**20:.2f}", f"{r['traffic_bytes'] / max(base['traffic_bytes'], 1):.2f}",
+        ])  # fmt: skip
+    title = (f"world size {result['world']}, {result['optim']}, {result['params'] / 1e6:.2f}M parameters "
+             f"(ideal state/rank = {1 / result['world']:.2f} x DDP)")
+    if fmt == "md":
+        lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+        lines = [title, "  ".join(h.rjust(w) for h, w in zip(head, widths))]
+        lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from distopt.optim import list_optimizers
+
+    if args.optim not in list_optimizers():
+        raise ValueError(f"unknown optimizer {args.optim!r}; valid: {', '.join(list_optimizers())}")
+    modes = tuple(args.modes.split(",")) if args.modes else MODES
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown mode(s) {bad}; valid: {', '.join(MODES)}")
+    for w in args.world:
+        if w < 1:
+            raise ValueError("--world sizes must be >= 1")
+        res = run(w, args.optim, modes, args.rounds, args.steps, args.batch, args.seq, args.threads)
+        print(format_table(res, args.format))
+        print()
+        sys.stdout.flush()
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zero", help="DDP vs torch ZeRO vs distopt ZeRO-1/2 vs FSDP2: step time, state, traffic")
+    p.add_argument("--world", type=int, nargs="+", default=[2, 4], help="world sizes (default: 2 4)")
+    p.add_argument("--optim", default="adamw", help="optimizer name (distopt list optimizers)")
+    p.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
+    p.add_argument("--steps", type=int, default=3, help="steps per mode per round")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--format", choices=["text", "md"], default="text")
+    p.set_defaults(func=_main)
