@@ -208,6 +208,7 @@ def run(
     quick: bool = False,
     fmt: str = "text",
     out: Any = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the benchmark, print the table to ``out`` (stdout) and return its rows."""
     out = out or sys.stdout
@@ -221,12 +222,13 @@ def run(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(optim, repeats, warmup, quick, fmt, out)
+        return _run(optim, repeats, warmup, quick, fmt, out, progress)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run(optim: str | None, repeats: int, warmup: int, quick: bool, fmt: str, out: Any) -> list[dict[str, Any]]:
+def _run(optim: str | None, repeats: int, warmup: int, quick: bool, fmt: str, out: Any,
+         progress: bool) -> list[dict[str, Any]]:
     import distopt.optim as do
 
     shapes = quick_shapes() if quick else vit_shapes()
@@ -274,6 +276,10 @@ def _run(optim: str | None, repeats: int, warmup: int, quick: bool, fmt: str, ou
             rows.append({"optimizer": c.label, "impl": c.impl, "first_ms": 1e3 * c.first,
                          "median_ms": 1e3 * med, "ratio": med / base_med, "note": group.note
                          if c.impl == "distopt" else ""})
+            if progress:
+                print(f"[bench step] {c.label} / {c.impl}: first {1e3 * c.first:.1f} ms, median "
+                      f"{1e3 * med:.1f} ms, x{med / base_med:.2f} (baseline {1e3 * base_med:.1f} ms)",
+                      file=sys.stderr, flush=True)
         del cands, everyone
         if not quick:
             gc.collect()  # release the group's parameters and state before the next one
@@ -315,7 +321,7 @@ def _print(rows, shapes, numel, repeats, warmup, fmt, skipped, out) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     run(optim=args.optim, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-        quick=args.quick, fmt=args.format)
+        quick=args.quick, fmt=args.format, progress=args.progress)
     return 0
 
 
@@ -331,4 +337,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="torch intra-op threads (default: torch's current setting)")
     p.add_argument("--quick", action="store_true", help="small parameter set (for tests)")
     p.add_argument("--format", choices=["text", "md"], default="text", help="table format")
+    p.add_argument("--progress", action="store_true", help="print each row to stderr as it is measured")
     p.set_defaults(func=_main)
