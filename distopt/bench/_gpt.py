@@ -32,7 +32,8 @@ class TinyGPT(nn.Module):
     The defaults (vocab 256, d 192, 7 layers, context 64) give 3.2M parameters.
     """
 
-    def __init__(self, vocab: int = 256, d: int = 192, layers: int = 7, heads: int = 6, ctx: int = 64):
+    def __init__(self, vocab: int = 256, d: int = 192, layers: int = 7, heads: int | None = None, ctx: int = 64):
+        heads = heads or max(1, d // 32)
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(ctx, d)

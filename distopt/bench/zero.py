@@ -102,7 +102,7 @@ def _worker(rank: int, world: int, store_dir: str, cfg: dict[str, Any]) -> None:
             lm_loss(model, batches[i % len(batches)]).backward()
             opt.step()
 
-        for m, (model, opt) in runs.items():  # warm-up: state created, buffers allocated
+        for model, opt in runs.values():  # warm-up: state created, buffers allocated
             for i in range(2):
                 step(model, opt, i)
         times: dict[str, list[float]] = {m: [] for m in runs}
