@@ -275,7 +275,8 @@ def test_reduce_every_micro_batch_is_refused_without_sharded_gradients():
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    assert not dist.is_initialized()
+    if dist.is_initialized():  # another test of this process owns the default group
+        pytest.skip("torch.distributed is already initialised in this process")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         ddp = DDP(make_model())

@@ -10,13 +10,14 @@ the parent compares the parameters with single-process SGD on the concatenated b
 * ``mean``: per-micro-batch mean losses (``num_items=None``), mean-of-means convention, flushed
   short window;
 * ``resume``: ``state_dict()`` in the middle of the second window, a fresh model, optimizer and
-  accumulator load it and finish the window;
+  accumulator load it and finish the window (and in ``items`` a mid-window ``state_dict()`` of
+  the running accumulator must not disturb it);
 * ``handoff`` (world 2, k=4): a mid-window state saved under DDP / ZeRO-1 / FSDP2 is finished by
   one plain process in the parent (another world size and mode);
 * collectives counted per micro-batch: nothing at all off the boundary under DDP (wrapped
   ``torch.distributed`` functions + a counting DDP comm hook), ZeRO-1 and (deferred) ZeRO-2;
-  FSDP2 does not reduce-scatter off the boundary; ZeRO-2 with ``reduce_every_micro_batch``
-  reduce-scatters every micro-batch.
+  FSDP2 does not reduce-scatter off the boundary; ZeRO-2 and FSDP2 with
+  ``reduce_every_micro_batch`` reduce-scatter every micro-batch.
 
 DeepSpeed runs in its own call (world 1, 2, 4) when ``deepspeed`` imports, else it is skipped.
 """
@@ -40,7 +41,7 @@ from tests.dist import rank, run_distributed, world_size
 
 VOCAB = 7
 KS = (1, 3, 4)
-MODES = ("ddp", "zero1", "zero2", "zero2_every", "fsdp2")
+MODES = ("ddp", "zero1", "zero2", "zero2_every", "fsdp2", "fsdp2_every")
 LR = 0.5
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -190,12 +191,12 @@ def build(mode: str, momentum: float, counter: CommCounter | None, k: int, state
     elif mode.startswith("zero"):
         opt = SGD(model.parameters(), lr=LR, momentum=momentum)
         wrapped, opt = distopt.shard(model, opt, stage=1 if mode == "zero1" else 2)
-    elif mode == "fsdp2":
+    elif mode.startswith("fsdp2"):
         wrapped = _fully_shard(model)
         opt = SGD(model.parameters(), lr=LR, momentum=momentum)
     else:
         raise ValueError(mode)
-    acc = distopt.GradientAccumulator(wrapped, steps=k, reduce_every_micro_batch=mode == "zero2_every")
+    acc = distopt.GradientAccumulator(wrapped, steps=k, reduce_every_micro_batch=mode.endswith("_every"))
     if state is not None:
         acc.load_state_dict(state)
     return wrapped, opt, acc, model
@@ -229,6 +230,8 @@ def run_case(mode: str, case: str, k: int, counter: CommCounter | None) -> dict:
                 state = acc.state_dict()
                 params = {n: t for n, t in full_params(plain).items()}
                 model, opt, acc, plain = build(mode, momentum, None, k, state, params)
+            if case == "items" and k > 2 and (w, i) == (0, 2):
+                acc.state_dict()  # a mid-window checkpoint must not disturb the window
             before = counter.snapshot() if counter else Counter()
             micro_batch(acc, model, case, k, w, i, use_tensor_items=i % 2 == 1)
             after = counter.snapshot() if counter else Counter()
@@ -321,6 +324,8 @@ def test_collectives_per_micro_batch(world, mode):
                         assert "reduce_scatter_single" not in calls, calls
                     elif mode == "zero2_every":
                         assert calls.get("reduce_scatter_tensor", 0) >= 1, calls
+                    elif mode == "fsdp2_every" and world > 1:
+                        assert calls.get("reduce_scatter_single", 0) >= 1, calls
                     continue
                 count_reductions = 1 if case == "items" and world > 1 else 0
                 if mode == "ddp":
