@@ -141,7 +141,6 @@ class _Mode:
     name = "single process"
     world = 1
     group: Any = None
-    steps_itself = False  # DeepSpeed: the engine steps inside the accumulator
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -374,7 +373,6 @@ class _FSDP2(_Mode):
 
 class _DeepSpeed(_Mode):
     name = "DeepSpeed"
-    steps_itself = True
 
     def __init__(self, engine: Any, steps: int, reduce_every: bool) -> None:
         super().__init__(engine)
@@ -395,8 +393,6 @@ class _DeepSpeed(_Mode):
         self.world = dist.get_world_size(self.group) if dist.is_initialized() else 1
         basic = getattr(engine, "basic_optimizer", None)
         self._basic = basic if basic is not None else getattr(engine.optimizer, "optimizer", engine.optimizer)
-        self._factor: float | None = None
-        self._hook = None
 
     @property
     def device(self) -> torch.device:
