@@ -17,6 +17,7 @@ recognised on their own.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -198,6 +199,13 @@ class DistOptimizer(Optimizer):
     #: number of dims, e.g. Adafactor's column statistics of a 2-D matrix.  Used by the
     #: sharding and checkpoint layers; see :meth:`state_is_sharded`.
     _replicated_state_2d: frozenset[str] = frozenset()
+    #: True when the update is element-wise: every element of a parameter is updated from the
+    #: same element of its gradient and state, never from statistics over the whole tensor (the
+    #: reducer is never called).  Such an optimizer gives the same numbers on any slicing of
+    #: the parameters, e.g. DeepSpeed ZeRO's flat partitions.  False (the default) is the safe
+    #: answer for shape-aware optimizers; classes whose options bring in whole-tensor statistics
+    #: set True and override :meth:`needs_whole_tensors`.
+    elementwise: bool = False
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]):
         super().__init__(params, defaults)
@@ -223,6 +231,16 @@ class DistOptimizer(Optimizer):
         if len(param_shape) == 2 and name in self._replicated_state_2d:
             return False
         return True
+
+    def needs_whole_tensors(self, group: dict[str, Any]) -> bool:
+        """Whether the update of ``group`` needs statistics over whole parameters.
+
+        False means the maths is element-wise for this group's options, so it may run on any
+        slicing of the parameters (DeepSpeed ZeRO's flat 1-D partitions included); True means
+        it must see whole parameters or row shards declared through :meth:`set_sharding`
+        (``distopt.shard``, FSDP2).  Default: ``not self.elementwise``.
+        """
+        return not self.elementwise
 
     # ------------------------------------------------------------------ step
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -272,6 +290,8 @@ class DistOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        if "deepspeed" in sys.modules:
+            _refuse_flat_partitions(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -318,6 +338,77 @@ class DistOptimizer(Optimizer):
     def _step_tensor(view: ParamView) -> Tensor:
         """A step counter (a float32 scalar tensor on the CPU, as torch.optim keeps it)."""
         return torch.zeros((), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- outside engines
+# DeepSpeed's ZeRO (and fp16/bf16) optimizer wrappers replace the tensors in the client
+# optimizer's param groups by flat 1-D fp32 partitions that cut across parameters.  Element-wise
+# maths does not mind; whole-tensor statistics would be computed on meaningless slices.  The
+# check below finds such a wrapper among the callers of ``step`` (no DeepSpeed import: the
+# classes are recognised by name) and refuses before anything is updated.
+
+_DS_WRAPPERS = ("ZeROOptimizer", "DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3",
+                "BF16_Optimizer", "FP16_Optimizer")
+_DS_FLAT_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
+                  "fp32_groups_flat_partition", "fp32_groups_flat")
+
+
+def _deepspeed_flat_wrapper(opt: Optimizer, max_depth: int = 16) -> Any:
+    """The DeepSpeed wrapper driving ``opt.step`` with flat partitions, or None."""
+    frame = sys._getframe(2)
+    mine = {id(p) for g in opt.param_groups for p in g["params"]}
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        obj = frame.f_locals.get("self")
+        if obj is not None and obj is not opt:
+            names = {c.__name__ for c in type(obj).__mro__}
+            if names & set(_DS_WRAPPERS) and type(obj).__module__.startswith("deepspeed"):
+                for attr in _DS_FLAT_ATTRS:
+                    flats = getattr(obj, attr, None) or []
+                    for t in flats:
+                        for x in t if isinstance(t, (list, tuple)) else [t]:
+                            if id(x) in mine:
+                                return obj
+                if not any(hasattr(obj, a) for a in _DS_FLAT_ATTRS):
+                    return obj  # a ZeRO wrapper of a layout this check does not know: flat
+        frame = frame.f_back
+    return None
+
+
+def flat_partition_refusal(opt: Any, engine: str) -> str | None:
+    """The error message for running ``opt`` on flat partitions, or None if it can.
+
+    ``engine`` names what hands out the partitions (e.g. ``"DeepSpeed ZeRO stage 2"``).
+    """
+    fn = getattr(opt, "needs_whole_tensors", None)
+    if fn is None or not any(fn(g) for g in opt.param_groups):
+        return None
+    name = type(opt).__name__
+    base = getattr(opt, "base_optimizer", None)
+    if base is not None:  # Lookahead(<base>)
+        name = f"{name}({type(base).__name__})"
+    options = " with these param-group options" if getattr(opt, "elementwise", False) else ""
+    return (
+        f"distopt.optim.{name}{options} cannot run as a DeepSpeed client optimizer under "
+        f"{engine}: DeepSpeed hands the client optimizer flat 1-D fp32 partitions that cut "
+        f"across parameters, and {name} needs whole-tensor statistics (per-parameter norms, "
+        "RMS, row/column or channel statistics), which would be computed on the wrong slices. "
+        "No update was applied. Use distopt's own ZeRO instead, which is exact for every "
+        "distopt optimizer: `model, optimizer = distopt.shard(model, optimizer, stage=1 or 2)` "
+        "(or FSDP2); or DeepSpeed with ZeRO stage 0 in fp32; or an element-wise optimizer "
+        "(AdamW, Adam, Nadam, RAdam, AdaBelief, MADGRAD, RMSpropTF, SGD, ...)."
+    )
+
+
+def _refuse_flat_partitions(opt: Optimizer) -> None:
+    """Raise if DeepSpeed drives ``opt`` with flat partitions and a group needs whole tensors."""
+    if not any(opt.needs_whole_tensors(g) for g in opt.param_groups):
+        return
+    wrapper = _deepspeed_flat_wrapper(opt)
+    if wrapper is None:
+        return
+    raise RuntimeError(flat_partition_refusal(opt, f"ZeRO or fp16/bf16 ({type(wrapper).__name__})"))
 
 
 def reject_unknown_kwargs(cls_name: str, kwargs: dict[str, Any]) -> None:

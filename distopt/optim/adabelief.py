@@ -61,6 +61,8 @@ class AdaBelief(DistOptimizer):
     sharding without communication.
     """
 
+    elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+
     def __init__(
         self,
         params: Iterable,

@@ -43,6 +43,8 @@ class Adagrad(DistOptimizer):
     gradients are not supported.
     """
 
+    elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+
     def __init__(
         self,
         params: Iterable,

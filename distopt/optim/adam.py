@@ -51,6 +51,8 @@ class Adam(DistOptimizer):
     Element-wise: exact under any sharding without communication.
     """
 
+    elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+
     def __init__(
         self,
         params: Iterable,

@@ -123,6 +123,12 @@ class AdamWeightDecay(DistOptimizer):
     parameters.
     """
 
+    elementwise = True  # unless clipnorm / global_clipnorm (see needs_whole_tensors)
+
+    def needs_whole_tensors(self, group: dict[str, Any]) -> bool:
+        """``clipnorm`` and ``global_clipnorm`` clip by norms of whole gradients."""
+        return group.get("clipnorm") is not None or group.get("global_clipnorm") is not None
+
     def __init__(
         self,
         params: Iterable | nn.Module,

@@ -50,6 +50,8 @@ class AdamW(DistOptimizer):
     the update runs in torch's fused multi-tensor AdamW kernel.
     """
 
+    elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+
     def __init__(
         self,
         params: Iterable,

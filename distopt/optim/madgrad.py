@@ -51,6 +51,8 @@ class MADGRAD(DistOptimizer):
     gradients are not supported.
     """
 
+    elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+
     def __init__(
         self,
         params: Iterable,

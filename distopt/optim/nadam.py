@@ -47,6 +47,8 @@ class Nadam(DistOptimizer):
     bf16/fp16 parameters).  Element-wise: exact under any sharding without communication.
     """
 
+    elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+
     def __init__(
         self,
         params: Iterable,

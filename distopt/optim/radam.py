@@ -84,6 +84,8 @@ class RAdam(DistOptimizer):
     bf16/fp16 parameters).  Element-wise: exact under any sharding without communication.
     """
 
+    elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+
     def __init__(
         self,
         params: Iterable,

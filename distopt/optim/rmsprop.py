@@ -48,6 +48,8 @@ class RMSprop(DistOptimizer):
     exact under any sharding without communication.
     """
 
+    elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+
     def __init__(
         self,
         params: Iterable,

@@ -82,6 +82,12 @@ class RMSpropTF(DistOptimizer):
     ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered); fp32 for bf16/fp16 parameters.
     """
 
+    elementwise = True  # unless caution=True (see needs_whole_tensors)
+
+    def needs_whole_tensors(self, group: dict[str, Any]) -> bool:
+        """Caution rescales by the fraction of agreeing signs over each whole tensor."""
+        return bool(group.get("caution")) and group.get("momentum", 0.0) > 0
+
     def __init__(
         self,
         params: Iterable,
