@@ -24,7 +24,7 @@
 #                            specific CUDA wheel index); default: pip's configured index
 #   DISTOPT_SETUP_FORCE=1    ignore the stamp and run pip again
 #
-# Prints the path of the environment's python as its last line.
+# Prints the path of the environment's python on stdout (everything else goes to stderr).
 set -euo pipefail
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -40,6 +40,17 @@ if [[ -n "${VIRTUAL_ENV:-}" ]]; then
     log "using active virtualenv $VENV"
 else
     VENV="$REPO/.venv"
+fi
+# One set-up at a time per environment (two scripts started together would race in pip).
+if command -v flock >/dev/null 2>&1; then
+    LOCK="${TMPDIR:-/tmp}/distopt-setup-$(printf '%s' "$VENV" | sha256sum | cut -c1-12).lock"
+    exec 9>"$LOCK"
+    if ! flock -n 9; then
+        log "another setup.sh is working on $VENV; waiting for it"
+        flock 9
+    fi
+fi
+if [[ -z "${VIRTUAL_ENV:-}" ]]; then
     if [[ ! -x "$VENV/bin/python" ]]; then
         BASE_PY="${DISTOPT_PYTHON:-python3}"
         command -v "$BASE_PY" >/dev/null || die "$BASE_PY not found (set DISTOPT_PYTHON)"
@@ -90,7 +101,7 @@ else
         args+=(--index-url "$DISTOPT_TORCH_INDEX_URL")
         log "  from index $DISTOPT_TORCH_INDEX_URL"
     fi
-    "${PIP[@]}" "${args[@]}" || die "torch install failed ($spec)"
+    "${PIP[@]}" "${args[@]}" >&2 || die "torch install failed ($spec)"
     TORCH_VERSION="$("$PY" -c 'import torch; print(torch.__version__)')" \
         || die "torch installed but 'import torch' still fails"
     log "installed torch $TORCH_VERSION"
@@ -105,7 +116,7 @@ echo "torch==$TORCH_VERSION" >"$CONSTRAINTS"
 target="."
 [[ -n "$EXTRAS" ]] && target=".[$EXTRAS]"
 log "pip install -e \"$target\" (torch pinned to $TORCH_VERSION)"
-(cd "$REPO" && "${PIP[@]}" install -c "$CONSTRAINTS" -e "$target") \
+(cd "$REPO" && "${PIP[@]}" install -c "$CONSTRAINTS" -e "$target" >&2) \
     || die "pip install -e \"$target\" failed"
 
 if [[ ",$EXTRAS," == *",test,"* || ",$EXTRAS," == *",all,"* ]]; then
@@ -113,7 +124,7 @@ if [[ ",$EXTRAS," == *",test,"* || ",$EXTRAS," == *",all,"* ]]; then
         log "timm already present"
     else
         log "pip install --no-deps timm (test reference; torchvision deliberately not installed)"
-        "${PIP[@]}" install --no-deps timm || die "timm install failed"
+        "${PIP[@]}" install --no-deps timm >&2 || die "timm install failed"
     fi
 fi
 

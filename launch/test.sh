@@ -21,14 +21,15 @@ for arg in "$@"; do
     fi
 done
 
-echo "[test] $PY -m pytest -n auto ${targets[*]} $*" >&2
+# --durations: the slowest tests are listed at the end of every run (CI logs included).
+echo "[test] $PY -m pytest -n auto --durations=15 ${targets[*]} $*" >&2
 start=$SECONDS
 set +e
-"$PY" -m pytest -n auto "${targets[@]}" "$@"
+"$PY" -m pytest -n auto --durations=15 "${targets[@]}" "$@"
 rc=$?
 set -e
 echo "[test] pytest exit code $rc after $((SECONDS - start))s" >&2
 if [[ $rc -eq 5 ]]; then
-    echo "[test] error: no tests were collected" >&2
+    echo "[test] error: no tests ran (pytest exit 5); counted as a failure" >&2
 fi
 exit "$rc"
