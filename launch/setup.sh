@@ -17,7 +17,7 @@
 #      a repeated run with nothing changed skips pip entirely.
 #
 # Environment variables:
-#   DISTOPT_PYTHON           interpreter used to create .venv (default: python3)
+#   DISTOPT_BASE_PYTHON      interpreter used to create .venv (default: python3)
 #   DISTOPT_TORCH_SPEC       pip requirement used when torch is missing
 #                            (default: `torch` with a GPU, `torch==2.13.0` without)
 #   DISTOPT_TORCH_INDEX_URL  pip --index-url for that torch install (e.g. a CPU-only or a
@@ -52,8 +52,8 @@ if command -v flock >/dev/null 2>&1; then
 fi
 if [[ -z "${VIRTUAL_ENV:-}" ]]; then
     if [[ ! -x "$VENV/bin/python" ]]; then
-        BASE_PY="${DISTOPT_PYTHON:-python3}"
-        command -v "$BASE_PY" >/dev/null || die "$BASE_PY not found (set DISTOPT_PYTHON)"
+        BASE_PY="${DISTOPT_BASE_PYTHON:-python3}"
+        command -v "$BASE_PY" >/dev/null || die "$BASE_PY not found (set DISTOPT_BASE_PYTHON)"
         log "creating $VENV with $BASE_PY -m venv --system-site-packages"
         "$BASE_PY" -m venv --system-site-packages "$VENV" || die "could not create $VENV"
     else
