@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -100,7 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save-dir", type=Path, default=None)
     g.add_argument("--save-every", type=int, default=0, help="steps between saves; 0: at end only")
-    g.add_argument("--resume", action="store_true", help="resume from the latest in --save-dir")
+    g.add_argument(
+        "--resume", action="store_true",
+        help="resume from the newest complete checkpoint in --save-dir (a fresh start if none)",
+    )
+    g.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep (default 3)")
+    g.add_argument("--final-state", type=Path, default=None,
+                   help="write the final model state_dict here (rank 0)")
+    g.add_argument("--crash-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--crash-rank", type=int, default=1, help=argparse.SUPPRESS)
     g = p.add_argument_group("misc")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log-every", type=int, default=10)
@@ -242,7 +251,21 @@ def init_distributed(args: argparse.Namespace) -> Dist:
     backend = "nccl" if use_cuda else "gloo"
     initialized = False
     if under_torchrun:
-        dist.init_process_group(backend, device_id=device if use_cuda else None)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restart > 0:
+            # After a restart, torchrun's workers can meet stale peer addresses of the previous
+            # attempt in the shared store (pytorch#167288: "Connection refused"); give this
+            # attempt's process group a key space of its own.
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
+                wait_for_workers=False,
+            )
+            store = dist.PrefixStore(f"distopt/attempt-{restart}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                    device_id=device if use_cuda else None)
+        else:
+            dist.init_process_group(backend, device_id=device if use_cuda else None)
         initialized = True
     elif args.zero or args.fsdp:
         # One process, but sharding code wants a process group: a world of one.
@@ -348,32 +371,64 @@ def make_accumulator(args: argparse.Namespace, model: torch.nn.Module, feat: dic
 
 
 # ------------------------------------------------------------------------- checkpoints
-# Assumed API of distopt.checkpoint (adjust here when it lands); --save-dir is rejected by
-# validate_args until save/load exist.
+# distopt.checkpoint.CheckpointManager: step-N folders, atomic commit, rotation, and a
+# ``latest()`` that ignores a save interrupted by a crash.  The data position is the step
+# itself (batches are a pure function of the step), so ``extra`` needs only the step.
 
 
-def save_checkpoint(args, step, model, optimizer, scheduler, feat) -> None:
-    path = args.save_dir / f"step_{step:08d}"
-    feat["checkpoint_save"](
-        path, model=model, optimizer=optimizer, scheduler=scheduler, extra={"step": step}
+def _manager(args):
+    from distopt.checkpoint import CheckpointManager
+
+    return CheckpointManager(args.save_dir, keep_last=args.keep_last)
+
+
+def save_checkpoint(args, step, model, optimizer, scheduler, accumulator, feat) -> None:
+    path = _manager(args).save(
+        step, model=model, optimizer=optimizer, scheduler=scheduler, accumulator=accumulator,
+        extra={"step": step},
     )
     log.info("saved checkpoint %s", path)
 
 
-def maybe_resume(args, model, optimizer, scheduler, feat) -> int:
-    """Step to start from (0 without --resume or without a checkpoint)."""
+def maybe_resume(args, model, optimizer, scheduler, accumulator, feat) -> int:
+    """Step to start from (0 without --resume or without a checkpoint yet)."""
     if not args.resume:
         return 0
-    ckpts = sorted(args.save_dir.glob("step_*")) if args.save_dir.is_dir() else []
-    if not ckpts:
-        log.info("no checkpoint in %s; starting from scratch", args.save_dir)
+    mgr = _manager(args)
+    path = mgr.latest()
+    if path is None:
+        log.info("no checkpoint in %s yet; starting from scratch", args.save_dir)
         return 0
     extra = feat["checkpoint_load"](
-        ckpts[-1], model=model, optimizer=optimizer, scheduler=scheduler
+        path, model=model, optimizer=optimizer, scheduler=scheduler, accumulator=accumulator
     )
     step = int(extra["step"])
-    log.info("resumed from %s at step %d", ckpts[-1], step)
+    log.info("resumed from %s at step %d", path, step)
     return step
+
+
+def write_final_state(path: Path, model: torch.nn.Module, d) -> None:
+    """Rank 0 writes {name: full tensor} (collective: FSDP2 shards are gathered)."""
+    inner = getattr(model, "module", model)
+    full = {}
+    for name, p in inner.named_parameters():
+        t = p.full_tensor() if type(p).__name__ == "DTensor" else p
+        full[name] = t.detach().cpu().clone()
+    if d.is_main:
+        torch.save(full, path)
+
+
+def maybe_crash(args, step: int, d) -> None:
+    """--crash-at-step (fault-tolerance testing): SIGKILL this rank once, at the start of ``step``."""
+    if args.crash_at_step is None or step != args.crash_at_step or d.rank != args.crash_rank:
+        return
+    marker = (args.save_dir or Path(".")) / f".crashed-at-{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    log.warning("rank %d: --crash-at-step %d: killing myself", d.rank, step)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------- training
@@ -492,7 +547,7 @@ def _train(args: argparse.Namespace, d: Dist, feat: dict) -> dict:
     accumulator = make_accumulator(args, model, feat)
     start_step = 0
     if args.save_dir is not None:
-        start_step = maybe_resume(args, model, optimizer, scheduler, feat)
+        start_step = maybe_resume(args, model, optimizer, scheduler, accumulator, feat)
     mode = (
         "fsdp2"
         if args.fsdp
@@ -522,6 +577,7 @@ def _train(args: argparse.Namespace, d: Dist, feat: dict) -> dict:
     t_window = t0
     steps_done = 0
     for step in range(start_step, args.max_steps):
+        maybe_crash(args, step, d)
         window.append(
             train_step(args, step, model, optimizer, scheduler, data, accumulator, d, feat)
         )
@@ -544,10 +600,12 @@ def _train(args: argparse.Namespace, d: Dist, feat: dict) -> dict:
         if args.save_dir is not None and (
             (args.save_every and n % args.save_every == 0) or n == args.max_steps
         ):
-            save_checkpoint(args, n, model, optimizer, scheduler, feat)
+            save_checkpoint(args, n, model, optimizer, scheduler, accumulator, feat)
     elapsed = time.perf_counter() - t0
     progress.close()
     tok_s = tokens_per_step * steps_done / max(elapsed, 1e-9)
+    if args.final_state is not None:
+        write_final_state(args.final_state, model, d)
     summary = {
         "steps": args.max_steps,
         "loss": last_loss,

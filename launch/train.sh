@@ -12,11 +12,18 @@
 #   RDZV_ID      rendezvous id, the same on every node [distopt-train]
 #   MAX_RESTARTS restarts of the worker group after a failure [0]
 #   SETUP_EXTRAS extras passed to launch/setup.sh [progress]
+#   DISTOPT_PYTHON  use this interpreter as is and skip launch/setup.sh (e.g. inside CI/Docker)
+# With MAX_RESTARTS > 0 and --save-dir, --resume is added: after a failure torchrun restarts
+# every worker and they continue from the newest complete checkpoint.
 # setup.sh's own variables (DISTOPT_TORCH_SPEC, DISTOPT_TORCH_INDEX_URL, ...) apply too.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="$(bash "$REPO/launch/setup.sh" "${SETUP_EXTRAS:-progress}" | tail -n 1)"
+if [[ -n "${DISTOPT_PYTHON:-}" ]]; then
+    PY="$DISTOPT_PYTHON"
+else
+    PY="$(bash "$REPO/launch/setup.sh" "${SETUP_EXTRAS:-progress}" | tail -n 1)"
+fi
 
 if [[ -z "${NPROC:-}" ]]; then
     ngpu=0
@@ -52,11 +59,21 @@ if [[ -z "${MASTER_PORT:-}" ]]; then
     fi
 fi
 
+extra=()
+if [[ "$MAX_RESTARTS" != "0" ]]; then
+    has_save=0; has_resume=0
+    for a in "$@"; do
+        [[ "$a" == --save-dir || "$a" == --save-dir=* ]] && has_save=1
+        [[ "$a" == --resume ]] && has_resume=1
+    done
+    if [[ "$has_save" == 1 && "$has_resume" == 0 ]]; then extra+=(--resume); fi
+fi
+
 cmd=("$PY" -m torch.distributed.run
      --nnodes "$NNODES" --nproc-per-node "$NPROC" --node-rank "$NODE_RANK"
      --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID"
      --max-restarts "$MAX_RESTARTS"
-     "$REPO/examples/train.py" "$@")
+     "$REPO/examples/train.py" "$@" ${extra[@]+"${extra[@]}"})
 printf '[train]' >&2
 printf ' %q' "${cmd[@]}" >&2
 printf '\n' >&2

@@ -316,6 +316,8 @@ def save(
         dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _dist_on())
     _stage("tensors_written")
     torch.save(_rng_state(), tmp / "rng" / f"rank-{rank}.pt")
+    # collective in the middle of an accumulation window: every rank calls it
+    acc_state = None if accumulator is None else accumulator.state_dict()
 
     if rank == 0:
         meta = {
@@ -333,7 +335,7 @@ def save(
             "objects": objects,
             "scheduler_class": None if scheduler is None else f"{type(scheduler).__module__}.{type(scheduler).__qualname__}",
             "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "accumulator": None if accumulator is None else accumulator.state_dict(),
+            "accumulator": acc_state,
             "extra": extra,
             "step": _infer_step(optimizer, scheduler, extra),
         }
