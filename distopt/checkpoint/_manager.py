@@ -12,8 +12,8 @@ from typing import Any
 
 from distopt.checkpoint._save_load import (
     _barrier,
-    _stage,
     _rank,
+    _stage,
     _write_atomic_bytes,
     is_complete,
     load,

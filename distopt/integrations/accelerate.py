@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GradientAccumulator", "checkpoint_dirs", "prepare"]
+__all__ = ["GradientAccumulator", "checkpoint_dirs", "kwargs_handlers", "prepare"]
 
 log = logging.getLogger("distopt.integrations.accelerate")
 
@@ -279,6 +279,45 @@ def _registry(accelerator: Any) -> _Registry:
 # --------------------------------------------------------------------------- prepare
 
 
+def _keep_client_optimizer_under_offload(opt: Any, cfg: dict[str, Any]) -> None:
+    """Under ZeRO-Offload Accelerate swaps a client optimizer for DeepSpeed's CPU Adam unless
+    ``zero_force_ds_cpu_optimizer`` is false: keep the distopt optimizer, and say what runs."""
+    zero = cfg.get("zero_optimization") or {}
+    device = str((zero.get("offload_optimizer") or {}).get("device", "none")).lower()
+    if device in ("none", ""):
+        return
+    if cfg.get("zero_force_ds_cpu_optimizer") is True:
+        raise ValueError(
+            f"DeepSpeed config: offload_optimizer.device={device!r} with zero_force_ds_cpu_optimizer"
+            f"=true would replace distopt's {type(opt).__name__} by DeepSpeed's CPU Adam; set it to "
+            "false to run the distopt optimizer on the offloaded partitions"
+        )
+    cfg["zero_force_ds_cpu_optimizer"] = False
+    logging.getLogger("distopt.integrations.deepspeed").warning(
+        "ZeRO-Offload (offload_optimizer.device=%s): distopt's %s runs on DeepSpeed's fp32 "
+        "partitions on the CPU, with its state there; it is NOT replaced by DeepSpeed's CPUAdam "
+        "(zero_force_ds_cpu_optimizer set to false). Expect CPU-bound optimizer steps.",
+        device, type(opt).__name__,
+    )
+
+
+
+def kwargs_handlers() -> list[Any]:
+    """``Accelerator(kwargs_handlers=...)`` that make CPU-only launches form a real group.
+
+    Without a GPU, Accelerate picks no process-group backend under a DeepSpeed config (each
+    process then believes it is alone) and under its torchrun launcher; this returns
+    ``[InitProcessGroupKwargs(backend="gloo")]`` on a machine without CUDA, else ``[]``.  (For
+    the multi-CPU config also set ``ACCELERATE_USE_CPU=1``; see launch/accelerate/multi-cpu.yaml.)
+    """
+    if torch.cuda.is_available():
+        return []
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(backend="gloo")]
+
+
+
 def prepare(
     accelerator: Any,
     *objects: Any,
@@ -324,8 +363,15 @@ def prepare(
         for opt in optimizers:
             if _is_distopt_optimizer(opt):
                 check_optimizer(opt, cfg)
+                _keep_client_optimizer_under_offload(opt, cfg)
         out = accelerator.prepare(*objects, device_placement=device_placement)
-        return out
+        result = list(out) if isinstance(out, (tuple, list)) else [out]
+        sched_cls = _scheduler_class()
+        for r in result:
+            # DeepSpeed steps only its own schedule types; others stay Accelerate-stepped.
+            if type(r) is _scheduler_base():
+                r.__class__ = sched_cls
+        return result[0] if len(result) == 1 else tuple(result)
 
     if zero_stage is not None:
         if kind == "FSDP":
