@@ -41,6 +41,7 @@ def test_image_runs_the_scripts_ci_runs():
     assert "bash launch/setup.sh test,reference" in text
     assert 'setup.sh" test,reference' in (ROOT / "launch" / "test.sh").read_text()
     assert "launch/test.sh" in (ROOT / "launch" / "test-distributed.sh").read_text()
-    assert "accelerate,deepspeed" in text and re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    assert "import torch, distopt, accelerate, deepspeed" in text
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
     readme = (ROOT / "docker" / "README.md").read_text()
     assert "docker build -f docker/Dockerfile" in readme and "docker run --rm --gpus all" in readme

@@ -26,7 +26,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.dist import rank, run_distributed
+from tests.dist import device, rank, run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4
@@ -41,14 +41,23 @@ ELEMENTWISE = {
 REFUSAL_WORDS = ("Lamb", "flat 1-D", "whole-tensor statistics", "distopt.shard", "No update was applied")
 
 
+def _dev() -> torch.device:
+    try:
+        return device()
+    except RuntimeError:  # in-process tests
+        return torch.device("cpu")
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 3))
+    model = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 3))
+    return model.to(_dev())
 
 
 def _batch(step: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 * step + r)
-    return torch.randn(8, 7, generator=g), 3 * torch.randn(8, 3, generator=g)
+    x, y = torch.randn(8, 7, generator=g), 3 * torch.randn(8, 3, generator=g)
+    return x.to(_dev()), y.to(_dev())
 
 
 def _opt(name: str, model: nn.Module):
@@ -74,7 +83,7 @@ def _distopt_zero(name: str, stage: int) -> tuple[dict, list]:
         sched.step()
         sharded.zero_grad()
         lrs.append(opt.param_groups[0]["lr"])
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, lrs
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}, lrs
 
 
 def _deepspeed(name: str, config: str, handler: logging.Handler | None = None) -> tuple[dict, list]:
@@ -90,12 +99,13 @@ def _deepspeed(name: str, config: str, handler: logging.Handler | None = None) -
         engine.backward(nn.functional.mse_loss(engine(x), y))
         engine.step()
         lrs.append(opt.param_groups[0]["lr"])
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, lrs
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}, lrs
 
 
 def _worker() -> dict:
     os.environ.setdefault("LOCAL_RANK", str(rank()))
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if device().type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     import distopt.optim as O
