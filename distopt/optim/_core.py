@@ -405,8 +405,13 @@ def _refuse_flat_partitions(opt: Optimizer) -> None:
     """Raise if DeepSpeed drives ``opt`` with flat partitions and a group needs whole tensors."""
     if not any(opt.needs_whole_tensors(g) for g in opt.param_groups):
         return
+    # The frame walk runs once per arrangement of param-group tensors (DeepSpeed replaces them).
+    key = tuple(id(p) for g in opt.param_groups for p in g["params"])
+    if opt.__dict__.get("_flat_check_passed") == key:
+        return
     wrapper = _deepspeed_flat_wrapper(opt)
     if wrapper is None:
+        opt.__dict__["_flat_check_passed"] = key
         return
     raise RuntimeError(flat_partition_refusal(opt, f"ZeRO or fp16/bf16 ({type(wrapper).__name__})"))
 
