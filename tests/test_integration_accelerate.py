@@ -307,5 +307,25 @@ def test_zero_stage_needs_one_model_and_one_optimizer(accelerator):
         prepare(accelerator, model, torch.optim.SGD(model.parameters(), lr=0.1), zero_stage=1)
 
 
+def test_deepspeed_plugin_offload_keeps_the_distopt_optimizer(caplog):
+    """Accelerate would swap a client optimizer for DeepSpeed's CPU Adam under offload."""
+    import logging
+
+    import distopt.optim as O
+    from distopt.integrations.accelerate import _keep_client_optimizer_under_offload
+
+    opt = O.AdamW(make_model().parameters())
+    cfg = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    with caplog.at_level(logging.WARNING, logger="distopt.integrations.deepspeed"):
+        _keep_client_optimizer_under_offload(opt, cfg)
+    assert cfg["zero_force_ds_cpu_optimizer"] is False
+    assert "distopt's AdamW runs on DeepSpeed's fp32 partitions on the CPU" in caplog.text
+    assert "NOT replaced" in caplog.text
+    cfg["zero_force_ds_cpu_optimizer"] = True
+    with pytest.raises(ValueError, match="would replace distopt's AdamW"):
+        _keep_client_optimizer_under_offload(opt, cfg)
+    _keep_client_optimizer_under_offload(opt, {"zero_optimization": {"stage": 2}})  # no offload: quiet
+
+
 if __name__ == "__main__":
     worker(sys.argv[1:])
