@@ -52,3 +52,28 @@ def _collect() -> list[OptimCase]:
 
 
 CASES: list[OptimCase] = _collect()
+
+
+def _class_key(case: OptimCase) -> str:
+    import torch
+
+    opt = case.make([torch.nn.Parameter(torch.zeros(2))])
+    base = getattr(opt, "base_optimizer", None) or getattr(opt, "_base_optimizer", None)
+    return type(opt).__name__ + (f"({type(base).__name__})" if base is not None else "")
+
+
+def sharding_cases() -> list[OptimCase]:
+    """The cases the multi-process sharding tests run: every shape-aware case (their maths
+    changes under sharding) and the first case of every other optimizer class (element-wise
+    maths never looks across rows; the in-process simulator in test_shard_maths.py covers
+    every case at 2-4 simulated ranks)."""
+    seen: set[str] = set()
+    out = []
+    for c in CASES:
+        if c.create_graph:
+            continue
+        key = _class_key(c)
+        if c.shape_aware or key not in seen:
+            out.append(c)
+        seen.add(key)
+    return out

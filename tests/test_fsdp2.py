@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from tests.dist import rank, run_distributed, world_size
-from tests.optim_cases import CASES
+from tests.optim_cases import CASES, sharding_cases
 from tests.problems import UnevenModel, uneven_batch, uneven_loss
 
 STEPS = 20
-FSDP_CASES = [c for c in CASES if not c.create_graph]
+FSDP_CASES = sharding_cases()
 
 
 def _fully_shard(model):

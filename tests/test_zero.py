@@ -7,16 +7,18 @@ training on the concatenated batch.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import distopt
 from tests.dist import rank, run_distributed, world_size
-from tests.optim_cases import CASES
+from tests.optim_cases import CASES, sharding_cases
 from tests.problems import UnevenModel, uneven_batch, uneven_loss
 
 STEPS = 20
-ZERO_CASES = [c for c in CASES if not c.create_graph]
+ZERO_CASES = sharding_cases()
 
 
 def _train(case, model, opt, steps, shard_rank=0, shard_world=1):
@@ -30,7 +32,16 @@ def _train(case, model, opt, steps, shard_rank=0, shard_world=1):
         opt.step()
 
 
+@functools.lru_cache(maxsize=None)
+def _single_by_id(case_id):
+    return _single_uncached(next(c for c in CASES if c.id == case_id))
+
+
 def _single(case):
+    return _single_by_id(case.id)
+
+
+def _single_uncached(case):
     torch.manual_seed(0)
     model = UnevenModel()
     opt = case.make(model.parameters())
