@@ -44,7 +44,7 @@ def _train(model, opt, steps, shard_rank=0, shard_world=1):
         opt.step()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _single(case_id):
     case = next(c for c in CASES if c.id == case_id)
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ def _train(case, model, opt, steps, shard_rank=0, shard_world=1):
         opt.step()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _single_by_id(case_id):
     return _single_uncached(next(c for c in CASES if c.id == case_id))
 
