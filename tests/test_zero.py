@@ -117,3 +117,62 @@ def _single_steps(case, steps):
     opt = case.make(model.parameters())
     _train(case, model, opt, steps)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _bf16_master_worker(stage: int):
+    import distopt
+
+    torch.manual_seed(0)
+    model = UnevenModel().to(torch.bfloat16)
+    opt = distopt.optim.Lamb(model.parameters(), lr=1e-2)
+    smodel, opt = distopt.shard(model, opt, stage=stage, master_dtype=torch.float32)
+    # the optimizer updates fp32 master rows, the model keeps bf16
+    assert all(t.dtype == torch.float32 for g in opt.param_groups for t in g["params"])
+    for t in range(5):
+        img, tok, target = uneven_batch(t)
+        n = img.shape[0] // world_size()
+        sl = slice(rank() * n, (rank() + 1) * n)
+        opt.zero_grad()
+        loss = uneven_loss(smodel, (img[sl].bfloat16(), tok[sl], target[sl].bfloat16()), t)
+        loss.backward()
+        opt.step()
+    masters = {id(p): p for g in opt.param_groups for p in g["params"]}
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}, len(masters)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_params_with_fp32_master_rows(stage):
+    res = run_distributed(_bf16_master_worker, 2, stage, timeout=300)
+    (p0, _), (p1, _) = res
+    for name in p0:
+        assert torch.equal(p0[name], p1[name]), f"{name}: ranks disagree after all-gather"
+        assert torch.isfinite(p0[name]).all()
+    torch.manual_seed(0)
+    init = {n: p.detach().bfloat16().float() for n, p in UnevenModel().named_parameters()}
+    moved = [n for n in p0 if n != "frozen" and not torch.equal(p0[n], init[n])]
+    assert len(moved) >= 6, moved
+
+
+def _late_group_worker():
+    import distopt
+
+    torch.manual_seed(0)
+    model = UnevenModel()
+    ps = list(model.parameters())
+    opt = distopt.optim.AdamW(ps[:-2])
+    smodel, opt = distopt.shard(model, opt, stage=1)
+    opt.add_param_group({"params": ps[-2:]})
+    img, tok, target = uneven_batch(0)
+    uneven_loss(smodel, (img[:6], tok[:6], target[:6]), 0).backward()
+    try:
+        opt.step()
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.distributed
+def test_param_group_added_after_shard_is_refused():
+    msgs = run_distributed(_late_group_worker, 2, timeout=300)
+    assert all("added after distopt.shard" in m for m in msgs), msgs

@@ -228,6 +228,16 @@ class ZeroEngine:
 
     # ------------------------------------------------------------------ step
     def before_step(self) -> None:
+        known = {id(t) for t in self.shards}
+        stray = [
+            tuple(p.shape) for g in self.optimizer.param_groups for p in g["params"] if id(p) not in known
+        ]
+        if stray:
+            raise ValueError(
+                f"distopt.shard: {len(stray)} parameter(s) in the optimizer were added after "
+                f"distopt.shard (shapes {stray[:5]}) and are not partitioned; add every param "
+                "group (optimizer.add_param_group) before calling distopt.shard"
+            )
         self.reduce_gradients()
 
     def after_step(self) -> None:
