@@ -100,8 +100,12 @@ def test_accelerate_example_deepspeed_zero1():
     assert float(loss) < float(first) and float(lr) == 0.0
 
 
-def refusal_worker() -> None:
-    """Under deepspeed-zero2.yaml: Lamb through plain accelerator.prepare, as the HF Trainer does."""
+def refusal_worker(out_dir: str) -> None:
+    """Under deepspeed-zero2.yaml: Lamb through plain accelerator.prepare, as the HF Trainer does.
+
+    Each rank writes its outcome to ``<out_dir>/rank<r>.txt`` (lines printed by two processes
+    into one pipe could interleave).
+    """
     import torch
     from accelerate import Accelerator
     from torch import nn
@@ -114,29 +118,30 @@ def refusal_worker() -> None:
     model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2))
     before = [p.detach().clone() for p in model.parameters()]
     engine, opt = acc.prepare(model, O.Lamb(model.parameters(), lr=1e-2))
-    x = torch.randn(8, 6)
+    x = torch.randn(8, 6, device=acc.device)
     try:
         acc.backward(engine(x).pow(2).mean())  # DeepSpeed steps inside backward
         opt.step()
-        print("NOT REFUSED", flush=True)
+        result = "NOT REFUSED"
     except RuntimeError as exc:
-        same = all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
-        print(f"REFUSED rank={acc.process_index} world={acc.num_processes} unchanged={same}: {exc}", flush=True)
+        same = all(torch.equal(a, b.cpu()) for a, b in zip(before, engine.module.parameters()))
+        result = f"REFUSED world={acc.num_processes} unchanged={same}: {exc}"
+    Path(out_dir, f"rank{acc.process_index}.txt").write_text(result)
     acc.wait_for_everyone()
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(400)
-def test_deepspeed_zero2_refuses_shape_aware_through_accelerator_prepare():
+def test_deepspeed_zero2_refuses_shape_aware_through_accelerator_prepare(tmp_path):
     pytest.importorskip("deepspeed")
-    proc = _accelerate("deepspeed-zero2.yaml", [str(Path(__file__).resolve())])
-    out = proc.stdout
-    lines = [ln for ln in out.splitlines() if ln.startswith("REFUSED")]
-    assert len(lines) == 2 and "NOT REFUSED" not in out, out[-3000:] + proc.stderr[-3000:]
-    for ln in lines:
-        assert "world=2 unchanged=True" in ln
+    proc = _accelerate("deepspeed-zero2.yaml", [str(Path(__file__).resolve()), str(tmp_path)])
+    results = [(tmp_path / f"rank{r}.txt") for r in range(2)]
+    assert all(f.is_file() for f in results), proc.stdout[-3000:] + proc.stderr[-3000:]
+    for f in results:
+        text = f.read_text()
+        assert text.startswith("REFUSED world=2 unchanged=True"), text
         for word in ("Lamb", "flat 1-D", "whole-tensor", "distopt.shard", "No update was applied"):
-            assert word in ln, ln
+            assert word in text, text
 
 
 @pytest.mark.parametrize("name", ["multi-gpu.yaml", "fsdp2.yaml", "multi-cpu.yaml", "deepspeed-zero1.yaml",
@@ -278,4 +283,4 @@ def test_test_distributed_sh_runs_a_test():
 
 
 if __name__ == "__main__":
-    refusal_worker()
+    refusal_worker(sys.argv[1])

@@ -53,6 +53,7 @@ clip_grad_norm_`` does not know shards).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -307,10 +308,12 @@ def kwargs_handlers() -> list[Any]:
 
     Without a GPU, Accelerate picks no process-group backend under a DeepSpeed config (each
     process then believes it is alone) and under its torchrun launcher; this returns
-    ``[InitProcessGroupKwargs(backend="gloo")]`` on a machine without CUDA, else ``[]``.  (For
+    ``[InitProcessGroupKwargs(backend="gloo")]`` in a launched process (``LOCAL_RANK`` set) on a
+    machine without CUDA, else ``[]``.  (For
     the multi-CPU config also set ``ACCELERATE_USE_CPU=1``; see launch/accelerate/multi-cpu.yaml.)
     """
-    if torch.cuda.is_available():
+    launched = os.environ.get("LOCAL_RANK") is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torch.cuda.is_available() or not launched:
         return []
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -391,6 +394,12 @@ def prepare(
             raise ValueError("prepare: the distopt optimizer holds parameters that are not the model's")
         if accelerator.device_placement:
             model.to(accelerator.device)
+        import torch.distributed as dist
+
+        if not dist.is_initialized() and accelerator.num_processes == 1:
+            # One process without a launcher: distopt ZeRO over a world of one.
+            backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         sharded, opt = distopt.shard(model, opt, stage=zero_stage, bucket_mb=bucket_mb, master_dtype=master_dtype)
         # Registered (autocast, accumulate/no_sync) but not wrapped in DDP, and not moved again:
         # the ZeRO shards are views into the parameters' storage, which a later ``.to()`` (even
