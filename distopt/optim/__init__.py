@@ -13,31 +13,33 @@ from distopt.optim._factory import (
     list_optimizers,
     register_optimizer,
 )
-from distopt.optim.adamw import AdamW
-from distopt.optim.lamb import Lamb
 
 # -- elementwise optimizers (one module each) --
 from distopt.optim.adabelief import AdaBelief
 from distopt.optim.adadelta import Adadelta
+
+# -- shape-aware optimizers --
+from distopt.optim.adafactor import Adafactor, AdafactorTimm
 from distopt.optim.adagrad import Adagrad
-from distopt.optim.adam import Adam
 from distopt.optim.adahessian import Adahessian
+from distopt.optim.adam import Adam
 from distopt.optim.adam_weight_decay import AdamWeightDecay
 from distopt.optim.adamax import Adamax
+from distopt.optim.adamp import AdamP
+from distopt.optim.adamw import AdamW
+from distopt.optim.lamb import Lamb
+from distopt.optim.lars import Lars
+
+# -- wrappers and factory --
+from distopt.optim.lookahead import Lookahead
 from distopt.optim.madgrad import MADGRAD
 from distopt.optim.nadam import Nadam
+from distopt.optim.nvnovograd import NvNovoGrad
 from distopt.optim.radam import RAdam
 from distopt.optim.rmsprop import RMSprop
 from distopt.optim.rmsprop_tf import RMSpropTF
 from distopt.optim.sgd import SGD
-# -- shape-aware optimizers --
-from distopt.optim.adafactor import Adafactor, AdafactorTimm
-from distopt.optim.adamp import AdamP
-from distopt.optim.lars import Lars
-from distopt.optim.nvnovograd import NvNovoGrad
 from distopt.optim.sgdp import SGDP
-# -- wrappers and factory --
-from distopt.optim.lookahead import Lookahead
 
 __all__ = [
     "Adafactor",

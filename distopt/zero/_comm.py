@@ -18,7 +18,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-
 def _reduce_scatter(output: Tensor, input: Tensor, group: Any) -> None:
     # looked up at call time, so wrappers around torch.distributed (counting, tracing) see it
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
