@@ -309,8 +309,8 @@ def kwargs_handlers() -> list[Any]:
     Without a GPU, Accelerate picks no process-group backend under a DeepSpeed config (each
     process then believes it is alone) and under its torchrun launcher; this returns
     ``[InitProcessGroupKwargs(backend="gloo")]`` in a launched process (``LOCAL_RANK`` set) on a
-    machine without CUDA, else ``[]``.  (For
-    the multi-CPU config also set ``ACCELERATE_USE_CPU=1``; see launch/accelerate/multi-cpu.yaml.)
+    machine without CUDA, else ``[]``.  (For the multi-CPU config also set
+    ``ACCELERATE_USE_CPU=1``; see launch/accelerate/multi-cpu.yaml.)
     """
     launched = os.environ.get("LOCAL_RANK") is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torch.cuda.is_available() or not launched:
