@@ -176,3 +176,29 @@ def _late_group_worker():
 def test_param_group_added_after_shard_is_refused():
     msgs = run_distributed(_late_group_worker, 2, timeout=300)
     assert all("added after distopt.shard" in m for m in msgs), msgs
+
+
+def _moved_worker():
+    import distopt
+
+    torch.manual_seed(0)
+    model = UnevenModel()
+    opt = distopt.optim.Lamb(model.parameters(), lr=1e-2)
+    smodel, opt = distopt.shard(model, opt, stage=2)
+    smodel._apply(lambda t: t.clone())  # what .to()/.cuda() do: new storage for every parameter
+    smodel.to("cpu")
+    _train(None, smodel, opt, 4, rank(), world_size())
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.distributed
+def test_module_to_after_shard_keeps_shards_bound():
+    res = run_distributed(_moved_worker, 2, timeout=300)
+    case = next(c for c in CASES if c.id == "lamb")
+    torch.manual_seed(0)
+    model = UnevenModel()
+    opt = distopt.optim.Lamb(model.parameters(), lr=1e-2)
+    _train(case, model, opt, 4)
+    for r in res:
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(r[n], p.detach(), rtol=1e-5, atol=1e-6)

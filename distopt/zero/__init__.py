@@ -50,6 +50,13 @@ class ShardedModule(nn.Module):
         with self._engine.no_sync():
             yield
 
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> ShardedModule:
+        # .to() / .float() / .cuda() may give the parameters new storage; the optimizer's row
+        # shards are views into it and must follow (their identity, hence the state, is kept).
+        out = super()._apply(fn, *args, **kwargs)
+        self._engine.rebind_shards()
+        return out
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the full gradients and the reduced gradient shards."""
         self._engine.zero_grad(set_to_none)

@@ -274,6 +274,24 @@ class ZeroEngine:
                         dst.copy_(regions[r, s.offsets[r] : s.offsets[r] + n].view(dst.shape))
 
     # ------------------------------------------------------------------ misc
+    @torch.no_grad()
+    def rebind_shards(self) -> None:
+        """Point the row views at the parameters' current storage (after ``module.to(...)``)."""
+        for s in self.slots:
+            shard = self.shards[s.index]
+            view = s.rows_view(s.param.detach(), self.rank)
+            if self.master_dtype is not None and self.master_dtype != s.param.dtype:
+                if shard.device != view.device:
+                    shard.data = shard.data.to(view.device)
+                continue
+            if shard.dtype != view.dtype:
+                raise ValueError(
+                    f"distopt.shard: {s.name} changed dtype to {view.dtype} after sharding; the "
+                    f"optimizer's rows are {shard.dtype} (use master_dtype= for mixed precision)"
+                )
+            shard.set_(view)
+
+
     @contextmanager
     def no_sync(self) -> Iterator[None]:
         prev = self.sync_enabled
