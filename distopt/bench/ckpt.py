@@ -153,6 +153,7 @@ def _worker(rank: int, world: int, store_dir: str, cfg: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # DeepSpeed reads these
     store = dist.FileStore(os.path.join(store_dir, "store"), world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     device = torch.device("cpu")
