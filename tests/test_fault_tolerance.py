@@ -6,8 +6,10 @@ without the fault."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,10 +20,17 @@ TINY = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--seq-len", "32",
         "--max-steps", "10", "--warmup-steps", "2", "--log-every", "5", "--no-progress", "--save-every", "4"]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(tmp: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    # an own port and rendezvous id: concurrent tests must never join each other's rendezvous
     env = dict(os.environ, OMP_NUM_THREADS="1", DISTOPT_PYTHON=sys.executable, NPROC="2",
-               MAX_RESTARTS="1", PYTHONPATH=str(ROOT))
-    env.pop("MASTER_PORT", None)
+               MAX_RESTARTS="1", PYTHONPATH=str(ROOT), MASTER_PORT=str(_free_port()),
+               RDZV_ID=f"ft-{uuid.uuid4().hex[:8]}")
     return subprocess.run(
         ["bash", str(ROOT / "launch" / "train.sh"), *TINY, "--save-dir", str(tmp / name),
          "--final-state", str(tmp / f"{name}.pt"), *extra],
