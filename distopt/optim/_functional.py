@@ -75,6 +75,17 @@ def amsgrad_max_(max_sqs: list[Tensor], exp_avg_sqs: list[Tensor]) -> list[Tenso
     return max_sqs
 
 
+def fused_adam_ok(params: Sequence[Tensor]) -> bool:
+    """Whether torch's fused Adam/AdamW kernels take these tensors (one CPU/CUDA device, one
+    fp32/fp64 dtype)."""
+    dev, dtype = params[0].device, params[0].dtype
+    return (
+        dev.type in ("cpu", "cuda")
+        and dtype in (torch.float32, torch.float64)
+        and all(p.device == dev and p.dtype == dtype for p in params)
+    )
+
+
 # --------------------------------------------------------------------------- weight decay
 
 

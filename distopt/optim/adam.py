@@ -100,7 +100,7 @@ class Adam(DistOptimizer):
         exp_avg_sqs = [v.state["exp_avg_sq"] for v in views]
         max_sqs = [v.state["max_exp_avg_sq"] for v in views] if amsgrad else []
 
-        if _fusable(params):
+        if F.fused_adam_ok(params):
             steps = [v.state["step"] for v in views]
             torch._foreach_add_(steps, 1.0)
             fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
@@ -124,12 +124,3 @@ class Adam(DistOptimizer):
         denom = F.adam_denominator(second, F.bias_correction(beta2, steps), eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in F.bias_correction(beta1, steps)])
 
-
-def _fusable(params: list[torch.Tensor]) -> bool:
-    """Whether torch's fused Adam kernel takes these tensors (one CPU/CUDA device, one float dtype)."""
-    dev, dtype = params[0].device, params[0].dtype
-    return (
-        dev.type in ("cpu", "cuda")
-        and dtype in (torch.float32, torch.float64)
-        and all(p.device == dev and p.dtype == dtype for p in params)
-    )

@@ -101,7 +101,7 @@ class AdamW(DistOptimizer):
         exp_avg_sqs = [v.state["exp_avg_sq"] for v in views]
         max_sqs = [v.state["max_exp_avg_sq"] for v in views] if amsgrad else []
 
-        if group["correct_bias"] and not group["transformers_order"] and self._fusable(params):
+        if group["correct_bias"] and not group["transformers_order"] and F.fused_adam_ok(params):
             steps = [v.state["step"] for v in views]
             torch._foreach_add_(steps, 1.0)
             torch._fused_adamw_(
@@ -134,10 +134,3 @@ class AdamW(DistOptimizer):
             denom = F.adam_denominator(second, bc2, eps)
             torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in bc1])
 
-    @staticmethod
-    def _fusable(params: list[torch.Tensor]) -> bool:
-        dev = params[0].device
-        return dev.type in ("cpu", "cuda") and all(
-            p.device == dev and p.dtype in (torch.float32, torch.float64) and p.dtype == params[0].dtype
-            for p in params
-        )
