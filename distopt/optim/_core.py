@@ -12,6 +12,10 @@ Nothing here imports the sharding or checkpoint layers.  The sharding layer tell
 about its shards through :meth:`DistOptimizer.set_sharding` (which parameter tensors are dim-0
 shards, of which global shape, reduced over which process group); DTensor parameters are
 recognised on their own.
+
+Hyperparameters are declared once per optimizer, as a :class:`~distopt.optim._hyper.HyperSpec`
+in the class attribute ``hypers``; the constructor, its validation and the param-group
+``defaults`` are built from it (see :mod:`distopt.optim._hyper`).
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from distopt.optim._hyper import HyperSpec, check_betas, check_lr, check_nonneg
 
 __all__ = [
     "DistOptimizer",
@@ -34,43 +40,10 @@ __all__ = [
     "check_betas",
     "check_nonneg",
     "check_lr",
+    "HyperSpec",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def check_lr(lr: Any, name: str = "lr", allow_none: bool = False) -> None:
-    """Raise ValueError unless ``lr`` is a finite number >= 0 (or None when allowed)."""
-    if lr is None and allow_none:
-        return
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
-        lr = float(lr)
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool):
-        raise ValueError(f"{name} must be a number, got {type(lr).__name__}")
-    if not math.isfinite(lr) or lr < 0.0:
-        raise ValueError(f"Invalid {name}: {lr} (must be finite and >= 0)")
-
-
-def check_nonneg(value: Any, name: str) -> None:
-    """Raise ValueError unless ``value`` is a finite number >= 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0.0:
-        raise ValueError(f"Invalid {name}: {value} (must be finite and >= 0)")
-
-
-def check_betas(betas: Any, n: int = 2, name: str = "betas") -> None:
-    """Raise ValueError unless ``betas`` is a sequence of ``n`` numbers in [0, 1)."""
-    if not isinstance(betas, (tuple, list)) or len(betas) != n:
-        raise ValueError(f"{name} must be a tuple of {n} numbers in [0, 1), got {betas!r}")
-    for i, b in enumerate(betas):
-        if not isinstance(b, (int, float)) or isinstance(b, bool) or not (0.0 <= b < 1.0):
-            raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
 
 
 # --------------------------------------------------------------------------- shards and views
@@ -207,14 +180,57 @@ class DistOptimizer(Optimizer):
     #: set True and override :meth:`needs_whole_tensors`.
     elementwise: bool = False
 
+    #: the hyperparameters (see :mod:`distopt.optim._hyper`); a subclass that declares them gets
+    #: its constructor from them
+    hypers: ClassVar[HyperSpec | None] = None
+
     def __init__(self, params: Iterable, defaults: dict[str, Any]):
         super().__init__(params, defaults)
         self._shard_specs: dict[int, ShardSpec] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        spec = cls.__dict__.get("hypers")
+        if spec is None:
+            return
+        if "__init__" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__} declares `hypers` and its own __init__: the spec builds the constructor"
+            )
+        cls.__init__ = _constructor(cls, spec)  # type: ignore[method-assign]
+
+    def _configure(self, params: Any, hypers: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Checks across hyperparameters and derived param-group entries (after each one's own check).
+
+        Returns ``(params, defaults)``.  The default returns its arguments; a subclass overrides
+        it for constraints between options or group entries computed from them.
+        """
+        return params, hypers
 
     # ------------------------------------------------------------------ sharding hooks
     def set_sharding(self, specs: dict[Tensor, ShardSpec]) -> None:
         """Declare which param-group tensors are dim-0 shards (called by the sharding layer)."""
         self._shard_specs = {id(p): s for p, s in specs.items()}
+
+    def register_zero_grad_post_hook(self, hook: Callable[[Optimizer, bool], None]) -> Any:
+        """Run ``hook(optimizer, set_to_none)`` after every :meth:`zero_grad`.
+
+        For the sharding layer, which holds gradients outside the param groups (the full local
+        gradients of a ``no_sync`` window) that ``optimizer.zero_grad()`` must clear as well.
+        Returns a ``torch.utils.hooks.RemovableHandle``.
+        """
+        from torch.utils.hooks import RemovableHandle
+
+        hooks = self.__dict__.setdefault("_zero_grad_post_hooks", {})
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = hook
+        return handle
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``, then the hooks of :meth:`register_zero_grad_post_hook`."""
+        super().zero_grad(set_to_none)
+        for hook in list(self.__dict__.get("_zero_grad_post_hooks", {}).values()):
+            hook(self, set_to_none)
 
     def shard_spec(self, p: Tensor) -> ShardSpec | None:
         """The :class:`ShardSpec` of a param-group tensor, or None if it is not a ZeRO shard."""
@@ -340,6 +356,24 @@ class DistOptimizer(Optimizer):
         return torch.zeros((), dtype=torch.float32)
 
 
+def _constructor(cls: type, spec: HyperSpec) -> Callable[..., None]:
+    """The ``__init__`` of ``cls`` built from its spec: bind, validate, configure, initialise."""
+
+    def __init__(self: DistOptimizer, *args: Any, **kwargs: Any) -> None:
+        params, hypers = spec.bind(cls.__name__, self, args, kwargs)
+        params, defaults = self._configure(params, hypers)
+        DistOptimizer.__init__(self, params, defaults)
+
+    __init__.__signature__ = spec.signature  # type: ignore[attr-defined]
+    sig = spec.signature
+    notes = {p.name: p.annotation for p in sig.parameters.values() if p.annotation is not p.empty}
+    __init__.__annotations__ = notes | {"return": "None"}
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__module__ = cls.__module__
+    __init__.__doc__ = f"Validate the hyperparameters (see :class:`{cls.__name__}`), build the groups."
+    return __init__
+
+
 # --------------------------------------------------------------------------- outside engines
 # DeepSpeed's ZeRO (and fp16/bf16) optimizer wrappers replace the tensors in the client
 # optimizer's param groups by flat 1-D fp32 partitions that cut across parameters.  Element-wise
@@ -414,10 +448,3 @@ def _refuse_flat_partitions(opt: Optimizer) -> None:
         opt.__dict__["_flat_check_passed"] = key
         return
     raise RuntimeError(flat_partition_refusal(opt, f"ZeRO or fp16/bf16 ({type(wrapper).__name__})"))
-
-
-def reject_unknown_kwargs(cls_name: str, kwargs: dict[str, Any]) -> None:
-    """Raise TypeError for leftover keyword arguments (never accepted silently)."""
-    if kwargs:
-        names = ", ".join(sorted(kwargs))
-        raise TypeError(f"{cls_name}.__init__() got unexpected keyword argument(s): {names}")

@@ -1,26 +1,98 @@
-"""Adam with L2 (coupled) weight decay (Kingma & Ba, 2015), torch.optim.Adam semantics."""
+"""Adam and AdamW (Kingma & Ba, 2015; Loshchilov & Hutter, 2019): one implementation.
+
+:class:`Adam` (torch.optim.Adam semantics: L2 decay coupled to the gradient, or decoupled on
+request) and :class:`~distopt.optim.AdamW` (decoupled decay, plus the legacy transformers
+arithmetic) declare their own hyperparameters and share :class:`AdamFamily`'s state and update.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from distopt.optim import _functional as F
-from distopt.optim._core import (
-    DistOptimizer,
-    ParamView,
-    StepContext,
-    check_betas,
-    check_lr,
-    check_nonneg,
-)
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import KW_ONLY, HyperSpec, betas, flag, lr, nonneg
 
-__all__ = ["Adam"]
+__all__ = ["Adam", "AdamFamily"]
 
 
-class Adam(DistOptimizer):
+class AdamFamily(DistOptimizer):
+    """State and update shared by :class:`Adam` and :class:`~distopt.optim.AdamW`.
+
+    A subclass says through :meth:`_arithmetic` which variant a param group runs: whether the
+    decay is decoupled, whether Adam's bias corrections apply, and whether the legacy
+    transformers order (``eps`` added to ``sqrt(v)`` before the bias correction; decay after
+    the update) is used.  State per parameter: ``step`` (float32 scalar), ``exp_avg``,
+    ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``.
+    """
+
+    elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+
+    def _arithmetic(self, group: dict[str, Any]) -> tuple[bool, bool, bool]:  # pragma: no cover
+        """``(decoupled, correct_bias, transformers_order)`` of ``group``."""
+        raise NotImplementedError
+
+    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
+        view.state["step"] = self._step_tensor(view)
+        view.state["exp_avg"] = self._zeros(view)
+        view.state["exp_avg_sq"] = self._zeros(view)
+        if group["amsgrad"]:
+            view.state["max_exp_avg_sq"] = self._zeros(view)
+
+    def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
+        if not views:
+            return
+        decoupled, correct_bias, transformers_order = self._arithmetic(group)
+        lr = float(group["lr"])
+        beta1, beta2 = group["betas"]
+        eps, wd = group["eps"], group["weight_decay"]
+        amsgrad, maximize = group["amsgrad"], group["maximize"]
+        params = [v.data for v in views]
+        grads = [v.grad for v in views]
+        exp_avgs = [v.state["exp_avg"] for v in views]
+        exp_avg_sqs = [v.state["exp_avg_sq"] for v in views]
+        max_sqs = [v.state["max_exp_avg_sq"] for v in views] if amsgrad else []
+
+        if correct_bias and not transformers_order and F.fused_adam_ok(params):
+            steps = [v.state["step"] for v in views]
+            torch._foreach_add_(steps, 1.0)
+            fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+            fused(
+                params, list(grads), exp_avgs, exp_avg_sqs, max_sqs, steps,
+                lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps,
+                amsgrad=amsgrad, maximize=maximize,
+            )  # fmt: skip
+            return
+
+        steps = F.advance_steps(views)
+        if maximize:
+            grads = torch._foreach_neg(grads)
+        if correct_bias:
+            bc1, bc2 = F.bias_correction(beta1, steps), F.bias_correction(beta2, steps)
+        else:
+            bc1 = bc2 = [1.0] * len(views)
+        if not decoupled:
+            grads = F.l2_decay(grads, params, wd)
+        elif not transformers_order:
+            F.decoupled_decay_(params, lr, wd)
+        F.ema_(exp_avgs, grads, beta1)
+        F.ema_sq_(exp_avg_sqs, grads, beta2)
+        second = F.amsgrad_max_(max_sqs, exp_avg_sqs) if amsgrad else exp_avg_sqs
+        if transformers_order:
+            denom = torch._foreach_sqrt(second)
+            torch._foreach_add_(denom, eps)
+            step_sizes = [-lr * (b2**0.5) / b1 for b1, b2 in zip(bc1, bc2)]
+            torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+            if wd != 0.0:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+        else:
+            denom = F.adam_denominator(second, bc2, eps)
+            torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in bc1])
+
+
+class Adam(AdamFamily):
     r"""Adam, with the options and defaults of ``torch.optim.Adam``.
 
     Update rule for step ``t`` (element-wise)::
@@ -51,76 +123,16 @@ class Adam(DistOptimizer):
     Element-wise: exact under any sharding without communication.
     """
 
-    elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+    hypers = HyperSpec(
+        lr(1e-3),
+        betas((0.9, 0.999)),
+        nonneg("eps", 1e-8),
+        nonneg("weight_decay", 0.0),
+        flag("amsgrad", False),
+        KW_ONLY,
+        flag("maximize", False),
+        flag("decoupled_weight_decay", False),
+    )
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        amsgrad: bool = False,
-        *,
-        maximize: bool = False,
-        decoupled_weight_decay: bool = False,
-    ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_nonneg(eps, "eps")
-        check_nonneg(weight_decay, "weight_decay")
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
-        super().__init__(params, defaults)
-
-    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
-        view.state["step"] = self._step_tensor(view)
-        view.state["exp_avg"] = self._zeros(view)
-        view.state["exp_avg_sq"] = self._zeros(view)
-        if group["amsgrad"]:
-            view.state["max_exp_avg_sq"] = self._zeros(view)
-
-    def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
-        if not views:
-            return
-        lr = float(group["lr"])
-        beta1, beta2 = group["betas"]
-        eps, wd = group["eps"], group["weight_decay"]
-        amsgrad, maximize, decoupled = group["amsgrad"], group["maximize"], group["decoupled_weight_decay"]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        exp_avgs = [v.state["exp_avg"] for v in views]
-        exp_avg_sqs = [v.state["exp_avg_sq"] for v in views]
-        max_sqs = [v.state["max_exp_avg_sq"] for v in views] if amsgrad else []
-
-        if F.fused_adam_ok(params):
-            steps = [v.state["step"] for v in views]
-            torch._foreach_add_(steps, 1.0)
-            fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
-            fused(
-                params, list(grads), exp_avgs, exp_avg_sqs, max_sqs, steps,
-                lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps,
-                amsgrad=amsgrad, maximize=maximize,
-            )  # fmt: skip
-            return
-
-        steps = F.advance_steps(views)
-        if maximize:
-            grads = torch._foreach_neg(grads)
-        if decoupled:
-            F.decoupled_decay_(params, lr, wd)
-        else:
-            grads = F.l2_decay(grads, params, wd)
-        F.ema_(exp_avgs, grads, beta1)
-        F.ema_sq_(exp_avg_sqs, grads, beta2)
-        second = F.amsgrad_max_(max_sqs, exp_avg_sqs) if amsgrad else exp_avg_sqs
-        denom = F.adam_denominator(second, F.bias_correction(beta2, steps), eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in F.bias_correction(beta1, steps)])
-
+    def _arithmetic(self, group: dict[str, Any]) -> tuple[bool, bool, bool]:
+        return bool(group["decoupled_weight_decay"]), True, False

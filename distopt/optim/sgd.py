@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from distopt.optim import _functional as F
-from distopt.optim._core import (
-    DistOptimizer,
-    ParamView,
-    StepContext,
-    check_lr,
-    check_nonneg,
-)
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import KW_ONLY, HyperSpec, check_nesterov, flag, lr, nonneg
 
 __all__ = ["SGD"]
 
@@ -47,32 +41,19 @@ class SGD(DistOptimizer):
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
-        *,
-        maximize: bool = False,
-    ) -> None:
-        check_lr(lr)
-        check_nonneg(momentum, "momentum")
-        check_nonneg(dampening, "dampening")
-        check_nonneg(weight_decay, "weight_decay")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires momentum > 0 and zero dampening")
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults)
+    hypers = HyperSpec(
+        lr(1e-3),
+        nonneg("momentum", 0.0),
+        nonneg("dampening", 0.0),
+        nonneg("weight_decay", 0.0),
+        flag("nesterov", False),
+        KW_ONLY,
+        flag("maximize", False),
+    )
+
+    def _configure(self, params: Any, hypers: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        check_nesterov(hypers)
+        return params, hypers
 
     def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
         # The momentum buffer starts as the first gradient (torch semantics), so it is created
