@@ -4,21 +4,19 @@
   ``torch.distributed.checkpoint``; logical content keyed by parameter name and each
   optimizer's own state names; model, optimizer, scheduler, accumulator, per-rank RNG streams
   and user ``extra``.
-* :class:`CheckpointManager` — ``step-N`` folders, atomic commits, rotation, ``latest()``.
+  ``save(..., async_=True)`` writes in the background (:func:`wait` joins it).  Every failure,
+  on any rank and in any phase, is one :class:`CheckpointError` raised on every rank.
+* :class:`CheckpointManager` — ``step-N`` folders, atomic commits, rotation, ``latest()``,
+  ``load_latest(fallback=True)`` stepping back past damaged checkpoints.
 * :func:`load_optimizer_state_dict` / :func:`consolidate` — import a classic ``torch.save``d
   optimizer state dict into a sharded run; export a checkpoint back to that format.
 """
 
+from distopt.checkpoint._common import CheckpointError
 from distopt.checkpoint._foreign import consolidate, load_optimizer_state_dict
 from distopt.checkpoint._manager import CheckpointManager
-from distopt.checkpoint._save_load import (
-    CheckpointError,
-    is_complete,
-    load,
-    read_meta,
-    save,
-    verify,
-)
+from distopt.checkpoint._save import save, wait
+from distopt.checkpoint._save_load import is_complete, load, read_meta, verify
 
 __all__ = [
     "CheckpointError",
@@ -30,4 +28,5 @@ __all__ = [
     "read_meta",
     "save",
     "verify",
+    "wait",
 ]

@@ -25,12 +25,20 @@ def _inspect(args: argparse.Namespace) -> int:
         verify(path)
     when = _dt.datetime.fromtimestamp(meta["time"]).isoformat(timespec="seconds")
     print(f"checkpoint   {path}")
-    print(f"saved        {when} by distopt {meta['distopt_version']} (torch {meta['torch_version']})")
+    print(
+        f"saved        {when} by distopt {meta['distopt_version']} (torch {meta['torch_version']})"
+    )
     print(f"step         {meta.get('step')}")
     print(f"world size   {meta['world_size']}  mode {meta['mode']}")
     print(f"optimizer    {meta['optimizer_class']}")
-    print(f"scheduler    {meta['scheduler_class']}"
-          + (f" (last_epoch {meta['scheduler'].get('last_epoch')})" if isinstance(meta.get("scheduler"), dict) else ""))
+    print(
+        f"scheduler    {meta['scheduler_class']}"
+        + (
+            f" (last_epoch {meta['scheduler'].get('last_epoch')})"
+            if isinstance(meta.get("scheduler"), dict)
+            else ""
+        )
+    )
     if meta.get("accumulator") is not None:
         print(f"accumulator  {meta['accumulator']}")
     if meta.get("extra") is not None:
@@ -50,10 +58,14 @@ def _inspect(args: argparse.Namespace) -> int:
             total_state += nbytes
             tag = "" if info["kind"] == "rows" else " repl"
             parts.append(f"{name}{list(info['shape'])}{tag}")
-        print(f"{fqn:40s} {str(tuple(shape)):>16s} {meta['dtypes'].get(fqn, ''):>9s}  {', '.join(parts)}")
+        print(
+            f"{fqn:40s} {str(tuple(shape)):>16s} {meta['dtypes'].get(fqn, ''):>9s}  {', '.join(parts)}"
+        )
     print()
-    print(f"parameters: {len(meta['params'])}, optimizer state: {_fmt_bytes(total_state)} in all "
-          f"(~{_fmt_bytes(total_state / max(meta['world_size'], 1))} per rank when saved)")
+    print(
+        f"parameters: {len(meta['params'])}, optimizer state: {_fmt_bytes(total_state)} in all "
+        f"(~{_fmt_bytes(total_state / max(meta['world_size'], 1))} per rank when saved)"
+    )
     return 0
 
 
@@ -82,14 +94,21 @@ def _consolidate(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ckpt", help="inspect or consolidate distopt checkpoints")
     s = p.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
-    i = s.add_parser("inspect", help="print step, world size, mode, optimizer, schedule and state sizes")
+    i = s.add_parser(
+        "inspect", help="print step, world size, mode, optimizer, schedule and state sizes"
+    )
     i.add_argument("dir")
     i.add_argument("--verify", action="store_true", help="also check every file's size and CRC32")
     i.set_defaults(func=_inspect)
-    c = s.add_parser("consolidate", help="write a classic torch.save optimizer state_dict (one process)")
+    c = s.add_parser(
+        "consolidate", help="write a classic torch.save optimizer state_dict (one process)"
+    )
     c.add_argument("dir")
     c.add_argument("out", help="output .pt file: the optimizer state_dict (torch.optim format)")
     c.add_argument("--model-out", help="also write the model state_dict here")
-    c.add_argument("--everything", action="store_true",
-                   help="write a dict with model, optimizer, scheduler, accumulator and extra instead")
+    c.add_argument(
+        "--everything",
+        action="store_true",
+        help="write a dict with model, optimizer, scheduler, accumulator and extra instead",
+    )
     c.set_defaults(func=_consolidate)

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distopt.checkpoint._common import CheckpointError
 from distopt.checkpoint._layout import entries, local_of
-from distopt.checkpoint._save_load import CheckpointError, read_meta
+from distopt.checkpoint._save_load import read_meta
 
 
 def _row_slice(value: Tensor, rows: tuple[int, int] | None, zero_dim_param: bool) -> Tensor:
@@ -44,7 +45,11 @@ def load_optimizer_state_dict(
     FSDP2 the DTensor parameters tell the layout themselves.  Group hyperparameters present in
     both (lr, betas, weight_decay, initial_lr, ...) are taken from ``state_dict``.
     """
-    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+    if (
+        not isinstance(state_dict, dict)
+        or "state" not in state_dict
+        or "param_groups" not in state_dict
+    ):
         raise ValueError("expected an optimizer state_dict with 'state' and 'param_groups' keys")
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
@@ -53,7 +58,9 @@ def load_optimizer_state_dict(
         )
     for i, (a, b) in enumerate(zip(saved_groups, optimizer.param_groups)):
         if len(a["params"]) != len(b["params"]):
-            raise ValueError(f"param group {i}: the state_dict has {len(a['params'])} parameters, the optimizer {len(b['params'])}")
+            raise ValueError(
+                f"param group {i}: the state_dict has {len(a['params'])} parameters, the optimizer {len(b['params'])}"
+            )
     layout = {}
     if model is not None:
         layout = {id(e.opt_tensor): e for e in entries(model, optimizer)}
@@ -75,23 +82,38 @@ def load_optimizer_state_dict(
                 import torch.distributed as dist
 
                 full_shape = p.shape
-                rows = _chunk_bounds(p.shape[0], dist.get_world_size(pg))[dist.get_rank(pg)] if sharded else None
+                rows = (
+                    _chunk_bounds(p.shape[0], dist.get_world_size(pg))[dist.get_rank(pg)]
+                    if sharded
+                    else None
+                )
             else:
                 spec = getattr(optimizer, "shard_spec", lambda _p: None)(p)
                 if spec is not None:
-                    raise ValueError("this optimizer is sharded by distopt.shard: pass model=<the sharded model>")
+                    raise ValueError(
+                        "this optimizer is sharded by distopt.shard: pass model=<the sharded model>"
+                    )
                 full_shape, rows = p.shape, None
             dev = local_of(None, p).device if type(p).__name__ == "DTensor" else p.device
             st: dict[str, Any] = {}
             for name, v in src.items():
-                if name == "step" and not isinstance(v, Tensor) and hasattr(optimizer, "_init_state"):
+                if (
+                    name == "step"
+                    and not isinstance(v, Tensor)
+                    and hasattr(optimizer, "_init_state")
+                ):
                     v = torch.tensor(float(v), dtype=torch.float32)
                 if not isinstance(v, Tensor):
                     st[name] = v
                     continue
                 zero_dim = len(full_shape) == 0
                 param_like = (
-                    v.dim() >= 1 and (classify(name, v, full_shape) if classify else tuple(v.shape) == tuple(full_shape))
+                    v.dim() >= 1
+                    and (
+                        classify(name, v, full_shape)
+                        if classify
+                        else tuple(v.shape) == tuple(full_shape)
+                    )
                 ) or (zero_dim and v.dim() == 0 and name != "step")
                 if param_like:
                     v = _row_slice(v, rows, zero_dim)
@@ -169,5 +191,7 @@ def consolidate(path: str | os.PathLike) -> dict[str, Any]:
         "scheduler": meta.get("scheduler"),
         "accumulator": meta.get("accumulator"),
         "extra": meta.get("extra"),
-        "meta": {k: meta[k] for k in ("world_size", "mode", "optimizer_class", "scheduler_class", "step")},
+        "meta": {
+            k: meta[k] for k in ("world_size", "mode", "optimizer_class", "scheduler_class", "step")
+        },
     }

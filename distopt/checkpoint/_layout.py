@@ -86,7 +86,11 @@ def entries(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[E
             if s is None:
                 out.append(Entry(name, p, p, p.shape, None, eng.rank, eng.group))
             else:
-                out.append(Entry(name, p, eng.shards[s.index], s.shape, list(s.bounds), eng.rank, eng.group))
+                out.append(
+                    Entry(
+                        name, p, eng.shards[s.index], s.shape, list(s.bounds), eng.rank, eng.group
+                    )
+                )
         return out
     inner = unwrap(model)
     out = []

@@ -6,19 +6,12 @@ import logging
 import os
 import re
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
-from distopt.checkpoint._save_load import (
-    _barrier,
-    _rank,
-    _stage,
-    _write_atomic_bytes,
-    is_complete,
-    load,
-    save,
-)
+from distopt.checkpoint._common import CheckpointError, agree, describe, rank, write_atomic_bytes
+from distopt.checkpoint._save import save, wait
+from distopt.checkpoint._save_load import _stage, is_complete, load
 
 log = logging.getLogger("distopt.checkpoint")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -38,21 +31,30 @@ class CheckpointManager:
         root: the folder holding the checkpoints.
         keep_last: how many committed checkpoints to keep (default 3; None keeps all).
         every: save interval in steps for :meth:`maybe_save` (default 1).
-        async_save: write in a background thread after taking a CPU snapshot? Not supported
-            across ranks yet: ``True`` raises NotImplementedError (saves are synchronous).
+        async_save: save asynchronously (``distopt.checkpoint.save(..., async_=True)``): each
+            save takes a snapshot and returns, the files are written in the background, and the
+            ``latest`` pointer moves (and rotation runs) only once every rank's files are
+            committed.  The next save, :meth:`wait` and interpreter exit wait for it; a failure
+            is raised there, on every rank.
     """
 
-    def __init__(self, root: str | os.PathLike, keep_last: int | None = 3, every: int = 1, async_save: bool = False):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        keep_last: int | None = 3,
+        every: int = 1,
+        async_save: bool = False,
+    ):
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise ValueError(f"keep_last must be a positive integer or None, got {keep_last!r}")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
-        if async_save:
-            raise NotImplementedError("async_save is not supported yet; saves are synchronous and atomic")
+        if not isinstance(async_save, bool):
+            raise ValueError(f"async_save must be True or False, got {async_save!r}")
+        self.async_save = async_save
         self.root = Path(root)
         self.keep_last = keep_last
         self.every = every
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ discovery
     def steps(self) -> list[int]:
@@ -90,31 +92,71 @@ class CheckpointManager:
         return self.save(step, **objects)
 
     def save(self, step: int, **objects: Any) -> Path:
-        """Save ``objects`` (model=, optimizer=, scheduler=, accumulator=, extra=) as step ``step``."""
+        """Save ``objects`` (model=, optimizer=, scheduler=, accumulator=, extra=) as step ``step``.
+
+        Returns the folder; with ``async_save`` it is complete only after :meth:`wait` (or the
+        next save) returned."""
+        wait()
         path = self.path_for(step)
-        if _rank() == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-        _barrier()
-        save(path, **objects)
-        if _rank() == 0:
-            _stage("committed")
-            _write_atomic_bytes(self.root / "latest", (path.name + "\n").encode())
-            self._rotate()
-        _barrier()
+        err = None
+        if rank() == 0:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                err = describe(exc, self.root)
+        agree(err, what=f"cannot save checkpoint {path}")
+        save(path, async_=self.async_save, _on_commit=self._committed, **objects)
         return path
 
-    def load_latest(self, **objects: Any) -> Any:
+    def wait(self) -> Path | None:
+        """Wait for the asynchronous save in flight (if any); see :func:`distopt.checkpoint.wait`."""
+        return wait()
+
+    def _committed(self, path: Path) -> None:  # rank 0, after the rename
+        _stage("committed")
+        write_atomic_bytes(self.root / "latest", (path.name + "\n").encode())
+        self._rotate()
+
+    def load_latest(self, fallback: bool = True, **objects: Any) -> Any:
         """Load the newest complete checkpoint into ``objects``; returns its ``extra`` or None
-        when there is no checkpoint yet (a fresh start)."""
-        path = self.latest()
-        if path is None:
+        when there is no checkpoint yet (a fresh start).
+
+        With ``fallback`` (default), a checkpoint found damaged (unreadable marker or metadata,
+        missing, truncated or corrupted files: ``CheckpointError.corrupt``) is skipped with a
+        warning naming it and the cause, and the next older one is tried; the error is raised
+        when none is left.  Errors that are not damage (the checkpoint does not fit the model)
+        are raised at once.  Collective: every rank takes the same decision.
+        """
+        wait()
+        candidates = [self.path_for(s) for s in reversed(self.steps())]
+        latest = self.latest()
+        if latest is not None and latest in candidates:
+            candidates.remove(latest)
+            candidates.insert(0, latest)
+        if not candidates:
             return None
-        log.info("resuming from %s", path)
-        return load(path, **objects)
+        first_err: CheckpointError | None = None
+        for path in candidates:
+            log.info("resuming from %s", path)
+            try:
+                return load(path, **objects)
+            except CheckpointError as exc:
+                if not (fallback and exc.corrupt):
+                    raise
+                first_err = first_err or exc
+                log.warning("skipping damaged checkpoint %s: %s", path, exc)
+        raise CheckpointError(
+            f"every checkpoint under {self.root} is damaged ({len(candidates)} tried); newest: {first_err}",
+            corrupt=True,
+        )
 
     def _rotate(self) -> None:
         for d in self.root.iterdir():  # leftovers of interrupted saves
-            if d.is_dir() and d.name.endswith(".partial") and _STEP_DIR.match(d.name[: -len(".partial")]):
+            if (
+                d.is_dir()
+                and d.name.endswith(".partial")
+                and _STEP_DIR.match(d.name[: -len(".partial")])
+            ):
                 step = int(_STEP_DIR.match(d.name[: -len(".partial")]).group(1))
                 if self.steps() and step < self.steps()[-1]:
                     shutil.rmtree(d, ignore_errors=True)

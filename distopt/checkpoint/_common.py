@@ -1,0 +1,165 @@
+"""Shared pieces of the checkpoint package: the one exception type, cross-rank agreement on
+errors, error descriptions in words, and small file helpers."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read, is incomplete or corrupted, or does not fit the
+    model/optimizer.  Raised on every rank alike (never only on the rank that saw the problem).
+
+    Attributes:
+        corrupt: True when the checkpoint itself is damaged (missing, truncated or changed files,
+            an unreadable marker or metadata file): ``CheckpointManager.load_latest`` then steps
+            back to an older checkpoint.  False for a checkpoint that is fine but does not fit.
+    """
+
+    def __init__(self, message: str, *, corrupt: bool = False):
+        super().__init__(message)
+        self.corrupt = corrupt
+
+
+# --------------------------------------------------------------------------- distributed helpers
+
+
+def dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist_on() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist_on() else 1
+
+
+def barrier(group: Any = None) -> None:
+    if dist_on():
+        dist.barrier(group=group)
+
+
+def gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    if not dist_on():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def agree(err: str | None, *, corrupt: bool = False, group: Any = None, what: str = "") -> None:
+    """Raise the same :class:`CheckpointError` on every rank if any rank reports an error.
+
+    ``err`` is this rank's error in words (None: fine).  Every rank must call this at the same
+    point: it is one small all-gather, and it is what keeps a rank-local failure from leaving
+    the other ranks waiting in the next collective.
+    """
+    gathered = gather_objects((err, corrupt), group)
+    errs = [(r, e, c) for r, (e, c) in enumerate(gathered) if e]
+    if not errs:
+        return
+    lines = [
+        e if e.startswith("rank ") or len(gathered) == 1 else f"rank {r}: {e}" for r, e, _ in errs
+    ]
+    head = f"{what}: " if what else ""
+    msg = head + lines[0] if len(lines) == 1 else head + "\n  " + "\n  ".join(lines)
+    raise CheckpointError(msg, corrupt=any(c for _, _, c in errs))
+
+
+# --------------------------------------------------------------------------- errors in words
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def describe(
+    exc: BaseException, where: str | os.PathLike | None = None, needs: int | None = None
+) -> str:
+    """One exception in words: which file, what went wrong (full disk with free space)."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    if isinstance(exc, CheckpointException):
+        parts = []
+        for r, (inner, _trace) in sorted(exc.failures.items()):
+            parts.append(f"rank {r}: {describe(inner, where, needs)}")
+        return "; ".join(parts) or str(exc).splitlines()[0]
+    if isinstance(exc, CheckpointError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        fname = exc.filename or where
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            what = {
+                errno.ENOSPC: "no space left on device",
+                errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file too large for this file system or limit",
+            }[exc.errno]
+            free = free_bytes(fname or ".")
+            msg = f"{what} writing {fname}"
+            if free is not None:
+                msg += f": {fmt_bytes(free)} free"
+            if needs:
+                msg += f", the checkpoint needs ~{fmt_bytes(needs)} in all"
+            return msg
+        return f"{exc.strerror or exc} ({fname})" if fname else f"{type(exc).__name__}: {exc}"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    loc = f" ({where})" if where else ""
+    return f"{type(exc).__name__}: {text}{loc}"
+
+
+# --------------------------------------------------------------------------- files
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a ``.tmp`` file and a rename; the ``.tmp`` file is
+    removed again when the write fails (a full disk keeps nothing half-written)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(tmp)) from exc
+        raise
+    os.replace(tmp, path)
