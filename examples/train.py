@@ -60,6 +60,12 @@ def distopt_features() -> dict[str, object]:
     }
 
 
+def _shard_takes_mesh(feat: dict) -> bool:
+    import inspect
+
+    return "mesh" in inspect.signature(feat["shard"]).parameters
+
+
 def _fully_shard():
     try:
         from torch.distributed.fsdp import fully_shard
@@ -97,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--zero", type=int, choices=(0, 1, 2), default=0, help="distopt ZeRO stage (0: plain DDP)"
     )
     g.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2")
+    g.add_argument(
+        "--hybrid", action="store_true",
+        help="with --zero or --fsdp: shard within each node, replicate across nodes "
+        "(a 2-D replicate x shard mesh; only each rank's shard crosses the inter-node link)",
+    )
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save-dir", type=Path, default=None)
@@ -117,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sample", type=int, default=0, metavar="N", help="print N sampled characters at the end"
     )
     g.add_argument("--no-progress", action="store_true", help="log lines instead of a tqdm bar")
+    g.add_argument(
+        "--step-stats", type=Path, default=None, metavar="PATH",
+        help="append a JSON line per step (step, seconds, bytes this node sent on each "
+        "non-loopback network interface) to PATH.node<N>, from the first process of each node",
+    )
     return p
 
 
@@ -191,6 +207,10 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace, fea
             "--fsdp and --zero are alternatives (FSDP2 shards parameters, gradients "
             "and optimizer state itself); use one"
         )
+    if args.hybrid and not (args.zero or args.fsdp):
+        parser.error("--hybrid needs --zero 1|2 or --fsdp (it chooses how they shard)")
+    if args.hybrid and args.zero and feat["shard"] is not None and not _shard_takes_mesh(feat):
+        parser.error("--hybrid --zero needs distopt.shard(mesh=...), which this checkout lacks")
     if args.zero and feat["shard"] is None:
         parser.error(f"--zero {args.zero} needs distopt.shard, which this checkout lacks")
     if args.zero and feat["create_optimizer_v2"] is None:
@@ -335,21 +355,76 @@ def build_scheduler(args: argparse.Namespace, optimizer, feat: dict):
 def wrap_model(args: argparse.Namespace, model: torch.nn.Module, d: Dist, feat: dict):
     """Returns ``(model_for_training, optimizer)``; the optimizer is built here because FSDP2
     must shard the parameters before the optimizer sees them and ZeRO needs it to shard."""
+    mesh = hybrid_mesh(d) if args.hybrid else None
     if args.fsdp:
         fully_shard = _fully_shard()
+        kw = {} if mesh is None else {"mesh": mesh}  # a 2-D mesh: FSDP2's HSDP
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
         return model, build_optimizer(args, model, feat)
     optimizer = build_optimizer(args, model, feat)
     if args.zero:
-        return feat["shard"](model, optimizer, stage=args.zero)
+        kw = {} if mesh is None else {"mesh": mesh}
+        return feat["shard"](model, optimizer, stage=args.zero, **kw)
     if d.initialized and d.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
         return ddp, optimizer
     return model, optimizer
+
+
+def hybrid_mesh(d: Dist):
+    """A (replicate, shard) DeviceMesh: shard over the processes of a node, replicate across
+    nodes (torchrun numbers the ranks of a node contiguously)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+    if d.world_size % local:
+        raise SystemExit(
+            f"--hybrid: world size {d.world_size} is not a multiple of the processes per node "
+            f"({local}); every node must run the same number of processes"
+        )
+    return init_device_mesh(
+        d.device.type, (d.world_size // local, local), mesh_dim_names=("replicate", "shard")
+    )
+
+
+class StepStats:
+    """--step-stats: per step wall time and this node's network bytes sent, as JSON lines."""
+
+    def __init__(self, path: Path | None, d: Dist):
+        self.file = None
+        if path is None or int(os.environ.get("LOCAL_RANK", 0)) != 0:
+            return
+        node = int(os.environ.get("GROUP_RANK", 0))
+        self.file = open(f"{path}.node{node}", "a", encoding="utf-8")  # noqa: SIM115
+        self.d = d
+        self.t = time.perf_counter()
+
+    @staticmethod
+    def _tx_bytes() -> dict[str, int]:
+        out = {}
+        for dev in sorted(Path("/sys/class/net").glob("*")):
+            if dev.name == "lo":
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                out[dev.name] = int((dev / "statistics" / "tx_bytes").read_text())
+        return out
+
+    def record(self, step: int) -> None:
+        if self.file is None:
+            return
+        import json
+
+        if self.d.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        rec = {"step": step, "seconds": now - self.t, "tx_bytes": self._tx_bytes()}
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        self.t = now
 
 
 def clip_gradients(args: argparse.Namespace, model: torch.nn.Module, feat: dict) -> None:
@@ -549,9 +624,9 @@ def _train(args: argparse.Namespace, d: Dist, feat: dict) -> dict:
     if args.save_dir is not None:
         start_step = maybe_resume(args, model, optimizer, scheduler, accumulator, feat)
     mode = (
-        "fsdp2"
+        ("hsdp" if args.hybrid else "fsdp2")
         if args.fsdp
-        else f"zero-{args.zero}"
+        else f"{'hybrid ' if args.hybrid else ''}zero-{args.zero}"
         if args.zero
         else ("ddp" if d.world_size > 1 else "single process")
     )
@@ -576,12 +651,15 @@ def _train(args: argparse.Namespace, d: Dist, feat: dict) -> dict:
     t0 = time.perf_counter()
     t_window = t0
     steps_done = 0
+    stats = StepStats(args.step_stats, d)
+    stats.record(start_step)  # the counters before the first step
     for step in range(start_step, args.max_steps):
         maybe_crash(args, step, d)
         window.append(
             train_step(args, step, model, optimizer, scheduler, data, accumulator, d, feat)
         )
         steps_done += 1
+        stats.record(step + 1)
         progress.advance()
         n = step + 1
         if n == start_step + 1 or n % args.log_every == 0 or n == args.max_steps:
