@@ -39,10 +39,19 @@ def _inspect(args: argparse.Namespace) -> int:
             else ""
         )
     )
-    if meta.get("accumulator") is not None:
-        print(f"accumulator  {meta['accumulator']}")
+    acc = meta.get("accumulator")
+    acc_rows = []
+    if acc is not None:
+        pos = {k: v for k, v in acc.items() if k not in ("grads", "grads_in")}
+        print(f"accumulator  {_summary(pos)}")
+        for name, g in (acc.get("grads") or {}).items():
+            if isinstance(g, dict):  # format 2: sharded DCP entries acc/<name>
+                shape, dtype = list(g["shape"]), g["dtype"]
+            else:  # format 1: a tensor inside the metadata file
+                shape, dtype = list(g.shape), str(g.dtype).replace("torch.", "")
+            acc_rows.append((f"acc/{name}", shape, dtype))
     if meta.get("extra") is not None:
-        print(f"extra        {meta['extra']}")
+        print(f"extra        {_summary(meta['extra'])}")
     if meta.get("param_groups"):
         for i, g in enumerate(meta["param_groups"]):
             hp = {k: v for k, v in g.items() if k != "params" and not isinstance(v, (list, dict))}
@@ -61,12 +70,37 @@ def _inspect(args: argparse.Namespace) -> int:
         print(
             f"{fqn:40s} {str(tuple(shape)):>16s} {meta['dtypes'].get(fqn, ''):>9s}  {', '.join(parts)}"
         )
+    if acc_rows:
+        print()
+        print(f"{'accumulated gradient sum (mid-window)':40s} {'shape':>16s} {'dtype':>9s}  size")
+        for key, shape, dtype in acc_rows:
+            size = _fmt_bytes(math.prod(shape) * _itemsize(dtype))
+            print(f"{key:40s} {str(shape):>16s} {dtype:>9s}  {size}")
     print()
     print(
         f"parameters: {len(meta['params'])}, optimizer state: {_fmt_bytes(total_state)} in all "
         f"(~{_fmt_bytes(total_state / max(meta['world_size'], 1))} per rank when saved)"
     )
     return 0
+
+
+def _summary(obj: object, depth: int = 0) -> str:
+    """``repr`` with every tensor replaced by its shape and dtype (never its values)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return f"<tensor {list(obj.shape)} {str(obj.dtype).replace('torch.', '')}>"
+    if depth > 4:
+        return "..."
+    if isinstance(obj, dict):
+        return "{" + ", ".join(f"{k!r}: {_summary(v, depth + 1)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, (list, tuple)):
+        inner = ", ".join(_summary(v, depth + 1) for v in obj[:20]) + (
+            ", ..." if len(obj) > 20 else ""
+        )
+        return f"[{inner}]" if isinstance(obj, list) else f"({inner})"
+    text = repr(obj)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _itemsize(dtype: str) -> int:

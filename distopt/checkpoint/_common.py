@@ -66,9 +66,11 @@ def agree(err: str | None, *, corrupt: bool = False, group: Any = None, what: st
     errs = [(r, e, c) for r, (e, c) in enumerate(gathered) if e]
     if not errs:
         return
-    lines = [
-        e if e.startswith("rank ") or len(gathered) == 1 else f"rank {r}: {e}" for r, e, _ in errs
-    ]
+    lines: list[str] = []
+    for r, e, _ in errs:  # torch's own errors arrive on every rank naming every rank: say once
+        line = e if e.startswith("rank ") or len(gathered) == 1 else f"rank {r}: {e}"
+        if line not in lines:
+            lines.append(line)
     head = f"{what}: " if what else ""
     msg = head + lines[0] if len(lines) == 1 else head + "\n  " + "\n  ".join(lines)
     raise CheckpointError(msg, corrupt=any(c for _, _, c in errs))
@@ -96,15 +98,19 @@ def free_bytes(path: str | os.PathLike) -> int | None:
 
 
 def describe(
-    exc: BaseException, where: str | os.PathLike | None = None, needs: int | None = None
+    exc: BaseException,
+    where: str | os.PathLike | None = None,
+    needs: int | None = None,
+    free_at_start: int | None = None,
 ) -> str:
-    """One exception in words: which file, what went wrong (full disk with free space)."""
+    """One exception in words: which file, what went wrong (a full disk: the free space now and
+    when the save started, and the size of the checkpoint's tensors)."""
     from torch.distributed.checkpoint import CheckpointException
 
     if isinstance(exc, CheckpointException):
         parts = []
         for r, (inner, _trace) in sorted(exc.failures.items()):
-            parts.append(f"rank {r}: {describe(inner, where, needs)}")
+            parts.append(f"rank {r}: {describe(inner, where, needs, free_at_start)}")
         return "; ".join(parts) or str(exc).splitlines()[0]
     if isinstance(exc, CheckpointError):
         return str(exc)
@@ -120,8 +126,10 @@ def describe(
             msg = f"{what} writing {fname}"
             if free is not None:
                 msg += f": {fmt_bytes(free)} free"
+            if free_at_start is not None:
+                msg += f" ({fmt_bytes(free_at_start)} when the save started)"
             if needs:
-                msg += f", the checkpoint needs ~{fmt_bytes(needs)} in all"
+                msg += f"; the checkpoint's tensors alone are ~{fmt_bytes(needs)}"
             return msg
         return f"{exc.strerror or exc} ({fname})" if fname else f"{type(exc).__name__}: {exc}"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

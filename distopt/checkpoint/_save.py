@@ -43,6 +43,7 @@ from distopt.checkpoint._common import (
     agree,
     describe,
     dist_on,
+    free_bytes,
     fsync_dir,
     gather_objects,
     write_atomic_bytes,
@@ -413,6 +414,7 @@ def _write_and_commit(
 
     rank, world = _rank(), _world()
     t0 = time.perf_counter()
+    free0 = free_bytes(tmp)
     what = f"saving checkpoint {path} failed"
     writer = ChecksumWriter(tmp)
     err = None
@@ -422,7 +424,7 @@ def _write_and_commit(
             warnings.simplefilter("ignore", category=UserWarning)
             dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=not dist_on())
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's is a BaseException
-        err = describe(exc, tmp, needs)
+        err = describe(exc, tmp, needs, free0)
     finally:
         writer.close()
     _agree_or_clean(err, tmp, group, what + " writing tensors")
@@ -433,7 +435,7 @@ def _write_and_commit(
     try:
         write_atomic_bytes(tmp / rng_name, rng_bytes)
     except OSError as exc:
-        err = describe(exc, tmp / rng_name, needs)
+        err = describe(exc, tmp / rng_name, needs, free0)
     _agree_or_clean(err, tmp, group, what + " writing RNG states")
 
     err = None
@@ -441,7 +443,7 @@ def _write_and_commit(
         try:
             write_atomic_bytes(tmp / fmt.META, meta_bytes)
         except OSError as exc:
-            err = describe(exc, tmp / fmt.META, needs)
+            err = describe(exc, tmp / fmt.META, needs, free0)
     fmt._stage("meta_written")
     _agree_or_clean(err, tmp, group, what + " writing metadata")
 
@@ -471,7 +473,7 @@ def _write_and_commit(
             write_atomic_bytes(tmp / fmt.MARKER, json.dumps(marker, separators=(",", ":")).encode())
             fsync_dir(tmp)
         except OSError as exc:
-            err = describe(exc, tmp / fmt.MARKER, needs)
+            err = describe(exc, tmp / fmt.MARKER, needs, free0)
     _agree_or_clean(err, tmp, group, what + " writing the commit marker")
 
     err = None
