@@ -239,3 +239,73 @@ def test_cli_inspect(tmp_path, capsys):
     assert "distopt.optim.adamw.AdamW" in out
     assert "emb.weight" in out and "(13, 6)" in out and "exp_avg[13, 6]" in out
     assert cli(["ckpt", "inspect", str(tmp_path / "missing")]) == 2
+
+
+def test_damaged_files_give_checkpoint_error_and_load_latest_steps_back(tmp_path, caplog):
+    import logging
+
+    import distopt
+
+    model, opt, raw = build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2))
+    mgr = ckpt.CheckpointManager(tmp_path, keep_last=None)
+    train_steps(model, opt, 0, 2)
+    mgr.save(1, model=model, optimizer=opt, extra={"step": 1})
+    good = full_params(raw)
+    train_steps(model, opt, 2, 3)
+    for s in (2, 3, 4):
+        mgr.save(s, model=model, optimizer=opt, extra={"step": s})
+    (tmp_path / "step-4" / "COMMITTED").write_bytes(b"\x00garbage{")
+    (tmp_path / "step-3" / "rng" / "rank-0.pt").write_bytes(b"\xff\xfe not a pickle")
+    data = sorted((tmp_path / "step-2").glob("*.distcp"))[0]
+    raw_bytes = bytearray(data.read_bytes())
+    raw_bytes[len(raw_bytes) // 3] ^= 0x01  # one bit: only the CRC can tell
+    data.write_bytes(bytes(raw_bytes))
+    fresh = lambda: build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2))  # noqa: E731
+    m2, o2, _ = fresh()
+    with pytest.raises(ckpt.CheckpointError, match="commit marker .*step-4") as ei:
+        ckpt.load(tmp_path / "step-4", model=m2, optimizer=o2)
+    assert ei.value.corrupt
+    with pytest.raises(ckpt.CheckpointError, match=r"rank-0\.pt.*truncated"):
+        ckpt.load(tmp_path / "step-3", model=m2, optimizer=o2)
+    with pytest.raises(ckpt.CheckpointError, match=r"rank-0\.pt"):  # unchecked: still ours, named
+        ckpt.load(tmp_path / "step-3", model=m2, optimizer=o2, verify_files=False)
+    with pytest.raises(ckpt.CheckpointError, match=data.name + ".*corrupted"):
+        ckpt.load(tmp_path / "step-2", model=m2, optimizer=o2)
+    # unchecked reads still never let torch's BaseException (CheckpointException) out
+    (tmp_path / "step-2" / data.name).write_bytes(b"short")
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load(tmp_path / "step-2", model=m2, optimizer=o2, verify_files=False)
+    m3, o3, raw3 = fresh()
+    with caplog.at_level(logging.WARNING, logger="distopt.checkpoint"):
+        assert mgr.load_latest(model=m3, optimizer=o3) == {"step": 1}
+    skipped = [r.getMessage() for r in caplog.records if "skipping damaged checkpoint" in r.getMessage()]
+    assert [s.split()[3].rstrip(":").rsplit("/", 1)[-1] for s in skipped] == ["step-4", "step-3", "step-2"]
+    for n, w in good.items():
+        assert torch.equal(full_params(raw3)[n], w)
+    m4, o4, _ = fresh()
+    with pytest.raises(ckpt.CheckpointError, match="commit marker"):
+        mgr.load_latest(model=m4, optimizer=o4, fallback=False)
+    assert issubclass(ckpt.CheckpointError, Exception)
+
+
+def test_async_save_single_process_and_verify(tmp_path):
+    import distopt
+
+    model, opt, raw = build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2))
+    train_steps(model, opt, 0, 2)
+    before = full_params(raw)
+    ckpt.save(tmp_path / "a", model=model, optimizer=opt, extra={"step": 2}, async_=True)
+    train_steps(model, opt, 2, 4)
+    assert ckpt.wait() == tmp_path / "a"
+    assert ckpt.wait() is None
+    ckpt.verify(tmp_path / "a")  # every byte against the CRC segments recorded while writing
+    m2, o2, raw2 = build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2))
+    assert ckpt.load(tmp_path / "a", model=m2, optimizer=o2) == {"step": 2}
+    for n, w in before.items():
+        assert torch.equal(full_params(raw2)[n], w)
+    # the files are plain DCP: torch's own reader loads them
+    import torch.distributed.checkpoint as dcp
+
+    sd = {f"model/{n}": torch.zeros_like(p) for n, p in raw2.named_parameters()}
+    dcp.load(sd, checkpoint_id=str(tmp_path / "a"), no_dist=True)
+    assert all(torch.equal(sd[f"model/{n}"], w) for n, w in before.items())
