@@ -32,12 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SH = ROOT / "launch" / "train.sh"
 TRAIN_PY = ROOT / "examples" / "train.py"
 REASON = unavailable_reason()
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif(
-        REASON is not None, reason=f"two-node tests need network namespaces: {REASON}"
-    ),
-]
+needs_netns = pytest.mark.skipif(
+    REASON is not None, reason=f"two-node tests need network namespaces: {REASON}"
+)
 LAUNCH_TIMEOUT = float(os.environ.get("DISTOPT_MULTINODE_TIMEOUT", "420"))
 # a model of ~0.11M parameters: its gradient (0.44 MB) dominates what crosses the link per step
 MODEL = ["--d-model", "64", "--n-layer", "2", "--n-head", "2", "--seq-len", "32"]
@@ -150,6 +147,20 @@ def _assert_params_close(got: dict, want: dict, what: str, rtol: float, atol: fl
 # ----------------------------------------------------------------------------- the harness
 
 
+def test_accelerate_multinode_configs_load():
+    """The multi-node Accelerate configs of docs/multinode.md, through Accelerate's own loader."""
+    pytest.importorskip("accelerate")
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for name in ("multi-node.yaml", "fsdp2-hsdp.yaml"):
+        cfg = load_config_from_file(str(ROOT / "launch" / "accelerate" / name))
+        assert cfg.num_machines == 2 and cfg.rdzv_backend == "c10d", name
+    pc = load_config_from_file(str(ROOT / "launch" / "accelerate" / "fsdp2-hsdp.yaml"))
+    assert pc.parallelism_config["parallelism_config_dp_replicate_size"] == 2
+    assert pc.fsdp_config["fsdp_version"] == 2
+
+
+@needs_netns
 def test_harness_removes_everything_when_a_test_fails():
     nodes = TwoNodes(rate_mbit=100, delay_ms=1)
     with pytest.raises(RuntimeError, match="simulated test failure"), nodes:
@@ -187,6 +198,8 @@ def _shard_has_mesh() -> bool:
     return "mesh" in inspect.signature(distopt.shard).parameters
 
 
+@pytest.mark.distributed
+@needs_netns
 @pytest.mark.skipif(not _shard_has_mesh(), reason="distopt.shard(mesh=...) has not landed yet")
 def test_hybrid_zero2_halves_the_bytes_across_the_link(make_nodes, tmp_path):
     """2 nodes x 2 processes: flat ZeRO-2 (one group of 4) vs hybrid ZeRO-2 (shard within a
@@ -235,6 +248,8 @@ FAIL_RUN = [
 ]
 
 
+@pytest.mark.distributed
+@needs_netns
 def test_node_failure_continues_at_the_smaller_world_size(make_nodes, tmp_path):
     """Elastic torchrun (NNODES=1:2, MAX_RESTARTS=1), one process per node.  Once the step-3
     checkpoint is committed, every process of node 1 is SIGKILLed; node 0's worker fails,
