@@ -183,6 +183,10 @@ def _main(args: argparse.Namespace) -> int:
 
     if args.optim not in list_optimizers():
         raise ValueError(f"unknown optimizer {args.optim!r}; valid: {', '.join(list_optimizers())}")
+    if args.nodes is not None:
+        from distopt.bench._nodes import main_nodes
+
+        return main_nodes(args)
     modes = tuple(args.modes.split(",")) if args.modes else MODES
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -198,7 +202,8 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("zero", help="DDP vs torch ZeRO vs distopt ZeRO-1/2 vs FSDP2: step time, state, traffic")
+    p = sub.add_parser("zero", help="DDP vs torch ZeRO vs distopt ZeRO-1/2 vs FSDP2: step time, state, traffic "
+                       "(--nodes 2: bytes over a capped link between two simulated nodes)")
     p.add_argument("--world", type=int, nargs="+", default=[2, 4], help="world sizes (default: 2 4)")
     p.add_argument("--optim", default="adamw", help="optimizer name (distopt list optimizers)")
     p.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
@@ -208,4 +213,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--format", choices=["text", "md"], default="text")
+    g = p.add_argument_group(
+        "two simulated nodes (--nodes 2; root: network namespaces joined by a capped veth link)",
+        "DDP, flat ZeRO-2, hybrid ZeRO-2 and FSDP2 HSDP: bytes over the link per step (veth "
+        "counters) and step time, as ratios to DDP; --modes from ddp,zero2,hybrid-zero2,hsdp",
+    )
+    g.add_argument("--nodes", type=int, default=None, help="run on 2 simulated nodes")
+    g.add_argument("--nproc", type=int, default=2, help="processes per node (default 2)")
+    g.add_argument("--link-mbit", type=float, default=1000.0, help="link bandwidth; 0: uncapped")
+    g.add_argument("--link-delay-ms", type=float, default=0.5, help="one-way latency (needs netem)")
+    g.add_argument("--d-model", type=int, default=192, help="model width (default 192: 3.2M params)")
+    g.add_argument("--layers", type=int, default=7, help="model depth (default 7)")
     p.set_defaults(func=_main)
