@@ -115,6 +115,24 @@ def _trainer_groups(trainer, model):
     ]
 
 
+def _log(trainer) -> list[tuple[int, float, float]]:
+    """(step, loss, pre-clip gradient norm) as the Trainer logged them."""
+    return [
+        (h["step"], h["loss"], float(h["grad_norm"]))
+        for h in trainer.state.log_history
+        if "loss" in h
+    ]
+
+
+def _assert_same_log(a: list, b: list, what: str) -> None:
+    # The gradient norm catches a gradient scaled twice, which the update of Lamb and Adam
+    # (invariant to the gradient's scale) would hide.
+    assert [s for s, _, _ in a] == [s for s, _, _ in b], what
+    for (s, la, ga), (_, lb, gb) in zip(a, b):
+        assert la == pytest.approx(lb, rel=1e-5), f"{what}: loss at step {s}"
+        assert ga == pytest.approx(gb, rel=1e-5), f"{what}: grad norm at step {s}"
+
+
 def _listing(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
 
@@ -157,8 +175,8 @@ def two_rank_runs(root: str) -> dict:
     res["zero2_model_is_user_module"] = tr.model is model
     res["zero2_wrapped_is_sharded"] = isinstance(tr.model_wrapped, ShardedModule)
     res["zero2_state_bytes"] = tr.model_wrapped.shard_info()["state_bytes_sharded"]
-    res["zero2_loss"] = [h["loss"] for h in tr.state.log_history if "loss" in h]
-    res["ddp_loss"] = [h["loss"] for h in ref.state.log_history if "loss" in h]
+    res["zero2_log"] = _log(tr)
+    res["ddp_log"] = _log(ref)
 
     # (3) the plain Trainer with torch AdamW: an uninterrupted run whose checkpoint-2 holds a
     # classic optimizer.pt / scheduler.pt
@@ -168,6 +186,7 @@ def two_rank_runs(root: str) -> dict:
     )
     plain.train()
     res["plain"] = params(model)
+    res["plain_log"] = _log(plain)
 
     # (4) DistoptTrainer ZeRO-2 with TrainingArguments.optim="adamw_torch", resumed from (3)
     model = make_model()
@@ -179,6 +198,7 @@ def two_rank_runs(root: str) -> dict:
     )
     tr.train(resume_from_checkpoint=str(root / "plain" / "checkpoint-2"))
     res["imported"] = params(model)
+    res["imported_log"] = _log(tr)
     res["import_optim"] = (
         type(tr.optimizer.optimizer).__module__ + "." + type(tr.optimizer.optimizer).__name__
     )
@@ -268,8 +288,9 @@ def test_zero2_lamb_equals_ddp_trainer(runs):
     assert any(not torch.equal(init[n], r0["ddp"][n]) for n in init)  # it trained
     _assert_close(r0["zero2"], r0["ddp"], "ZeRO-2 vs DDP")
     _assert_close(r1["zero2"], r0["zero2"], "rank 1 vs rank 0")
-    assert r0["zero2_loss"] == pytest.approx(r0["ddp_loss"], rel=1e-5)
-    assert len(r0["zero2_loss"]) == STEPS
+    assert len(r0["zero2_log"]) == STEPS
+    _assert_same_log(r0["zero2_log"], r0["ddp_log"], "ZeRO-2 vs DDP")
+    assert max(g for _, _, g in r0["ddp_log"]) > 0.5  # clipping (max_grad_norm=0.5) acted
     # each rank holds about half of the optimizer state
     assert 0 < r0["zero2_state_bytes"] and 0 < r1["zero2_state_bytes"]
 
@@ -308,6 +329,7 @@ def test_trainer_optimizer_pt_starts_a_sharded_run(runs):
     # would be ~1e-3 off (lr 5e-3).
     for n in r0["plain"]:
         torch.testing.assert_close(r0["imported"][n], r0["plain"][n], rtol=1e-5, atol=2e-5)
+    _assert_same_log(r0["imported_log"], r0["plain_log"][2:], "imported vs plain")
     moved = max((r0["imported"][n] - r0["plain_at_2"][n]).abs().max().item() for n in r0["plain"])
     assert moved > 1e-3  # two real steps after the checkpoint
 
