@@ -13,7 +13,8 @@
 """
 
 from distopt.checkpoint._common import CheckpointError
-from distopt.checkpoint._foreign import consolidate, load_optimizer_state_dict
+from distopt.checkpoint._foreign import consolidate
+from distopt.checkpoint._import import load_optimizer_state_dict, trainer_param_names
 from distopt.checkpoint._manager import CheckpointManager
 from distopt.checkpoint._save import save, wait
 from distopt.checkpoint._save_load import is_complete, load, read_meta, verify
@@ -27,6 +28,7 @@ __all__ = [
     "load_optimizer_state_dict",
     "read_meta",
     "save",
+    "trainer_param_names",
     "verify",
     "wait",
 ]
