@@ -446,6 +446,20 @@ def test_parse_optim_args_and_version_check():
         check_transformers_version("6.0.0")
 
 
+def test_pyproject_pins_the_tested_range():
+    import tomllib
+
+    from distopt.integrations.transformers import TESTED_TRANSFORMERS
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    lo, hi = TESTED_TRANSFORMERS
+    want = f"transformers>={lo.rsplit('.0', 1)[0]},<{hi.rsplit('.0', 1)[0]}"
+    assert want in extras["trainer"] and want in extras["reference"], (want, extras)
+
+
 def test_bad_configuration_is_refused():
     from distopt.integrations.transformers import DistoptTrainerConfig
 
@@ -453,3 +467,72 @@ def test_bad_configuration_is_refused():
         DistoptTrainerConfig(zero_stage=3)
     with pytest.raises(ValueError, match="bucket_mb"):
         DistoptTrainerConfig(bucket_mb=0)
+
+
+# --------------------------------------------------------------------------- launchers (long mode)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DISTOPT_TRAINER_LAUNCH"),
+    reason="long mode (~2 min): set DISTOPT_TRAINER_LAUNCH=1",
+)
+def test_launch_recipe_torchrun_then_accelerate_resume(tmp_path):
+    """launch/trainer.sh: torchrun trains and checkpoints; `accelerate launch` resumes the
+    checkpoint and ends on the same loss as the uninterrupted run."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, DISTOPT_PYTHON=sys.executable, NPROC="2", OMP_NUM_THREADS="1")
+    env.pop("MASTER_PORT", None)
+    flags = [
+        "--zero",
+        "2",
+        "--optim",
+        "lamb",
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--accum-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--n-embd",
+        "32",
+        "--n-layer",
+        "1",
+        "--log-every",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    ]
+
+    def run(**extra: str) -> str:
+        proc = subprocess.run(
+            [
+                "bash",
+                str(root / "launch" / "trainer.sh"),
+                *flags,
+                *(["--resume"] if extra.get("LAUNCHER") else []),
+            ],
+            cwd=root,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        return re.search(r"^final: .*$", proc.stdout, re.M).group(0)
+
+    first = run()
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    second = run(LAUNCHER="accelerate")
+    assert "steps=4" in first and "steps=4" in second and "checkpoint-2" in second
+    loss = re.compile(r" loss=(\S+)")
+    assert loss.search(first).group(1) == loss.search(second).group(1)
