@@ -77,6 +77,8 @@ def _compare_state(name, a, b, what):
 def test_sharded_equals_unsharded(case, world, layout, groups, skip):
     if case.create_graph:
         pytest.skip("needs second-order gradients of the local shards")
+    if case.extra.get("whole_tensor"):
+        pytest.skip("moves whole tensors to owner ranks (all_to_all): covered by the multi-process tests")
     ref_params, ref_opt = _unsharded(case, groups, skip)
     if not hasattr(ref_opt, "set_sharding"):
         pytest.skip(f"{type(ref_opt).__name__} is not sharding-aware")

@@ -33,6 +33,7 @@ from distopt.optim.lars import Lars
 # -- wrappers and factory --
 from distopt.optim.lookahead import Lookahead
 from distopt.optim.madgrad import MADGRAD
+from distopt.optim.muon import Muon
 from distopt.optim.nadam import Nadam
 from distopt.optim.nvnovograd import NvNovoGrad
 from distopt.optim.radam import RAdam
@@ -56,6 +57,7 @@ __all__ = [
     "AdamWeightDecay",
     "Adamax",
     "MADGRAD",
+    "Muon",
     "Nadam",
     "RAdam",
     "RMSprop",

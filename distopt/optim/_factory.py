@@ -348,6 +348,13 @@ _BUILTINS: tuple[tuple[str, str, dict[str, Any], bool | None, str], ...] = (
     ("adadelta", "Adadelta", {}, False, "Adadelta (Zeiler)"),
     ("adamweightdecay", "AdamWeightDecay", {}, False,
      "Adam with decoupled weight decay as transformers' TensorFlow AdamWeightDecay computes it"),
+    # -- timm 1.0 (issue 14)
+    ("muon", "Muon", {}, True, "MomentUm Orthogonalized by Newton-Schulz, AdamW fallback for 1-D params (Jordan)"),
+    ("nmuon", "Muon", {"nesterov": True}, True, "Muon with Nesterov momentum and a NAdamW fallback"),
+    ("adamuon", "Muon", {"algo": "adamuon"}, True,
+     "AdaMuon: second moments of the orthogonalised directions (Si et al.)"),
+    ("nadamuon", "Muon", {"algo": "adamuon", "nesterov": True}, True,
+     "AdaMuon with Nesterov momentum and a NAdamW fallback"),
 )
 
 default_registry = OptimizerRegistry()
