@@ -55,6 +55,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from distopt._dtensor import is_dtensor
+
 __all__ = ["GradientAccumulator"]
 
 _STATE_KEYS = ("steps", "micro_step", "optimizer_steps", "micro_batches", "items_mode", "items",
@@ -64,13 +66,10 @@ _STATE_KEYS = ("steps", "micro_step", "optimizer_steps", "micro_batches", "items
 # --------------------------------------------------------------------------- helpers
 
 
-def _is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor"
-
 
 def _local(t: Tensor) -> Tensor:
     """The local tensor of a DTensor (in place ops on it change the DTensor), else ``t``."""
-    if _is_dtensor(t):
+    if is_dtensor(t):
         with torch.no_grad():
             return t.to_local()
     return t
@@ -302,7 +301,7 @@ class _FSDP2(_Mode):
         self.reduce_every = reduce_every
         mesh = None
         for p in model.parameters():
-            if _is_dtensor(p):
+            if is_dtensor(p):
                 mesh = p.device_mesh
                 break
         if mesh is None:
@@ -352,7 +351,7 @@ class _FSDP2(_Mode):
             g = p.grad
             if g is None:
                 continue
-            full = g.full_tensor() if _is_dtensor(g) else g
+            full = g.full_tensor() if is_dtensor(g) else g
             out[n] = full.detach().clone() * self.world  # FSDP2 holds averages
         return out
 
@@ -365,7 +364,7 @@ class _FSDP2(_Mode):
                 p.grad = None
                 continue
             g = g.to(_local(p).device, p.dtype) / self.world
-            if _is_dtensor(p):
+            if is_dtensor(p):
                 p.grad = distribute_tensor(g, p.device_mesh, p.placements)
             else:
                 p.grad = g

@@ -11,8 +11,8 @@ table, in one spawn:
   ``(Replicate(), Shard(0))``) with the distopt optimizer on the DTensors (a shape-aware case of
   every optimizer class).
 
-Statistics summed over the wrong mesh dimension change the numbers, so the comparison can fail;
-``test_hybrid_wrong_group_is_detected`` shows it.
+Statistics summed over the wrong mesh dimension change the numbers, so the comparison can fail:
+the same spawn runs that negative control.
 """
 
 from __future__ import annotations
@@ -75,23 +75,11 @@ def _mesh():
     return init_device_mesh(dev, (2, world_size() // 2), mesh_dim_names=("replicate", "shard"))
 
 
-def _hybrid_worker(plan: dict[str, list[str]], steps: int, stats_group: str | None = None):
+def _run_plan(plan: dict[str, list[str]], steps: int, mesh) -> dict:
     import distopt
     from tests.optim_cases import CASES as ALL
 
     by_id = {c.id: c for c in ALL}
-    mesh = _mesh()
-    if stats_group is not None:  # negative control: statistics reduced over the wrong group
-        import torch.distributed as dist
-
-        import distopt.optim._core as core
-
-        wrong = mesh.get_group(stats_group)
-
-        def reduce_wrong(flat, group):
-            dist.all_reduce(flat, group=wrong)
-
-        core._all_reduce_sum = reduce_wrong
     out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for mode, ids in plan.items():
         out[mode] = {}
@@ -115,6 +103,29 @@ def _hybrid_worker(plan: dict[str, list[str]], steps: int, stats_group: str | No
                 assert info["world_size"] == 2 and info["replicas"] == 2, info
                 params = dict(model.named_parameters())
             out[mode][cid] = {n: p.detach().cpu().clone() for n, p in params.items()}
+    return out
+
+
+def _hybrid_worker(plan: dict[str, list[str]], control: dict[str, list[str]], steps: int):
+    """``plan`` as it should run; then ``control`` with the statistics reduced over the
+    replicate group instead of the shard group (the negative control)."""
+    import torch.distributed as dist
+
+    import distopt.optim._core as core
+
+    mesh = _mesh()
+    out = {"plan": _run_plan(plan, steps, mesh)}
+    wrong = mesh.get_group("replicate")
+    right = core._all_reduce_sum
+
+    def reduce_over_replicas(flat, group):
+        dist.all_reduce(flat, group=wrong)
+
+    core._all_reduce_sum = reduce_over_replicas
+    try:
+        out["control"] = _run_plan(control, steps, mesh)
+    finally:
+        core._all_reduce_sum = right
     return out
 
 
@@ -153,20 +164,13 @@ def test_hybrid_matches_single_process_2x2():
         "zero1": SHAPE_AWARE,
         "hsdp": SHAPE_AWARE,
     }
-    per_rank = run_distributed(_hybrid_worker, 4, plan, STEPS, timeout=900)
-    failures = _failures(per_rank, plan)
+    # negative control: Lamb's and Adafactor's statistics summed over the replicate group (the
+    # other mesh dimension: twice this shard's rows, none of the other shard's) differ
+    control = {"zero2": ["lamb", "adafactor"], "hsdp": ["lamb", "adafactor"]}
+    per_rank = run_distributed(_hybrid_worker, 4, plan, control, STEPS, timeout=900)
+    failures = _failures([r["plan"] for r in per_rank], plan)
     assert not failures, "hybrid 2x2:\n" + "\n".join(failures[:40])
-
-
-@pytest.mark.distributed
-@needs_hybrid
-def test_hybrid_wrong_group_is_detected():
-    """Negative control: Lamb's and Adafactor's statistics summed over the replicate group (the
-    other mesh dimension: twice this shard's rows, none of the other shard's) under hybrid
-    ZeRO-2 and under HSDP give other numbers, which the comparison above reports."""
-    plan = {"zero2": ["lamb", "adafactor"], "hsdp": ["lamb", "adafactor"]}
-    per_rank = run_distributed(_hybrid_worker, 4, plan, STEPS, "replicate", timeout=600)
-    failures = _failures(per_rank, plan)
-    for mode, ids in plan.items():
+    caught = _failures([r["control"] for r in per_rank], control)
+    for mode, ids in control.items():
         for cid in ids:
-            assert any(f.startswith(f"{mode} {cid} ") for f in failures), (mode, cid, failures)
+            assert any(f.startswith(f"{mode} {cid} ") for f in caught), (mode, cid, caught)

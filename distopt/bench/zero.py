@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from distopt._dtensor import is_dtensor
+
 MODES = ("ddp", "torch-zero", "distopt-z1", "distopt-z2", "fsdp2")
 
 
@@ -35,7 +37,7 @@ def _state_bytes(opt: Any) -> int:
     for st in inner.state.values():
         for v in st.values():
             if isinstance(v, torch.Tensor):
-                t = v.to_local() if type(v).__name__ == "DTensor" else v
+                t = v.to_local() if is_dtensor(v) else v
                 total += t.numel() * t.element_size()
     return total
 

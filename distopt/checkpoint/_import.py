@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distopt._dtensor import is_dtensor, local_and_sharding
 from distopt.checkpoint._layout import _chunk_bounds, entries, local_of, unwrap
 
 log = logging.getLogger("distopt.checkpoint")
@@ -358,12 +359,10 @@ def _convert(optimizer: Any, p: Tensor, src: dict[str, Any], e: Any) -> dict[str
     """One parameter's state: this rank's rows of parameter-shaped tensors, on p's device."""
     if e is not None:
         full_shape, rows = e.shape, (e.bounds[e.rank] if e.bounds is not None else None)
-    elif type(p).__name__ == "DTensor":
+    elif is_dtensor(p):
         import torch.distributed as dist
 
-        from distopt.optim._core import _dtensor_local_and_sharding
-
-        _, sharded, pg = _dtensor_local_and_sharding(p)
+        _, sharded, pg = local_and_sharding(p)
         full_shape = p.shape
         rows = (
             _chunk_bounds(p.shape[0], dist.get_world_size(pg))[dist.get_rank(pg)]
@@ -376,7 +375,7 @@ def _convert(optimizer: Any, p: Tensor, src: dict[str, Any], e: Any) -> dict[str
                 "this optimizer is sharded by distopt.shard: pass model=<the sharded model>"
             )
         full_shape, rows = p.shape, None
-    dev = local_of(None, p).device if type(p).__name__ == "DTensor" else p.device
+    dev = local_of(None, p).device if is_dtensor(p) else p.device
     classify = getattr(optimizer, "state_is_sharded", None)
     zero_dim = len(full_shape) == 0
     st: dict[str, Any] = {}

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from distopt._dtensor import is_dtensor, local_and_sharding
+
 
 @dataclass
 class Entry:
@@ -56,7 +58,7 @@ def detect_mode(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> st
         return f"zero{model.engine.stage}"
     if isinstance(model, DistributedDataParallel):
         return "ddp"
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    if any(is_dtensor(p) for p in model.parameters()):
         return "fsdp2"
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return "replicated"
@@ -95,10 +97,8 @@ def entries(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[E
     inner = unwrap(model)
     out = []
     for name, p in inner.named_parameters():
-        if type(p).__name__ == "DTensor":
-            from distopt.optim._core import _dtensor_local_and_sharding
-
-            _, sharded, group = _dtensor_local_and_sharding(p)
+        if is_dtensor(p):
+            _, sharded, group = local_and_sharding(p)
             if sharded:
                 world = dist.get_world_size(group)
                 r = dist.get_rank(group)
@@ -110,7 +110,7 @@ def entries(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[E
 
 def local_of(entry: Entry, t: Tensor) -> Tensor:
     """The local tensor of a parameter or state value (DTensor -> its local shard)."""
-    if type(t).__name__ == "DTensor":
+    if is_dtensor(t):
         return t.to_local()
     return t
 

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from distopt._dtensor import is_dtensor
 from distopt._version import __version__
 from distopt.checkpoint import _save_load as fmt
 from distopt.checkpoint._common import (
@@ -78,7 +79,7 @@ def _collect(model: nn.Module, optimizer: Any) -> tuple[dict[str, Spec], dict, d
     objects: dict[str, dict[str, Any]] = {}
     for e in ents:
         p = e.param
-        if type(p).__name__ == "DTensor":
+        if is_dtensor(p):
             if e.bounds is not None:
                 specs[f"model/{e.fqn}"] = (
                     "rows",

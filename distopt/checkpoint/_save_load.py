@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distopt._dtensor import is_dtensor
 from distopt.checkpoint._common import (
     CheckpointError,
     agree,
@@ -489,7 +490,7 @@ def _build_template(
         if e.fqn not in meta["params"]:
             continue
         p = e.param
-        template[f"model/{e.fqn}"] = p.detach() if type(p).__name__ != "DTensor" else p
+        template[f"model/{e.fqn}"] = p.detach() if not is_dtensor(p) else p
         if optimizer is None:
             continue
         dev = local_of(e, e.opt_tensor).device

@@ -24,51 +24,15 @@ from typing import Any
 
 from torch.optim import Optimizer
 
+from distopt import schedules as _schedules
 from distopt.compat import forward_init, lazy_classes
+from distopt.schedules import TRANSFORMERS_NAMES as _SCHEDULE_NAMES
 
 # --------------------------------------------------------------------------- schedules
 
-_SCHEDULE_NAMES: tuple[str, ...] = (
-    "SchedulerType",
-    "get_scheduler",
-    "get_constant_schedule",
-    "get_constant_schedule_with_warmup",
-    "get_linear_schedule_with_warmup",
-    "get_cosine_schedule_with_warmup",
-    "get_cosine_with_hard_restarts_schedule_with_warmup",
-    "get_polynomial_decay_schedule_with_warmup",
-    "get_inverse_sqrt_schedule",
-    "get_reduce_on_plateau_schedule",
-    "get_cosine_with_min_lr_schedule_with_warmup",
-    "get_wsd_schedule",
-    "AdafactorSchedule",
-    "get_adafactor_schedule",
-    "WarmUp",
-)
-
-try:
-    from distopt import schedules as _schedules
-except ImportError as _exc:  # pragma: no cover - schedules ship with distopt
-    _schedules = None
-    _schedules_error: ImportError | None = _exc
-else:
-    _schedules_error = None
-    _SCHEDULE_NAMES = tuple(getattr(_schedules, "TRANSFORMERS_NAMES", _SCHEDULE_NAMES))
-    for _name in _SCHEDULE_NAMES:
-        if hasattr(_schedules, _name):
-            globals()[_name] = getattr(_schedules, _name)
-
-
-def _schedules_or_raise(name: str) -> Any:
-    if _schedules is None:
-        raise ImportError(
-            f"distopt.compat.transformers.{name} comes from distopt.schedules, which could not be "
-            f"imported: {_schedules_error}"
-        )
-    fn = getattr(_schedules, name, None)
-    if fn is None:
-        raise ImportError(f"distopt.schedules has no {name} in this installation")
-    return fn
+# The transformers-named schedules, as listed once in distopt.schedules' registry.
+for _name in _SCHEDULE_NAMES:
+    globals()[_name] = getattr(_schedules, _name)
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -139,8 +103,6 @@ _class_getattr = lazy_classes(globals(), _SPECS)
 def __getattr__(name: str) -> Any:
     if name in _SPECS:
         return _class_getattr(name)
-    if name in _SCHEDULE_NAMES:
-        return _schedules_or_raise(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -170,7 +132,7 @@ def create_optimizer(
     ``optimizer.step()``.  ``params`` (keyword only) is the one addition to the seed signature;
     pass ``model.named_parameters()`` for the name-based decay rules to apply.
     """
-    schedule_fn = _schedules_or_raise("create_tf_style_schedule")
+    schedule_fn = _schedules.create_tf_style_schedule
     cls = __getattr__("AdamWeightDecay")
     kwargs: dict[str, Any] = {}
     if adam_clipnorm is not None:

@@ -6,6 +6,9 @@ distopt counts schedule steps in **optimizer steps**.  A scheduler passed throug
 run the schedule ``world_size`` times too fast.  Build the Accelerator with
 :func:`accelerator_kwargs` and step the scheduler with :func:`step_scheduler` after each
 optimizer step; see docs/schedules.md for the full recipe.
+
+Both are re-exported as ``distopt.schedules.accelerator_kwargs`` / ``step_scheduler``, lazily,
+so that the schedules layer never imports this one at import time.  Neither imports Accelerate.
 """
 
 from __future__ import annotations

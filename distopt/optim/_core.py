@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from distopt._dtensor import is_dtensor, local_and_sharding, local_tensor
 from distopt.optim._hyper import HyperSpec, check_betas, check_lr, check_nonneg
 
 __all__ = [
@@ -122,34 +123,6 @@ def _all_reduce_sum(flat: Tensor, group: Any) -> None:
     import torch.distributed as dist
 
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
-
-
-def _dtensor_local_and_sharding(p: Tensor) -> tuple[Tensor, bool, Any]:
-    """Local tensor of a DTensor, whether it is split across ranks, and the process group."""
-    from torch.distributed.tensor import Shard
-
-    local = p.to_local()
-    placements = p.placements
-    mesh = p.device_mesh
-    sharded_dims = [i for i, pl in enumerate(placements) if isinstance(pl, Shard)]
-    if not sharded_dims:
-        return local, False, None
-    for i in sharded_dims:
-        if placements[i].dim != 0:
-            raise NotImplementedError(
-                f"distopt supports DTensor parameters sharded on dim 0 (FSDP2's layout), got {placements}"
-            )
-    if mesh.ndim == 1:
-        group = mesh.get_group()
-    else:  # HSDP: shard dimension of a 2-D mesh
-        if len(sharded_dims) != 1:
-            raise NotImplementedError(f"unsupported DTensor placements {placements}")
-        group = mesh.get_group(sharded_dims[0])
-    return local, True, group
 
 
 # --------------------------------------------------------------------------- the base class
@@ -271,9 +244,9 @@ class DistOptimizer(Optimizer):
                 continue
             grad = p.grad
             spec = self._shard_specs.get(id(p))
-            if _is_dtensor(p):
-                data, sharded, g = _dtensor_local_and_sharding(p)
-                grad = grad.to_local() if _is_dtensor(grad) else grad
+            if is_dtensor(p):
+                data, sharded, g = local_and_sharding(p)
+                grad = local_tensor(grad)
                 shape = p.shape
                 if sharded:
                     pg = g
@@ -338,8 +311,17 @@ class DistOptimizer(Optimizer):
             self._update(group, views, ctx)
 
     # ------------------------------------------------------------------ for subclasses
-    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:  # pragma: no cover
-        raise NotImplementedError
+    #: the state :meth:`_init_state` creates besides ``step``: one zero tensor like the local data
+    #: per name; a ``(name, option)`` pair only when ``group[option]`` is true
+    _zero_state: tuple[str | tuple[str, str], ...] = ()
+
+    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
+        """Create a parameter's state at its first step: ``step`` and the ``_zero_state`` tensors."""
+        view.state["step"] = self._step_tensor(view)
+        for entry in self._zero_state:
+            name, option = (entry, None) if isinstance(entry, str) else entry
+            if option is None or group[option]:
+                view.state[name] = self._zeros(view)
 
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:  # pragma: no cover
         raise NotImplementedError

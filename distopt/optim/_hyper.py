@@ -64,6 +64,7 @@ __all__ = [
     "HyperSpec",
     "betas",
     "check_betas",
+    "check_clip",
     "check_lr",
     "check_nesterov",
     "check_nonneg",
@@ -72,6 +73,7 @@ __all__ = [
     "lr",
     "nonneg",
     "option",
+    "with_max_lr_snapshot",
 ]
 
 #: the default of a hyperparameter that has none (the caller must give it)
@@ -277,3 +279,25 @@ def check_nesterov(hypers: dict[str, Any]) -> None:
     """Raise ValueError when ``nesterov`` is set without a momentum or with a dampening."""
     if hypers["nesterov"] and (hypers["momentum"] <= 0 or hypers["dampening"] != 0):
         raise ValueError("Nesterov momentum requires momentum > 0 and zero dampening")
+
+
+def check_clip(name: str, value: Any) -> Any:
+    """A clipping threshold: None (no clipping) or a finite number > 0 (an entry validator)."""
+    if value is None:
+        return value
+    check_nonneg(value, name)
+    if value == 0:
+        raise ValueError(f"Invalid {name}: 0 (use None to disable clipping)")
+    return value
+
+
+def with_max_lr_snapshot(hypers: dict[str, Any]) -> dict[str, Any]:
+    """``hypers`` plus ``max_lr_snapshot``, the constructor's lr that ``corrected_weight_decay``
+    divides by (timm's corrected decay ``lr**2 / max_lr``); it must then be positive."""
+    max_lr = float(hypers["lr"])
+    if hypers["corrected_weight_decay"] and max_lr <= 0.0:
+        raise ValueError(
+            f"corrected_weight_decay needs a positive max lr, got {max_lr}: construct the "
+            "optimizer with the peak lr"
+        )
+    return {**hypers, "max_lr_snapshot": max_lr}

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from distopt._dtensor import is_dtensor
 from distopt.optim._core import ParamView, StepContext
 
 __all__ = ["STATS", "WholeStats", "assign_owners", "counting", "whole_map"]
@@ -84,10 +85,6 @@ def assign_owners(costs: Sequence[float], world: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- row layouts
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
 
 
 def _dtensor_rows(p: Tensor, local_rows: int) -> tuple[list[tuple[int, int]], Any]:
@@ -189,7 +186,7 @@ def _sharded_map(opt, views, tensors, fn, costs, idx: list[int]) -> list[Tensor]
             if zero_layouts is None:
                 zero_layouts = _zero_layouts(opt, spec.group)
             lay, g = zero_layouts[id(v.param)], spec.group
-        elif _is_dtensor(v.param):
+        elif is_dtensor(v.param):
             lay, g = _dtensor_rows(v.param, tensors[i].shape[0])
         else:
             raise RuntimeError(

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from distopt.optim import _functional as F
-from distopt.optim._core import (
-    DistOptimizer,
-    ParamView,
-    StepContext,
-    check_betas,
-    check_lr,
-    check_nonneg,
-)
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import HyperSpec, betas, flag, lr, nonneg
 from distopt.optim.radam import rectification
 
 __all__ = ["AdaBelief"]
@@ -63,44 +56,26 @@ class AdaBelief(DistOptimizer):
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-16,
-        weight_decay: float = 0.0,
-        amsgrad: bool = False,
-        decoupled_decay: bool = True,
-        fixed_decay: bool = False,
-        rectify: bool = True,
-        degenerated_to_sgd: bool = True,
-    ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_nonneg(eps, "eps")
-        check_nonneg(weight_decay, "weight_decay")
-        if fixed_decay and weight_decay >= 1.0:
-            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be < 1 with fixed_decay)")
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            decoupled_decay=decoupled_decay,
-            fixed_decay=fixed_decay,
-            rectify=rectify,
-            degenerated_to_sgd=degenerated_to_sgd,
-        )
-        super().__init__(params, defaults)
+    hypers = HyperSpec(
+        lr(1e-3),
+        betas((0.9, 0.999)),
+        nonneg("eps", 1e-16),
+        nonneg("weight_decay", 0.0),
+        flag("amsgrad", False),
+        flag("decoupled_decay", True),
+        flag("fixed_decay", False),
+        flag("rectify", True),
+        flag("degenerated_to_sgd", True),
+    )
 
-    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
-        view.state["step"] = self._step_tensor(view)
-        view.state["exp_avg"] = self._zeros(view)
-        view.state["exp_avg_var"] = self._zeros(view)
-        if group["amsgrad"]:
-            view.state["max_exp_avg_var"] = self._zeros(view)
+    def _configure(self, params: Any, hypers: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if hypers["fixed_decay"] and hypers["weight_decay"] >= 1.0:
+            raise ValueError(
+                f"Invalid weight_decay: {hypers['weight_decay']} (must be < 1 with fixed_decay)"
+            )
+        return params, hypers
+
+    _zero_state = ("exp_avg", "exp_avg_var", ("max_exp_avg_var", "amsgrad"))
 
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from distopt.optim import _functional as F
-from distopt.optim._core import (
-    DistOptimizer,
-    ParamView,
-    StepContext,
-    check_lr,
-    check_nonneg,
-)
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import KW_ONLY, HyperSpec, flag, lr, nonneg
 
 __all__ = ["Adadelta"]
 
@@ -45,29 +39,16 @@ class Adadelta(DistOptimizer):
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1.0,
-        rho: float = 0.9,
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        *,
-        maximize: bool = False,
-    ) -> None:
-        check_lr(lr)
-        check_nonneg(rho, "rho")
-        if rho > 1.0:
-            raise ValueError(f"Invalid rho: {rho} (must be in [0, 1])")
-        check_nonneg(eps, "eps")
-        check_nonneg(weight_decay, "weight_decay")
-        defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults)
+    hypers = HyperSpec(
+        lr(1.0),
+        nonneg("rho", 0.9, at_most=1.0),
+        nonneg("eps", 1e-6),
+        nonneg("weight_decay", 0.0),
+        KW_ONLY,
+        flag("maximize", False),
+    )
 
-    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
-        view.state["step"] = self._step_tensor(view)
-        view.state["square_avg"] = self._zeros(view)
-        view.state["acc_delta"] = self._zeros(view)
+    _zero_state = ("square_avg", "acc_delta")
 
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:

@@ -24,31 +24,33 @@ and, with ``caution``, one for the mask sums.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from distopt.optim import _functional as F
-from distopt.optim._core import DistOptimizer, ParamView, StepContext, check_lr, check_nonneg
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import HyperSpec, check_nonneg, flag, integer, lr, nonneg, option
 
 __all__ = ["Adafactor", "AdafactorTimm", "relative_step_lr"]
 
 
 def relative_step_lr(step: float, warmup_init: bool = False) -> float:
-    """Adafactor's relative step size ``min(1e-6 * t if warmup_init else 1e-2, 1 / sqrt(t))``.
+    """Adafactor's relative step size (before any parameter-scale factor).
 
-    Delegates to :func:`distopt.schedules._functions.adafactor_relative_step_lr` (the same
-    function the Adafactor schedule evaluates), imported lazily so that this layer never imports
-    the schedules layer at module load.
+    ``min(1e-6 * step if warmup_init else 1e-2, 1 / sqrt(step))`` where ``step`` counts
+    optimizer steps starting at 1 (the step being taken).  At ``step == 0`` the second term is
+    taken as infinite, so the result is ``0.0`` (warmup_init) or ``1e-2``.  The Adafactor
+    schedule of :mod:`distopt.schedules` evaluates this same function
+    (``distopt.schedules.adafactor_relative_step_lr``).
     """
-    try:
-        from distopt.schedules._functions import adafactor_relative_step_lr
-    except ImportError:  # pragma: no cover - schedules layer absent
-        min_step = 1e-6 * step if warmup_init else 1e-2
-        return min(min_step, 1.0 / math.sqrt(step)) if step > 0 else float(min_step)
-    return adafactor_relative_step_lr(step, warmup_init)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    min_step = 1e-6 * step if warmup_init else 1e-2
+    if step == 0:
+        return float(min_step)
+    return min(min_step, 1.0 / math.sqrt(step))
 
 
 class _Hyper(NamedTuple):
@@ -83,24 +85,45 @@ def _drop(shape: torch.Size, dim: int) -> torch.Size:
     return torch.Size(shape[:dim] + shape[dim + 1 :])
 
 
-def _check_decay_rate(decay_rate: Any) -> None:
-    if not isinstance(decay_rate, (int, float)) or isinstance(decay_rate, bool):
-        raise ValueError(f"decay_rate must be a number, got {type(decay_rate).__name__}")
-    if not math.isfinite(decay_rate) or decay_rate > 0.0:
-        raise ValueError(f"Invalid decay_rate: {decay_rate} (must be finite and <= 0)")
+def _decay_rate(name: str, value: Any) -> Any:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value > 0.0:
+        raise ValueError(f"Invalid {name}: {value} (must be finite and <= 0)")
+    return value
 
 
-def _check_clip(clip_threshold: Any) -> None:
-    check_nonneg(clip_threshold, "clip_threshold")
-    if clip_threshold == 0.0:
-        raise ValueError("Invalid clip_threshold: 0 (must be > 0)")
+def _clip_threshold(name: str, value: Any) -> Any:
+    check_nonneg(value, name)
+    if value == 0.0:
+        raise ValueError(f"Invalid {name}: 0 (must be > 0)")
+    return value
 
 
-def _check_beta(beta: Any, name: str) -> None:
-    if beta is None:
-        return
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not (0.0 <= beta < 1.0):
-        raise ValueError(f"Invalid {name}: {beta!r} (must be None or in [0, 1))")
+def _beta(name: str, value: Any) -> Any:
+    if value is not None and (
+        not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value < 1.0)
+    ):
+        raise ValueError(f"Invalid {name}: {value!r} (must be None or in [0, 1))")
+    return value
+
+
+def _eps_pair(name: str, value: Any) -> Any:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(
+            f"{name} must be a pair (eps for the squared gradient, eps for the scale), got {value!r}"
+        )
+    check_nonneg(value[0], f"{name}[0]")
+    check_nonneg(value[1], f"{name}[1]")
+    return tuple(value)
+
+
+def _timm_betas(name: str, value: Any) -> Any:
+    if value is not None:
+        if not isinstance(value, (tuple, list)) or len(value) not in (1, 2):
+            raise ValueError(f"{name} must be None or a tuple (beta1, beta2), got {value!r}")
+        _beta(f"{name}[0]", value[0])
+    return value
 
 
 class _AdafactorKernel(DistOptimizer):
@@ -328,46 +351,26 @@ class Adafactor(_AdafactorKernel):
     and ``exp_avg`` with beta1.  :meth:`relative_step_lrs` gives the lr of each group.
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float | None = None,
-        eps: tuple[float, float] = (1e-30, 1e-3),
-        clip_threshold: float = 1.0,
-        decay_rate: float = -0.8,
-        beta1: float | None = None,
-        weight_decay: float = 0.0,
-        scale_parameter: bool = True,
-        relative_step: bool = True,
-        warmup_init: bool = False,
-    ) -> None:
-        if lr is not None and relative_step:
+    hypers = HyperSpec(
+        lr(None, optional=True),
+        option("eps", (1e-30, 1e-3), "tuple[float, float]", _eps_pair),
+        option("clip_threshold", 1.0, "float", _clip_threshold),
+        option("decay_rate", -0.8, "float", _decay_rate),
+        option("beta1", None, "float | None", _beta),
+        nonneg("weight_decay", 0.0),
+        flag("scale_parameter", True),
+        flag("relative_step", True),
+        flag("warmup_init", False),
+    )
+
+    def _configure(self, params: Any, hypers: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if hypers["lr"] is not None and hypers["relative_step"]:
             raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
-        if warmup_init and not relative_step:
+        if hypers["warmup_init"] and not hypers["relative_step"]:
             raise ValueError("`warmup_init=True` requires `relative_step=True`")
-        if lr is None and not relative_step:
+        if hypers["lr"] is None and not hypers["relative_step"]:
             raise ValueError("`relative_step=False` requires an external `lr`")
-        check_lr(lr, allow_none=True)
-        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
-            raise ValueError(f"eps must be a pair (eps for the squared gradient, eps for the scale), got {eps!r}")
-        check_nonneg(eps[0], "eps[0]")
-        check_nonneg(eps[1], "eps[1]")
-        _check_clip(clip_threshold)
-        _check_decay_rate(decay_rate)
-        _check_beta(beta1, "beta1")
-        check_nonneg(weight_decay, "weight_decay")
-        defaults = dict(
-            lr=lr,
-            eps=tuple(eps),
-            clip_threshold=clip_threshold,
-            decay_rate=decay_rate,
-            beta1=beta1,
-            weight_decay=weight_decay,
-            scale_parameter=scale_parameter,
-            relative_step=relative_step,
-            warmup_init=warmup_init,
-        )
-        super().__init__(params, defaults)
+        return params, hypers
 
     def _hyper(self, group: dict[str, Any]) -> _Hyper:
         return _Hyper(
@@ -422,51 +425,29 @@ class AdafactorTimm(_AdafactorKernel):
 
     _writes_group_lr = True
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float | None = None,
-        eps: float = 1e-30,
-        eps_scale: float = 1e-3,
-        clip_threshold: float = 1.0,
-        decay_rate: float = -0.8,
-        betas: tuple[float, float] | None = None,
-        weight_decay: float = 0.0,
-        scale_parameter: bool = True,
-        warmup_init: bool = False,
-        min_dim_size_to_factor: int = 16,
-        caution: bool = False,
-    ) -> None:
-        relative_step = lr is None
-        if warmup_init and not relative_step:
+    hypers = HyperSpec(
+        lr(None, optional=True),
+        nonneg("eps", 1e-30),
+        nonneg("eps_scale", 1e-3),
+        option("clip_threshold", 1.0, "float", _clip_threshold),
+        option("decay_rate", -0.8, "float", _decay_rate),
+        option("betas", None, "tuple[float, float] | None", _timm_betas),
+        nonneg("weight_decay", 0.0),
+        flag("scale_parameter", True),
+        flag("warmup_init", False),
+        integer("min_dim_size_to_factor", 16, minimum=0),
+        flag("caution", False),
+    )
+
+    def _configure(self, params: Any, hypers: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """The relative step is used exactly when ``lr`` is None; only ``betas[0]`` is kept."""
+        relative_step = hypers["lr"] is None
+        if hypers["warmup_init"] and not relative_step:
             raise ValueError("warmup_init requires relative_step=True (lr=None)")
-        check_lr(lr, allow_none=True)
-        check_nonneg(eps, "eps")
-        check_nonneg(eps_scale, "eps_scale")
-        _check_clip(clip_threshold)
-        _check_decay_rate(decay_rate)
-        if betas is not None:
-            if not isinstance(betas, (tuple, list)) or len(betas) not in (1, 2):
-                raise ValueError(f"betas must be None or a tuple (beta1, beta2), got {betas!r}")
-            _check_beta(betas[0], "betas[0]")
-        check_nonneg(weight_decay, "weight_decay")
-        if not isinstance(min_dim_size_to_factor, int) or isinstance(min_dim_size_to_factor, bool) or min_dim_size_to_factor < 0:
-            raise ValueError(f"Invalid min_dim_size_to_factor: {min_dim_size_to_factor!r} (must be an int >= 0)")
-        defaults = dict(
-            lr=lr,
-            eps=eps,
-            eps_scale=eps_scale,
-            clip_threshold=clip_threshold,
-            decay_rate=decay_rate,
-            beta1=None if betas is None else betas[0],
-            weight_decay=weight_decay,
-            scale_parameter=scale_parameter,
-            relative_step=relative_step,
-            warmup_init=warmup_init,
-            min_dim_size_to_factor=min_dim_size_to_factor,
-            caution=caution,
-        )
-        super().__init__(params, defaults)
+        out = {k: v for k, v in hypers.items() if k != "betas"}
+        out["beta1"] = None if hypers["betas"] is None else hypers["betas"][0]
+        out["relative_step"] = relative_step
+        return params, out
 
     def _hyper(self, group: dict[str, Any]) -> _Hyper:
         return _Hyper(

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from distopt.optim import _functional as F
-from distopt.optim._core import (
-    DistOptimizer,
-    ParamView,
-    StepContext,
-    check_lr,
-    check_nonneg,
-)
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import KW_ONLY, HyperSpec, flag, lr, nonneg
 
 __all__ = ["Adagrad"]
 
@@ -45,31 +39,15 @@ class Adagrad(DistOptimizer):
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-2,
-        lr_decay: float = 0.0,
-        weight_decay: float = 0.0,
-        initial_accumulator_value: float = 0.0,
-        eps: float = 1e-10,
-        *,
-        maximize: bool = False,
-    ) -> None:
-        check_lr(lr)
-        check_nonneg(lr_decay, "lr_decay")
-        check_nonneg(weight_decay, "weight_decay")
-        check_nonneg(initial_accumulator_value, "initial_accumulator_value")
-        check_nonneg(eps, "eps")
-        defaults = dict(
-            lr=lr,
-            lr_decay=lr_decay,
-            weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value,
-            eps=eps,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults)
+    hypers = HyperSpec(
+        lr(1e-2),
+        nonneg("lr_decay", 0.0),
+        nonneg("weight_decay", 0.0),
+        nonneg("initial_accumulator_value", 0.0),
+        nonneg("eps", 1e-10),
+        KW_ONLY,
+        flag("maximize", False),
+    )
 
     def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
         view.state["step"] = self._step_tensor(view)

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from distopt.optim import _functional as F
-from distopt.optim._core import (
-    DistOptimizer,
-    ParamView,
-    StepContext,
-    check_betas,
-    check_lr,
-    check_nonneg,
-)
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import KW_ONLY, HyperSpec, betas, flag, integer, lr, nonneg
 
 __all__ = ["Adahessian"]
 
@@ -92,54 +85,25 @@ class Adahessian(DistOptimizer):
     exactly); fp32 for bf16/fp16 parameters.
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        hessian_power: float = 1.0,
-        update_each: int = 1,
-        n_samples: int = 1,
-        avg_conv_kernel: bool = False,
-        *,
-        seed: int = 2147483647,
-    ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_nonneg(eps, "eps")
-        check_nonneg(weight_decay, "weight_decay")
-        check_nonneg(hessian_power, "hessian_power")
-        if hessian_power > 1.0:
-            raise ValueError(f"Invalid hessian_power: {hessian_power} (must be in [0, 1])")
-        for name, value in (("update_each", update_each), ("n_samples", n_samples)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            hessian_power=hessian_power,
-            update_each=update_each,
-            n_samples=n_samples,
-            avg_conv_kernel=avg_conv_kernel,
-            seed=seed,
-        )
-        super().__init__(params, defaults)
+    hypers = HyperSpec(
+        lr(0.1),
+        betas((0.9, 0.999)),
+        nonneg("eps", 1e-8),
+        nonneg("weight_decay", 0.0),
+        nonneg("hessian_power", 1.0, at_most=1.0),
+        integer("update_each", 1, minimum=1),
+        integer("n_samples", 1, minimum=1),
+        flag("avg_conv_kernel", False),
+        KW_ONLY,
+        integer("seed", 2147483647),
+    )
 
     @property
     def is_second_order(self) -> bool:
         """True: the backward pass must be run with ``create_graph=True``."""
         return True
 
-    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
-        view.state["step"] = self._step_tensor(view)
-        view.state["exp_avg"] = self._zeros(view)
-        view.state["exp_hessian_diag_sq"] = self._zeros(view)
+    _zero_state = ("exp_avg", "exp_hessian_diag_sq")
 
     # ------------------------------------------------------------------ Hutchinson estimate
     def _hutchinson(self, views: list[ParamView], positions: list[int]) -> list[Tensor]:

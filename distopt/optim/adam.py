@@ -34,12 +34,7 @@ class AdamFamily(DistOptimizer):
         """``(decoupled, correct_bias, transformers_order)`` of ``group``."""
         raise NotImplementedError
 
-    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
-        view.state["step"] = self._step_tensor(view)
-        view.state["exp_avg"] = self._zeros(view)
-        view.state["exp_avg_sq"] = self._zeros(view)
-        if group["amsgrad"]:
-            view.state["max_exp_avg_sq"] = self._zeros(view)
+    _zero_state = ("exp_avg", "exp_avg_sq", ("max_exp_avg_sq", "amsgrad"))
 
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:

@@ -10,21 +10,15 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from distopt.optim import _functional as F
-from distopt.optim._core import (
-    DistOptimizer,
-    ParamView,
-    StepContext,
-    check_betas,
-    check_lr,
-    check_nonneg,
-)
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import KW_ONLY, HyperSpec, betas, check_clip, flag, lr, nonneg, option
 
 __all__ = ["AdamWeightDecay"]
 
@@ -37,7 +31,8 @@ def _use_weight_decay(name: str, include: tuple[str, ...], exclude: tuple[str, .
     return not any(re.search(r, name) is not None for r in exclude)
 
 
-def _patterns(value: Any, what: str) -> tuple[str, ...]:
+def _patterns(what: str, value: Any) -> tuple[str, ...]:
+    """Regular expressions, stored as a tuple (``()`` for None; a lone string is one pattern)."""
     if value is None:
         return ()
     if isinstance(value, str):
@@ -53,12 +48,10 @@ def _patterns(value: Any, what: str) -> tuple[str, ...]:
     return out
 
 
-def _check_clip(value: Any, name: str) -> None:
-    if value is None:
-        return
-    check_nonneg(value, name)
-    if value == 0:
-        raise ValueError(f"Invalid {name}: 0 (use None to disable clipping)")
+def _names(what: str, value: Any) -> Any:
+    if value is not None and not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a mapping name -> tensor, e.g. dict(model.named_parameters())")
+    return value
 
 
 class AdamWeightDecay(DistOptimizer):
@@ -129,49 +122,32 @@ class AdamWeightDecay(DistOptimizer):
         """``clipnorm`` and ``global_clipnorm`` clip by norms of whole gradients."""
         return group.get("clipnorm") is not None or group.get("global_clipnorm") is not None
 
-    def __init__(
-        self,
-        params: Iterable | nn.Module,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-7,
-        weight_decay: float = 0.0,
-        amsgrad: bool = False,
-        include_in_weight_decay: Sequence[str] | None = None,
-        exclude_from_weight_decay: Sequence[str] | None = None,
-        clipnorm: float | None = None,
-        clipvalue: float | None = None,
-        global_clipnorm: float | None = None,
-        *,
-        param_names: Mapping[str, Tensor] | None = None,
-    ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_nonneg(eps, "eps")
-        check_nonneg(weight_decay, "weight_decay")
-        _check_clip(clipnorm, "clipnorm")
-        _check_clip(clipvalue, "clipvalue")
-        _check_clip(global_clipnorm, "global_clipnorm")
-        if clipnorm is not None and global_clipnorm is not None:
+    hypers = HyperSpec(
+        lr(1e-3),
+        betas((0.9, 0.999)),
+        nonneg("eps", 1e-7),
+        nonneg("weight_decay", 0.0),
+        flag("amsgrad", False),
+        option("include_in_weight_decay", None, "Sequence[str] | None", _patterns),
+        option("exclude_from_weight_decay", None, "Sequence[str] | None", _patterns),
+        option("clipnorm", None, "float | None", check_clip),
+        option("clipvalue", None, "float | None", check_clip),
+        option("global_clipnorm", None, "float | None", check_clip),
+        KW_ONLY,
+        option("param_names", None, "Mapping[str, Tensor] | None", _names),
+        params_annotation="Iterable | nn.Module",
+    )
+
+    def _configure(self, params: Any, hypers: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Resolve ``param_names`` (a constructor argument, not a group entry) and modules."""
+        if hypers["clipnorm"] is not None and hypers["global_clipnorm"] is not None:
             raise ValueError("clipnorm and global_clipnorm cannot both be set (as in Keras)")
-        if param_names is not None and not isinstance(param_names, Mapping):
-            raise TypeError("param_names must be a mapping name -> tensor, e.g. dict(model.named_parameters())")
-        self._name_lookup: dict[int, str] = {id(t): n for n, t in (param_names or {}).items()}
+        defaults = dict(hypers)
+        names = defaults.pop("param_names") or {}
+        self._name_lookup: dict[int, str] = {id(t): n for n, t in names.items()}
         if isinstance(params, nn.Module):
             params = list(params.named_parameters())
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            include_in_weight_decay=_patterns(include_in_weight_decay, "include_in_weight_decay"),
-            exclude_from_weight_decay=_patterns(exclude_from_weight_decay, "exclude_from_weight_decay"),
-            clipnorm=clipnorm,
-            clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm,
-        )
-        super().__init__(params, defaults)
+        return params, defaults
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -201,7 +177,7 @@ class AdamWeightDecay(DistOptimizer):
         group["params"] = params
         for key in ("include_in_weight_decay", "exclude_from_weight_decay"):
             if key in group:
-                group[key] = _patterns(group[key], key)
+                group[key] = _patterns(key, group[key])
         patterns = group.get("include_in_weight_decay", self.defaults["include_in_weight_decay"]) + group.get(
             "exclude_from_weight_decay", self.defaults["exclude_from_weight_decay"]
         )
@@ -215,12 +191,7 @@ class AdamWeightDecay(DistOptimizer):
             )
         super().add_param_group(group)
 
-    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
-        view.state["step"] = self._step_tensor(view)
-        view.state["exp_avg"] = self._zeros(view)
-        view.state["exp_avg_sq"] = self._zeros(view)
-        if group["amsgrad"]:
-            view.state["max_exp_avg_sq"] = self._zeros(view)
+    _zero_state = ("exp_avg", "exp_avg_sq", ("max_exp_avg_sq", "amsgrad"))
 
     # ------------------------------------------------------------------ clipping
     @staticmethod

@@ -6,20 +6,13 @@ Weights" (ICLR 2021).  The projection lives in :mod:`distopt.optim._projection`,
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from distopt.optim import _functional as F
-from distopt.optim._core import (
-    DistOptimizer,
-    ParamView,
-    StepContext,
-    check_betas,
-    check_lr,
-    check_nonneg,
-)
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import HyperSpec, betas, flag, lr, nonneg
 from distopt.optim._projection import project_
 
 
@@ -62,40 +55,18 @@ class AdamP(DistOptimizer):
     State per parameter: ``step`` (float32 scalar), ``exp_avg``, ``exp_avg_sq``.
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        delta: float = 0.1,
-        wd_ratio: float = 0.1,
-        nesterov: bool = False,
-        caution: bool = False,
-    ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_nonneg(eps, "eps")
-        check_nonneg(weight_decay, "weight_decay")
-        check_nonneg(delta, "delta")
-        check_nonneg(wd_ratio, "wd_ratio")
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            delta=delta,
-            wd_ratio=wd_ratio,
-            nesterov=nesterov,
-            caution=caution,
-        )
-        super().__init__(params, defaults)
+    hypers = HyperSpec(
+        lr(1e-3),
+        betas((0.9, 0.999)),
+        nonneg("eps", 1e-8),
+        nonneg("weight_decay", 0.0),
+        nonneg("delta", 0.1),
+        nonneg("wd_ratio", 0.1),
+        flag("nesterov", False),
+        flag("caution", False),
+    )
 
-    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
-        view.state["step"] = self._step_tensor(view)
-        view.state["exp_avg"] = self._zeros(view)
-        view.state["exp_avg_sq"] = self._zeros(view)
+    _zero_state = ("exp_avg", "exp_avg_sq")
 
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:

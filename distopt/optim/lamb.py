@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from distopt.optim import _functional as F
-from distopt.optim._core import (
-    DistOptimizer,
-    ParamView,
-    StepContext,
-    check_betas,
-    check_lr,
-    check_nonneg,
-)
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import HyperSpec, betas, check_clip, flag, lr, nonneg, option
 
 
 class Lamb(DistOptimizer):
@@ -52,46 +45,20 @@ class Lamb(DistOptimizer):
             (default False).
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        bias_correction: bool = True,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.01,
-        grad_averaging: bool = True,
-        max_grad_norm: float | None = 1.0,
-        trust_clip: bool = False,
-        always_adapt: bool = False,
-        decoupled_decay: bool = False,
-    ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_nonneg(eps, "eps")
-        check_nonneg(weight_decay, "weight_decay")
-        if max_grad_norm is not None:
-            check_nonneg(max_grad_norm, "max_grad_norm")
-            if max_grad_norm == 0:
-                raise ValueError("Invalid max_grad_norm: 0 (use None to disable clipping)")
-        defaults = dict(
-            lr=lr,
-            bias_correction=bias_correction,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            grad_averaging=grad_averaging,
-            max_grad_norm=max_grad_norm,
-            trust_clip=trust_clip,
-            always_adapt=always_adapt,
-            decoupled_decay=decoupled_decay,
-        )
-        super().__init__(params, defaults)
+    hypers = HyperSpec(
+        lr(1e-3),
+        flag("bias_correction", True),
+        betas((0.9, 0.999)),
+        nonneg("eps", 1e-6),
+        nonneg("weight_decay", 0.01),
+        flag("grad_averaging", True),
+        option("max_grad_norm", 1.0, "float | None", check_clip),
+        flag("trust_clip", False),
+        flag("always_adapt", False),
+        flag("decoupled_decay", False),
+    )
 
-    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
-        view.state["step"] = self._step_tensor(view)
-        view.state["exp_avg"] = self._zeros(view)
-        view.state["exp_avg_sq"] = self._zeros(view)
+    _zero_state = ("exp_avg", "exp_avg_sq")
 
     def _step_groups(self, groups: list[tuple[dict[str, Any], list[ParamView]]], ctx: StepContext) -> None:
         # The clip norm spans every parameter of every group (as in timm), so it is computed

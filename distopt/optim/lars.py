@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from distopt.optim import _functional as F
-from distopt.optim._core import DistOptimizer, ParamView, StepContext, check_lr, check_nonneg
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import HyperSpec, check_nesterov, flag, lr, nonneg
 
 
 class Lars(DistOptimizer):
@@ -45,39 +45,21 @@ class Lars(DistOptimizer):
     from the first adapted gradient, as torch's SGD does).
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1.0,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
-        trust_coeff: float = 0.001,
-        eps: float = 1e-8,
-        trust_clip: bool = False,
-        always_adapt: bool = False,
-    ) -> None:
-        check_lr(lr)
-        check_nonneg(momentum, "momentum")
-        check_nonneg(dampening, "dampening")
-        check_nonneg(weight_decay, "weight_decay")
-        check_nonneg(trust_coeff, "trust_coeff")
-        check_nonneg(eps, "eps")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            trust_coeff=trust_coeff,
-            eps=eps,
-            trust_clip=trust_clip,
-            always_adapt=always_adapt,
-        )
-        super().__init__(params, defaults)
+    hypers = HyperSpec(
+        lr(1.0),
+        nonneg("momentum", 0.0),
+        nonneg("dampening", 0.0),
+        nonneg("weight_decay", 0.0),
+        flag("nesterov", False),
+        nonneg("trust_coeff", 0.001),
+        nonneg("eps", 1e-8),
+        flag("trust_clip", False),
+        flag("always_adapt", False),
+    )
+
+    def _configure(self, params: Any, hypers: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        check_nesterov(hypers)
+        return params, hypers
 
     def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
         # The momentum buffer is the first adapted gradient, known only inside the update.

@@ -14,18 +14,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from distopt._dtensor import local_tensor
+
 __all__ = ["Lookahead"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _SLOW = "lookahead_slow_buff"
 _GROUP_KEYS = ("lookahead_alpha", "lookahead_k", "lookahead_step")
-
-
-def _local(p: Tensor) -> Tensor:
-    """The local tensor of a DTensor parameter (the parameter itself otherwise)."""
-    if type(p).__name__ == "DTensor" and hasattr(p, "to_local"):
-        return p.to_local()
-    return p
 
 
 def _slow_dtype(p: Tensor) -> torch.dtype:
@@ -212,7 +207,7 @@ class Lookahead(Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            fast = _local(p).detach()
+            fast = local_tensor(p).detach()
             st = self.state[p]
             slow = st.get(_SLOW)
             if slow is None:
@@ -259,7 +254,7 @@ class Lookahead(Optimizer):
         for pid, p in zip(saved_ids, params):
             entry = saved_state.get(pid)
             if isinstance(entry, dict) and isinstance(entry.get(_SLOW), Tensor):
-                local = _local(p)
+                local = local_tensor(p)
                 self.state[p][_SLOW] = entry[_SLOW].to(
                     device=local.device, dtype=_slow_dtype(local), copy=True
                 )

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from distopt.optim import _functional as F
-from distopt.optim._core import (
-    DistOptimizer,
-    ParamView,
-    StepContext,
-    check_lr,
-    check_nonneg,
-)
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import HyperSpec, flag, lr, nonneg
 
 __all__ = ["MADGRAD"]
 
@@ -53,28 +47,18 @@ class MADGRAD(DistOptimizer):
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-2,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        eps: float = 1e-6,
-        decoupled_decay: bool = False,
-    ) -> None:
-        check_lr(lr)
-        check_nonneg(momentum, "momentum")
-        if momentum >= 1.0:
-            raise ValueError(f"Invalid momentum: {momentum} (must be in [0, 1))")
-        check_nonneg(weight_decay, "weight_decay")
-        check_nonneg(eps, "eps")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, decoupled_decay=decoupled_decay)
-        super().__init__(params, defaults)
+    hypers = HyperSpec(
+        lr(1e-2),
+        nonneg("momentum", 0.9, below=1.0),
+        nonneg("weight_decay", 0.0),
+        nonneg("eps", 1e-6),
+        flag("decoupled_decay", False),
+    )
+
+    _zero_state = ("grad_sum_sq", "s")
 
     def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
-        view.state["step"] = self._step_tensor(view)
-        view.state["grad_sum_sq"] = self._zeros(view)
-        view.state["s"] = self._zeros(view)
+        super()._init_state(group, view)
         if group["momentum"] != 0:
             view.state["x0"] = view.data.clone(memory_format=torch.preserve_format)
 

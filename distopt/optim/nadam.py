@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from distopt.optim import _functional as F
-from distopt.optim._core import (
-    DistOptimizer,
-    ParamView,
-    StepContext,
-    check_betas,
-    check_lr,
-    check_nonneg,
-)
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import HyperSpec, betas, lr, nonneg
 
 __all__ = ["Nadam"]
 
@@ -49,28 +42,19 @@ class Nadam(DistOptimizer):
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 2e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        schedule_decay: float = 4e-3,
-    ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_nonneg(eps, "eps")
-        check_nonneg(weight_decay, "weight_decay")
-        check_nonneg(schedule_decay, "schedule_decay")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, schedule_decay=schedule_decay)
-        super().__init__(params, defaults)
+    hypers = HyperSpec(
+        lr(2e-3),
+        betas((0.9, 0.999)),
+        nonneg("eps", 1e-8),
+        nonneg("weight_decay", 0.0),
+        nonneg("schedule_decay", 4e-3),
+    )
+
+    _zero_state = ("exp_avg", "exp_avg_sq")
 
     def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
-        view.state["step"] = self._step_tensor(view)
+        super()._init_state(group, view)
         view.state["m_schedule"] = 1.0
-        view.state["exp_avg"] = self._zeros(view)
-        view.state["exp_avg_sq"] = self._zeros(view)
 
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:

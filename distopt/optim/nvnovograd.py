@@ -6,20 +6,13 @@ Deep Networks" (2019), as in NVIDIA's Jasper example and timm.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from distopt.optim import _functional as F
-from distopt.optim._core import (
-    DistOptimizer,
-    ParamView,
-    StepContext,
-    check_betas,
-    check_lr,
-    check_nonneg,
-)
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import HyperSpec, betas, flag, lr, nonneg, with_max_lr_snapshot
 
 
 class NvNovoGrad(DistOptimizer):
@@ -58,40 +51,19 @@ class NvNovoGrad(DistOptimizer):
     scalar) and, with amsgrad, ``max_exp_avg_sq`` (a float32 scalar).
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.95, 0.98),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        grad_averaging: bool = False,
-        amsgrad: bool = False,
-        decoupled_decay: bool = False,
-        corrected_weight_decay: bool = False,
-    ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_nonneg(eps, "eps")
-        check_nonneg(weight_decay, "weight_decay")
-        max_lr = float(lr)
-        if corrected_weight_decay and max_lr <= 0.0:
-            raise ValueError(
-                f"corrected_weight_decay needs a positive max lr, got {max_lr}: construct the "
-                "optimizer with the peak lr"
-            )
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            grad_averaging=grad_averaging,
-            amsgrad=amsgrad,
-            decoupled_decay=decoupled_decay,
-            corrected_weight_decay=corrected_weight_decay,
-            max_lr_snapshot=max_lr,
-        )
-        super().__init__(params, defaults)
+    hypers = HyperSpec(
+        lr(1e-3),
+        betas((0.95, 0.98)),
+        nonneg("eps", 1e-8),
+        nonneg("weight_decay", 0.0),
+        flag("grad_averaging", False),
+        flag("amsgrad", False),
+        flag("decoupled_decay", False),
+        flag("corrected_weight_decay", False),
+    )
+
+    def _configure(self, params: Any, hypers: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        return params, with_max_lr_snapshot(hypers)
 
     def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
         view.state["step"] = self._step_tensor(view)

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from distopt.optim import _functional as F
-from distopt.optim._core import (
-    DistOptimizer,
-    ParamView,
-    StepContext,
-    check_lr,
-    check_nonneg,
-)
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import KW_ONLY, HyperSpec, flag, lr, nonneg
 
 __all__ = ["RMSprop"]
 
@@ -50,41 +44,18 @@ class RMSprop(DistOptimizer):
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-2,
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        momentum: float = 0.0,
-        centered: bool = False,
-        *,
-        maximize: bool = False,
-    ) -> None:
-        check_lr(lr)
-        check_nonneg(alpha, "alpha")
-        check_nonneg(eps, "eps")
-        check_nonneg(weight_decay, "weight_decay")
-        check_nonneg(momentum, "momentum")
-        defaults = dict(
-            lr=lr,
-            alpha=alpha,
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            centered=centered,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults)
+    hypers = HyperSpec(
+        lr(1e-2),
+        nonneg("alpha", 0.99),
+        nonneg("eps", 1e-8),
+        nonneg("weight_decay", 0.0),
+        nonneg("momentum", 0.0),
+        flag("centered", False),
+        KW_ONLY,
+        flag("maximize", False),
+    )
 
-    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
-        view.state["step"] = self._step_tensor(view)
-        view.state["square_avg"] = self._zeros(view)
-        if group["momentum"] > 0:
-            view.state["momentum_buffer"] = self._zeros(view)
-        if group["centered"]:
-            view.state["grad_avg"] = self._zeros(view)
+    _zero_state = ("square_avg", ("momentum_buffer", "momentum"), ("grad_avg", "centered"))
 
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from distopt.optim import _functional as F
-from distopt.optim._core import (
-    DistOptimizer,
-    ParamView,
-    StepContext,
-    check_lr,
-    check_nonneg,
-)
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import HyperSpec, flag, lr, nonneg, with_max_lr_snapshot
 
 __all__ = ["RMSpropTF", "cautious"]
 
@@ -88,52 +82,27 @@ class RMSpropTF(DistOptimizer):
         """Caution rescales by the fraction of agreeing signs over each whole tensor."""
         return bool(group.get("caution")) and group.get("momentum", 0.0) > 0
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-2,
-        alpha: float = 0.9,
-        eps: float = 1e-10,
-        weight_decay: float = 0.0,
-        momentum: float = 0.0,
-        centered: bool = False,
-        decoupled_decay: bool = False,
-        corrected_weight_decay: bool = False,
-        lr_in_momentum: bool = True,
-        caution: bool = False,
-    ) -> None:
-        check_lr(lr)
-        check_nonneg(alpha, "alpha")
-        if alpha > 1.0:
-            raise ValueError(f"Invalid alpha: {alpha} (must be in [0, 1])")
-        check_nonneg(eps, "eps")
-        check_nonneg(weight_decay, "weight_decay")
-        check_nonneg(momentum, "momentum")
-        max_lr = float(lr)
-        if corrected_weight_decay and max_lr <= 0.0:
-            raise ValueError(f"corrected_weight_decay needs a positive (peak) lr, got {max_lr}")
-        defaults = dict(
-            lr=lr,
-            alpha=alpha,
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            centered=centered,
-            decoupled_decay=decoupled_decay,
-            corrected_weight_decay=corrected_weight_decay,
-            max_lr_snapshot=max_lr,
-            lr_in_momentum=lr_in_momentum,
-            caution=caution,
-        )
-        super().__init__(params, defaults)
+    hypers = HyperSpec(
+        lr(1e-2),
+        nonneg("alpha", 0.9, at_most=1.0),
+        nonneg("eps", 1e-10),
+        nonneg("weight_decay", 0.0),
+        nonneg("momentum", 0.0),
+        flag("centered", False),
+        flag("decoupled_decay", False),
+        flag("corrected_weight_decay", False),
+        flag("lr_in_momentum", True),
+        flag("caution", False),
+    )
+
+    def _configure(self, params: Any, hypers: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        return params, with_max_lr_snapshot(hypers)
+
+    _zero_state = (("momentum_buffer", "momentum"), ("grad_avg", "centered"))
 
     def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
-        view.state["step"] = self._step_tensor(view)
+        super()._init_state(group, view)
         view.state["square_avg"] = torch.ones_like(view.data, memory_format=torch.preserve_format)
-        if group["momentum"] > 0:
-            view.state["momentum_buffer"] = self._zeros(view)
-        if group["centered"]:
-            view.state["grad_avg"] = self._zeros(view)
 
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:

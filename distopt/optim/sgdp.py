@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from distopt.optim._core import DistOptimizer, ParamView, StepContext, check_lr, check_nonneg
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import REQUIRED, HyperSpec, flag, lr, nonneg
 from distopt.optim._projection import project_
 
 
@@ -38,43 +38,25 @@ class SGDP(DistOptimizer):
     State per parameter: ``momentum`` (the buffer, timm's name).
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
-        eps: float = 1e-8,
-        delta: float = 0.1,
-        wd_ratio: float = 0.1,
-        caution: bool = False,
-    ) -> None:
-        check_lr(lr)
-        check_nonneg(momentum, "momentum")
-        check_nonneg(dampening, "dampening")
-        check_nonneg(weight_decay, "weight_decay")
-        check_nonneg(eps, "eps")
-        check_nonneg(delta, "delta")
-        check_nonneg(wd_ratio, "wd_ratio")
-        if weight_decay != 0.0 and momentum >= 1.0:
+    hypers = HyperSpec(
+        lr(REQUIRED),
+        nonneg("momentum", 0.0),
+        nonneg("dampening", 0.0),
+        nonneg("weight_decay", 0.0),
+        flag("nesterov", False),
+        nonneg("eps", 1e-8),
+        nonneg("delta", 0.1),
+        nonneg("wd_ratio", 0.1),
+        flag("caution", False),
+    )
+
+    def _configure(self, params: Any, hypers: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if hypers["weight_decay"] != 0.0 and hypers["momentum"] >= 1.0:
             raise ValueError(
-                f"Invalid momentum: {momentum} (weight decay is divided by 1 - momentum, so momentum "
-                "must be < 1 when weight_decay != 0)"
+                f"Invalid momentum: {hypers['momentum']} (weight decay is divided by 1 - momentum, "
+                "so momentum must be < 1 when weight_decay != 0)"
             )
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            eps=eps,
-            delta=delta,
-            wd_ratio=wd_ratio,
-            caution=caution,
-        )
-        super().__init__(params, defaults)
+        return params, hypers
 
     def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
         view.state["momentum"] = self._zeros(view)

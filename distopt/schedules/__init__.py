@@ -8,10 +8,31 @@ defaults are those of ``transformers.optimization``.  See docs/schedules.md.
 ``last_epoch`` means what it means in torch and transformers: the constructor takes one step,
 so ``last_epoch=-1`` is a fresh start (step 0) and ``last_epoch=N`` lands on step ``N + 1``.
 After ``k`` optimizer steps, resume with ``last_epoch=k - 1``.  Unlike torch, a missing
-``initial_lr`` in the param groups is no error (see ``_schedulers`` for the recovery order).
+``initial_lr`` in the param groups is no error (see ``_base`` for the recovery order).
+
+Modules: ``_functions`` (pure lr functions), ``_base`` (the scheduler base classes),
+``_factories`` (the ``get_*`` factories), ``_adafactor`` and ``_plateau`` (the two schedules
+that are not a function of the step alone), ``_registry`` (schedules by name).
+``accelerator_kwargs`` and ``step_scheduler`` live in :mod:`distopt.integrations.schedule_stepping`
+and are re-exported here on first access.
 """
 
-from distopt.schedules._accelerate import accelerator_kwargs, step_scheduler
+from typing import Any
+
+from distopt.schedules._adafactor import AdafactorSchedule, get_adafactor_schedule
+from distopt.schedules._base import LambdaSchedule, StepSchedule, WarmUp
+from distopt.schedules._factories import (
+    create_tf_style_schedule,
+    get_constant_schedule,
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_cosine_with_hard_restarts_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+    get_inverse_sqrt_schedule,
+    get_linear_schedule_with_warmup,
+    get_polynomial_decay_schedule_with_warmup,
+    get_wsd_schedule,
+)
 from distopt.schedules._functions import (
     DECAY_TYPES,
     WARMUP_TYPES,
@@ -29,49 +50,15 @@ from distopt.schedules._functions import (
     warmup_then,
     wsd_factor,
 )
-from distopt.schedules._schedulers import (
+from distopt.schedules._plateau import ReduceLROnPlateauSchedule, get_reduce_on_plateau_schedule
+from distopt.schedules._registry import (
     EXTRA_SCHEDULES,
+    TRANSFORMERS_NAMES,
     TYPE_TO_SCHEDULER_FUNCTION,
-    AdafactorSchedule,
-    LambdaSchedule,
-    ReduceLROnPlateauSchedule,
     SchedulerType,
-    StepSchedule,
-    WarmUp,
-    create_tf_style_schedule,
-    get_adafactor_schedule,
-    get_constant_schedule,
-    get_constant_schedule_with_warmup,
-    get_cosine_schedule_with_warmup,
-    get_cosine_with_hard_restarts_schedule_with_warmup,
-    get_cosine_with_min_lr_schedule_with_warmup,
-    get_inverse_sqrt_schedule,
-    get_linear_schedule_with_warmup,
-    get_polynomial_decay_schedule_with_warmup,
-    get_reduce_on_plateau_schedule,
     get_scheduler,
-    get_wsd_schedule,
     list_schedules,
     scheduler_kwargs,
-)
-
-#: The names ``distopt.compat.transformers`` re-exports (transformers spells them so).
-TRANSFORMERS_NAMES = (
-    "SchedulerType",
-    "get_scheduler",
-    "get_constant_schedule",
-    "get_constant_schedule_with_warmup",
-    "get_linear_schedule_with_warmup",
-    "get_cosine_schedule_with_warmup",
-    "get_cosine_with_hard_restarts_schedule_with_warmup",
-    "get_polynomial_decay_schedule_with_warmup",
-    "get_inverse_sqrt_schedule",
-    "get_reduce_on_plateau_schedule",
-    "get_cosine_with_min_lr_schedule_with_warmup",
-    "get_wsd_schedule",
-    "AdafactorSchedule",
-    "get_adafactor_schedule",
-    "WarmUp",
 )
 
 __all__ = [
@@ -117,3 +104,16 @@ __all__ = [
     "warmup_then",
     "wsd_factor",
 ]
+
+_STEPPING = ("accelerator_kwargs", "step_scheduler")
+
+
+def __getattr__(name: str) -> Any:
+    """``accelerator_kwargs`` / ``step_scheduler``, from the integrations layer, on first use."""
+    if name in _STEPPING:
+        from distopt.integrations import schedule_stepping
+
+        value = getattr(schedule_stepping, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

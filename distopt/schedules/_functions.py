@@ -2,9 +2,10 @@
 
 Everything here is a module-level function of plain numbers, so that a schedule built
 from ``functools.partial(fn, **hyperparameters)`` pickles, can be evaluated without an
-optimizer, and can be reused by other parts of distopt (the Adafactor optimizer reuses
-:func:`adafactor_relative_step_lr`; the TensorFlow-style ``create_optimizer`` reuses
-:func:`polynomial_decay_lr` and :func:`warmup_then`).
+optimizer, and can be reused by other parts of distopt (the TensorFlow-style
+``create_optimizer`` reuses :func:`polynomial_decay_lr` and :func:`warmup_then`).
+:func:`adafactor_relative_step_lr` is the Adafactor optimizer's own step size, defined in the
+layer below (:func:`distopt.optim.adafactor.relative_step_lr`) and re-exported here.
 
 Two kinds of function live here:
 
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+
+from distopt.optim.adafactor import relative_step_lr as adafactor_relative_step_lr
 
 __all__ = [
     "WARMUP_TYPES",
@@ -214,21 +217,6 @@ def wsd_factor(
         factor = factor * (1.0 - min_lr_ratio) + min_lr_ratio
         return max(0.0, factor)
     return min_lr_ratio
-
-
-def adafactor_relative_step_lr(step: int, warmup_init: bool = False) -> float:
-    """The relative step size of Adafactor (before any parameter-scale factor).
-
-    ``min(1e-6 * step if warmup_init else 1e-2, 1 / sqrt(step))`` where ``step`` counts
-    optimizer steps starting at 1 (the step being taken). At ``step == 0`` the second
-    term is taken as infinite, so the result is ``0.0`` (warmup_init) or ``1e-2``.
-    """
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    min_step = 1e-6 * step if warmup_init else 1e-2
-    if step == 0:
-        return float(min_step)
-    return min(min_step, 1.0 / math.sqrt(step))
 
 
 def polynomial_decay_lr(

@@ -10,12 +10,8 @@ from typing import Any
 import torch
 
 from distopt.schedules import _functions as F
-from distopt.schedules._schedulers import (
-    SchedulerType,
-    create_tf_style_schedule,
-    get_scheduler,
-    list_schedules,
-)
+from distopt.schedules._factories import create_tf_style_schedule
+from distopt.schedules._registry import SchedulerType, get_scheduler, list_schedules
 
 __all__ = ["Curve", "schedule_curve", "plot_schedule", "PLOT_HINT"]
 

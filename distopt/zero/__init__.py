@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from distopt._dtensor import is_dtensor, local_and_sharding
 from distopt.zero._comm import CommStats, ring_bytes
 from distopt.zero._engine import ZeroEngine
 
@@ -93,7 +94,7 @@ def _check_model(model: nn.Module) -> None:
             f"distopt.shard: parameters are on mixed devices {sorted(str(d) for d in devices)}; "
             "move the model to one device per rank first"
         )
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    if any(is_dtensor(p) for p in model.parameters()):
         raise ValueError(
             "distopt.shard: the model has DTensor parameters (FSDP2/tensor parallel); build the "
             "distopt optimizer directly on them instead — it handles DTensor shards itself"
@@ -187,15 +188,13 @@ def clip_grad_norm_(
         else:
             params = list(model_or_params)
         grads = [p.grad for p in params if p.grad is not None]
-        dt = [g for g in grads if type(g).__name__ == "DTensor"]
+        dt = [g for g in grads if is_dtensor(g)]
         if dt:
-            from distopt.optim._core import _dtensor_local_and_sharding
-
             per_group: dict[Any, Tensor] = {}
             plain = torch.zeros((), dtype=torch.float32)
             for g in grads:
-                if type(g).__name__ == "DTensor":
-                    local, sharded, pg = _dtensor_local_and_sharding(g)
+                if is_dtensor(g):
+                    local, sharded, pg = local_and_sharding(g)
                     if sharded:
                         acc = per_group.get(pg)
                         s = _sumsq([local])
@@ -209,7 +208,7 @@ def clip_grad_norm_(
                 dist.all_reduce(s, group=pg)
                 total_sq = total_sq + s.cpu()
             total = total_sq.sqrt()
-            grads = [g.to_local() if type(g).__name__ == "DTensor" else g for g in grads]
+            grads = [g.to_local() if is_dtensor(g) else g for g in grads]
         else:
             total = _sumsq(grads).sqrt()
     if error_if_nonfinite and not torch.isfinite(total):
