@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-embd", type=int, default=64)
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="GPT-2's dropouts (0: a run resumed at another world size repeats the numbers)",
+    )
+    p.add_argument(
         "--output-dir",
         "--save-dir",
         dest="output_dir",
@@ -89,6 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
         n_embd=args.n_embd,
         n_layer=args.n_layer,
         n_head=2,
+        resid_pdrop=args.dropout,
+        embd_pdrop=args.dropout,
+        attn_pdrop=args.dropout,
         bos_token_id=0,
         eos_token_id=0,
         tie_word_embeddings=True,

@@ -45,7 +45,8 @@ What :class:`DistoptTrainer` changes, and nothing else (data, logging, evaluatio
   ``trainer_state.json`` are unchanged and restored by the Trainer.  A checkpoint written by a
   plain Trainer (``optimizer.pt`` + ``scheduler.pt``) starts a sharded run through
   :func:`distopt.checkpoint.load_optimizer_state_dict` (same param groups, so use the same
-  ``weight_decay`` split — the Trainer's default).
+  ``weight_decay`` split — the Trainer's default).  Without ZeRO (``zero_stage=None``) the
+  Trainer's own ``optimizer.pt`` is written; such a run also resumes a ZeRO checkpoint.
 
 Not supported (refused with an error): DeepSpeed and FSDP configs, ``nn.DataParallel`` (several
 GPUs in one process), Adahessian, and — with several processes —
@@ -84,6 +85,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "DistoptTrainer",
+    "DistoptTrainerConfig",
     "TESTED_TRANSFORMERS",
     "check_transformers_version",
     "parse_optim_args",
@@ -277,8 +279,13 @@ class _TrainerPrivateHooks(Trainer):
         self._distopt_save(Path(output_dir) / SUBDIR)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if self._distopt_sharded is None or checkpoint is None:
+        if checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
+        if self._distopt_sharded is None:
+            has_trainer_files = (Path(checkpoint) / "optimizer.pt").is_file()
+            if has_trainer_files or not (Path(checkpoint) / SUBDIR).exists():
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            # a ZeRO checkpoint resumed without ZeRO (DDP / one process): distopt reads it
         self._distopt_load(Path(checkpoint))
 
     # implemented by DistoptTrainer
@@ -602,12 +609,13 @@ class DistoptTrainer(_TrainerPrivateHooks):
         folder = checkpoint / SUBDIR
         opt = _inner(self.optimizer)
         if folder.exists():
+            sharded = self._distopt_sharded is not None
             ckpt.load(
                 folder,
-                model=self._distopt_sharded,
+                model=self._distopt_sharded if sharded else self.model_wrapped,
                 optimizer=opt,
                 scheduler=self.lr_scheduler,
-                accumulator=self._distopt_acc,
+                accumulator=self._distopt_acc if sharded else None,
                 restore_rng=False,  # the Trainer restores its RNG
             )
             log.info("restored distopt optimizer, schedule and accumulator from %s", folder)
