@@ -87,8 +87,25 @@ def test_duplicate_names_are_refused():
         HyperSpec(lr(1e-3), nonneg("lr", 0.0))
 
 
-@pytest.mark.parametrize("cls", [do.Adam, do.AdamW, do.SGD])
-def test_every_declared_class_stores_exactly_its_hyperparameters(cls):
-    opt = cls(_p())
-    assert list(opt.defaults) == list(cls.hypers.names)
+_DECLARED = [c for c in vars(do).values() if isinstance(c, type) and vars(c).get("hypers")]
+
+
+def test_every_distopt_optimizer_declares_its_hyperparameters():
+    assert {c.__name__ for c in _DECLARED} >= {
+        "AdaBelief", "Adadelta", "Adafactor", "AdafactorTimm", "Adagrad", "Adahessian", "Adam",
+        "AdamW", "AdamWeightDecay", "Adamax", "AdamP", "Lamb", "Lars", "MADGRAD", "Nadam",
+        "NvNovoGrad", "RAdam", "RMSprop", "RMSpropTF", "SGD", "SGDP",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", _DECLARED, ids=lambda c: c.__name__)
+def test_signature_and_defaults_are_the_spec(cls):
     assert list(inspect.signature(cls).parameters)[1:] == list(cls.hypers.names)
+    kwargs = {"lr": 0.1} if cls.hypers.entries[0].default is REQUIRED else {}
+    opt = cls(_p(), **kwargs)
+    # Derived entries (max_lr_snapshot, relative_step, beta1) may be added by _configure.
+    derived = set(opt.defaults) - set(cls.hypers.names)
+    assert derived <= {"max_lr_snapshot", "relative_step", "beta1"}, derived
+    for h in cls.hypers:
+        if h.name in opt.defaults and h.name not in kwargs:
+            assert opt.defaults[h.name] == h.validate(h.default), h.name

@@ -19,6 +19,15 @@ from distopt.optim._core import ParamView, StepContext
 # --------------------------------------------------------------------------- steps, moments
 
 
+def columns(views: Sequence[ParamView], *state_names: str) -> tuple[list[Tensor], ...]:
+    """``(datas, grads, *states)`` of ``views``: one list per column, a state list per name."""
+    return (
+        [v.data for v in views],
+        [v.grad for v in views],
+        *([v.state[name] for v in views] for name in state_names),
+    )
+
+
 def advance_steps(views: Sequence[ParamView]) -> list[float]:
     """Increment each parameter's ``step`` counter and return the new values as floats."""
     steps = [v.state["step"] for v in views]

@@ -43,7 +43,7 @@ Usage (a new optimizer in ``distopt/optim/myopt.py``)::
 ``MyOpt(params, lr=1e-2)`` then validates, builds ``defaults`` and calls ``Optimizer.__init__``.
 A class that needs its own constructor (a wrapper, a facade) does not declare ``hypers``.
 Entries for other kinds of values: :func:`integer`, :func:`option` (any value, an optional
-validator); a required hyperparameter has no default (``lr(REQUIRED)``).  A subclass may
+validator); :func:`adam_hypers` gives the four leading entries of the Adam family; a required hyperparameter has no default (``lr(REQUIRED)``).  A subclass may
 declare its own ``hypers`` (another default, another option set) and shares the maths.
 """
 
@@ -62,6 +62,7 @@ __all__ = [
     "REQUIRED",
     "Hyper",
     "HyperSpec",
+    "adam_hypers",
     "betas",
     "check_betas",
     "check_clip",
@@ -301,3 +302,20 @@ def with_max_lr_snapshot(hypers: dict[str, Any]) -> dict[str, Any]:
             "optimizer with the peak lr"
         )
     return {**hypers, "max_lr_snapshot": max_lr}
+
+
+def adam_hypers(
+    lr_default: Any,
+    *,
+    betas_default: Any = (0.9, 0.999),
+    eps_default: float = 1e-8,
+    weight_decay_default: float = 0.0,
+) -> tuple[Hyper, Hyper, Hyper, Hyper]:
+    """``lr, betas, eps, weight_decay``: the leading hyperparameters of the Adam family, with
+    these defaults (splice them in with ``HyperSpec(*adam_hypers(1e-3), ...)``)."""
+    return (
+        lr(lr_default),
+        betas(betas_default),
+        nonneg("eps", eps_default),
+        nonneg("weight_decay", weight_decay_default),
+    )

@@ -8,7 +8,7 @@ import torch
 
 from distopt.optim import _functional as F
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
-from distopt.optim._hyper import HyperSpec, betas, flag, lr, nonneg
+from distopt.optim._hyper import HyperSpec, adam_hypers, flag
 from distopt.optim.radam import rectification
 
 __all__ = ["AdaBelief"]
@@ -57,10 +57,7 @@ class AdaBelief(DistOptimizer):
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
 
     hypers = HyperSpec(
-        lr(1e-3),
-        betas((0.9, 0.999)),
-        nonneg("eps", 1e-16),
-        nonneg("weight_decay", 0.0),
+        *adam_hypers(1e-3, eps_default=1e-16),
         flag("amsgrad", False),
         flag("decoupled_decay", True),
         flag("fixed_decay", False),
@@ -84,10 +81,7 @@ class AdaBelief(DistOptimizer):
         beta1, beta2 = group["betas"]
         eps, wd = group["eps"], group["weight_decay"]
         amsgrad = group["amsgrad"]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        exp_avgs = [v.state["exp_avg"] for v in views]
-        exp_avg_vars = [v.state["exp_avg_var"] for v in views]
+        params, grads, exp_avgs, exp_avg_vars = F.columns(views, "exp_avg", "exp_avg_var")
         steps = F.advance_steps(views)
 
         if group["decoupled_decay"]:

@@ -55,10 +55,7 @@ class Adadelta(DistOptimizer):
             return
         lr = float(group["lr"])
         rho, eps = group["rho"], group["eps"]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        square_avgs = [v.state["square_avg"] for v in views]
-        acc_deltas = [v.state["acc_delta"] for v in views]
+        params, grads, square_avgs, acc_deltas = F.columns(views, "square_avg", "acc_delta")
         F.advance_steps(views)
         if group["maximize"]:
             grads = torch._foreach_neg(grads)

@@ -214,8 +214,7 @@ class _AdafactorKernel(DistOptimizer):
         h = self._hyper(group)
         steps = F.advance_steps(views)
         sharded = [v.sharded for v in views]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
+        params, grads = F.columns(views)
         dims = [_factor_dims(v.shape, h.min_dim) for v in views]
         beta2t = [1.0 - math.pow(t, h.decay_rate) for t in steps]
 

@@ -59,9 +59,7 @@ class Adagrad(DistOptimizer):
         if not views:
             return
         lr = float(group["lr"])
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        sums = [v.state["sum"] for v in views]
+        params, grads, sums = F.columns(views, "sum")
         steps = F.advance_steps(views)
         if group["maximize"]:
             grads = torch._foreach_neg(grads)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from distopt.optim import _functional as F
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
-from distopt.optim._hyper import KW_ONLY, HyperSpec, betas, flag, integer, lr, nonneg
+from distopt.optim._hyper import KW_ONLY, HyperSpec, adam_hypers, flag, integer, nonneg
 
 __all__ = ["Adahessian"]
 
@@ -86,10 +86,7 @@ class Adahessian(DistOptimizer):
     """
 
     hypers = HyperSpec(
-        lr(0.1),
-        betas((0.9, 0.999)),
-        nonneg("eps", 1e-8),
-        nonneg("weight_decay", 0.0),
+        *adam_hypers(0.1),
         nonneg("hessian_power", 1.0, at_most=1.0),
         integer("update_each", 1, minimum=1),
         integer("n_samples", 1, minimum=1),

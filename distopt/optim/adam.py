@@ -13,7 +13,7 @@ import torch
 
 from distopt.optim import _functional as F
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
-from distopt.optim._hyper import KW_ONLY, HyperSpec, betas, flag, lr, nonneg
+from distopt.optim._hyper import KW_ONLY, HyperSpec, adam_hypers, flag
 
 __all__ = ["Adam", "AdamFamily"]
 
@@ -44,10 +44,7 @@ class AdamFamily(DistOptimizer):
         beta1, beta2 = group["betas"]
         eps, wd = group["eps"], group["weight_decay"]
         amsgrad, maximize = group["amsgrad"], group["maximize"]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        exp_avgs = [v.state["exp_avg"] for v in views]
-        exp_avg_sqs = [v.state["exp_avg_sq"] for v in views]
+        params, grads, exp_avgs, exp_avg_sqs = F.columns(views, "exp_avg", "exp_avg_sq")
         max_sqs = [v.state["max_exp_avg_sq"] for v in views] if amsgrad else []
 
         if correct_bias and not transformers_order and F.fused_adam_ok(params):
@@ -119,10 +116,7 @@ class Adam(AdamFamily):
     """
 
     hypers = HyperSpec(
-        lr(1e-3),
-        betas((0.9, 0.999)),
-        nonneg("eps", 1e-8),
-        nonneg("weight_decay", 0.0),
+        *adam_hypers(1e-3),
         flag("amsgrad", False),
         KW_ONLY,
         flag("maximize", False),

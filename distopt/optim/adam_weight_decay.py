@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from distopt.optim import _functional as F
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
-from distopt.optim._hyper import KW_ONLY, HyperSpec, betas, check_clip, flag, lr, nonneg, option
+from distopt.optim._hyper import (
+    KW_ONLY,
+    HyperSpec,
+    adam_hypers,
+    check_clip,
+    flag,
+    option,
+)
 
 __all__ = ["AdamWeightDecay"]
 
@@ -123,10 +130,7 @@ class AdamWeightDecay(DistOptimizer):
         return group.get("clipnorm") is not None or group.get("global_clipnorm") is not None
 
     hypers = HyperSpec(
-        lr(1e-3),
-        betas((0.9, 0.999)),
-        nonneg("eps", 1e-7),
-        nonneg("weight_decay", 0.0),
+        *adam_hypers(1e-3, eps_default=1e-7),
         flag("amsgrad", False),
         option("include_in_weight_decay", None, "Sequence[str] | None", _patterns),
         option("exclude_from_weight_decay", None, "Sequence[str] | None", _patterns),

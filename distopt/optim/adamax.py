@@ -8,7 +8,7 @@ import torch
 
 from distopt.optim import _functional as F
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
-from distopt.optim._hyper import KW_ONLY, HyperSpec, betas, flag, lr, nonneg
+from distopt.optim._hyper import KW_ONLY, HyperSpec, adam_hypers, flag
 
 __all__ = ["Adamax"]
 
@@ -39,10 +39,7 @@ class Adamax(DistOptimizer):
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
 
     hypers = HyperSpec(
-        lr(2e-3),
-        betas((0.9, 0.999)),
-        nonneg("eps", 1e-8),
-        nonneg("weight_decay", 0.0),
+        *adam_hypers(2e-3),
         KW_ONLY,
         flag("maximize", False),
     )
@@ -54,10 +51,7 @@ class Adamax(DistOptimizer):
             return
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        exp_avgs = [v.state["exp_avg"] for v in views]
-        exp_infs = [v.state["exp_inf"] for v in views]
+        params, grads, exp_avgs, exp_infs = F.columns(views, "exp_avg", "exp_inf")
         steps = F.advance_steps(views)
         if group["maximize"]:
             grads = torch._foreach_neg(grads)

@@ -12,7 +12,7 @@ import torch
 
 from distopt.optim import _functional as F
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
-from distopt.optim._hyper import HyperSpec, betas, flag, lr, nonneg
+from distopt.optim._hyper import HyperSpec, adam_hypers, flag, nonneg
 from distopt.optim._projection import project_
 
 
@@ -56,10 +56,7 @@ class AdamP(DistOptimizer):
     """
 
     hypers = HyperSpec(
-        lr(1e-3),
-        betas((0.9, 0.999)),
-        nonneg("eps", 1e-8),
-        nonneg("weight_decay", 0.0),
+        *adam_hypers(1e-3),
         nonneg("delta", 0.1),
         nonneg("wd_ratio", 0.1),
         flag("nesterov", False),
@@ -76,10 +73,7 @@ class AdamP(DistOptimizer):
         eps, wd = group["eps"], group["weight_decay"]
         steps = F.advance_steps(views)
         bc1, bc2 = F.bias_correction(beta1, steps), F.bias_correction(beta2, steps)
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        exp_avgs = [v.state["exp_avg"] for v in views]
-        exp_avg_sqs = [v.state["exp_avg_sq"] for v in views]
+        params, grads, exp_avgs, exp_avg_sqs = F.columns(views, "exp_avg", "exp_avg_sq")
         F.ema_(exp_avgs, grads, beta1)
         F.ema_sq_(exp_avg_sqs, grads, beta2)
         denom = F.adam_denominator(exp_avg_sqs, bc2, eps)

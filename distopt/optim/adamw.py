@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from distopt.optim._hyper import KW_ONLY, HyperSpec, betas, flag, lr, nonneg
+from distopt.optim._hyper import KW_ONLY, HyperSpec, adam_hypers, flag
 from distopt.optim.adam import AdamFamily
 
 __all__ = ["AdamW"]
@@ -44,10 +44,7 @@ class AdamW(AdamFamily):
     """
 
     hypers = HyperSpec(
-        lr(1e-3),
-        betas((0.9, 0.999)),
-        nonneg("eps", 1e-8),
-        nonneg("weight_decay", 1e-2),
+        *adam_hypers(1e-3, weight_decay_default=1e-2),
         flag("amsgrad", False),
         KW_ONLY,
         flag("maximize", False),

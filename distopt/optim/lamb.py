@@ -83,8 +83,7 @@ class Lamb(DistOptimizer):
             bc1, bc2 = F.bias_correction(beta1, steps), F.bias_correction(beta2, steps)
         else:
             bc1 = bc2 = [1.0] * len(views)
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
+        params, grads = F.columns(views)
         clip = ctx.extra.get("clip")
         if clip is not None and clip != 1.0:
             grads = F.scaled(grads, 1.0 / clip)

@@ -70,8 +70,7 @@ class Lars(DistOptimizer):
             return
         lr = float(group["lr"])
         momentum, wd = group["momentum"], group["weight_decay"]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
+        params, grads = F.columns(views)
         if wd != 0.0 or group["always_adapt"]:
             w_norms, g_norms = F.global_norms(ctx, views, params, grads)
             w, g = torch.stack(w_norms), torch.stack(g_norms)

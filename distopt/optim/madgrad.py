@@ -67,10 +67,7 @@ class MADGRAD(DistOptimizer):
             return
         lr = float(group["lr"])
         eps, wd, momentum = group["eps"], group["weight_decay"], group["momentum"]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        sum_sqs = [v.state["grad_sum_sq"] for v in views]
-        sums = [v.state["s"] for v in views]
+        params, grads, sum_sqs, sums = F.columns(views, "grad_sum_sq", "s")
         lambdas = [(lr + eps) * math.sqrt(t) for t in F.advance_steps(views)]
 
         if wd != 0.0:

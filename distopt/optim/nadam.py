@@ -8,7 +8,7 @@ import torch
 
 from distopt.optim import _functional as F
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
-from distopt.optim._hyper import HyperSpec, betas, lr, nonneg
+from distopt.optim._hyper import HyperSpec, adam_hypers, nonneg
 
 __all__ = ["Nadam"]
 
@@ -43,10 +43,7 @@ class Nadam(DistOptimizer):
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
 
     hypers = HyperSpec(
-        lr(2e-3),
-        betas((0.9, 0.999)),
-        nonneg("eps", 1e-8),
-        nonneg("weight_decay", 0.0),
+        *adam_hypers(2e-3),
         nonneg("schedule_decay", 4e-3),
     )
 

@@ -12,7 +12,7 @@ import torch
 
 from distopt.optim import _functional as F
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
-from distopt.optim._hyper import HyperSpec, betas, flag, lr, nonneg, with_max_lr_snapshot
+from distopt.optim._hyper import HyperSpec, adam_hypers, flag, with_max_lr_snapshot
 
 
 class NvNovoGrad(DistOptimizer):
@@ -52,10 +52,7 @@ class NvNovoGrad(DistOptimizer):
     """
 
     hypers = HyperSpec(
-        lr(1e-3),
-        betas((0.95, 0.98)),
-        nonneg("eps", 1e-8),
-        nonneg("weight_decay", 0.0),
+        *adam_hypers(1e-3, betas_default=(0.95, 0.98)),
         flag("grad_averaging", False),
         flag("amsgrad", False),
         flag("decoupled_decay", False),
@@ -79,8 +76,7 @@ class NvNovoGrad(DistOptimizer):
         beta1, beta2 = group["betas"]
         wd = group["weight_decay"]
         F.advance_steps(views)
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
+        params, grads = F.columns(views)
         (sumsq,) = ctx.reduce([F.local_sumsq(grads)], [v.sharded for v in views])
         n = torch.stack([s.reshape(()) for s in sumsq]).float()
         sqs = [v.state["exp_avg_sq"] for v in views]

@@ -13,7 +13,7 @@ import torch
 
 from distopt.optim import _functional as F
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
-from distopt.optim._hyper import HyperSpec, betas, lr, nonneg
+from distopt.optim._hyper import HyperSpec, adam_hypers
 
 __all__ = ["RAdam", "rectification"]
 
@@ -80,10 +80,7 @@ class RAdam(DistOptimizer):
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
 
     hypers = HyperSpec(
-        lr(1e-3),
-        betas((0.9, 0.999)),
-        nonneg("eps", 1e-8),
-        nonneg("weight_decay", 0.0),
+        *adam_hypers(1e-3),
     )
 
     _zero_state = ("exp_avg", "exp_avg_sq")
@@ -93,10 +90,7 @@ class RAdam(DistOptimizer):
             return
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        exp_avgs = [v.state["exp_avg"] for v in views]
-        exp_avg_sqs = [v.state["exp_avg_sq"] for v in views]
+        params, grads, exp_avgs, exp_avg_sqs = F.columns(views, "exp_avg", "exp_avg_sq")
         steps = F.advance_steps(views)
 
         F.ema_sq_(exp_avg_sqs, grads, beta2)

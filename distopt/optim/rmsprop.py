@@ -62,9 +62,7 @@ class RMSprop(DistOptimizer):
             return
         lr = float(group["lr"])
         alpha, eps, momentum = group["alpha"], group["eps"], group["momentum"]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        square_avgs = [v.state["square_avg"] for v in views]
+        params, grads, square_avgs = F.columns(views, "square_avg")
         F.advance_steps(views)
         if group["maximize"]:
             grads = torch._foreach_neg(grads)

@@ -110,9 +110,7 @@ class RMSpropTF(DistOptimizer):
         lr = float(group["lr"])
         wd, momentum, eps = group["weight_decay"], group["momentum"], group["eps"]
         one_minus_alpha = 1.0 - group["alpha"]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        square_avgs = [v.state["square_avg"] for v in views]
+        params, grads, square_avgs = F.columns(views, "square_avg")
         F.advance_steps(views)
 
         if wd != 0.0:

@@ -65,8 +65,7 @@ class SGD(DistOptimizer):
             return
         lr = float(group["lr"])
         momentum, dampening = group["momentum"], group["dampening"]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
+        params, grads = F.columns(views)
         if group["maximize"]:
             grads = torch._foreach_neg(grads)
         grads = F.l2_decay(grads, params, group["weight_decay"])

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from distopt.optim import _functional as F
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import REQUIRED, HyperSpec, flag, lr, nonneg
 from distopt.optim._projection import project_
@@ -66,9 +67,7 @@ class SGDP(DistOptimizer):
             return
         lr = float(group["lr"])
         momentum, wd = group["momentum"], group["weight_decay"]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        bufs = [v.state["momentum"] for v in views]
+        params, grads, bufs = F.columns(views, "momentum")
         torch._foreach_mul_(bufs, momentum)
         torch._foreach_add_(bufs, grads, alpha=1.0 - group["dampening"])
         if group["nesterov"]:
