@@ -192,9 +192,11 @@ class DistOptimizer(Optimizer):
         gradients of a ``no_sync`` window) that ``optimizer.zero_grad()`` must clear as well.
         Returns a ``torch.utils.hooks.RemovableHandle``.
         """
+        from collections import OrderedDict
+
         from torch.utils.hooks import RemovableHandle
 
-        hooks = self.__dict__.setdefault("_zero_grad_post_hooks", {})
+        hooks = self.__dict__.setdefault("_zero_grad_post_hooks", OrderedDict())
         handle = RemovableHandle(hooks)
         hooks[handle.id] = hook
         return handle

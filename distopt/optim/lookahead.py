@@ -195,9 +195,29 @@ class Lookahead(Optimizer):
 
     @torch.no_grad()
     def sync_lookahead(self) -> None:
-        """Synchronise every group now (e.g. before evaluating or saving a model)."""
+        """Synchronise every group now (e.g. before evaluating or saving a model).
+
+        Then runs the hooks of :meth:`register_sync_post_hook` (distopt's ZeRO all-gathers the
+        synchronised rows there, so that every rank holds the same full weights).
+        """
         for group in self.param_groups:
             self._update_slow(group)
+        for hook in list(self.__dict__.get("_sync_post_hooks", {}).values()):
+            hook(self)
+
+    def register_sync_post_hook(self, hook: Callable[[Optimizer], None]) -> Any:
+        """Run ``hook(self)`` after every :meth:`sync_lookahead` call made outside ``step``.
+
+        Returns a ``torch.utils.hooks.RemovableHandle``.
+        """
+        from collections import OrderedDict
+
+        from torch.utils.hooks import RemovableHandle
+
+        hooks = self.__dict__.setdefault("_sync_post_hooks", OrderedDict())
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = hook
+        return handle
 
     @torch.no_grad()
     def _update_slow(self, group: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from distopt._dtensor import is_dtensor, local_and_sharding
 from distopt.zero._comm import CommStats, ring_bytes
-from distopt.zero._engine import ZeroEngine
+from distopt.zero._engine import ZeroEngine, engine_of
 
 __all__ = ["CommStats", "ShardedModule", "ZeroEngine", "clip_grad_norm_", "ring_bytes", "shard"]
 
@@ -39,7 +39,18 @@ class ShardedModule(nn.Module):
         self._engine = engine
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
+        out = self.module(*args, **kwargs)
+        engine = self._engine
+        if torch.is_grad_enabled():
+            if not engine.sync_enabled:
+                engine._pending = True  # this forward's backward leaves full gradients behind
+            else:
+                # Every rank that runs backward through the output reduces every bucket at
+                # its end, even a rank where no managed parameter gets a gradient.
+                for t in _tensors_in(out):
+                    if t.requires_grad:
+                        t.register_hook(_QueueReduction(engine))
+        return out
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -66,7 +77,16 @@ class ShardedModule(nn.Module):
         return self.module.state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+        """Load into the wrapped module; the optimizer's rows (master copies too) follow."""
+        if assign:
+            raise ValueError(
+                "ShardedModule.load_state_dict: assign=True would replace the parameter objects "
+                "that distopt.shard partitioned (their gradient hooks and optimizer rows); load "
+                "with assign=False (the default), which copies into the existing parameters"
+            )
+        out = self.module.load_state_dict(state_dict, strict=strict)
+        self._engine._refresh_masters()
+        return out
 
     @property
     def engine(self) -> ZeroEngine:
@@ -74,6 +94,28 @@ class ShardedModule(nn.Module):
 
     def shard_info(self) -> dict[str, Any]:
         return self._engine.shard_info()
+
+
+class _QueueReduction:
+    """Tensor hook on a model output: queues the engine's end-of-backward reduction."""
+
+    def __init__(self, engine: ZeroEngine) -> None:
+        self.engine = engine
+
+    def __call__(self, grad: Tensor) -> None:
+        self.engine._queue_end_of_backward()
+
+
+def _tensors_in(out: Any) -> Iterator[Tensor]:
+    """The tensors in a model output: a tensor, or lists, tuples and dicts of them."""
+    if isinstance(out, Tensor):
+        yield out
+    elif isinstance(out, (list, tuple)):
+        for x in out:
+            yield from _tensors_in(x)
+    elif isinstance(out, dict):
+        for x in out.values():
+            yield from _tensors_in(x)
 
 
 def _check_model(model: nn.Module) -> None:
@@ -163,8 +205,9 @@ def clip_grad_norm_(
 ) -> Tensor:
     """Clip gradients by their *global* norm, also when they are sharded; returns the norm.
 
-    * a :class:`ShardedModule` (distopt ZeRO): the reduced gradient shards are clipped; the norm
-      is summed across ranks in one all-reduce;
+    * a :class:`ShardedModule` (distopt ZeRO), or parameters of one (``model.parameters()``, as
+      written for DDP, or a subset): the reduced gradient rows are clipped; the norm is summed
+      across ranks in one all-reduce;
     * DTensor gradients (FSDP2): local partial sums, one all-reduce per process group;
     * anything else: the plain local computation of ``torch.nn.utils.clip_grad_norm_``.
     """
@@ -172,14 +215,10 @@ def clip_grad_norm_(
         raise ValueError(f"clip_grad_norm_: max_norm must be > 0, got {max_norm!r}")
     if norm_type != 2.0:
         raise ValueError("clip_grad_norm_: only the L2 norm (norm_type=2) is supported for sharded gradients")
+    engine: ZeroEngine | None = None
     if isinstance(model_or_params, ShardedModule):
         engine = model_or_params.engine
-        engine.reduce_gradients()
-        grads = [t.grad for t in engine.shards if t.grad is not None]
-        group = engine.group
-        local = _sumsq(grads)
-        dist.all_reduce(local, group=group)
-        total = local.sqrt()
+        params = [s.param for s in engine.slots]
     else:
         if isinstance(model_or_params, nn.Module):
             params = list(model_or_params.parameters())
@@ -187,6 +226,17 @@ def clip_grad_norm_(
             params = [model_or_params]
         else:
             params = list(model_or_params)
+        engine = engine_of(params)
+    if engine is not None:
+        # ZeRO: the reduced gradient rows live on the shards; the norm is summed across ranks
+        engine.reduce_gradients()
+        shard_of = {id(s.param): engine.shards[s.index] for s in engine.slots}
+        grads = [shard_of[id(p)].grad for p in params if shard_of[id(p)].grad is not None]
+        local = _sumsq(grads)
+        engine.stats.add("all_reduce", local.numel() * local.element_size())
+        dist.all_reduce(local, group=engine.group)
+        total = local.sqrt()
+    else:
         grads = [p.grad for p in params if p.grad is not None]
         dt = [g for g in grads if is_dtensor(g)]
         if dt:

@@ -10,7 +10,8 @@ after: all-gather the updated parameters).  The maths in the optimizer is untouc
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,11 +19,40 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from distopt._torch_private import queue_end_of_backward, version_of
 from distopt.optim._core import ShardSpec
 from distopt.zero import _comm
 from distopt.zero._plan import Bucket, Slot, make_plan
 
 log = logging.getLogger("distopt.zero")
+
+# Which engine manages a parameter (id -> weak reference): a parameter belongs to at most one
+# live engine, and ``distopt.clip_grad_norm_(model.parameters())`` finds its shards through it.
+_OWNER: dict[int, weakref.ReferenceType[ZeroEngine]] = {}
+
+
+def engine_of(params: Iterable[Tensor]) -> ZeroEngine | None:
+    """The live engine that manages every tensor of ``params``, or None if none does.
+
+    Raises ValueError for a mix of managed and unmanaged tensors, or of two engines.
+    """
+    engines = set()
+    n = 0
+    for p in params:
+        n += 1
+        ref = _OWNER.get(id(p))
+        eng = ref() if ref is not None else None
+        engines.add(eng if eng is not None and not eng.retired and id(p) in eng._slot_of else None)
+    if not engines or engines == {None}:
+        return None
+    if len(engines) > 1:
+        raise ValueError(
+            "distopt.clip_grad_norm_: the parameters given are partly managed by distopt.shard and "
+            "partly not (or by two different shard calls); their gradients live in different "
+            "places, so no single global norm can be computed. Pass the sharded model, or "
+            "parameters of one distopt.shard call only."
+        )
+    return engines.pop()
 
 
 class ZeroEngine:
@@ -48,6 +78,7 @@ class ZeroEngine:
         self.stats = _comm.CommStats()
         self.sync_enabled = True
         self.steps = 0
+        self.retired = False
 
         opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
         named = [(n, p) for n, p in module.named_parameters() if id(p) in opt_params]
@@ -71,6 +102,7 @@ class ZeroEngine:
             )
         self.slots, self.buckets = make_plan(named, self.world, int(bucket_mb * 2**20))
         self._slot_of = {id(s.param): s for s in self.slots}
+        self._claim_parameters()
 
         if broadcast_from_rank0 and self.world > 1:
             self._broadcast_module()
@@ -83,11 +115,15 @@ class ZeroEngine:
                 local = local.to(master_dtype).clone()
             self.shards.append(local)
         self._grad_out: list[Tensor | None] = [None] * len(self.buckets)
-        self._grad_views: list[Tensor | None] = [None] * len(self.slots)
-        self._pending = False  # full gradients exist that have not been reduced yet
+        self._pending = False  # full gradients may exist that have not been reduced yet
         self._ready: list[set[int]] = [set() for _ in self.buckets]
-        self._reduced_in_backward: list[bool] = [False] * len(self.buckets)
+        self._next_bucket = 0  # buckets are reduced strictly in index order, on every rank
         self._callback_queued = False
+        self._nonfinite = False  # a reduced bucket counted a rank with non-finite gradients
+        # master rows follow writes to the parameters: the version each parameter had when the
+        # engine last wrote it (see _refresh_masters)
+        self._versions: dict[int, int] = {}
+        self._record_versions()
 
         self._install_into_optimizer()
         self._hooks = [
@@ -113,6 +149,39 @@ class ZeroEngine:
                     n = t.numel()
                     t.copy_(flat[off : off + n].view_as(t))
                     off += n
+
+    def _claim_parameters(self) -> None:
+        """Make this engine the only one managing its parameters (a second shard call wins)."""
+        previous = set()
+        for s in self.slots:
+            ref = _OWNER.get(id(s.param))
+            eng = ref() if ref is not None else None
+            if eng is not None and eng is not self and not eng.retired and id(s.param) in eng._slot_of:
+                previous.add(eng)
+        for eng in previous:
+            log.info(
+                "distopt.shard: parameters already sharded by an earlier distopt.shard call are "
+                "taken over by the new one; the earlier optimizer can no longer step"
+            )
+            eng.retire()
+        me = weakref.ref(self)
+        for s in self.slots:
+            _OWNER[id(s.param)] = me
+
+    def retire(self) -> None:
+        """Detach this engine from the parameters (after another ``distopt.shard`` took them over).
+
+        Its hooks are removed, pending gradients are dropped, and its optimizer's ``step`` raises.
+        """
+        if self.retired:
+            return
+        self.retired = True
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for s in self.slots:
+            if _OWNER.get(id(s.param)) is not None and _OWNER[id(s.param)]() is self:
+                del _OWNER[id(s.param)]
 
     def _install_into_optimizer(self) -> None:
         opt = self.optimizer
@@ -142,45 +211,71 @@ class ZeroEngine:
         opt.set_sharding(specs)
         opt.register_step_pre_hook(lambda *_: self.before_step())
         opt.register_step_post_hook(lambda *_: self.after_step())
+        # optimizer.zero_grad() clears the full gradients of a no_sync window too, as under DDP
+        inner = opt
+        while getattr(inner, "base_optimizer", None) is not None:  # Lookahead(<base>)
+            inner = inner.base_optimizer
+        if hasattr(inner, "register_zero_grad_post_hook"):
+            inner.register_zero_grad_post_hook(lambda _o, set_to_none: self.clear_full_grads(set_to_none))
+        # Lookahead.sync_lookahead() outside step: every rank gets the synchronised rows
+        if hasattr(opt, "register_sync_post_hook"):
+            opt.register_sync_post_hook(lambda *_: self._after_external_update())
         opt._distopt_engine = self  # for distopt.checkpoint and shard_info
 
     # ------------------------------------------------------------------ gradients
+    # The contract (the one DDP keeps): every rank reduces every bucket exactly once per
+    # synchronised backward, in bucket-index order, whatever got gradients where.  Stage 2
+    # reduces a bucket during backward as soon as it and every bucket before it are complete on
+    # this rank; the end-of-backward callback reduces the rest.  Stage 1 reduces everything in
+    # that callback.  The reduced rows *add into* the shards' ``.grad`` (as ``.grad`` accumulates
+    # under DDP), and the shards' ``.grad`` are what the user and the optimizer see and zero.
     def _make_grad_hook(self, slot: Slot):
         def hook(param: Tensor) -> None:
             self._pending = True
-            if self.stage != 2 or not self.sync_enabled:
+            if not self.sync_enabled:
                 return
-            if not self._callback_queued:
-                self._callback_queued = True
-                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-            b = slot.bucket
-            self._ready[b].add(slot.position)
-            if len(self._ready[b]) == len(self.buckets[b].slots):
-                self._reduce_bucket(self.buckets[b])
-                self._reduced_in_backward[b] = True
-                self._ready[b].clear()
+            self._queue_end_of_backward()
+            if self.stage != 2:
+                return
+            self._ready[slot.bucket].add(slot.position)
+            while self._next_bucket < len(self.buckets) and self._complete(self._next_bucket):
+                self._reduce_bucket(self.buckets[self._next_bucket])
+                self._next_bucket += 1
 
         return hook
 
+    def _complete(self, b: int) -> bool:
+        bucket = self.buckets[b]
+        expected = sum(1 for s in bucket.slots if s.param.requires_grad)
+        return expected > 0 and len(self._ready[b]) >= expected
+
+    def _queue_end_of_backward(self) -> None:
+        """Called from inside a backward pass (gradient hooks, the model output's hook)."""
+        if self.sync_enabled and not self._callback_queued and not self.retired:
+            self._callback_queued = True
+            queue_end_of_backward(self._end_of_backward)
+
     def _end_of_backward(self) -> None:
-        """Stage 2: reduce the buckets whose parameters did not all receive a gradient."""
         self._callback_queued = False
-        for b in self.buckets:
-            if self._ready[b.index] or (
-                not self._reduced_in_backward[b.index] and any(s.param.grad is not None for s in b.slots)
-            ):
-                self._reduce_bucket(b)
-            self._ready[b.index].clear()
-            self._reduced_in_backward[b.index] = False
-        self._pending = any(s.param.grad is not None for s in self.slots)
+        for b in self.buckets[self._next_bucket :]:
+            self._reduce_bucket(b)
+        self._finish_reduction()
+
+    def _finish_reduction(self) -> None:
+        self._next_bucket = 0
+        for r in self._ready:
+            r.clear()
+        self._pending = False
+        if self._nonfinite:
+            self._poison_gradients()
 
     def reduce_gradients(self) -> None:
-        """Reduce-scatter every full gradient still held locally (stage 1; stage 2 leftovers)."""
+        """Reduce-scatter every full gradient still held locally (after a ``no_sync`` window)."""
         if not self._pending:
             return
         for b in self.buckets:
             self._reduce_bucket(b)
-        self._pending = False
+        self._finish_reduction()
 
     def _reduce_bucket(self, b: Bucket) -> None:
         W, R = self.world, b.region
@@ -197,37 +292,65 @@ class ZeroEngine:
                 if n:
                     regions[r, s.offsets[r] : s.offsets[r] + n].copy_(s.rows_view(g, r).reshape(-1))
             regions[:, b.payload + s.position] = 1.0
+        # one count, in every rank's region, of the ranks whose gradients here are not finite
+        regions[:, -1] = (~torch.isfinite(inp.sum(dtype=torch.float32))).to(b.dtype)
         inp.div_(W)  # average, as DDP does
         out = torch.empty(R, dtype=b.dtype, device=b.device)
         _comm.reduce_scatter(out, inp, self.group, self.stats)
         for s in b.slots:  # the full gradients have been handed over
             s.param.grad = None
-
-        prev = self._grad_out[b.index]
-        still_attached = prev is not None and any(
-            self._grad_views[s.index] is not None and self.shards[s.index].grad is self._grad_views[s.index]
-            for s in b.slots
-        )
-        if still_attached:
-            prev.add_(out)
-            out = prev
         self._grad_out[b.index] = out
         flags = out[b.payload :].tolist()
+        if flags[-1] > 0:
+            self._nonfinite = True
         for s in b.slots:
+            if flags[s.position] <= 0:
+                continue  # no rank had a gradient: the shard's .grad stays as it is (None or kept)
             shard = self.shards[s.index]
-            if flags[s.position] > 0:
-                n = s.local_numel(self.rank)
-                view = out[s.offsets[self.rank] : s.offsets[self.rank] + n].view(shard.shape)
-                if view.dtype != shard.dtype:
-                    view = view.to(shard.dtype)
-                shard.grad = view
-                self._grad_views[s.index] = view
+            n = s.local_numel(self.rank)
+            rows = out[s.offsets[self.rank] : s.offsets[self.rank] + n].view(shard.shape)
+            if shard.grad is None:
+                shard.grad = rows if rows.dtype == shard.dtype else rows.to(shard.dtype)
             else:
-                shard.grad = None
-                self._grad_views[s.index] = None
+                shard.grad.add_(rows.to(shard.grad.dtype))
+
+    def _poison_gradients(self) -> None:
+        """Some rank had a non-finite gradient: make sure this rank's rows show one too.
+
+        ``torch.amp.GradScaler`` decides from the gradients in the param groups (this rank's
+        rows) whether to skip the step, and an overflow lands in one owner's rows only; every
+        bucket's reduce-scatter also counts the ranks with non-finite gradients, so every rank
+        knows, and a rank whose rows are finite gets a NaN in one element.  The decision, and so
+        the scale, is the same on every rank, as under DDP.
+        """
+        self._nonfinite = False
+        for t in self.shards:
+            if t.grad is not None and t.grad.numel():
+                t.grad.view(-1)[:1].fill_(float("nan"))
+                return
+
+    def clear_full_grads(self, set_to_none: bool = True) -> None:
+        """Clear the full local gradients not yet reduced (``optimizer.zero_grad()`` calls it)."""
+        for s in self.slots:
+            if s.param.grad is None:
+                continue
+            if set_to_none:
+                s.param.grad = None
+            else:
+                s.param.grad.zero_()
+        self._pending = False
 
     # ------------------------------------------------------------------ step
+    def _check_live(self) -> None:
+        if self.retired:
+            raise RuntimeError(
+                "distopt.shard: this optimizer's parameters were sharded again by a later "
+                "distopt.shard call, which now owns their gradients; step the optimizer returned "
+                "by that call"
+            )
+
     def before_step(self) -> None:
+        self._check_live()
         known = {id(t) for t in self.shards}
         stray = [
             tuple(p.shape) for g in self.optimizer.param_groups for p in g["params"] if id(p) not in known
@@ -238,11 +361,41 @@ class ZeroEngine:
                 f"distopt.shard (shapes {stray[:5]}) and are not partitioned; add every param "
                 "group (optimizer.add_param_group) before calling distopt.shard"
             )
+        self._refresh_masters()
         self.reduce_gradients()
 
     def after_step(self) -> None:
         self.steps += 1
         self.all_gather_params()
+
+    def _after_external_update(self) -> None:
+        """The shards were changed outside ``step`` (``Lookahead.sync_lookahead``)."""
+        self._check_live()
+        self.all_gather_params()
+
+    # master rows follow writes to the parameters -----------------------------------------
+    def _record_versions(self) -> None:
+        if self.master_dtype is None:
+            return
+        self._versions = {s.index: version_of(s.param) for s in self.slots if self._has_master(s)}
+
+    def _has_master(self, s: Slot) -> bool:
+        return self.shards[s.index].dtype != s.param.dtype
+
+    @torch.no_grad()
+    def _refresh_masters(self) -> None:
+        """Copy parameter rows written since the engine's last write into the master rows.
+
+        ``model.load_state_dict``, ``p.copy_`` and every other in-place write bump a tensor's
+        version counter; the all-gather after each step is the engine's own write.
+        """
+        if not self._versions:
+            return
+        for s in self.slots:
+            v = self._versions.get(s.index)
+            if v is not None and version_of(s.param) != v:
+                self.shards[s.index].copy_(s.rows_view(s.param.detach(), self.rank))
+        self._record_versions()
 
     @torch.no_grad()
     def all_gather_params(self) -> None:
@@ -272,6 +425,7 @@ class ZeroEngine:
                     if n:
                         dst = s.rows_view(full, r)
                         dst.copy_(regions[r, s.offsets[r] : s.offsets[r] + n].view(dst.shape))
+        self._record_versions()
 
     # ------------------------------------------------------------------ misc
     @torch.no_grad()
@@ -290,6 +444,7 @@ class ZeroEngine:
                     f"optimizer's rows are {shard.dtype} (use master_dtype= for mixed precision)"
                 )
             shard.set_(view)
+        self._record_versions()
 
 
     @contextmanager

@@ -8,7 +8,8 @@ instead of piling up on the last one.
 Parameters are grouped into buckets (by dtype and device, in reverse registration order, which
 is the order backward produces gradients) of at most ``bucket_bytes``.  A bucket's flat buffer
 has one *region* per rank: the concatenation of that rank's rows of each parameter, padded to
-the largest region, followed by one flag per parameter (1 if the rank had a gradient).  The
+the largest region, followed by one flag per parameter (1 if the rank had a gradient) and one
+element that counts the ranks whose gradients in the bucket were not all finite.  The
 region layout is what reduce-scatter and all-gather move in one call per bucket.
 """
 
@@ -104,7 +105,8 @@ def make_plan(
                 sizes[r] += s.local_numel(r)
         payload = max(sizes)
         p0 = current[0].param
-        buckets.append(Bucket(b, p0.dtype, p0.device, current, payload + len(current), payload))
+        # region: the rows, one flag per parameter, one non-finite count (see ZeroEngine)
+        buckets.append(Bucket(b, p0.dtype, p0.device, current, payload + len(current) + 1, payload))
         current, current_bytes = [], 0
 
     for s in reversed(slots):

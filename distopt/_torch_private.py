@@ -1,0 +1,41 @@
+"""The private torch APIs distopt uses, in one place, each behind a check that it still exists.
+
+torch offers no public way to run code once at the end of a backward pass (DDP, FSDP and
+FSDP2 all use the autograd engine's ``queue_callback``) nor to tell that a tensor was written
+in place since a given moment (the version counter that autograd's saved-tensor checks use).
+Everything else in distopt uses public APIs.  ``tests/test_torch_private.py`` fails loudly when
+a torch release removes or changes one of these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["queue_end_of_backward", "version_of"]
+
+
+def _engine() -> object:
+    engine = getattr(torch.autograd.Variable, "_execution_engine", None)
+    if engine is None or not hasattr(engine, "queue_callback"):
+        raise RuntimeError(
+            f"distopt: torch {torch.__version__} has no autograd-engine queue_callback, which "
+            "distopt's ZeRO needs to reduce gradients at the end of backward; please report this "
+            "with your torch version"
+        )
+    return engine
+
+
+def queue_end_of_backward(fn: Callable[[], None]) -> None:
+    """Run ``fn`` once when the backward pass now executing has finished.
+
+    Must be called from inside a backward pass (a tensor or post-accumulate-grad hook).
+    """
+    _engine().queue_callback(fn)  # type: ignore[attr-defined]
+
+
+def version_of(t: Tensor) -> int:
+    """The in-place version counter of ``t`` (bumped by every in-place write, views included)."""
+    return int(t._version)
