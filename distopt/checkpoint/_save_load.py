@@ -557,7 +557,3 @@ def _install_state(
         for k, v in saved.items():
             if k != "params":
                 g[k] = v
-    # Lookahead keeps its own counters on the wrapper: restore through its hook if any
-    post = getattr(optimizer, "_distopt_after_load", None)
-    if callable(post):
-        post()
