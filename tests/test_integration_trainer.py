@@ -179,6 +179,26 @@ def two_rank_runs(root: str) -> dict:
     res["zero2_log"] = _log(tr)
     res["ddp_log"] = _log(ref)
 
+    # (2b) losses that are means (no num_items_in_batch): DDP vs ZeRO-1, mean over micro-batches
+    for key, cls, kw in (
+        ("ddp_means", transformers.Trainer, {}),
+        ("zero1_means", DistoptTrainer, {"optim": "lamb", "zero_stage": 1}),
+    ):
+        model = make_model()
+        t = cls(
+            model=model,
+            args=make_args(str(root / key), 2, save_strategy="no"),
+            train_dataset=ds,
+            **kw,
+        )
+        t.model_accepts_loss_kwargs = False  # as for a model whose forward takes no loss kwargs
+        if cls is transformers.Trainer:
+            t.optimizer = distopt.optim.Lamb(_trainer_groups(t, model), lr=t.args.learning_rate)
+            t.lr_scheduler = distopt.schedules.get_scheduler("cosine", t.optimizer, 1, STEPS)
+        t.train()
+        res[key] = params(model)
+        res[f"{key}_log"] = _log(t)
+
     # (3) the plain Trainer with torch AdamW: an uninterrupted run whose checkpoint-2 holds a
     # classic optimizer.pt / scheduler.pt
     model = make_model()
@@ -298,6 +318,14 @@ def test_zero2_lamb_equals_ddp_trainer(runs):
     # the rows are split between the ranks, and each holds optimizer state for its own
     (l0, total, s0), (l1, _, s1) = r0["zero2_shard"], r1["zero2_shard"]
     assert l0 + l1 == total and 0 < l0 < total and s0 > 0 and s1 > 0
+
+
+def test_zero1_equals_ddp_when_losses_are_means(runs):
+    r0 = runs[1][0]
+    _assert_close(r0["zero1_means"], r0["ddp_means"], "ZeRO-1 vs DDP (means)")
+    _assert_same_log(r0["zero1_means_log"], r0["ddp_means_log"], "ZeRO-1 vs DDP (means)")
+    # a mean of means is not the token mean: the two normalisations give other numbers
+    assert r0["ddp_means_log"][0][1] != pytest.approx(r0["ddp_log"][0][1], rel=1e-4)
 
 
 def test_checkpoint_layout_and_tied_weights(runs):

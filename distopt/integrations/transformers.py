@@ -516,11 +516,12 @@ class DistoptTrainer(_TrainerPrivateHooks):
         return self._distopt_acc
 
     def _loss_is_scaled(self, num_items_in_batch: Any) -> bool:
+        """The Trainer's rule: is ``compute_loss``'s value already scaled for accumulation?"""
         if self.loss_is_scaled_for_ga is not None:
-            return bool(self.loss_is_scaled_for_ga) and num_items_in_batch is not None
-        return num_items_in_batch is not None and (
-            bool(self.model_accepts_loss_kwargs) or self.compute_loss_func is not None
-        )
+            return bool(self.loss_is_scaled_for_ga)
+        return (
+            bool(self.model_accepts_loss_kwargs) and num_items_in_batch is not None
+        ) or self.compute_loss_func is not None
 
     def _count_items(self, inputs: dict[str, Any]) -> Tensor:
         """This micro-batch's item count, by the Trainer's rule for ``num_items_in_batch``."""
@@ -555,7 +556,8 @@ class DistoptTrainer(_TrainerPrivateHooks):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        items_mode = self._loss_is_scaled(num_items_in_batch)
+        scaled = self._loss_is_scaled(num_items_in_batch)
+        items_mode = scaled and num_items_in_batch is not None
         world = self.accelerator.num_processes
         if items_mode and world > 1 and not self.args.average_tokens_across_devices:
             raise ValueError(
@@ -576,7 +578,12 @@ class DistoptTrainer(_TrainerPrivateHooks):
                 # the local SUM; distopt divides by the global count once, at the boundary.
                 report = loss.detach()
                 back = loss * (num_items_in_batch / world)
-            else:
+            elif scaled:
+                # already normalised over the window without item counts: distopt's mean over
+                # the window's micro-batches must not divide it again
+                report = loss.detach()
+                back = loss * self.current_gradient_accumulation_steps
+            else:  # a mean per micro-batch: distopt takes the mean over the window
                 report = loss.detach() / self.current_gradient_accumulation_steps
                 back = loss
             acc.backward(scaler.scale(back) if scaler is not None else back)
