@@ -9,6 +9,8 @@ The returned model is used like a DDP model: forward, backward, ``no_sync()``.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +22,8 @@ from torch import Tensor, nn
 from distopt._dtensor import is_dtensor, local_and_sharding
 from distopt.zero._comm import CommStats, ring_bytes
 from distopt.zero._engine import ZeroEngine, engine_of
+
+_log = logging.getLogger("distopt.zero")
 
 __all__ = ["CommStats", "ShardedModule", "ZeroEngine", "clip_grad_norm_", "ring_bytes", "shard"]
 
@@ -69,6 +73,28 @@ class ShardedModule(nn.Module):
         self._engine.rebind_shards()
         return out
 
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """The wrapped module's parameters (complete on every rank, as under DDP).
+
+        Between backward and the step the gradients are not in their ``.grad`` but in the
+        optimizer's row shards, so ``torch.nn.utils.clip_grad_norm_(model.parameters(), c)``
+        would see none; iterating the parameters then logs a warning that names
+        :func:`distopt.clip_grad_norm_`, which takes ``model.parameters()`` and is exact.
+        """
+        engine = self._engine
+        quiet = getattr(_QUIET, "on", False)
+        if not quiet and not engine._warned_parameters and engine.holds_reduced_grads():
+            engine._warned_parameters = True
+            if engine.rank == 0:
+                _log.warning(
+                    "model.parameters() was iterated after backward under distopt.shard: the "
+                    "reduced gradients live in the optimizer's row shards, not in the parameters' "
+                    ".grad, so torch.nn.utils.clip_grad_norm_(model.parameters(), ...) and other "
+                    "code reading p.grad see none. Clip with distopt.clip_grad_norm_(model or "
+                    "model.parameters(), ...), which computes the global norm of the shards."
+                )
+        yield from super().parameters(recurse)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the full gradients and the reduced gradient shards."""
         self._engine.zero_grad(set_to_none)
@@ -116,6 +142,18 @@ def _tensors_in(out: Any) -> Iterator[Tensor]:
     elif isinstance(out, dict):
         for x in out.values():
             yield from _tensors_in(x)
+
+
+_QUIET = threading.local()  # set while distopt.clip_grad_norm_ lists ShardedModule parameters
+
+
+def _list_quietly(params: Iterable[Tensor]) -> list[Tensor]:
+    """``list(params)``; a ``ShardedModule.parameters()`` generator does not warn here."""
+    _QUIET.on = True
+    try:
+        return list(params)
+    finally:
+        _QUIET.on = False
 
 
 def _check_model(model: nn.Module) -> None:
@@ -225,7 +263,7 @@ def clip_grad_norm_(
         elif isinstance(model_or_params, Tensor):
             params = [model_or_params]
         else:
-            params = list(model_or_params)
+            params = _list_quietly(model_or_params)
         engine = engine_of(params)
     if engine is not None:
         # ZeRO: the reduced gradient rows live on the shards; the norm is summed across ranks

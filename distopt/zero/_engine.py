@@ -79,6 +79,7 @@ class ZeroEngine:
         self.sync_enabled = True
         self.steps = 0
         self.retired = False
+        self._warned_parameters = False
 
         opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
         named = [(n, p) for n, p in module.named_parameters() if id(p) in opt_params]
@@ -329,6 +330,10 @@ class ZeroEngine:
                 t.grad.view(-1)[:1].fill_(float("nan"))
                 return
 
+    def holds_reduced_grads(self) -> bool:
+        """Whether reduced gradient rows are waiting in the shards' ``.grad`` (before the step)."""
+        return any(t.grad is not None for t in self.shards)
+
     def clear_full_grads(self, set_to_none: bool = True) -> None:
         """Clear the full local gradients not yet reduced (``optimizer.zero_grad()`` calls it)."""
         for s in self.slots:
@@ -468,6 +473,24 @@ class ZeroEngine:
                 if s.param.grad is not None:
                     s.param.grad.zero_()
         self._pending = False
+
+    # ------------------------------------------------------------------ public accessors
+    # What the rest of distopt (distopt.parallel's ZeRO backend) may ask the engine; nothing
+    # outside distopt.zero reads the engine's attributes directly.
+    def managed(self) -> list[tuple[str, Tensor, Tensor, torch.Size, list[tuple[int, int]]]]:
+        """One ``(name, parameter, row shard, global shape, rows of every rank)`` per managed
+        parameter, in plan order; the row shard is the tensor the optimizer updates."""
+        return [(s.name, s.param, self.shards[s.index], s.shape, list(s.bounds)) for s in self.slots]
+
+    def shard_grads(self) -> list[Tensor]:
+        """The reduced gradient rows this rank holds (reduce any pending full gradients first)."""
+        self.reduce_gradients()
+        return [t.grad for t in self.shards if t.grad is not None]
+
+    def adopt_full_grads(self) -> None:
+        """Full gradients were written into the parameters' ``.grad`` outside a backward pass
+        (an accumulator resuming mid-window): reduce them with the next reduction."""
+        self._pending = any(s.param.grad is not None for s in self.slots)
 
     def shard_info(self) -> dict[str, Any]:
         """Per-rank bytes of parameters, gradient shards and optimizer state, and traffic."""
