@@ -375,6 +375,39 @@ def test_checkpoint_without_optimizer_state_is_refused_on_every_rank(runs):
         assert r["bare_error"] is not None and "optimizer.pt" in r["bare_error"]
 
 
+def test_bf16_autocast_reaches_the_forward_under_zero(tmp_path):
+    """Mixed precision: Accelerate's autocast is put on the user's forward (no DDP wrap), so a
+    ZeRO run computes in bf16 as the plain Trainer does."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState
+
+    from distopt.integrations.transformers import DistoptTrainer
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this test process")
+    logs, dtypes = {}, {}
+    try:
+        for key, cls, kw in (
+            ("plain", transformers.Trainer, {}),
+            ("zero", DistoptTrainer, {"zero_stage": 2, "optim": "adamw"}),
+        ):
+            model = make_model()
+            args = make_args(str(tmp_path / key), 1, bf16=True, save_strategy="no", max_steps=1)
+            t = cls(model=model, args=args, train_dataset=make_dataset(), **kw)
+            seen: list = []
+            attn = model.transformer.h[0].attn.c_attn
+            hook = attn.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
+            t.train()
+            hook.remove()
+            logs[key], dtypes[key] = _log(t), set(seen)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        AcceleratorState._reset_state(reset_partial_state=True)  # as TrainingArguments does
+    assert dtypes["zero"] == dtypes["plain"] == {torch.bfloat16}
+    assert logs["zero"][0][1] == pytest.approx(logs["plain"][0][1], rel=1e-6)
+
+
 # --------------------------------------------------------------------------- one process, no training
 
 
