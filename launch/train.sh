@@ -7,7 +7,7 @@
 #   NPROC        processes per node [number of GPUs if nvidia-smi sees any, else 2]
 #   NNODES       number of nodes [1], or MIN:MAX for an elastic job (e.g. 1:2: a node that
 #                fails is dropped and the others continue at the smaller world size)
-#   NODE_RANK    this node's rank [0] (elastic jobs: assigned by the rendezvous instead)
+#   NODE_RANK    this node's rank [0] (informational: the c10d rendezvous assigns node ranks)
 #   MASTER_ADDR  rendezvous host: the address of the first node, reachable from every node
 #                [127.0.0.1]
 #   MASTER_PORT  rendezvous port [29500; on a single node a free port if 29500 is taken]
