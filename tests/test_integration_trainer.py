@@ -179,6 +179,20 @@ def two_rank_runs(root: str) -> dict:
     res["zero2_log"] = _log(tr)
     res["ddp_log"] = _log(ref)
 
+    # (2a) DistoptTrainer without ZeRO: the Trainer's DDP, distopt's accumulation
+    model = make_model()
+    tr = DistoptTrainer(
+        model=model,
+        args=make_args(str(root / "ddp_distopt"), 2, save_strategy="no"),
+        train_dataset=ds,
+        optim="lamb",
+        zero_stage=None,
+    )
+    tr.train()
+    res["ddp_distopt"] = params(model)
+    res["ddp_distopt_log"] = _log(tr)
+    res["ddp_distopt_wrapped"] = type(tr.model_wrapped).__name__
+
     # (2b) losses that are means (no num_items_in_batch): DDP vs ZeRO-1, mean over micro-batches
     for key, cls, kw in (
         ("ddp_means", transformers.Trainer, {}),
@@ -318,6 +332,13 @@ def test_zero2_lamb_equals_ddp_trainer(runs):
     # the rows are split between the ranks, and each holds optimizer state for its own
     (l0, total, s0), (l1, _, s1) = r0["zero2_shard"], r1["zero2_shard"]
     assert l0 + l1 == total and 0 < l0 < total and s0 > 0 and s1 > 0
+
+
+def test_distopt_trainer_without_zero_equals_ddp_trainer(runs):
+    r0 = runs[1][0]
+    assert r0["ddp_distopt_wrapped"] == "DistributedDataParallel"
+    _assert_close(r0["ddp_distopt"], r0["ddp"], "DistoptTrainer DDP vs Trainer DDP")
+    _assert_same_log(r0["ddp_distopt_log"], r0["ddp_log"], "DistoptTrainer DDP vs Trainer DDP")
 
 
 def test_zero1_equals_ddp_when_losses_are_means(runs):
