@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         print(
             f"final: steps={out.global_step} loss={losses[-1] if losses else float('nan'):.4f} "
-            f"first_loss={first:.4f} optim={args.optim} zero={args.zero} "
+            f"first_loss={first:.4f} samples/s={out.metrics.get('train_samples_per_second', 0):.1f} "
+            f"time={out.metrics.get('train_runtime', 0):.1f}s optim={args.optim} zero={args.zero} "
             f"world={trainer.args.world_size} resumed_from={resume}",
             flush=True,
         )
