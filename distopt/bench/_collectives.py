@@ -25,6 +25,7 @@ _WRAP = {
     "all_gather_single": ("all_gather", 0),
     "_all_gather_base": ("all_gather", 0),
     "broadcast": ("broadcast", 0),
+    "all_to_all_single": ("all_to_all", 1),  # the input: what this rank sends (Muon's owner moves)
 }
 
 
@@ -45,7 +46,8 @@ class CollectiveCounter:
             return 0.0
         f = (world - 1) / world
         b = self.bytes
-        return 2 * f * b["all_reduce"] + f * (b["reduce_scatter"] + b["all_gather"] + b["broadcast"])
+        ring = 2 * f * b["all_reduce"] + f * (b["reduce_scatter"] + b["all_gather"] + b["broadcast"])
+        return ring + b["all_to_all"]  # all_to_all: the bytes sent, counted as requested
 
 
 @contextlib.contextmanager

@@ -117,6 +117,8 @@ GROUPS: list[Group] = [
           note="first step includes the Hessian-vector product; the median is the update only",
           second_order=True),
     Group("AdamWeightDecay", _wd(), []),
+    Group("Muon", _wd(lr=0.02), [("timm Muon", lambda: _timm("muon", "Muon"), _wd(lr=0.02))],
+          note="Newton-Schulz (bf16) on every matrix; AdamW on vectors"),
     Group("SGD", _wd(lr=0.1), [("torch SGD(foreach)", _torch("SGD", foreach=True), _wd(lr=0.1))]),
     Group("SGDP", _wd(lr=0.1), [("timm SGDP", lambda: _timm("sgdp", "SGDP"), _wd(lr=0.1))]),
     Group("RMSprop", _wd(), [("torch RMSprop(foreach)", _torch("RMSprop", foreach=True), _wd())]),

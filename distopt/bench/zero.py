@@ -94,7 +94,9 @@ def _worker(rank: int, world: int, store_dir: str, cfg: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     store = dist.FileStore(os.path.join(store_dir, "store"), world)
     dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world)
-    with counting() as counter:
+    from distopt.optim import _whole
+
+    with counting() as counter, _whole.counting() as whole:
         runs = {m: _build(m, cfg["optim"], device, 0) for m in cfg["modes"]}
         g = torch.Generator().manual_seed(1 + rank)
         batches = [torch.randint(0, 256, (cfg["batch"], cfg["seq"] + 1), generator=g).to(device) for _ in range(4)]
@@ -109,9 +111,12 @@ def _worker(rank: int, world: int, store_dir: str, cfg: dict[str, Any]) -> None:
                 step(model, opt, i)
         times: dict[str, list[float]] = {m: [] for m in runs}
         traffic: dict[str, float] = {}
+        # whole-tensor work (Muon's Newton-Schulz): seconds and share of the FLOPs on this rank
+        ns: dict[str, list[float]] = {m: [] for m in runs}
         for _round in range(cfg["rounds"]):
             for m, (model, opt) in runs.items():
                 counter.reset()
+                whole.reset()
                 counter.active = True
                 dist.barrier()
                 if use_cuda:
@@ -126,10 +131,12 @@ def _worker(rank: int, world: int, store_dir: str, cfg: dict[str, Any]) -> None:
                 # barrier bytes are excluded: they are issued outside the active window
                 traffic[m] = counter.ring_bytes(world) / cfg["steps"]
                 times[m].append(dt)
+                share = whole.local_cost / whole.total_cost if whole.total_cost else 0.0
+                ns[m].append((whole.local_seconds / cfg["steps"], share))
         state = {m: _state_bytes(opt) for m, (_, opt) in runs.items()}
         total_params = sum(p.numel() for p in runs[cfg["modes"][0]][0].parameters())
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, {"times": times, "traffic": traffic, "state": state})
+    dist.all_gather_object(gathered, {"times": times, "traffic": traffic, "state": state, "ns": ns})
     if rank == 0:
         torch.save({"ranks": gathered, "params": total_params}, os.path.join(store_dir, "result.pt"))
     dist.barrier()
@@ -153,6 +160,9 @@ def run(world: int, optim: str = "adamw", modes: tuple[str, ...] = MODES, rounds
             "step_s": statistics.median(per_round),
             "traffic_bytes": max(r["traffic"][m] for r in res["ranks"]),
             "state_bytes": max(r["state"][m] for r in res["ranks"]),
+            # Newton-Schulz (whole-tensor) seconds per step and FLOP share, busiest rank
+            "ns_s": statistics.median(max(r["ns"][m][i][0] for r in res["ranks"]) for i in range(rounds)),
+            "ns_share": max(r["ns"][m][0][1] for r in res["ranks"]),
         }
     return out
 
@@ -161,6 +171,9 @@ def format_table(result: dict[str, Any], fmt: str = "text") -> str:
     base = result["modes"]["ddp"] if "ddp" in result["modes"] else next(iter(result["modes"].values()))
     head = ["mode", "step ms", "x DDP", "state MiB/rank", "x DDP", "traffic MiB/step/rank", "x DDP"]
     rows = []
+    with_ns = any(r.get("ns_s", 0.0) > 0 for r in result["modes"].values())
+    if with_ns:
+        head += ["NS ms/step/rank", "x DDP", "NS FLOP share"]
     for m, r in result["modes"].items():
         rows.append([
             m,
@@ -168,6 +181,9 @@ def format_table(result: dict[str, Any], fmt: str = "text") -> str:
             f"{r['state_bytes'] / 2**20:.2f}", f"{r['state_bytes'] / max(base['state_bytes'], 1):.2f}",
             f"{r['traffic_bytes'] / 2**20:.2f}", f"{r['traffic_bytes'] / max(base['traffic_bytes'], 1):.2f}",
         ])  # fmt: skip
+        if with_ns:
+            rows[-1] += [f"{r['ns_s'] * 1e3:.2f}", f"{r['ns_s'] / max(base['ns_s'], 1e-12):.2f}",
+                         f"{r['ns_share']:.2f}"]  # fmt: skip
     title = (f"world size {result['world']}, {result['optim']}, {result['params'] / 1e6:.2f}M parameters "
              f"(ideal state/rank = {1 / result['world']:.2f} x DDP)")
     if fmt == "md":

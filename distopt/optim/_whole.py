@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,11 +50,12 @@ class WholeStats:
     calls: int = 0  # all_to_all_single calls
     local_cost: float = 0.0  # sum of the declared cost of the tensors this rank ran fn on
     total_cost: float = 0.0  # sum of the declared cost of every tensor (every rank's view)
+    local_seconds: float = 0.0  # wall time this rank spent in fn (CUDA synchronised)
     per_call: list[dict[str, float]] = field(default_factory=list)
 
     def reset(self) -> None:
         self.sent_bytes = self.calls = 0
-        self.local_cost = self.total_cost = 0.0
+        self.local_cost = self.total_cost = self.local_seconds = 0.0
         self.per_call.clear()
 
 
@@ -158,6 +160,7 @@ def whole_map(
     (owners are balanced by it).  Sharded tensors are computed once, on their owner rank.
     """
     out: list[Tensor | None] = [None] * len(views)
+    fn = _timed(fn) if STATS.active else fn
     local = [i for i, v in enumerate(views) if not v.sharded]
     sharded = [i for i, v in enumerate(views) if v.sharded]
     if STATS.active:
@@ -171,6 +174,21 @@ def whole_map(
         for i, r in zip(sharded, _sharded_map(opt, views, tensors, fn, costs, sharded)):
             out[i] = r
     return out  # type: ignore[return-value]
+
+
+def _timed(fn: WholeFn) -> WholeFn:
+    def run(whole: list[Tensor], idx: list[int]) -> list[Tensor]:
+        sync = [t for t in whole if t.is_cuda]
+        if sync:
+            torch.cuda.synchronize(sync[0].device)
+        t0 = time.perf_counter()
+        res = fn(whole, idx)
+        if sync:
+            torch.cuda.synchronize(sync[0].device)
+        STATS.local_seconds += time.perf_counter() - t0
+        return res
+
+    return run
 
 
 def _sharded_map(opt, views, tensors, fn, costs, idx: list[int]) -> list[Tensor]:
