@@ -2,8 +2,8 @@
 
 One 2-rank process group (spawning is the expensive part) runs every case:
 
-* a small tmpfs is filled so that the disk runs out in each phase of a save in turn (tensors,
-  RNG files, metadata, commit marker; plus an asynchronous save whose failure surfaces at
+* a small tmpfs is filled so that the disk runs out in each phase of a save in turn (RNG files,
+  metadata, tensors, commit marker; plus an asynchronous save whose failure surfaces at
   ``wait``): both ranks raise ``CheckpointError`` within seconds, naming the rank, the file and
   "no space left on device" with the free space; no ``.partial`` folder is left; the previous
   checkpoint still loads and holds the values saved in it;
@@ -33,7 +33,7 @@ from tests.dist import rank, run_distributed
 from tests.modes import build, full_params, train_steps
 
 PAGE = 4096
-PHASES = ("tensors", "rng", "meta", "marker", "async")
+PHASES = ("rng", "meta", "tensors", "marker", "async")
 
 
 def _pages(n: int) -> int:
@@ -58,14 +58,17 @@ def _phase_sizes(folder: Path) -> dict[str, int]:
 
 
 def _free_pages_for(phase: str, sz: dict[str, int]) -> int:
-    """Free pages to leave so that the disk runs out during ``phase``."""
-    if phase in ("tensors", "async"):
-        return sz["data"] // 2
+    """Free pages to leave so that the disk runs out during ``phase``.  Order of the writes: the
+    RNG files (every rank) and the metadata file (rank 0), DCP's data files and ``.metadata``,
+    then the commit marker (rank 0)."""
+    small = sz["rng"] + sz["meta"]
     if phase == "rng":
-        return sz["tensors"] + sz["rng"] // 2
+        return sz["rng"] // 2
     if phase == "meta":
-        return sz["tensors"] + sz["rng"] + sz["meta"] - 1
-    return sz["tensors"] + sz["rng"] + sz["meta"]  # marker: not one page left for it
+        return small - 1
+    if phase in ("tensors", "async"):
+        return small + sz["data"] // 2
+    return small + sz["tensors"]  # marker: not one page left for it
 
 
 def _make():

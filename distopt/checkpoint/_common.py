@@ -62,7 +62,12 @@ def agree(err: str | None, *, corrupt: bool = False, group: Any = None, what: st
     point: it is one small all-gather, and it is what keeps a rank-local failure from leaving
     the other ranks waiting in the next collective.
     """
-    gathered = gather_objects((err, corrupt), group)
+    raise_gathered(gather_objects((err, corrupt), group), what)
+
+
+def raise_gathered(gathered: list[tuple[str | None, bool]], what: str = "") -> None:
+    """The raising half of :func:`agree`, for callers that gathered ``(err, corrupt)`` per rank
+    together with other data in one collective."""
     errs = [(r, e, c) for r, (e, c) in enumerate(gathered) if e]
     if not errs:
         return
@@ -110,7 +115,8 @@ def describe(
     if isinstance(exc, CheckpointException):
         parts = []
         for r, (inner, _trace) in sorted(exc.failures.items()):
-            parts.append(f"rank {r}: {describe(inner, where, needs, free_at_start)}")
+            mine = free_at_start if r == rank() else None  # each rank knows its own disk
+            parts.append(f"rank {r}: {describe(inner, where, needs, mine)}")
         return "; ".join(parts) or str(exc).splitlines()[0]
     if isinstance(exc, CheckpointError):
         return str(exc)

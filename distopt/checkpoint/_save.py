@@ -47,6 +47,7 @@ from distopt.checkpoint._common import (
     free_bytes,
     fsync_dir,
     gather_objects,
+    raise_gathered,
     write_atomic_bytes,
 )
 from distopt.checkpoint._common import (
@@ -204,6 +205,43 @@ def _infer_step(optimizer: Any, scheduler: Any, extra: Any) -> int | None:
     return None
 
 
+def _meta_bytes(
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    extra: Any,
+    ents: list[Entry],
+    state_meta: dict,
+    objects: dict,
+    acc_meta: Any,
+) -> bytes:
+    def cls(o: Any) -> str | None:
+        return None if o is None else f"{type(o).__module__}.{type(o).__qualname__}"
+
+    meta = {
+        "format": fmt.FORMAT_VERSION,
+        "distopt_version": __version__,
+        "torch_version": torch.__version__,
+        "world_size": _world(),
+        "mode": detect_mode(model, optimizer),
+        "time": time.time(),
+        "params": {e.fqn: list(e.shape) for e in ents},
+        "dtypes": {e.fqn: str(e.param.dtype).replace("torch.", "") for e in ents},
+        "optimizer_class": cls(optimizer),
+        "param_groups": None if optimizer is None else fmt.param_groups_by_name(optimizer, ents),
+        "state_meta": state_meta,
+        "objects": objects,
+        "scheduler_class": cls(scheduler),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "accumulator": acc_meta,
+        "extra": extra,
+        "step": _infer_step(optimizer, scheduler, extra),
+    }
+    buf = io.BytesIO()
+    torch.save(meta, buf)
+    return buf.getvalue()
+
+
 # --------------------------------------------------------------------------- async bookkeeping
 
 
@@ -303,63 +341,39 @@ def save(
                 (tmp / "rng").mkdir(parents=True)
         except OSError as exc:
             err = describe(exc, tmp)
-    agree(err, what=f"cannot save checkpoint {path}")
     fmt._stage("start")
-
-    err = None
+    specs: dict[str, Spec] = {}
+    meta_bytes = rng_bytes = None
     try:
         specs, state_meta, objects, ents = _collect(model, optimizer)
-        rng_buf = io.BytesIO()
-        torch.save(fmt.rng_state(), rng_buf)
+        buf = io.BytesIO()
+        torch.save(fmt.rng_state(), buf)
+        rng_bytes = buf.getvalue()
     except Exception as exc:  # noqa: BLE001 - agreed below
-        err = describe(exc)
+        err = err or describe(exc)
     # in the middle of an accumulation window this is a collective: every rank calls it
-    acc_state = None
+    acc_state = acc_meta = None
     if accumulator is not None:
         try:
             acc_state = accumulator.state_dict()
         except Exception as exc:  # noqa: BLE001
             err = err or describe(exc)
-    _agree_or_clean(err, tmp, None, f"cannot save checkpoint {path}")
-    acc_meta = None
-    if acc_state is not None:
+    if err is None and acc_state is not None:
         acc_specs, acc_meta = _accumulator_specs(acc_state, rank, world)
         specs.update(acc_specs)
+    if err is None and rank == 0:
+        try:
+            meta_bytes = _meta_bytes(
+                model, optimizer, scheduler, extra, ents, state_meta, objects, acc_meta
+            )
+        except Exception as exc:  # noqa: BLE001
+            err = describe(exc)
+    _agree_or_clean(err, tmp, None, f"cannot save checkpoint {path}")
     needs = sum(_nbytes(s) for s in specs.values())
-    meta_bytes = None
-    if rank == 0:
-        meta = {
-            "format": fmt.FORMAT_VERSION,
-            "distopt_version": __version__,
-            "torch_version": torch.__version__,
-            "world_size": world,
-            "mode": detect_mode(model, optimizer),
-            "time": time.time(),
-            "params": {e.fqn: list(e.shape) for e in ents},
-            "dtypes": {e.fqn: str(e.param.dtype).replace("torch.", "") for e in ents},
-            "optimizer_class": None
-            if optimizer is None
-            else f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-            "param_groups": None
-            if optimizer is None
-            else fmt.param_groups_by_name(optimizer, ents),
-            "state_meta": state_meta,
-            "objects": objects,
-            "scheduler_class": None
-            if scheduler is None
-            else f"{type(scheduler).__module__}.{type(scheduler).__qualname__}",
-            "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "accumulator": acc_meta,
-            "extra": extra,
-            "step": _infer_step(optimizer, scheduler, extra),
-        }
-        buf = io.BytesIO()
-        torch.save(meta, buf)
-        meta_bytes = buf.getvalue()
     job = dict(
         path=path,
         tmp=tmp,
-        rng_bytes=rng_buf.getvalue(),
+        rng_bytes=rng_bytes,
         meta_bytes=meta_bytes,
         needs=needs,
         on_commit=_on_commit,
@@ -399,6 +413,26 @@ def _agree_or_clean(err: str | None, tmp: Path, group: Any, what: str) -> None:
         raise
 
 
+def _write_file(path: Path, data: bytes) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    finally:
+        os.close(fd)
+
+
 def _write_and_commit(
     *,
     path: Path,
@@ -410,6 +444,9 @@ def _write_and_commit(
     group: Any,
     on_commit: Callable[[Path], None] | None,
 ) -> None:
+    """Phase "files": RNG file, metadata (rank 0), DCP tensors, then fsync of the small files;
+    one all-gather agrees on the outcome and brings every rank's CRC segments to rank 0.
+    Phase "commit": rank 0 writes the marker and renames; one all-gather agrees on that."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import CheckpointException
 
@@ -418,49 +455,50 @@ def _write_and_commit(
     free0 = free_bytes(tmp)
     what = f"saving checkpoint {path} failed"
     writer = ChecksumWriter(tmp)
+    rng_name = f"rng/rank-{rank}.pt"
+    small = [(rng_name, rng_bytes)] + ([(fmt.META, meta_bytes)] if meta_bytes is not None else [])
     err = None
-    try:
+    try:  # the small files first, so that they are on their way to the disk while DCP writes
+        for name, data in small:
+            _write_file(tmp / name, data)
+    except OSError as exc:
+        err = describe(exc, tmp, needs, free0)
+    try:  # collective: every rank takes part even when its small files failed (never a hang)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=FutureWarning)
             warnings.simplefilter("ignore", category=UserWarning)
             dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=not dist_on())
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's is a BaseException
-        err = describe(exc, tmp, needs, free0)
+        err = err or describe(exc, tmp, needs, free0)
     finally:
         writer.close()
-    _agree_or_clean(err, tmp, group, what + " writing tensors")
-    fmt._stage("tensors_written")
-
-    err = None
-    rng_name = f"rng/rank-{rank}.pt"
-    try:
-        write_atomic_bytes(tmp / rng_name, rng_bytes)
-    except OSError as exc:
-        err = describe(exc, tmp / rng_name, needs, free0)
-    _agree_or_clean(err, tmp, group, what + " writing RNG states")
-
-    err = None
-    if meta_bytes is not None:
+    if err is None:
         try:
-            write_atomic_bytes(tmp / fmt.META, meta_bytes)
+            for name, _ in small:
+                _fsync_file(tmp / name)
         except OSError as exc:
-            err = describe(exc, tmp / fmt.META, needs, free0)
-    fmt._stage("meta_written")
-    _agree_or_clean(err, tmp, group, what + " writing metadata")
-
+            err = describe(exc, tmp, needs, free0)
     mine = {
-        name: {"size": sum(s[1] for s in segs), "segments": segs}
-        for name, segs in writer.segments.items()
+        n: {"size": sum(s[1] for s in segs), "segments": segs}
+        for n, segs in writer.segments.items()
     }
-    mine[rng_name] = {"size": len(rng_bytes), "segments": whole(rng_bytes)}
+    mine.update({n: {"size": len(d), "segments": whole(d)} for n, d in small})
+    gathered = gather_objects((err, mine), group)
+    try:
+        raise_gathered([(e, False) for e, _ in gathered], what + " writing files")
+    except CheckpointError:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fmt._stage("tensors_written")
+    fmt._stage("meta_written")
+
     err = None
     if rank == 0:
-        mine[fmt.META] = {"size": len(meta_bytes or b""), "segments": whole(meta_bytes or b"")}
-    files: dict[str, Any] = {}
-    for part in gather_objects(mine, group):
-        files.update(part)
-    if rank == 0:
         try:
+            files: dict[str, Any] = {}
+            for _, part in gathered:
+                files.update(part)
             for f in sorted(tmp.iterdir()):  # DCP's .metadata
                 if f.is_file() and f.name not in files and f.name != fmt.MARKER:
                     data = f.read_bytes()
@@ -473,14 +511,8 @@ def _write_and_commit(
             }
             write_atomic_bytes(tmp / fmt.MARKER, json.dumps(marker, separators=(",", ":")).encode())
             fsync_dir(tmp)
-        except OSError as exc:
-            err = describe(exc, tmp / fmt.MARKER, needs, free0)
-    _agree_or_clean(err, tmp, group, what + " writing the commit marker")
-
-    err = None
-    if rank == 0:
-        fmt._stage("marker_written")
-        try:
+            fsync_dir(tmp / "rng")
+            fmt._stage("marker_written")
             old = None
             if path.exists():
                 old = path.with_name(path.name + f".old-{os.getpid()}")
@@ -491,8 +523,12 @@ def _write_and_commit(
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("saved checkpoint %s (%d ranks, %.2fs)", path, world, time.perf_counter() - t0)
-            if on_commit is not None:
-                on_commit(path)
         except OSError as exc:
-            err = describe(exc, path)
+            err = describe(exc, tmp / fmt.MARKER, needs, free0)
+            shutil.rmtree(tmp, ignore_errors=True)
+        if err is None and on_commit is not None:
+            try:
+                on_commit(path)
+            except OSError as exc:
+                err = f"checkpoint {path} is committed, but moving the 'latest' pointer failed: {describe(exc)}"
     agree(err, group=group, what=what + " committing")

@@ -332,13 +332,30 @@ def _check_model_fits(meta: dict[str, Any], ents: list[Entry]) -> str | None:
 
 
 def _template_rows(
-    e: Entry, gshape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    e: Entry, gshape: tuple[int, ...], dtype: torch.dtype, device: torch.device, reuse: Any = None
 ) -> tuple[Any, Tensor]:
     s, t = _local_rows(e)
-    local = torch.zeros((t - s, *gshape[1:]), dtype=dtype, device=device)
+    shape = (t - s, *gshape[1:])
+    local = (
+        reuse
+        if _reusable(reuse, shape, dtype, device)
+        else torch.zeros(shape, dtype=dtype, device=device)
+    )
     if e.bounds is None:
         return local, local
     return row_sharded(local, gshape, e.bounds, e.rank), local
+
+
+def _reusable(t: Any, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+    """Load into the optimizer's existing state tensor (as plain DCP does) when it fits."""
+    return (
+        isinstance(t, Tensor)
+        and not is_dtensor(t)
+        and tuple(t.shape) == tuple(shape)
+        and t.dtype == dtype
+        and t.device == device
+        and t.is_contiguous()
+    )
 
 
 def load(
@@ -497,14 +514,16 @@ def _build_template(
         for name, info in meta["state_meta"].get(e.fqn, {}).items():
             dtype = getattr(torch, info["dtype"])
             gshape = tuple(info["shape"])
+            reuse = optimizer.state.get(e.opt_tensor, {}).get(name)
             if info["kind"] == "rows":
                 if gshape[0] != e.rows:
                     raise CheckpointError(
                         f"state {e.fqn}/{name} has {gshape[0]} rows, the parameter {e.rows}"
                     )
-                tpl, local = _template_rows(e, gshape, dtype, dev)
+                tpl, local = _template_rows(e, gshape, dtype, dev, reuse)
             else:
-                local = torch.zeros(gshape, dtype=dtype, device=dev)
+                ok = _reusable(reuse, gshape, dtype, dev)
+                local = reuse if ok else torch.zeros(gshape, dtype=dtype, device=dev)
                 tpl = local
             template[f"optim/{e.fqn}/{name}"] = tpl
             installs.append((e, name, local, info["kind"]))
