@@ -106,6 +106,29 @@ def _run_plan(plan: dict[str, list[str]], steps: int, mesh) -> dict:
     return out
 
 
+def _bad_meshes(mesh) -> list[str]:
+    """distopt.shard's answers to a mesh it cannot use (each must be a ValueError)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import distopt
+
+    def attempt(**kw) -> str:
+        model = UnevenModel(scalar_shape=(1,))
+        opt = distopt.optim.AdamW(model.parameters())
+        try:
+            distopt.shard(model, opt, stage=2, **kw)
+        except ValueError as exc:
+            return str(exc)
+        return "no error"
+
+    odd = init_device_mesh("cpu", (2, world_size() // 2), mesh_dim_names=("dp", "tp"))
+    return [
+        attempt(mesh=odd),
+        attempt(mesh=mesh, process_group=mesh.get_group("shard")),
+        attempt(mesh="not a mesh"),
+    ]
+
+
 def _hybrid_worker(plan: dict[str, list[str]], control: dict[str, list[str]], steps: int):
     """``plan`` as it should run; then ``control`` with the statistics reduced over the
     replicate group instead of the shard group (the negative control)."""
@@ -114,7 +137,7 @@ def _hybrid_worker(plan: dict[str, list[str]], control: dict[str, list[str]], st
     import distopt.optim._core as core
 
     mesh = _mesh()
-    out = {"plan": _run_plan(plan, steps, mesh)}
+    out = {"plan": _run_plan(plan, steps, mesh), "errors": _bad_meshes(mesh)}
     wrong = mesh.get_group("replicate")
     right = core._all_reduce_sum
 
@@ -170,6 +193,11 @@ def test_hybrid_matches_single_process_2x2():
     per_rank = run_distributed(_hybrid_worker, 4, plan, control, STEPS, timeout=900)
     failures = _failures([r["plan"] for r in per_rank], plan)
     assert not failures, "hybrid 2x2:\n" + "\n".join(failures[:40])
+    for r in per_rank:
+        names, both, junk = r["errors"]
+        assert "dim names ('replicate', 'shard')" in names and "('dp', 'tp')" in names, names
+        assert "either mesh= or process_group=" in both, both
+        assert "1-D or 2-D" in junk and "str" in junk, junk
     caught = _failures([r["control"] for r in per_rank], control)
     for mode, ids in control.items():
         for cid in ids:
