@@ -8,6 +8,8 @@ Replace ``from timm.optim import X`` by ``from distopt.compat.timm import X``.  
   and the ``torch.optim`` classes ``timm.optim`` re-exports (``SGD``, ``Adam``, ``AdamW``,
   ``NAdam``, ``RAdam``, ``Adamax``, ``RMSprop``, ``Adagrad``, ``Adadelta``), each with the seed's
   constructor signature, as subclasses of the distopt optimizers;
+* ``Muon`` (timm 1.0's, with the names ``muon``, ``nmuon``, ``adamuon``, ``nadamuon``): distopt's
+  class has timm's signature and defaults, plus the keyword-only ``ns_dtype``;
 * ``Lookahead``; ``create_optimizer_v2``, ``create_optimizer``, ``optimizer_kwargs``,
   ``list_optimizers``, ``get_optimizer_class``, ``param_groups_weight_decay``,
   ``param_groups_layer_decay``.
@@ -40,6 +42,7 @@ from distopt.optim._factory import default_registry, optimizer_kwargs
 from distopt.optim._param_groups import param_groups_layer_decay as param_groups_layer_decay
 from distopt.optim._param_groups import param_groups_weight_decay as param_groups_weight_decay
 from distopt.optim.lookahead import Lookahead as Lookahead
+from distopt.optim.muon import Muon as Muon  # timm's signature and defaults already (issue 14)
 
 # --------------------------------------------------------------------------- timm's classes
 # Each function below has exactly the seed constructor's parameters and defaults.
