@@ -477,6 +477,12 @@ def test_every_registry_name_builds(trainer_one_process):
     assert opt.param_groups[0]["betas"] == (0.8, 0.9) and opt.param_groups[0]["trust_clip"] is True
 
 
+def test_groups_are_the_trainers_even_when_one_is_empty(trainer_one_process):
+    # a Trainer optimizer.pt always has the two groups (decay, no decay); the import is positional
+    opt = trainer_one_process._build_optimizer(torch.nn.Linear(3, 4, bias=False))
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 0]
+
+
 def test_training_arguments_optim_and_optim_args(trainer_one_process):
     import distopt.optim as dopt
 

@@ -378,7 +378,8 @@ class DistoptTrainer(_TrainerPrivateHooks):
             {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
         ]
-        groups = [g for g in groups if g["params"]]
+        # both groups even when one is empty, as the Trainer builds them: a Trainer optimizer.pt
+        # then imports position by position
         if cfg.optim is not None:
             base = (
                 cfg.optim[len("lookahead_") :] if cfg.optim.startswith("lookahead_") else cfg.optim
