@@ -102,7 +102,8 @@ def test_sharded_equals_unsharded(case, world, layout, groups, skip):
     if not case.shape_aware:
         assert per_step == [0] * STEPS, f"{case.id}: an element-wise optimizer reduced {per_step}"
     else:
-        assert all(n >= 1 for n in per_step), f"{case.id}: a shape-aware step made no reduction: {per_step}"
+        first = case.extra.get("first_update_step", 0)  # e.g. ADOPT: step 1 only initialises v
+        assert all(n >= 1 for n in per_step[first:]), f"{case.id}: a shape-aware step made no reduction: {per_step}"
     if case.family in _PHASES:
         n_groups = 1 if groups is None else len(groups)
         assert max(per_step) <= _PHASES[case.family][1] * n_groups, per_step

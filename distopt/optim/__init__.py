@@ -27,14 +27,17 @@ from distopt.optim.adam_weight_decay import AdamWeightDecay
 from distopt.optim.adamax import Adamax
 from distopt.optim.adamp import AdamP
 from distopt.optim.adamw import AdamW
+from distopt.optim.adopt import Adopt
 from distopt.optim.lamb import Lamb
 from distopt.optim.lars import Lars
+from distopt.optim.lion import Lion
 
 # -- wrappers and factory --
 from distopt.optim.lookahead import Lookahead
 from distopt.optim.madgrad import MADGRAD
 from distopt.optim.muon import Muon
 from distopt.optim.nadam import Nadam
+from distopt.optim.nadamw import NAdamW
 from distopt.optim.nvnovograd import NvNovoGrad
 from distopt.optim.radam import RAdam
 from distopt.optim.rmsprop import RMSprop
@@ -58,6 +61,9 @@ __all__ = [
     "Adamax",
     "MADGRAD",
     "Muon",
+    "Lion",
+    "NAdamW",
+    "Adopt",
     "Nadam",
     "RAdam",
     "RMSprop",

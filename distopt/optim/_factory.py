@@ -355,6 +355,16 @@ _BUILTINS: tuple[tuple[str, str, dict[str, Any], bool | None, str], ...] = (
      "AdaMuon: second moments of the orthogonalised directions (Si et al.)"),
     ("nadamuon", "Muon", {"algo": "adamuon", "nesterov": True}, True,
      "AdaMuon with Nesterov momentum and a NAdamW fallback"),
+    ("lion", "Lion", {}, False, "evolved sign momentum (Chen et al.)"),
+    ("clion", "Lion", {"caution": True}, False, "Lion with the cautious mask"),
+    ("nadamw", "NAdamW", {}, False, "Adam with Nesterov momentum and decoupled weight decay"),
+    ("cnadamw", "NAdamW", {"caution": True}, False, "NAdamW with the cautious mask"),
+    ("nadamc", "NAdamW", {"corrected_weight_decay": True}, False, "NAdamW with corrected weight decay"),
+    ("adopt", "Adopt", {}, False, "Adam that converges with any beta2 (Taniguchi et al.)"),
+    ("adoptw", "Adopt", {"decoupled": True}, False, "ADOPT with decoupled weight decay"),
+    ("cadopt", "Adopt", {"caution": True}, False, "ADOPT with the cautious mask"),
+    ("cadoptw", "Adopt", {"decoupled": True, "caution": True}, False,
+     "ADOPT with decoupled weight decay and the cautious mask"),
 )
 
 default_registry = OptimizerRegistry()

@@ -1,0 +1,102 @@
+"""Cases: timm 1.0's element-wise optimizers (Lion, NAdamW, ADOPT) and their cautious variants.
+
+Each class is one distopt class whose ``c``/``w`` forms are options; the cautious cases are
+shape-aware (the mask's mean is over the whole tensor: one batched reduction).
+"""
+
+from __future__ import annotations
+
+import distopt.optim as do
+from tests import references_timm1 as R
+from tests.optim_cases import OptimCase
+from tests.references import load_timm_optim
+
+
+def _peer(module, cls, **kw):
+    def make(params):
+        mod = load_timm_optim(module)
+        return None if mod is None else getattr(mod, cls)(params, foreach=False, **kw)
+
+    return make
+
+
+def _case(id, cls, ref, module, peer_cls, opts=None, **kw):
+    opts = dict(opts or {})
+    return OptimCase(
+        id,
+        make=lambda p: cls(p, **kw),
+        reference=lambda p: ref(p, **kw),
+        peer=_peer(module, peer_cls, **kw),
+        shape_aware=bool(kw.get("caution")),
+        family=id.split("-")[0],
+        **opts,
+    )
+
+
+CASES = [
+    _case(
+        "lion",
+        do.Lion,
+        R.RefLion,
+        "lion",
+        "Lion",
+        {"rosen_lr": 1e-3, "rosen_tol": 0.7},
+        lr=2e-3,
+        weight_decay=0.1,
+    ),
+    _case(
+        "clion-corrected",
+        do.Lion,
+        R.RefLion,
+        "lion",
+        "Lion",
+        {"rosen_lr": 1e-3, "rosen_tol": 0.7},
+        lr=2e-3,
+        weight_decay=0.1,
+        caution=True,
+        corrected_weight_decay=True,
+    ),  # fmt: skip
+    _case(
+        "nadamw",
+        do.NAdamW,
+        R.RefNAdamW,
+        "nadamw",
+        "NAdamW",
+        {"rosen_lr": 3e-2},
+        lr=1e-2,
+        weight_decay=0.05,
+    ),
+    _case(
+        "cnadamw",
+        do.NAdamW,
+        R.RefNAdamW,
+        "nadamw",
+        "NAdamW",
+        {"rosen_lr": 3e-2},
+        lr=1e-2,
+        weight_decay=0.05,
+        caution=True,
+    ),  # fmt: skip
+    _case(
+        "adopt",
+        do.Adopt,
+        R.RefAdopt,
+        "adopt",
+        "Adopt",
+        {"rosen_lr": 1e-2},
+        lr=1e-2,
+        weight_decay=0.05,
+    ),
+    _case(
+        "cadoptw",
+        do.Adopt,
+        R.RefAdopt,
+        "adopt",
+        "Adopt",
+        {"rosen_lr": 1e-2, "extra": {"first_update_step": 1}},
+        lr=1e-2,
+        weight_decay=0.05,
+        decoupled=True,
+        caution=True,
+    ),  # fmt: skip
+]

@@ -1,0 +1,88 @@
+"""Independent references of timm 1.0's element-wise optimizers (plain per-parameter loops).
+
+Lion: Chen et al. (2023), Algorithm 2.  NAdamW: Dozat (2016) in the AdamW form of Table 1 of
+arXiv:1910.05446.  ADOPT: Taniguchi et al. (2024), Algorithm 1 (with the clip of their
+implementation notes).  The cautious mask: Liang et al. (2024), Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tests.references import RefOptimizer
+
+
+def _cautious(u, g):
+    mask = ((u * g) > 0).float()
+    return u * mask / max(float(mask.mean()), 1e-3)
+
+
+def _decay_scale(grp):
+    return grp["lr"] ** 2 / grp["max_lr"] if grp.get("corrected_weight_decay") else grp["lr"]
+
+
+class RefLion(RefOptimizer):
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, caution=False,
+                 corrected_weight_decay=False):  # fmt: skip
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, caution=caution,
+                                      corrected_weight_decay=corrected_weight_decay, max_lr=lr))  # fmt: skip
+
+    def update(self, p, g, st, grp):
+        b1, b2 = grp["betas"]
+        if not st:
+            st["m"] = torch.zeros_like(p)
+        p.mul_(1 - _decay_scale(grp) * grp["weight_decay"])
+        c = torch.sign(b1 * st["m"] + (1 - b1) * g)
+        if grp["caution"]:
+            c = _cautious(c, g)
+        p.sub_(grp["lr"] * c)
+        st["m"] = b2 * st["m"] + (1 - b2) * g
+
+
+class RefNAdamW(RefOptimizer):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, caution=False,
+                 corrected_weight_decay=False):  # fmt: skip
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, caution=caution,
+                                      corrected_weight_decay=corrected_weight_decay, max_lr=lr))  # fmt: skip
+
+    def update(self, p, g, st, grp):
+        b1, b2 = grp["betas"]
+        if not st:
+            st["m"], st["v"], st["t"] = torch.zeros_like(p), torch.zeros_like(p), 0
+        st["t"] += 1
+        t = st["t"]
+        p.mul_(1 - _decay_scale(grp) * grp["weight_decay"])
+        st["m"] = b1 * st["m"] + (1 - b1) * g
+        st["v"] = b2 * st["v"] + (1 - b2) * g * g
+        n = b1 * st["m"] + (1 - b1) * g
+        if grp["caution"]:
+            n = _cautious(n, g)
+        p.sub_(grp["lr"] / (1 - b1**t) * n / ((st["v"] / (1 - b2**t)).sqrt() + grp["eps"]))
+
+
+class RefAdopt(RefOptimizer):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, clip_exp=0.333, weight_decay=0.0,
+                 decoupled=False, corrected_weight_decay=False, caution=False):  # fmt: skip
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, clip_exp=clip_exp, weight_decay=weight_decay,
+                                      decoupled=decoupled, corrected_weight_decay=corrected_weight_decay,
+                                      caution=caution, max_lr=lr))  # fmt: skip
+
+    def update(self, p, g, st, grp):
+        b1, b2 = grp["betas"]
+        wd = grp["weight_decay"]
+        if not grp["decoupled"]:
+            g = g + wd * p
+        if not st:  # step 1: v_0 = g_0^2, no update
+            st["m"], st["v"], st["t"] = torch.zeros_like(p), g * g, 1
+            return
+        st["t"] += 1
+        if grp["decoupled"]:
+            p.mul_(1 - _decay_scale(grp) * wd)
+        n = g / torch.clamp(st["v"].sqrt(), min=grp["eps"])
+        if grp["clip_exp"] is not None:
+            c = (st["t"] - 1) ** grp["clip_exp"]
+            n = n.clamp(-c, c)
+        st["m"] = b1 * st["m"] + (1 - b1) * n
+        m = _cautious(st["m"], g) if grp["caution"] else st["m"]
+        p.sub_(grp["lr"] * m)
+        st["v"] = b2 * st["v"] + (1 - b2) * g * g
