@@ -130,25 +130,27 @@ def _bad_meshes(mesh) -> list[str]:
 
 
 def _hybrid_worker(plan: dict[str, list[str]], control: dict[str, list[str]], steps: int):
-    """``plan`` as it should run; then ``control`` with the statistics reduced over the
-    replicate group instead of the shard group (the negative control)."""
+    """``plan`` as it should run; then ``control`` with every all-reduce over the shard group
+    (the optimizer's statistics) sent over the replicate group instead (the negative control;
+    gradients travel by reduce-scatter / all-gather and replicate-group all-reduces, untouched)."""
     import torch.distributed as dist
-
-    import distopt.optim._core as core
 
     mesh = _mesh()
     out = {"plan": _run_plan(plan, steps, mesh), "errors": _bad_meshes(mesh)}
+    shard_ranks = dist.get_process_group_ranks(mesh.get_group("shard"))
     wrong = mesh.get_group("replicate")
-    right = core._all_reduce_sum
+    right = dist.all_reduce
 
-    def reduce_over_replicas(flat, group):
-        dist.all_reduce(flat, group=wrong)
+    def over_replicas(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if group is not None and dist.get_process_group_ranks(group) == shard_ranks:
+            group = wrong
+        return right(tensor, op=op, group=group, async_op=async_op)
 
-    core._all_reduce_sum = reduce_over_replicas
+    dist.all_reduce = over_replicas
     try:
         out["control"] = _run_plan(control, steps, mesh)
     finally:
-        core._all_reduce_sum = right
+        dist.all_reduce = right
     return out
 
 
@@ -166,21 +168,7 @@ def _failures(per_rank, plan) -> list[str]:
     return failures
 
 
-def _shard_has_mesh() -> bool:
-    import inspect
-
-    import distopt
-
-    return "mesh" in inspect.signature(distopt.shard).parameters
-
-
-needs_hybrid = pytest.mark.skipif(
-    not _shard_has_mesh(), reason="distopt.shard(mesh=...) has not landed yet"
-)
-
-
 @pytest.mark.distributed
-@needs_hybrid
 def test_hybrid_matches_single_process_2x2():
     plan = {
         "zero2": [c.id for c in HYBRID_CASES],

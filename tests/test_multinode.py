@@ -190,17 +190,8 @@ def test_harness_removes_everything_when_a_test_fails():
 # ------------------------------------------------------------------------- hybrid sharding
 
 
-def _shard_has_mesh() -> bool:
-    import inspect
-
-    import distopt
-
-    return "mesh" in inspect.signature(distopt.shard).parameters
-
-
 @pytest.mark.distributed
 @needs_netns
-@pytest.mark.skipif(not _shard_has_mesh(), reason="distopt.shard(mesh=...) has not landed yet")
 def test_hybrid_zero2_halves_the_bytes_across_the_link(make_nodes, tmp_path):
     """2 nodes x 2 processes: flat ZeRO-2 (one group of 4) vs hybrid ZeRO-2 (shard within a
     node, replicate across): hybrid sends <= 1/2 of flat's bytes over the veth per step, and

@@ -189,6 +189,9 @@ def shard(
     bucket_mb: float = 25.0,
     master_dtype: torch.dtype | None = None,
     broadcast_from_rank0: bool = True,
+    *,
+    mesh: Any = None,
+    replicate_group: Any = None,
 ) -> tuple[ShardedModule, torch.optim.Optimizer]:
     """Partition ``optimizer``'s state (stage 1) and the gradients (stage 2) across ranks.
 
@@ -205,6 +208,17 @@ def shard(
             rounded value (default None: update the parameters in their own dtype, via fp32).
         broadcast_from_rank0: start every rank from rank 0's parameters and buffers, as DDP does
             (default True).
+        mesh: hybrid sharding (HSDP; DeepSpeed's hpZ/MiCS): a 2-D ``DeviceMesh`` with dims named
+            ``("replicate", "shard")`` (unnamed: dim 0 replicates, dim 1 shards, as FSDP2's HSDP),
+            e.g. ``init_device_mesh("cuda", (nodes, gpus_per_node), mesh_dim_names=("replicate",
+            "shard"))``.  Gradients are reduce-scattered within the shard group, then only the
+            local rows are all-reduced across the replicate group (averaged over every rank);
+            optimizer state is partitioned and shape-aware statistics are reduced within the
+            shard group; parameters are all-gathered within it.  A 1-D mesh means
+            ``process_group=mesh.get_group()``.  Exclusive with ``process_group``.
+        replicate_group: hybrid sharding with explicit groups: ``process_group`` is this rank's
+            shard group, ``replicate_group`` the ranks holding the same rows in the other shard
+            groups (e.g. the same local rank on every node).
 
     Returns:
         ``(sharded_model, optimizer)``.
@@ -225,13 +239,46 @@ def shard(
             "(torch.distributed.init_process_group, or launch with torchrun)"
         )
     _check_model(model)
+    if mesh is not None:
+        if process_group is not None or replicate_group is not None:
+            raise ValueError(
+                "distopt.shard: pass either mesh= or process_group=/replicate_group=, not both"
+            )
+        process_group, replicate_group = _groups_of_mesh(mesh)
+    if replicate_group is not None and dist.get_rank(replicate_group) < 0:
+        raise ValueError(
+            f"distopt.shard: this process (global rank {dist.get_rank()}) is not a member of "
+            "the given replicate_group"
+        )
     if process_group is not None and dist.get_rank(process_group) < 0:
         raise ValueError(
             f"distopt.shard: this process (global rank {dist.get_rank()}) is not a member of "
             "the given process_group"
         )
-    engine = ZeroEngine(model, optimizer, stage, process_group, bucket_mb, master_dtype, broadcast_from_rank0)
+    engine = ZeroEngine(model, optimizer, stage, process_group, bucket_mb, master_dtype, broadcast_from_rank0, replicate_group=replicate_group)
     return ShardedModule(model, engine), optimizer
+
+
+
+def _groups_of_mesh(mesh: Any) -> tuple[Any, Any]:
+    """(shard group, replicate group or None) of a 1-D or 2-D ``DeviceMesh``."""
+    ndim = getattr(mesh, "ndim", None)
+    if ndim == 1:
+        return mesh.get_group(), None
+    if ndim != 2:
+        raise ValueError(
+            "distopt.shard: mesh must be a 1-D or 2-D torch.distributed DeviceMesh "
+            f"(replicate x shard), got {type(mesh).__name__} with ndim={ndim}"
+        )
+    names = tuple(mesh.mesh_dim_names or ())
+    if not names:
+        return mesh.get_group(1), mesh.get_group(0)
+    if set(names) != {"replicate", "shard"}:
+        raise ValueError(
+            "distopt.shard: a 2-D mesh needs the dim names ('replicate', 'shard') (or none: dim 0 "
+            f"replicates, dim 1 shards), got {names}"
+        )
+    return mesh.get_group("shard"), mesh.get_group("replicate")
 
 
 @torch.no_grad()

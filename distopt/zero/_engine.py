@@ -67,6 +67,7 @@ class ZeroEngine:
         bucket_mb: float,
         master_dtype: torch.dtype | None,
         broadcast_from_rank0: bool = True,
+        replicate_group: Any = None,
     ) -> None:
         self.module = module
         self.optimizer = optimizer
@@ -74,6 +75,11 @@ class ZeroEngine:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
+        # hybrid sharding: the shards are replicated over ``replicate_group`` (the ranks that hold
+        # the same rows in the other shard groups, e.g. the same local rank on every node); only
+        # this rank's reduced rows of each gradient bucket are all-reduced across it
+        self.replicate_group = replicate_group
+        self.replicas = 1 if replicate_group is None else dist.get_world_size(replicate_group)
         self.master_dtype = master_dtype
         self.stats = _comm.CommStats()
         self.sync_enabled = True
@@ -105,7 +111,7 @@ class ZeroEngine:
         self._slot_of = {id(s.param): s for s in self.slots}
         self._claim_parameters()
 
-        if broadcast_from_rank0 and self.world > 1:
+        if broadcast_from_rank0 and self.world * self.replicas > 1:
             self._broadcast_module()
 
         # the tensors the optimizer updates: views into the parameters, or fp32 master copies
@@ -135,15 +141,26 @@ class ZeroEngine:
 
     # ------------------------------------------------------------------ set-up
     def _broadcast_module(self) -> None:
-        """Make every rank start from rank 0's parameters and buffers (as DDP does)."""
-        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        """Make every rank start from rank 0's parameters and buffers (as DDP does).
+
+        Hybrid: first across each replicate group, then within each shard group from its first
+        rank (for a (replicate, shard) mesh, the first ranks of all shard groups form the
+        replicate group of global rank 0).
+        """
+        if self.replicas > 1:
+            self._broadcast_tensors(self.replicate_group)
+        if self.world > 1:
+            self._broadcast_tensors(self.group)
+
+    def _broadcast_tensors(self, group: Any) -> None:
+        src = dist.get_global_rank(group, 0) if group is not None else 0
         tensors = [p.detach() for p in self.module.parameters()] + list(self.module.buffers())
         by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
         for t in tensors:
             by_kind.setdefault((t.dtype, t.device), []).append(t)
         for (dtype, device), ts in by_kind.items():
             flat = torch.cat([t.reshape(-1) for t in ts]) if ts else torch.empty(0, dtype=dtype, device=device)
-            _comm.broadcast(flat, src, self.group, None)
+            _comm.broadcast(flat, src, group, None)
             off = 0
             with torch.no_grad():
                 for t in ts:
@@ -295,9 +312,12 @@ class ZeroEngine:
             regions[:, b.payload + s.position] = 1.0
         # one count, in every rank's region, of the ranks whose gradients here are not finite
         regions[:, -1] = (~torch.isfinite(inp.sum(dtype=torch.float32))).to(b.dtype)
-        inp.div_(W)  # average, as DDP does
+        inp.div_(W * self.replicas)  # average over every rank, as DDP does
         out = torch.empty(R, dtype=b.dtype, device=b.device)
         _comm.reduce_scatter(out, inp, self.group, self.stats)
+        if self.replicas > 1:  # hybrid: only this rank's rows cross to the other replicas
+            self.stats.add("replicate_all_reduce", out.numel() * out.element_size())
+            dist.all_reduce(out, group=self.replicate_group)
         for s in b.slots:  # the full gradients have been handed over
             s.param.grad = None
         self._grad_out[b.index] = out
@@ -511,6 +531,7 @@ class ZeroEngine:
         return {
             "rank": self.rank,
             "world_size": self.world,
+            "replicas": self.replicas,
             "stage": self.stage,
             "params_total": total_numel,
             "params_local": local_numel,
