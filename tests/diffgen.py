@@ -38,6 +38,7 @@ FSDP2 also refuses 0-dim parameters: there the gate has shape (1,).
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import asdict, dataclass, field
 
@@ -49,6 +50,8 @@ MODES = ("ddp", "zero1", "zero2", "fsdp2")
 MAX_WORLD = 3
 FP32_TOL = {"rtol": 1e-5, "atol": 2e-6}
 BF16_TOL = {"rtol": 2e-2, "atol": 4e-3}
+BF16_OUTLIERS = 0.02  # bf16: this fraction of elements may lie outside BF16_TOL ...
+BF16_MAX_ERR = 0.05  # ... if no element is further than this from DDP's
 NORM_RTOL = 1e-4
 OVERFLOW = 1e36  # times a zero-valued term of one 1-row parameter: its scaled gradient is inf
 BUCKETS_MB = (1e-4, 3e-4, 2e-3, 25.0)
@@ -95,6 +98,7 @@ class Program:
     scaler: bool
     steps: list[Step]
     modes: tuple = MODES
+    avoid: frozenset = frozenset()
 
     def fsdp2_reason(self) -> str | None:
         """Why FSDP2 cannot follow DDP's semantics in this program (None: it can)."""
@@ -131,7 +135,9 @@ def unused_everywhere(prog: Program, t: int) -> set[str]:
 # ----------------------------------------------------------------------------- drawing
 
 
-def _draw_step(rng: random.Random, spec: ModelSpec, scaler: bool, lookahead: bool, t: int) -> Step:
+def _draw_step(
+    rng: random.Random, spec: ModelSpec, scaler: bool, lookahead: bool, avoid: frozenset
+) -> Step:
     micro = []
     for _ in range(rng.choice((1, 1, 2, 3))):
         micro.append(
@@ -144,7 +150,7 @@ def _draw_step(rng: random.Random, spec: ModelSpec, scaler: bool, lookahead: boo
                 "stack": [rng.randrange(spec.stack) if spec.stack else 0 for _ in range(MAX_WORLD)],
             }
         )
-    targets = ("model", "model", "opt", "opt", "module")
+    targets = ("model", "model", "opt", "opt", "model" if "zero_grad:module" in avoid else "module")
 
     def zg():
         return (rng.choice(targets), rng.random() < 0.5)
@@ -155,7 +161,13 @@ def _draw_step(rng: random.Random, spec: ModelSpec, scaler: bool, lookahead: boo
     clip = None
     if not skip and rng.random() < 0.45:
         clip = (
-            rng.choice(("model", "params_distopt", "params_torch")),
+            rng.choice(
+                (
+                    "model",
+                    "params_distopt",
+                    "params_distopt" if "clip:params_torch" in avoid else "params_torch",
+                )
+            ),
             rng.choice((0.05, 0.5, 1.0, 100.0)),
         )
     after = []
@@ -168,11 +180,22 @@ def _draw_step(rng: random.Random, spec: ModelSpec, scaler: bool, lookahead: boo
     return Step(micro, rng.random() < 0.7, zero_before, zero_after, skip, clip, overflow, after)
 
 
-def draw_program(seed: int) -> Program:
-    """The program of ``seed`` (same seed, same program, in any process)."""
+@functools.cache
+def _case_ids() -> tuple[str, ...]:
     from tests.optim_cases import sharding_cases
 
+    return tuple(c.id for c in sharding_cases())
+
+
+def draw_program(seed: int, avoid: frozenset = frozenset(), case: str | None = None) -> Program:
+    """The program of ``seed`` (same seed, same program, in any process).
+
+    ``avoid``: actions not to draw (``zero_grad:module``, ``clip:params_torch``,
+    ``frozen_outside_optimizer``), each replaced by its nearest supported form, the rest of the program unchanged (a long run can then look past
+    a known failure).
+    """
     rng = random.Random(seed)
+    avoid = frozenset(avoid)
     spec = ModelSpec(
         d=rng.choice((4, 6, 8)),
         vocab=rng.choice((5, 7, 11)),
@@ -185,14 +208,14 @@ def draw_program(seed: int) -> Program:
         gate=rng.random() < 0.5,
         row=rng.random() < 0.6,
         frozen=rng.random() < 0.4,
-        frozen_in_opt=rng.random() < 0.5,
+        frozen_in_opt=rng.random() < 0.5 or "frozen_outside_optimizer" in avoid,
         aux=rng.random() < 0.5,
     )
-    cases = sharding_cases()
-    case = rng.choice(cases).id
+    # its own stream: a change to the case table changes the optimizer only, not the program
+    case = case or random.Random(seed * 7919 + 17).choice(_case_ids())
     lookahead = case.startswith("lookahead")
     scaler = rng.random() < 0.3
-    steps = [_draw_step(rng, spec, scaler, lookahead, t) for t in range(rng.randint(3, 5))]
+    steps = [_draw_step(rng, spec, scaler, lookahead, avoid) for _ in range(rng.randint(3, 5))]
     if rng.random() < 0.5:  # every parameter used somewhere in every step (FSDP2 can follow)
         for t, s in enumerate(steps):
             s.aux = True
@@ -217,13 +240,16 @@ def draw_program(seed: int) -> Program:
         bucket_mb=rng.choice(BUCKETS_MB),
         bf16=rng.random() < 0.2,
         scaler=scaler,
+        avoid=avoid,
         steps=steps,
     )
 
 
 def describe(prog: Program, world: int | None = None) -> str:
     """The whole program, one line per step (enough to rebuild it by hand)."""
-    how = f"--seed {prog.seed}" if prog.name == f"seed{prog.seed}" else f"--name {prog.name}"
+    seeded = prog.name == f"seed{prog.seed}"
+    how = f"--seed {prog.seed} --case {prog.case}" if seeded else f"--name {prog.name}"
+    how += "".join(f" --avoid {a}" for a in sorted(prog.avoid))
     lines = [
         f"program {prog.name} (replay: python -m tests.diffrun {how}"
         + (f" --world {world}" if world else "")
@@ -318,7 +344,8 @@ class GenModel(nn.Module):
         pooled = h.mean(1)
         out = self._lin(self.head, pooled)
         if use_aux and spec.aux:
-            out = out + self._lin(self.aux, pooled).sum(-1, keepdim=True)
+            # on the first two logits only (a shift of every logit would leave the loss unchanged)
+            out = out + F.pad(self._lin(self.aux, pooled), (0, out.shape[-1] - 2))
         extra = torch.zeros((), dtype=torch.float32)
         if inject:
             s = self._w(self.row).float().sum()
@@ -406,3 +433,90 @@ def regression_programs() -> dict[int, list[Program]]:
         8: [_fixed("issue11-item8-shard-twice",
                    [_step(), _step(after=["reshard"]), _step(), _step()])],
     }  # fmt: skip
+
+
+def features(prog: Program) -> set[str]:
+    """What a program exercises (for choosing and checking the CI seeds)."""
+    from tests.optim_cases import CASES
+
+    case = next(c for c in CASES if c.id == prog.case)
+    m, steps = prog.model, prog.steps
+    out = {k for k, v in asdict(m).items() if isinstance(v, bool) and v and k != "frozen_in_opt"}
+    out |= {"experts>0"} if m.experts else set()
+    out |= {"stack"} if m.stack else set()
+    out |= {"bf16"} if prog.bf16 else set()
+    out |= {"scaler"} if prog.scaler else set()
+    out |= {"split_groups"} if prog.split_groups else set()
+    out |= {"tiny_buckets"} if prog.bucket_mb <= 1e-4 else set()
+    out |= {"shape_aware"} if case.shape_aware else set()
+    out |= {"lookahead"} if prog.case.startswith("lookahead") else set()
+    out |= {"fsdp2"} if not prog.fsdp2_reason() else set()
+    for t, s in enumerate(steps):
+        out |= {"overflow"} if s.overflow else set()
+        out |= {"no_sync"} if len(s.micro) > 1 else set()
+        out |= {"skip"} if s.skip else set()
+        out |= {"unused_everywhere"} if unused_everywhere(prog, t) else set()
+        for z in (s.zero_before, s.zero_after):
+            if z:
+                out.add(f"zero_grad:{z[0]}:{'none' if z[1] else 'keep'}")
+        if s.clip:
+            out.add(f"clip:{s.clip[0]}")
+        out |= set(s.after)
+        if any(set(mb["route"][0]) != set(mb["route"][1]) for mb in s.micro):
+            out.add("routing_differs_by_rank")
+    pairs = [
+        ("fsdp2", x) for x in ("bf16", "scaler", "no_sync", "sync_lookahead", "state_load", "skip")
+    ]
+    pairs += [("fsdp2", f"clip:{k}") for k in ("model", "params_distopt", "params_torch")]
+    pairs += [
+        ("tiny_buckets", "routing_differs_by_rank"),
+        ("bf16", "load_fresh_module"),
+        ("bf16", "skip"),
+    ]
+    out |= {f"{a}&{b}" for a, b in pairs if a in out and b in out}
+    return out
+
+
+def _cost(prog: Program) -> int:
+    c = sum(len(s.micro) for s in prog.steps) * (3 + (not prog.fsdp2_reason()))
+    return c + sum(8 for s in prog.steps for a in s.after if a.startswith("ckpt"))
+
+
+def pick_ci_seeds(candidates=range(1, 600)) -> list[tuple[int, str]]:
+    """Greedy cheap ``(seed, optimizer case)`` pairs whose programs together exercise every
+    feature the candidates do (how ``CI_PROGRAMS`` in tests/test_differential.py was chosen;
+    rerun after changing how programs are drawn).  The case is pinned so that a change to the
+    case table does not change the CI programs."""
+    progs = {s: draw_program(s) for s in candidates}
+    feats = {s: features(p) for s, p in progs.items()}
+    wanted = set().union(*feats.values())
+    chosen: list[int] = []
+    covered: set[str] = set()
+    while covered != wanted:
+        best = max(
+            (s for s in progs if s not in chosen),
+            key=lambda s: len(feats[s] - covered) / _cost(progs[s]),
+        )
+        chosen.append(best)
+        covered |= feats[best]
+    return sorted((s, progs[s].case) for s in chosen)
+
+
+def finding_programs() -> list[Program]:
+    """Defects the generator found after issue 11's fixes, as fixed programs."""
+    clip_frozen = _fixed(
+        "finding-clip-parameters-with-frozen-layer", [_step(clip=("params_distopt", 0.05))] * 2
+    )
+    clip_frozen.model.frozen = True  # a frozen layer, not in the optimizer (as usual)
+    return [
+        # model.module.zero_grad(), the inner module's own zero_grad, as code written for DDP does
+        _fixed(f"finding-zero-grad-inner-module-{'none' if none else 'keep'}",
+               [_step(), _step(zero_before=("module", none)), _step(zero_before=("module", none))])
+        for none in (True, False)
+    ] + [clip_frozen, _fixed(
+        # a GradScaler overflow skips the first step, then Lookahead.sync_lookahead(): under DDP
+        # too the next step raises KeyError ('step' / 'exp_avg'): the slow buffer put in the
+        # shared state makes the base optimizer think its state exists
+        "finding-sync-lookahead-before-first-step",
+        [_step(skip=True, zero_after=("opt", True), after=["sync_lookahead"]), _step(), _step()],
+        modes=("ddp", "zero2"), case="lookahead_lamb")]  # fmt: skip

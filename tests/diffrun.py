@@ -13,6 +13,7 @@ until the time is up.  Command line (replay a failure, or the long mode)::
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import time
 from contextlib import contextmanager, nullcontext
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.diffgen import (
+    BF16_MAX_ERR,
+    BF16_OUTLIERS,
     BF16_TOL,
     FP32_TOL,
     NORM_RTOL,
@@ -45,6 +48,27 @@ from tests.diffgen import (
 # a refused call that is accepted is a failure, and so is any other exception.
 REFUSALS: dict[tuple[str, str], tuple[type, str]] = {}
 
+# (mode, action) -> message pattern: calls that cannot give DDP's numbers and are not refused
+# either, but log a warning (on rank 0) saying what to call instead.  The program stops there in
+# that mode; a call that gives no such warning is a failure.
+#   torch.nn.utils.clip_grad_norm_(model.parameters()): under ZeRO the reduced gradients live in
+#   the optimizer's row shards, not in p.grad; ShardedModule.parameters() warns (issue 11 item 6).
+WARNED: dict[tuple[str, str], str] = {
+    ("zero1", "clip:params_torch"): r"clip_grad_norm_",
+    ("zero2", "clip:params_torch"): r"clip_grad_norm_",
+}
+
+
+class _Capture(logging.Handler):
+    """Collects distopt's warnings while a mode runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
 
 class _Stop(Exception):
     """A mode stops early (a documented refusal, or an expected refusal that did not come)."""
@@ -62,6 +86,8 @@ class _Ctx:
     def __init__(self, prog: Program, mode: str, tmp: str):
         self.prog, self.mode, self.tmp = prog, mode, tmp
         self.saved: Any = None
+        self.log = _Capture()
+        logging.getLogger("distopt").addHandler(self.log)
         self.model, self.opt, self.raw = _build(self, prog, mode)
         self.scaler = torch.amp.GradScaler("cpu") if prog.scaler else None
 
@@ -75,6 +101,14 @@ class _Ctx:
             raise
         if exp:
             raise _Stop(f"accepted {action} (expected {exp[0].__name__} matching {exp[1]!r})")
+        warn = WARNED.get((self.mode, action))
+        if warn:
+            import torch.distributed as dist
+
+            said = [m for m in self.log.messages if re.search(warn, m)]
+            if dist.get_rank() == 0 and not said:
+                raise _Stop(f"accepted {action} silently (expected a warning matching {warn!r})")
+            raise _Stop(f"warned {action}" + (f": {said[0]}" if said else ""))
         return out
 
 
@@ -95,6 +129,23 @@ def make_optimizer(prog: Program, raw: nn.Module) -> torch.optim.Optimizer:
     return opt
 
 
+def _bf16_allreduce(process_group, bucket):  # no annotations: DDP inspects them
+    """DDP communication hook: average the gradients in bf16 (torch's ``bf16_compress_hook``
+    does the same but refuses to run without NCCL)."""
+    import torch.distributed as dist
+
+    group = process_group if process_group is not None else dist.group.WORLD
+    buf = bucket.buffer()
+    low = buf.to(torch.bfloat16).div_(dist.get_world_size(group))
+    fut = dist.all_reduce(low, group=group, async_op=True).get_future()
+
+    def back(f):
+        buf.copy_(f.value()[0])
+        return buf
+
+    return fut.then(back)
+
+
 def _build(ctx: _Ctx, prog: Program, mode: str):
     import torch.distributed as dist
 
@@ -108,6 +159,8 @@ def _build(ctx: _Ctx, prog: Program, mode: str):
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(raw, find_unused_parameters=True)
+        if prog.bf16:  # communicate bf16 gradients, as ZeRO does for bf16 parameters
+            model.register_comm_hook(None, _bf16_allreduce)
         return model, make_optimizer(prog, raw), raw
     if mode in ("zero1", "zero2"):
         if prog.bf16:
@@ -272,6 +325,8 @@ def _run_mode(prog: Program, mode: str, tmp: str, progress) -> Run:
             run.params.append(_snapshot(ctx.raw))
     except _Stop as stop:
         run.stop = str(stop)
+    finally:
+        logging.getLogger("distopt").removeHandler(ctx.log)
     return run
 
 
@@ -311,17 +366,23 @@ def run_programs(programs: list[Program], tmp: str) -> list[dict[str, Run]]:
 # ----------------------------------------------------------------------------- checking
 
 
+def _kind(stop: str | None) -> str | None:
+    """'refused clip:params_torch' of a stop message (the same on every rank)."""
+    return None if stop is None else " ".join(stop.split()[:2]).rstrip(":")
+
+
 def check(prog: Program, world: int, per_rank: list[dict[str, Run]]) -> list[str]:
     """Every rank equal; every mode equal to DDP after every step (first divergence reported)."""
     fails: list[str] = []
     tol = BF16_TOL if prog.bf16 else FP32_TOL
+    norm_rtol = BF16_TOL["rtol"] if prog.bf16 else NORM_RTOL
     ref = per_rank[0]["ddp"]
     if ref.stop:
         return [f"the DDP reference stopped: {ref.stop}"]
     for mode in per_rank[0]:
         for r, res in enumerate(per_rank):
             run = res[mode]
-            if run.stop != per_rank[0][mode].stop:
+            if _kind(run.stop) != _kind(per_rank[0][mode].stop):
                 fails.append(
                     f"{mode}: rank {r} stopped with {run.stop!r}, rank 0 with {per_rank[0][mode].stop!r}"
                 )
@@ -340,18 +401,28 @@ def check(prog: Program, world: int, per_rank: list[dict[str, Run]]) -> list[str
         if not run.stop and len(run.params) != len(ref.params):
             fails.append(f"{mode}: {len(run.params)} steps recorded, DDP {len(ref.params)}")
         for t, snap in enumerate(run.params):
-            errs = []
+            errs, outside, total = [], 0, 0
             for n, want in ref.params[t].items():
                 got = snap[n]
-                if not torch.allclose(got, want, **tol):
+                bad = ~torch.isclose(got, want, **tol)
+                outside, total = outside + int(bad.sum()), total + bad.numel()
+                if bad.any():
                     errs.append(f"{n} max abs err {float((got - want).abs().max()):.3g}")
+            worst = max(
+                (float((snap[n] - w).abs().max()) for n, w in ref.params[t].items()), default=0.0
+            )
+            if prog.bf16 and outside <= BF16_OUTLIERS * total and worst <= BF16_MAX_ERR:
+                continue  # isolated bf16 rounding flips (see tests/diffgen.py)
             if errs:
-                fails.append(f"{mode} step {t} differs from DDP ({tol}): " + "; ".join(errs[:6]))
+                fails.append(
+                    f"{mode} step {t} differs from DDP ({tol}; {outside} of {total} elements outside): "
+                    + "; ".join(errs[:6])
+                )
                 break
         for (t, got), (t2, want) in zip(run.norms, ref.norms):
             finite = abs(want) < float("inf") and want == want
             ok = (
-                (abs(got - want) <= NORM_RTOL * abs(want) + 1e-6)
+                (abs(got - want) <= norm_rtol * abs(want) + 1e-6)
                 if finite
                 else not (abs(got) < float("inf"))
             )
@@ -453,33 +524,66 @@ def report(programs: list[Program], world: int, failures: dict[str, list[str]]) 
     return "\n\n".join(parts)
 
 
+def signature(fail: str) -> str:
+    """A failure line without its numbers (to count failures of one kind)."""
+    if fail.startswith("the process group failed"):
+        errs = re.findall(r"^(\w*(?:Error|Exception)[^\n]{0,120})", fail, re.M)
+        return "crash: " + (errs[-1] if errs else fail.splitlines()[-1][:120])
+    head = re.sub(r"\(.*", "", fail.split(":")[0])
+    return re.sub(r"\b(step|rank) \d+", r"\1 N", head).strip()
+
+
 def long_mode(
-    minutes: float, worlds=(2, 3), first_seed: int = 100_000, batch: int = 8, log=print
+    minutes: float,
+    worlds=(2, 3),
+    first_seed: int = 100_000,
+    batch: int = 8,
+    log=print,
+    avoid: frozenset = frozenset(),
 ) -> dict:
     """Draw new seeds until ``minutes`` are up; world sizes one after the other (2 processes at
-    most at a time).  Returns counts and the failure reports."""
+    most at a time).  Returns the programs tried and failed per world size, the failure kinds
+    (with a replayable seed each) and the failure reports."""
+    import collections
     import time
 
     deadline = time.monotonic() + minutes * 60
     seed = first_seed
     tried = {w: 0 for w in worlds}
-    failed: list[str] = []
+    failed = {w: 0 for w in worlds}
+    kinds: collections.Counter = collections.Counter()
+    example: dict[str, str] = {}
+    reports: list[str] = []
     while time.monotonic() < deadline:
-        progs = [draw_program(s) for s in range(seed, seed + batch)]
+        progs = [draw_program(s, avoid) for s in range(seed, seed + batch)]
         seed += batch
         for w in worlds:
             fails = run_batch(progs, w, timeout=900)
-            tried[w] += sum(
-                1 for p in progs if not (fails[p.name] and fails[p.name][0].startswith("not run"))
-            )
+            for p in progs:
+                f = fails[p.name]
+                if f and f[0].startswith("not run"):
+                    continue
+                tried[w] += 1
+                if f:
+                    failed[w] += 1
+                    for k in {signature(x) for x in f}:
+                        kinds[k] += 1
+                        example.setdefault(k, f"{p.name} world {w}")
             text = report(progs, w, fails)
             if text:
-                failed.append(text)
+                reports.append(text)
                 log(text)
         log(
-            f"[diffgen] seeds < {seed}: programs tried per world size {tried}, failed reports {len(failed)}"
+            f"[diffgen] seeds < {seed}: programs tried {tried}, failed {failed}, kinds {dict(kinds)}"
         )
-    return {"tried": tried, "last_seed": seed - 1, "failures": failed}
+    return {
+        "tried": tried,
+        "failed": failed,
+        "kinds": {k: (n, example[k]) for k, n in kinds.most_common()},
+        "first_seed": first_seed,
+        "last_seed": seed - 1,
+        "failures": reports,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -492,6 +596,12 @@ def main(argv: list[str] | None = None) -> int:
         description="distopt differential tests: replay a seed or run the long mode"
     )
     ap.add_argument("--seed", type=int, action="append", help="replay these seeds (repeatable)")
+    ap.add_argument(
+        "--avoid",
+        action="append",
+        help="do not draw this action (zero_grad:module, clip:params_torch)",
+    )
+    ap.add_argument("--case", help="the optimizer case of the --seed programs (as printed)")
     ap.add_argument("--name", action="append", help="replay these fixed (regression) programs")
     ap.add_argument("--world", type=int, action="append", help="world sizes (default 2 and 3)")
     ap.add_argument("--minutes", type=float, help="long mode: draw new seeds for this long")
@@ -500,12 +610,21 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     worlds = tuple(a.world or (2, 3))
     if a.minutes:
-        res = long_mode(a.minutes, worlds, a.first_seed, log=lambda s: print(s, flush=True))
+        res = long_mode(
+            a.minutes,
+            worlds,
+            a.first_seed,
+            log=lambda s: print(s, flush=True),
+            avoid=frozenset(a.avoid or ()),
+        )
         print(
-            f"[diffgen] done: {res['tried']} programs tried, {len(res['failures'])} failure reports"
+            f"[diffgen] done: seeds {res['first_seed']}..{res['last_seed']}, programs tried per "
+            f"world size {res['tried']}, failed {res['failed']}; failure kinds (count, example): "
+            f"{res['kinds']}"
         )
         return 1 if res["failures"] else 0
-    progs = [draw_program(s) for s in (a.seed or [])]
+    avoid = frozenset(a.avoid or ())
+    progs = [draw_program(s, avoid, a.case) for s in (a.seed or [])]
     if a.name:
         fixed = {p.name: p for ps in regression_programs().values() for p in ps}
         progs += [fixed[n] for n in a.name]

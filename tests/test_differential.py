@@ -5,7 +5,7 @@ One process group per world size (2 and 3) runs, in this order:
 * the eight defects of issue 11 as fixed, named programs (``tests/diffgen.py``
   ``regression_programs``), each compared with torch's DistributedDataParallel;
 * the CI slice of the differential generator: programs drawn from fixed seeds
-  (``CI_SEEDS``), each run under DDP, distopt ZeRO-1, ZeRO-2 and FSDP2 (see ``tests/diffgen.py``
+  (``CI_PROGRAMS``), each run under DDP, distopt ZeRO-1, ZeRO-2 and FSDP2 (see ``tests/diffgen.py``
   for what a program draws and what "equal to DDP" means for bf16).
 
 Every rank must hold the same parameters after every step, equal to DDP's.  A failure prints the
@@ -18,7 +18,6 @@ after the other, and reports the number of programs tried.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import pytest
@@ -26,31 +25,31 @@ import torch
 
 from tests import diffgen, diffrun
 
-CI_SEEDS = list(range(1, 15))
+# diffgen.pick_ci_seeds(): cheap programs that together exercise every feature drawn, with the
+# optimizer case pinned (a new case in the table does not change them)
+CI_PROGRAMS = [
+    (97, "lookahead_adamw"), (143, "adafactor-ext-beta1-wd"), (219, "nmuon"), (229, "adamp"),
+    (258, "lookahead_lamb"), (431, "adafactor-timm-ext-caution"), (477, "adamweightdecay"),
+    (490, "adafactor-ext-scaled-clip"),
+]  # fmt: skip
 ISSUE11 = diffgen.regression_programs()
-
-
-@functools.cache
-def _results(world: int):
-    regressions = [p for ps in ISSUE11.values() for p in ps]
-    progs = regressions + [diffgen.draw_program(s) for s in CI_SEEDS]
-    return progs, diffrun.run_batch(progs, world, timeout=900)
+FINDINGS = diffgen.finding_programs()  # found by the generator after the issue-11 fixes
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 3])
 def test_zero_and_fsdp2_equal_ddp(world):
-    """Issue 11's regressions and the fixed-seed programs, in one spawn per world size."""
-    progs, fails = _results(world)
-    lines = []
+    """Issue 11's regressions, later findings and the fixed-seed programs, one spawn per world."""
+    regressions = [p for ps in ISSUE11.values() for p in ps]
+    progs = regressions + FINDINGS + [diffgen.draw_program(s, case=c) for s, c in CI_PROGRAMS]
+    fails = diffrun.run_batch(progs, world, timeout=900)
     items = [i for i, ps in ISSUE11.items() if any(fails[p.name] for p in ps)]
+    found = [p.name for p in FINDINGS if fails[p.name]]
     seeds = [p.name for p in progs if p.name.startswith("seed") and fails[p.name]]
-    if items or seeds:
-        lines.append(
-            f"world {world}: issue 11 items failing {items}; generated programs failing {seeds}"
-        )
-        lines.append(diffrun.report(progs, world, fails))
-    assert not lines, "\n".join(lines)
+    assert not (items or found or seeds), (
+        f"world {world}: issue 11 items failing {items}; later findings failing {found}; "
+        f"generated programs failing {seeds}\n" + diffrun.report(progs, world, fails)
+    )
 
 
 def test_regression_programs_exercise_their_defect():
@@ -75,26 +74,19 @@ def test_regression_programs_exercise_their_defect():
     assert any("reshard" in s.after for s in ISSUE11[8][0].steps)
 
 
-def test_programs_are_reproducible_and_varied():
-    """Same seed, same program; the CI seeds cover the features the generator can draw."""
+def test_programs_are_reproducible_and_ci_seeds_cover_every_feature():
+    """Same seed, same program; the CI seeds exercise everything the generator draws."""
     assert diffgen.describe(diffgen.draw_program(5)) == diffgen.describe(diffgen.draw_program(5))
     assert diffgen.describe(diffgen.draw_program(5)) != diffgen.describe(diffgen.draw_program(6))
-    progs = [diffgen.draw_program(s) for s in range(200)]
-    steps = [s for p in progs for s in p.steps]
-    drawn = {
-        "bf16": any(p.bf16 for p in progs),
-        "scaler overflow": any(s.overflow for s in steps),
-        "no_sync": any(len(s.micro) > 1 for s in steps),
-        "skip": any(s.skip for s in steps),
-        "keep zero_grad": any(s.zero_before and not s.zero_before[1] for s in steps),
-        "tiny buckets": any(p.bucket_mb < 1e-3 for p in progs),
-        "fsdp2": any("fsdp2" in diffrun.modes_of(p) for p in progs),
-    }
-    for kind in ("params_distopt", "params_torch", "model"):
-        drawn[f"clip {kind}"] = any(s.clip and s.clip[0] == kind for s in steps)
-    for action in ("state_load", "ckpt_load", "reshard", "sync_lookahead", "load_fresh_module"):
-        drawn[action] = any(action in s.after for s in steps)
-    assert all(drawn.values()), {k: v for k, v in drawn.items() if not v}
+    drawn = set().union(*(diffgen.features(diffgen.draw_program(s)) for s in range(1, 600)))
+    ci = set().union(*(diffgen.features(diffgen.draw_program(s, case=c)) for s, c in CI_PROGRAMS))
+    assert drawn - ci == set(), (
+        f"CI seeds miss {sorted(drawn - ci)}: re-pick with diffgen.pick_ci_seeds()"
+    )
+    for must in ("overflow", "bf16", "fsdp2&bf16", "reshard", "ckpt_load", "state_load", "no_sync", "skip",
+                 "clip:params_torch", "clip:params_distopt", "sync_lookahead", "zero_grad:opt:keep",
+                 "tiny_buckets&routing_differs_by_rank", "unused_everywhere", "load_fresh_module"):  # fmt: skip
+        assert must in drawn, must
 
 
 def test_check_reports_a_divergence():
@@ -126,8 +118,10 @@ def test_check_reports_a_divergence():
 )
 def test_long_mode():
     minutes = float(os.environ["DISTOPT_DIFF_MINUTES"])
-    res = diffrun.long_mode(minutes, log=lambda s: print(s, flush=True))
+    avoid = frozenset(a for a in os.environ.get("DISTOPT_DIFF_AVOID", "").split(",") if a)
+    res = diffrun.long_mode(minutes, log=lambda s: print(s, flush=True), avoid=avoid)
     print(
-        f"[diffgen] long mode: programs tried per world size {res['tried']}, seeds up to {res['last_seed']}"
+        f"[diffgen] long mode: seeds {res['first_seed']}..{res['last_seed']}, programs tried per "
+        f"world size {res['tried']}, failed {res['failed']}, kinds {res['kinds']}"
     )
     assert not res["failures"], "\n\n".join(res["failures"])
