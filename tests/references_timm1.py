@@ -86,3 +86,51 @@ class RefAdopt(RefOptimizer):
         m = _cautious(st["m"], g) if grp["caution"] else st["m"]
         p.sub_(grp["lr"] * m)
         st["v"] = b2 * st["v"] + (1 - b2) * g * g
+
+
+class RefLaProp(RefOptimizer):
+    """LaProp, Ziyin et al. (2020), Algorithm 1 with lr-weighted bias corrections."""
+
+    def __init__(self, params, lr=4e-4, betas=(0.9, 0.999), eps=1e-15, weight_decay=0.0, caution=False,
+                 corrected_weight_decay=False):  # fmt: skip
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, caution=caution,
+                                      corrected_weight_decay=corrected_weight_decay, max_lr=lr))  # fmt: skip
+
+    def update(self, p, g, st, grp):
+        b1, b2 = grp["betas"]
+        lr = grp["lr"]
+        if not st:
+            st["m"], st["v"], st["c1"], st["c2"] = (
+                torch.zeros_like(p),
+                torch.zeros_like(p),
+                0.0,
+                0.0,
+            )
+        st["c1"] = b1 * st["c1"] + (1 - b1) * lr
+        st["c2"] = b2 * st["c2"] + (1 - b2)
+        st["v"] = b2 * st["v"] + (1 - b2) * g * g
+        st["m"] = b1 * st["m"] + (1 - b1) * lr * g / ((st["v"] / st["c2"]).sqrt() + grp["eps"])
+        m = _cautious(st["m"], g) if grp["caution"] else st["m"]
+        p.sub_(lr / st["c1"] * m)
+        p.mul_(1 - _decay_scale(grp) * grp["weight_decay"])
+
+
+class RefSGDW(RefOptimizer):
+    """SGD with decoupled weight decay (Loshchilov & Hutter, 2019), torch's momentum form."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                 caution=False, corrected_weight_decay=False):  # fmt: skip
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, caution=caution,
+                                      corrected_weight_decay=corrected_weight_decay, max_lr=lr))  # fmt: skip
+
+    def update(self, p, g, st, grp):
+        mu = grp["momentum"]
+        p.mul_(1 - _decay_scale(grp) * grp["weight_decay"])
+        d = g
+        if mu:
+            st["b"] = g.clone() if "b" not in st else mu * st["b"] + (1 - grp["dampening"]) * g
+            d = g + mu * st["b"] if grp["nesterov"] else st["b"]
+            if grp["caution"]:
+                d = _cautious(d, g)
+        p.sub_(grp["lr"] * d)

@@ -228,6 +228,7 @@ def _build_registry():
     for name, cls, desc in (("adamwlegacy", "AdamWLegacy", "timm's AdamW predating torch's"),
                             ("nadamlegacy", "NAdamLegacy", "timm's NAdam predating torch's"),
                             ("radamlegacy", "RAdamLegacy", "timm's RAdam predating torch's")):
+        reg._specs.pop(name, None)  # the core registry's entry: replaced by the facade class
         reg.register(name, f"{__name__}.{cls}", None, desc, has_momentum=False)
     return reg
 

@@ -29,6 +29,7 @@ from distopt.optim.adamp import AdamP
 from distopt.optim.adamw import AdamW
 from distopt.optim.adopt import Adopt
 from distopt.optim.lamb import Lamb
+from distopt.optim.laprop import LaProp
 from distopt.optim.lars import Lars
 from distopt.optim.lion import Lion
 
@@ -44,6 +45,7 @@ from distopt.optim.rmsprop import RMSprop
 from distopt.optim.rmsprop_tf import RMSpropTF
 from distopt.optim.sgd import SGD
 from distopt.optim.sgdp import SGDP
+from distopt.optim.sgdw import SGDW
 
 __all__ = [
     "Adafactor",
@@ -64,6 +66,8 @@ __all__ = [
     "Lion",
     "NAdamW",
     "Adopt",
+    "LaProp",
+    "SGDW",
     "Nadam",
     "RAdam",
     "RMSprop",

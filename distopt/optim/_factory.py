@@ -365,6 +365,13 @@ _BUILTINS: tuple[tuple[str, str, dict[str, Any], bool | None, str], ...] = (
     ("cadopt", "Adopt", {"caution": True}, False, "ADOPT with the cautious mask"),
     ("cadoptw", "Adopt", {"decoupled": True, "caution": True}, False,
      "ADOPT with decoupled weight decay and the cautious mask"),
+    ("laprop", "LaProp", {}, False, "momentum of the normalised gradient (Ziyin et al.)"),
+    ("claprop", "LaProp", {"caution": True}, False, "LaProp with the cautious mask"),
+    ("sgdw", "SGDW", {"nesterov": True}, True, "SGD with decoupled weight decay, Nesterov momentum"),
+    ("csgdw", "SGDW", {"nesterov": True, "caution": True}, True, "SGDW with the cautious mask"),
+    ("adamwlegacy", "AdamW", {}, False, "timm's AdamW predating torch's (same arithmetic)"),
+    ("nadamlegacy", "Nadam", {}, False, "timm's NAdam predating torch's (Dozat's schedule)"),
+    ("radamlegacy", "RAdam", {}, False, "timm's RAdam predating torch's"),
 )
 
 default_registry = OptimizerRegistry()

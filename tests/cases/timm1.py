@@ -99,4 +99,49 @@ CASES = [
         decoupled=True,
         caution=True,
     ),  # fmt: skip
+    _case(
+        "laprop",
+        do.LaProp,
+        R.RefLaProp,
+        "laprop",
+        "LaProp",
+        {"rosen_lr": 1e-2},
+        lr=1e-2,
+        weight_decay=0.05,
+    ),
+    _case(
+        "claprop",
+        do.LaProp,
+        R.RefLaProp,
+        "laprop",
+        "LaProp",
+        {"rosen_lr": 1e-2},
+        lr=1e-2,
+        weight_decay=0.05,
+        caution=True,
+    ),  # fmt: skip
+    _case(
+        "sgdw",
+        do.SGDW,
+        R.RefSGDW,
+        "sgdw",
+        "SGDW",
+        {"rosen_lr": 1e-3, "model_lr": 5e-2},
+        lr=1e-2,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=0.05,
+    ),  # fmt: skip
+    _case(
+        "csgdw",
+        do.SGDW,
+        R.RefSGDW,
+        "sgdw",
+        "SGDW",
+        {"rosen_lr": 1e-3, "model_lr": 5e-2},
+        lr=1e-2,
+        momentum=0.9,
+        weight_decay=0.05,
+        caution=True,
+    ),  # fmt: skip
 ]

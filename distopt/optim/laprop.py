@@ -1,0 +1,96 @@
+"""LaProp: Adam with the momentum taken of the normalised gradient (Ziyin et al., 2020,
+"LaProp: Separating Momentum and Adaptivity in Adam", arXiv:2002.04839), timm's options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from distopt.optim import _functional as F
+from distopt.optim._cautious import cautious_masks
+from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._hyper import HyperSpec, betas, flag, lr, nonneg, with_max_lr_snapshot
+
+__all__ = ["LaProp"]
+
+
+class LaProp(DistOptimizer):
+    r"""LaProp, with timm's options and defaults (names ``laprop``, ``claprop``).
+
+    Update rule (element-wise; the cautious mask's mean is over the whole tensor)::
+
+        c1 <- beta1 c1 + (1 - beta1) lr;   c2 <- beta2 c2 + (1 - beta2)    (bias corrections)
+        v  <- beta2 v + (1 - beta2) g^2
+        m  <- beta1 m + (1 - beta1) lr * g / (sqrt(v / c2) + eps)
+        p  <- p - (lr / c1) * m              (m * cautious mask(m, g) if caution)
+        p  <- p * (1 - s * weight_decay)      (after the step; s = lr, or lr^2 / max_lr)
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (default 4e-4).
+        betas: moment coefficients (default (0.9, 0.999)).
+        eps: denominator term (default 1e-15).
+        weight_decay: decoupled weight decay (default 0).
+        caution: the cautious mask (default False).
+        corrected_weight_decay: decay by ``lr^2 / max_lr`` (default False).
+
+    State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq``, ``exp_avg_lr_1`` (the
+    lr-weighted bias correction, so a changing lr is corrected exactly) and ``exp_avg_lr_2``
+    (Python floats, as in timm; replicated).
+    """
+
+    elementwise = True
+
+    hypers = HyperSpec(
+        lr(4e-4),
+        betas((0.9, 0.999)),
+        nonneg("eps", 1e-15),
+        nonneg("weight_decay", 0.0),
+        flag("caution", False),
+        flag("corrected_weight_decay", False),
+    )
+
+    def _configure(self, params: Any, hypers: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        return params, with_max_lr_snapshot(hypers)
+
+    def needs_whole_tensors(self, group: dict[str, Any]) -> bool:
+        return bool(group["caution"])
+
+    def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
+        view.state["step"] = self._step_tensor(view)
+        view.state["exp_avg"] = self._zeros(view)
+        view.state["exp_avg_lr_1"] = 0.0
+        view.state["exp_avg_lr_2"] = 0.0
+        view.state["exp_avg_sq"] = self._zeros(view)
+
+    def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
+        if not views:
+            return
+        lr = float(group["lr"])
+        beta1, beta2 = group["betas"]
+        F.advance_steps(views)
+        for v in views:  # Python floats (as timm): exact in double, kept as is by state_dict
+            v.state["exp_avg_lr_1"] = v.state["exp_avg_lr_1"] * beta1 + (1.0 - beta1) * lr
+            v.state["exp_avg_lr_2"] = v.state["exp_avg_lr_2"] * beta2 + (1.0 - beta2)
+        c1 = [v.state["exp_avg_lr_1"] for v in views]
+        c2 = [v.state["exp_avg_lr_2"] for v in views]
+        params = [v.data for v in views]
+        grads = [v.grad for v in views]
+        exp_avgs = [v.state["exp_avg"] for v in views]
+        sqs = [v.state["exp_avg_sq"] for v in views]
+        F.ema_sq_(sqs, grads, beta2)
+        denom = torch._foreach_div(sqs, c2)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, torch._foreach_div(grads, denom), alpha=lr * (1.0 - beta1))
+        upd = exp_avgs
+        if group["caution"]:
+            upd = torch._foreach_mul(exp_avgs, cautious_masks(ctx, views, exp_avgs, grads))
+        step_sizes = [-(lr / c) if c != 0.0 else 0.0 for c in c1]
+        torch._foreach_add_(params, torch._foreach_mul(upd, step_sizes))
+        wd = group["weight_decay"]
+        if wd != 0.0:
+            s = lr * lr / group["max_lr_snapshot"] if group["corrected_weight_decay"] else lr
+            torch._foreach_mul_(params, 1.0 - s * wd)
