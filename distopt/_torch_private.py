@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["queue_end_of_backward", "version_of"]
+__all__ = ["fsdp2_reduce_now", "queue_end_of_backward", "version_of"]
 
 
 def _engine() -> object:
@@ -39,3 +39,21 @@ def queue_end_of_backward(fn: Callable[[], None]) -> None:
 def version_of(t: Tensor) -> int:
     """The in-place version counter of ``t`` (bumped by every in-place write, views included)."""
     return int(t._version)
+
+
+def fsdp2_reduce_now(module: object) -> None:
+    """Reduce-scatter the unsharded gradients an FSDP2 root module holds, outside backward.
+
+    FSDP2 has no public "reduce the accumulated gradients now"; its end-of-backward callback
+    (``FSDPState._root_post_backward_final_callback``) does exactly that for every parameter
+    group that holds unsharded gradients (an accumulation window flushed early).
+    """
+    get_state = getattr(module, "_get_fsdp_state", None)
+    state = get_state() if get_state is not None else None
+    callback = getattr(state, "_root_post_backward_final_callback", None)
+    if callback is None:
+        raise RuntimeError(
+            f"GradientAccumulator.flush: torch {torch.__version__}'s FSDP2 cannot reduce gradients "
+            "outside a backward pass; end every window with a full set of micro-batches"
+        )
+    callback()

@@ -22,7 +22,8 @@ shard of them when they are sharded) are multiplied by ``world_size / N`` with o
 the window's gradient is the mean of the micro-batch means (multiplied by ``1 / k``; no
 collective).
 
-Modes (detected from ``model``):
+Modes (detected from ``model`` by :func:`distopt.parallel.backend_for`, whose backend does the
+mode's part: sync on/off, flush, the gradients to scale, the mid-window state):
 
 * a plain module: one process (or the user synchronises by hand: nothing is communicated);
 * ``DistributedDataParallel``: forward *and* backward of off-boundary micro-batches run in
@@ -46,16 +47,15 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from distopt._dtensor import is_dtensor
+from distopt.parallel import backend_for
 
 __all__ = ["GradientAccumulator"]
 
@@ -64,52 +64,6 @@ _STATE_KEYS = ("steps", "micro_step", "optimizer_steps", "micro_batches", "items
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local tensor of a DTensor (in place ops on it change the DTensor), else ``t``."""
-    if is_dtensor(t):
-        with torch.no_grad():
-            return t.to_local()
-    return t
-
-
-def _mul_(grads: list[Tensor], factor: float) -> None:
-    grads = [g for g in grads if g.numel()]
-    if grads and factor != 1.0:
-        with torch.no_grad():
-            torch._foreach_mul_(grads, factor)
-
-
-def _all_reduce_sum(tensors: list[Tensor | None], group: Any, like: list[Tensor]) -> list[Tensor | None]:
-    """Sum ``tensors`` across ranks in one flat buffer per dtype/device; ``None`` counts as zeros.
-
-    ``like[i]`` gives the shape, dtype and device of entry ``i``.  Returns the sums, ``None``
-    where no rank had a tensor (one flag per entry rides along in each buffer).
-    """
-    out: list[Tensor | None] = [None] * len(like)
-    kinds: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for i, ref in enumerate(like):
-        kinds.setdefault((ref.dtype, ref.device), []).append(i)
-    for (dtype, device), idx in kinds.items():
-        sizes = [like[i].numel() for i in idx]
-        flat = torch.zeros(sum(sizes) + len(idx), dtype=dtype, device=device)
-        off = 0
-        for j, (i, n) in enumerate(zip(idx, sizes)):
-            t = tensors[i]
-            if t is not None:
-                flat[off : off + n].copy_(t.detach().reshape(-1))
-                flat[sum(sizes) + j] = 1
-            off += n
-        dist.all_reduce(flat, group=group)
-        flags = flat[sum(sizes) :].tolist()
-        off = 0
-        for j, (i, n) in enumerate(zip(idx, sizes)):
-            if flags[j] > 0:
-                out[i] = flat[off : off + n].view(like[i].shape).clone()
-            off += n
-    return out
 
 
 def _check_num_items(num_items: Any) -> float | Tensor | None:
@@ -129,375 +83,6 @@ def _check_num_items(num_items: Any) -> float | Tensor | None:
             raise ValueError(f"num_items must be a finite number >= 0, got {num_items!r}")
         return value
     raise TypeError(f"num_items must be a number or a 1-element tensor, got {type(num_items).__name__}")
-
-
-# --------------------------------------------------------------------------- modes
-
-
-class _Mode:
-    """How one way of running synchronises, where its gradients live, how to save them."""
-
-    name = "single process"
-    world = 1
-    group: Any = None
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    @property
-    def device(self) -> torch.device:
-        for p in self.model.parameters():
-            return _local(p).device
-        return torch.device("cpu")
-
-    @property
-    def rank(self) -> int:
-        return dist.get_rank(self.group) if self.world > 1 else 0
-
-    def context(self, sync: bool) -> AbstractContextManager[Any]:
-        """Wraps forward and backward of one micro-batch."""
-        return nullcontext()
-
-    def backward(self, loss: Tensor, items_mode: bool, **kwargs: Any) -> None:
-        loss.backward(**kwargs)
-
-    def sync_now(self) -> None:
-        """Synchronise gradients still held locally (a window that ends early)."""
-
-    def grads(self) -> list[Tensor]:
-        """The synchronised gradients this rank holds (its shards when sharded)."""
-        return [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
-
-    def after_micro_batch(self) -> None:
-        """End of an off-boundary micro-batch."""
-
-    def finish_window(self, factor: float, items_mode: bool, micro_batches: int) -> None:
-        """Normalise the synchronised gradients (and step, for engines that step themselves)."""
-        _mul_(self.grads(), factor)
-
-    def named_params(self) -> list[tuple[str, Tensor]]:
-        return list(self.model.named_parameters())
-
-    # mid-window checkpoints: the window's gradient SUM so far (all ranks), by parameter name
-    def gather_grad_sum(self) -> dict[str, Tensor]:
-        return {n: p.grad.detach().clone() for n, p in self.named_params() if p.grad is not None}
-
-    def load_grad_sum(self, grads: dict[str, Tensor]) -> None:
-        for n, p in self.named_params():
-            g = grads.get(n)
-            p.grad = None if g is None or self.rank != 0 else g.to(p.device, p.dtype).clone()
-
-
-class _DDP(_Mode):
-    name = "DistributedDataParallel"
-
-    def __init__(self, model: nn.Module, reduce_every: bool) -> None:
-        super().__init__(model)
-        if reduce_every:
-            raise ValueError(
-                "GradientAccumulator: reduce_every_micro_batch applies to sharded gradients "
-                "(distopt ZeRO-2, FSDP2); DDP keeps full gradients either way, so syncing every "
-                "micro-batch would only add traffic"
-            )
-        self.group = model.process_group
-        self.world = dist.get_world_size(self.group)
-
-    def context(self, sync: bool) -> AbstractContextManager[Any]:
-        return nullcontext() if sync else self.model.no_sync()
-
-    def named_params(self) -> list[tuple[str, Tensor]]:
-        return list(self.model.module.named_parameters())
-
-    def sync_now(self) -> None:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        sums = _all_reduce_sum([p.grad for p in params], self.group, params)
-        with torch.no_grad():
-            for p, s in zip(params, sums):
-                if s is not None:
-                    s.div_(self.world)  # average, as DDP does
-                    if p.grad is None:
-                        p.grad = s
-                    else:
-                        p.grad.copy_(s)
-
-    def gather_grad_sum(self) -> dict[str, Tensor]:
-        named = [(n, p) for n, p in self.named_params() if p.requires_grad]
-        sums = _all_reduce_sum([p.grad for _, p in named], self.group, [p for _, p in named])
-        return {n: s for (n, _), s in zip(named, sums) if s is not None}
-
-
-class _Zero(_Mode):
-    def __init__(self, model: nn.Module, reduce_every: bool) -> None:
-        super().__init__(model)
-        self.engine = model.engine
-        self.stage = self.engine.stage
-        if reduce_every and self.stage != 2:
-            raise ValueError(
-                "GradientAccumulator: reduce_every_micro_batch needs distopt ZeRO stage 2 "
-                "(stage 1 reduce-scatters the gradients once, at the boundary)"
-            )
-        self.reduce_every = reduce_every
-        self.name = f"distopt ZeRO-{self.stage}"
-        self.group = self.engine.group
-        self.world = self.engine.world
-
-    @property
-    def rank(self) -> int:
-        return self.engine.rank
-
-    def context(self, sync: bool) -> AbstractContextManager[Any]:
-        if sync or self.reduce_every:
-            return nullcontext()
-        return self.model.no_sync()
-
-    def sync_now(self) -> None:
-        self.engine.reduce_gradients()
-
-    def grads(self) -> list[Tensor]:
-        self.engine.reduce_gradients()  # stage 1: the one reduce-scatter of the window
-        return [t.grad for t in self.engine.shards if t.grad is not None]
-
-    def named_params(self) -> list[tuple[str, Tensor]]:
-        return [(s.name, s.param) for s in self.engine.slots]
-
-    def gather_grad_sum(self) -> dict[str, Tensor]:
-        # Reducing early is harmless: later reductions of the window add into the same shards.
-        self.engine.reduce_gradients()
-        eng = self.engine
-        fulls: list[Tensor] = []
-        mine: list[Tensor | None] = []
-        for s in eng.slots:
-            full = torch.zeros(s.shape, dtype=s.param.dtype, device=s.param.device)
-            g = eng.shards[s.index].grad
-            if g is not None and s.local_numel(eng.rank):
-                rows = s.rows_view(full, eng.rank)
-                rows.copy_(g.reshape(rows.shape).to(full.dtype))
-                full.mul_(eng.world)  # the shards hold averages
-            fulls.append(full)
-            mine.append(full if g is not None else None)
-        sums = _all_reduce_sum(mine, self.group, fulls)
-        return {s.name: t for s, t in zip(eng.slots, sums) if t is not None}
-
-    def load_grad_sum(self, grads: dict[str, Tensor]) -> None:
-        self.engine.zero_grad(set_to_none=True)
-        super().load_grad_sum(grads)
-        self.engine._pending = any(s.param.grad is not None for s in self.engine.slots)
-
-
-class _FSDP2(_Mode):
-    name = "FSDP2"
-
-    def __init__(self, model: nn.Module, fsdp_modules: list[nn.Module], reduce_every: bool) -> None:
-        super().__init__(model)
-        self.fsdp_modules = fsdp_modules
-        names = {m: n for n, m in model.named_modules()}
-        roots = []
-        for m in fsdp_modules:
-            n = names[m]
-            if not any(n != names[o] and (names[o] == "" or n.startswith(names[o] + "."))
-                       for o in fsdp_modules):
-                roots.append(m)
-        self.roots = roots
-        self.reduce_every = reduce_every
-        mesh = None
-        for p in model.parameters():
-            if is_dtensor(p):
-                mesh = p.device_mesh
-                break
-        if mesh is None:
-            raise ValueError("GradientAccumulator: an FSDP2 model without DTensor parameters")
-        self.mesh = mesh
-        self.world = mesh.size()
-        self.group = mesh.get_group() if mesh.ndim == 1 else None
-        if mesh.ndim != 1:
-            raise NotImplementedError(
-                "GradientAccumulator: FSDP2 on a multi-dimensional device mesh (HSDP) is not "
-                "supported yet; use a 1-D mesh"
-            )
-
-    def _set_sync(self, sync: bool) -> None:
-        for m in self.roots:
-            m.set_requires_gradient_sync(sync)
-
-    @contextmanager
-    def _ctx(self, sync: bool) -> Iterator[None]:
-        self._set_sync(sync or self.reduce_every)
-        try:
-            yield
-        finally:
-            self._set_sync(True)
-
-    def context(self, sync: bool) -> AbstractContextManager[Any]:
-        return self._ctx(sync)
-
-    def sync_now(self) -> None:
-        # FSDP2 has no public "reduce the accumulated gradients now"; its end-of-backward
-        # callback does exactly that for every parameter group that holds unsharded gradients.
-        self._set_sync(True)
-        for m in self.roots:
-            state = m._get_fsdp_state()
-            callback = getattr(state, "_root_post_backward_final_callback", None)
-            if callback is None:  # pragma: no cover - other torch versions
-                raise RuntimeError(
-                    "GradientAccumulator.flush: this torch's FSDP2 cannot reduce gradients "
-                    "outside a backward pass; end every window with a full set of micro-batches"
-                )
-            callback()
-
-    def gather_grad_sum(self) -> dict[str, Tensor]:
-        self.sync_now()
-        out: dict[str, Tensor] = {}
-        for n, p in self.model.named_parameters():
-            g = p.grad
-            if g is None:
-                continue
-            full = g.full_tensor() if is_dtensor(g) else g
-            out[n] = full.detach().clone() * self.world  # FSDP2 holds averages
-        return out
-
-    def load_grad_sum(self, grads: dict[str, Tensor]) -> None:
-        from torch.distributed.tensor import distribute_tensor
-
-        for n, p in self.model.named_parameters():
-            g = grads.get(n)
-            if g is None:
-                p.grad = None
-                continue
-            g = g.to(_local(p).device, p.dtype) / self.world
-            if is_dtensor(p):
-                p.grad = distribute_tensor(g, p.device_mesh, p.placements)
-            else:
-                p.grad = g
-
-
-class _DeepSpeed(_Mode):
-    name = "DeepSpeed"
-
-    def __init__(self, engine: Any, steps: int, reduce_every: bool) -> None:
-        super().__init__(engine)
-        if reduce_every:
-            raise ValueError(
-                "GradientAccumulator: reduce_every_micro_batch does not apply to DeepSpeed (its "
-                "ZeRO stage decides when gradients are reduced)"
-            )
-        gas = int(engine.gradient_accumulation_steps())
-        if gas != steps:
-            raise ValueError(
-                f"GradientAccumulator: the DeepSpeed engine accumulates over "
-                f"gradient_accumulation_steps={gas} micro-batches but the accumulator was built "
-                f"with steps={steps}; set them equal (DeepSpeed scales and steps by its own count)"
-            )
-        self.gas = gas
-        self.group = getattr(engine, "data_parallel_group", None)
-        self.world = dist.get_world_size(self.group) if dist.is_initialized() else 1
-        basic = getattr(engine, "basic_optimizer", None)
-        self._basic = basic if basic is not None else getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device(self.model.device)
-
-    def context(self, sync: bool) -> AbstractContextManager[Any]:
-        # Set on every micro-batch: DeepSpeed's boundary is always the accumulator's.
-        self.model.set_gradient_accumulation_boundary(sync)
-        return nullcontext()
-
-    def backward(self, loss: Tensor, items_mode: bool, **kwargs: Any) -> None:
-        # Item counts: backpropagate the local sum unscaled; means: DeepSpeed's own 1/gas.
-        self.model.backward(loss, scale_wrt_gas=not items_mode, **kwargs)
-
-    def after_micro_batch(self) -> None:
-        self.model.step()  # not a boundary: DeepSpeed only counts the micro-step
-
-    def sync_now(self) -> None:
-        # A backward of zero through every parameter, on a boundary: DeepSpeed runs its own
-        # boundary reduction (whatever the ZeRO stage) and adds nothing to the gradients.
-        eng = self.model
-        eng.set_gradient_accumulation_boundary(True)
-        params = [p for p in eng.module.parameters() if p.requires_grad]
-        zero = torch.stack([p.reshape(-1)[:1].sum() * 0.0 for p in params if p.numel()]).sum()
-        eng.backward(zero, scale_wrt_gas=False)
-
-    def finish_window(self, factor: float, items_mode: bool, micro_batches: int) -> None:
-        eng = self.model
-        if not items_mode:
-            factor *= self.gas  # DeepSpeed already divided by gradient_accumulation_steps
-        if not eng.is_gradient_accumulation_boundary():  # pragma: no cover - defensive
-            raise RuntimeError(
-                "GradientAccumulator: the DeepSpeed engine does not see the accumulation boundary "
-                "the accumulator is at"
-            )
-        if abs(factor - 1.0) <= 1e-12:
-            eng.step()
-            return
-        opt = eng.optimizer
-        if all(hasattr(opt, a) for a in ("custom_loss_scaler", "external_loss_scale", "loss_scale")):
-            # DeepSpeed ZeRO divides the gradients by its loss scale before clipping and
-            # stepping: dividing by scale / factor normalises them before the clip, as wanted.
-            saved = (opt.custom_loss_scaler, opt.external_loss_scale)
-            opt.custom_loss_scaler, opt.external_loss_scale = True, float(opt.loss_scale) / factor
-            try:
-                eng.step()
-            finally:
-                opt.custom_loss_scaler, opt.external_loss_scale = saved
-            return
-        if opt is self._basic:
-            # No ZeRO, fp32: the client optimizer steps on the module's gradients; DeepSpeed
-            # clips them first, so normalise them now.
-            grads = [p.grad for p in eng.module.parameters() if p.grad is not None]
-            _mul_(grads, factor)
-            eng.step()
-            return
-        raise NotImplementedError(  # pragma: no cover - fp16/bf16 optimizers without ZeRO
-            f"GradientAccumulator: normalising gradients inside DeepSpeed's "
-            f"{type(opt).__name__} is not supported; use ZeRO stage >= 1, or fp32, or "
-            "num_items=None with full windows"
-        )
-
-    def gather_grad_sum(self) -> dict[str, Tensor]:
-        raise RuntimeError(
-            "GradientAccumulator.state_dict: with DeepSpeed, checkpoint at an optimizer-step "
-            "boundary (micro_step 0); DeepSpeed keeps the mid-window gradients in its own buffers"
-        )
-
-    def load_grad_sum(self, grads: dict[str, Tensor]) -> None:
-        raise RuntimeError("GradientAccumulator.load_state_dict: DeepSpeed resumes only at a window boundary")
-
-
-def _is_deepspeed_engine(model: Any) -> bool:
-    ds = sys.modules.get("deepspeed")
-    engine_cls = getattr(ds, "DeepSpeedEngine", None) if ds is not None else None
-    if engine_cls is not None and isinstance(model, engine_cls):
-        return True
-    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
-
-
-def _make_mode(model: nn.Module, steps: int, reduce_every: bool) -> _Mode:
-    from torch.nn.parallel import DistributedDataParallel
-
-    from distopt.zero import ShardedModule
-
-    if _is_deepspeed_engine(model):
-        return _DeepSpeed(model, steps, reduce_every)
-    if isinstance(model, ShardedModule):
-        return _Zero(model, reduce_every)
-    if isinstance(model, DistributedDataParallel):
-        return _DDP(model, reduce_every)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"GradientAccumulator: model must be an nn.Module (or a DeepSpeed engine), got {type(model).__name__}")
-    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
-        raise TypeError(
-            "GradientAccumulator: FSDP1 (FullyShardedDataParallel) is not supported; use FSDP2 "
-            "(torch.distributed.fsdp.fully_shard)"
-        )
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch < 2.6
-        FSDPModule = None  # noqa: N806
-    fsdp = [m for m in model.modules() if FSDPModule is not None and isinstance(m, FSDPModule)]
-    if fsdp:
-        return _FSDP2(model, fsdp, reduce_every)
-    return _Mode(model)
 
 
 # --------------------------------------------------------------------------- the accumulator
@@ -541,7 +126,8 @@ class GradientAccumulator:
             raise ValueError(f"GradientAccumulator: steps must be >= 1, got {steps}")
         self.steps = steps
         self.reduce_every_micro_batch = bool(reduce_every_micro_batch)
-        self._mode = _make_mode(model, steps, self.reduce_every_micro_batch)
+        self._backend = backend_for(model)
+        self._backend.check_accumulation(steps, self.reduce_every_micro_batch)
         self._micro = 0  # micro-batches accumulated in the current window
         self._items = 0.0  # local item count of the window (numbers)
         self._items_t: Tensor | None = None  # ... (tensors, summed without a host sync)
@@ -559,7 +145,7 @@ class GradientAccumulator:
     @property
     def mode(self) -> str:
         """Which way of running was detected (``"DistributedDataParallel"``, ``"FSDP2"``, ...)."""
-        return self._mode.name
+        return self._backend.name
 
     @property
     def sync_gradients(self) -> bool:
@@ -603,7 +189,7 @@ class GradientAccumulator:
         self._current_items_mode = mode_of_batch
         ok = False
         try:
-            with self._mode.context(boundary):
+            with self._backend.context(boundary):
                 yield
             ok = True
         finally:
@@ -627,7 +213,7 @@ class GradientAccumulator:
         if boundary:
             self._close_window()
         else:
-            self._mode.after_micro_batch()
+            self._backend.after_micro_batch()
 
     def backward(self, loss: Tensor, **kwargs: Any) -> None:
         """Backpropagate ``loss`` (the micro-batch's SUM over its items, or its mean).
@@ -641,7 +227,7 @@ class GradientAccumulator:
                 "the accumulator decides there whether this backward synchronises gradients"
             )
         self._backward_calls += 1
-        self._mode.backward(loss, self._current_items_mode, **kwargs)
+        self._backend.backward(loss, self._current_items_mode, **kwargs)
 
     def flush(self) -> bool:
         """Close a window that ends early (end of an epoch or data stream).
@@ -657,7 +243,7 @@ class GradientAccumulator:
         if self._micro == 0:
             self._sync = False
             return False
-        self._mode.sync_now()
+        self._backend.sync_now()
         self._close_window()
         self._sync = True
         return True
@@ -671,16 +257,17 @@ class GradientAccumulator:
     def _global_items(self) -> tuple[float, Tensor]:
         """All-reduce [items, micro-batches, micro-batches^2] (one small collective)."""
         m = float(self._micro)
-        buf = torch.tensor([self._items, m, m * m], dtype=torch.float64, device=self._mode.device)
+        buf = torch.tensor([self._items, m, m * m], dtype=torch.float64, device=self._backend.device)
         if self._items_t is not None:
             buf[0] += self._items_t.to(buf.device, buf.dtype)
-        if self._mode.world > 1:
-            dist.all_reduce(buf, group=self._mode.group)
+        if self._backend.world > 1:
+            self._backend.stats.add("all_reduce", buf.numel() * buf.element_size())
+            dist.all_reduce(buf, group=self._backend.group)
         return float(buf[0]), buf
 
     def _close_window(self) -> None:
         m = self._micro
-        W = self._mode.world
+        W = self._backend.world
         if self._items_mode:
             n, buf = self._global_items()
             sm, sm2 = float(buf[1]), float(buf[2])
@@ -701,7 +288,7 @@ class GradientAccumulator:
         else:
             factor = 1.0 / m
         try:
-            self._mode.finish_window(factor, bool(self._items_mode), m)
+            self._backend.finish_window(factor, bool(self._items_mode), m)
         finally:
             self._micro = 0
             self.optimizer_steps += 1
@@ -728,7 +315,7 @@ class GradientAccumulator:
         if self._micro:
             if self._items_mode:
                 sd["items"], _ = self._global_items()
-            sd["grads"] = self._mode.gather_grad_sum()
+            sd["grads"] = self._backend.gather_grad_sum()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -762,9 +349,9 @@ class GradientAccumulator:
         self._reset_window()
         self._sync = False
         if micro:
-            self._mode.load_grad_sum(state_dict["grads"])
+            self._backend.load_grad_sum(state_dict["grads"])
             self._items_mode = state_dict["items_mode"]
-            if self._items_mode and self._mode.rank == 0:
+            if self._items_mode and self._backend.rank == 0:
                 self._items = float(state_dict["items"])
         self._micro = micro
 

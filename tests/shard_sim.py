@@ -3,8 +3,8 @@
 It proves the sharding invariants of the maths without processes or ``torch.distributed``:
 each rank owns a dim-0 row slice of every parameter (possibly empty), has its own optimizer over
 its local slices (told about them through ``set_sharding``), and steps in lock-step with the
-others; the collective the optimizers ask for (``StepContext.reduce`` -> ``_all_reduce_sum``) is
-replaced, for the simulation's threads only, by a barrier-based sum over the simulated ranks.
+others; the collective the optimizers ask for (``StepContext.reduce``) is injected into each
+rank's optimizer with ``set_reducer``: a barrier-based sum over the simulated ranks.
 The result assembled from the slices must equal the unsharded optimizer's.
 
 Usage::
@@ -23,18 +23,16 @@ the thread scheduling; mismatched buffer sizes or a rank that skips a reduction 
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-import distopt.optim._core as _core
 from distopt.optim._core import ShardSpec
 
-__all__ = ["ShardedSim", "ThreadReducer", "patched_reducer", "row_bounds"]
+__all__ = ["ShardedSim", "ThreadReducer", "row_bounds"]
 
 
 def row_bounds(rows: int, world: int, layout: str = "ceil", rotate: int = 0) -> list[tuple[int, int]]:
@@ -89,28 +87,6 @@ class ThreadReducer:
         self.barrier.abort()
 
 
-_tls = threading.local()
-
-
-@contextlib.contextmanager
-def patched_reducer() -> Iterator[None]:
-    """Route ``_core._all_reduce_sum`` to the calling thread's simulated reducer (if any)."""
-    original = _core._all_reduce_sum
-
-    def dispatch(flat: Tensor, group: Any) -> None:
-        sim = getattr(_tls, "sim", None)
-        if sim is None:
-            return original(flat, group)
-        reducer, rank = sim
-        reducer.reduce(rank, flat)
-
-    _core._all_reduce_sum = dispatch
-    try:
-        yield
-    finally:
-        _core._all_reduce_sum = original
-
-
 class ShardedSim:
     """N simulated ranks, each with an optimizer over its row slices (see the module docstring).
 
@@ -134,6 +110,7 @@ class ShardedSim:
         ]
         self.params: list[list[nn.Parameter]] = []
         self.opts: list[torch.optim.Optimizer] = []
+        self.reducer = ThreadReducer(world)
         for r in range(world):
             local = [
                 nn.Parameter(_rows_of(t.detach(), *self.bounds[k][r]).clone())
@@ -147,10 +124,16 @@ class ShardedSim:
                 for k, p in enumerate(local)
             }
             opt.set_sharding(specs)
+            opt.set_reducer(self._reducer_of(r))
             self.params.append(local)
             self.opts.append(opt)
-        self.reducer = ThreadReducer(world)
         self.reductions_per_step: list[list[int]] = []  # per step: calls of each rank
+
+    def _reducer_of(self, rank: int) -> Callable[[Tensor, Any], None]:
+        def reduce(flat: Tensor, group: Any) -> None:
+            self.reducer.reduce(rank, flat)
+
+        return reduce
 
     # ------------------------------------------------------------------ driving
     def set_grads(self, grads: Sequence[Tensor | None]) -> None:
@@ -165,21 +148,17 @@ class ShardedSim:
         errors: list[BaseException | None] = [None] * self.world
 
         def run(rank: int) -> None:
-            _tls.sim = (self.reducer, rank)
             try:
                 self.opts[rank].step()
             except BaseException as e:  # noqa: BLE001 - reported below
                 errors[rank] = e
                 self.reducer.abort()
-            finally:
-                _tls.sim = None
 
-        with patched_reducer():
-            threads = [threading.Thread(target=run, args=(r,)) for r in range(self.world)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         for e in errors:  # the first real error, not the BrokenBarrierError it caused elsewhere
             if e is not None and not isinstance(e, threading.BrokenBarrierError):
                 raise e

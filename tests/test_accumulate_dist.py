@@ -132,15 +132,13 @@ class CommCounter:
     def __init__(self) -> None:
         import torch.distributed as dist
 
-        from distopt.zero import _comm
-
+        # distopt looks the collectives up at call time, so wrapping the public
+        # torch.distributed functions counts distopt's ZeRO, accumulator and optimizer alike
         self.calls: Counter = Counter()
         for name in self.NAMES:
             fn = getattr(dist, name, None)
             if fn is not None:
                 setattr(dist, name, self._wrap(name, fn))
-        _comm._reduce_scatter = self._wrap("reduce_scatter_tensor", _comm._reduce_scatter)
-        _comm._all_gather = self._wrap("all_gather_into_tensor", _comm._all_gather)
 
     def _wrap(self, name, fn):
         def counted(*args, **kwargs):

@@ -61,9 +61,7 @@ def _zero_worker(stage: int, case_ids: list[str], steps: int, bucket_mb: float =
         opt = case.make(model.parameters())
         smodel, opt = distopt.shard(model, opt, stage=stage, bucket_mb=bucket_mb)
         if break_reducer:  # negative control: per-shard statistics instead of global ones
-            import distopt.optim._core as core
-
-            core._all_reduce_sum = lambda flat, group: None
+            opt.set_reducer(lambda flat, group: None)
         _train(case, smodel, opt, steps, rank(), world_size())
         results[cid] = {n: p.detach().clone() for n, p in model.named_parameters()}
     return results

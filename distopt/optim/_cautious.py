@@ -26,7 +26,7 @@ def cautious_masks(
         return []
     masks = [(u * g > 0).to(u.dtype) for u, g in zip(updates, grads)]
     counts = [m.sum(dtype=torch.float32).reshape(1) for m in masks]
-    (counts,) = ctx.reduce([counts], [v.sharded for v in views])
+    (counts,) = ctx.reduce([counts], list(views))
     for m, c, v in zip(masks, counts, views):
         mean = (c.reshape(()) / max(v.numel, 1)).clamp_(min=1e-3)
         m.div_(mean.to(m.dtype))

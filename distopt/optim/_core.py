@@ -21,7 +21,6 @@ in the class attribute ``hypers``; the constructor, its validation and the param
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -76,6 +75,7 @@ class ParamView:
     sharded: bool  # partial statistics of this tensor must be summed across ranks
     state: dict
     _write_back: Tensor | None = None  # low-precision storage that ``data`` is copied into
+    group: Any = None  # the process group partial statistics of a sharded tensor sum over
 
     @property
     def numel(self) -> int:
@@ -83,43 +83,69 @@ class ParamView:
         return math.prod(self.shape)
 
 
-class StepContext:
-    """Per-step services the maths may use: the batched reducer and bookkeeping."""
+#: ``reduce(flat, group)``: sum the float32 buffer ``flat`` in place over the process group
+Reducer = Callable[[Tensor, Any], None]
 
-    def __init__(self, group: Any, reduce_fn: Callable[[Tensor, Any], None] | None):
-        self._group = group
+
+class StepContext:
+    """Per-step services the maths may use: the batched reducer and bookkeeping.
+
+    ``groups`` are the process groups of the sharded parameters of this step (one per
+    distinct :class:`ShardSpec` / DTensor group); each collective sums over one of them.
+    """
+
+    def __init__(self, groups: Sequence[Any], reduce_fn: Reducer | None):
+        self._groups = list(groups)
         self._reduce_fn = reduce_fn
         self.num_reductions = 0
         #: scratch space for statistics shared between groups within one step (e.g. a clip norm)
         self.extra: dict[str, Any] = {}
 
-    def reduce(self, parts: Sequence[Sequence[Tensor]], sharded: Sequence[bool]) -> list[list[Tensor]]:
-        """Sum partial statistics across ranks in one collective.
+    def _group_of(self, entry: bool | ParamView) -> Any:
+        if isinstance(entry, ParamView):
+            return entry.group
+        if len(self._groups) > 1:
+            raise ValueError(
+                "StepContext.reduce: this step has parameters sharded over "
+                f"{len(self._groups)} different process groups; pass the ParamViews (not bools) "
+                "as `sharded` so each statistic is summed over its own parameter's group"
+            )
+        return self._groups[0] if self._groups else None
+
+    def reduce(self, parts: Sequence[Sequence[Tensor]], sharded: Sequence[bool | ParamView]) -> list[list[Tensor]]:
+        """Sum partial statistics across ranks, one collective per process group.
 
         ``parts[k][i]`` is statistic ``k`` of parameter ``i`` (any shape, computed on the local
-        shard); ``sharded[i]`` says whether parameter ``i`` is sharded.  Entries of unsharded
-        parameters are returned unchanged; entries of sharded ones are summed over the process
-        group.  One flat all-reduce carries everything, whatever the number of statistics.
+        shard); ``sharded[i]`` is parameter ``i``'s :class:`ParamView` (or whether it is
+        sharded).  Entries of unsharded parameters are returned unchanged; entries of sharded
+        ones are summed over their parameter's process group.  One flat all-reduce per group
+        carries everything, whatever the number of statistics.
         """
         out = [list(p) for p in parts]
-        if self._reduce_fn is None or not any(sharded):
+        flags = [bool(s.sharded) if isinstance(s, ParamView) else bool(s) for s in sharded]
+        if self._reduce_fn is None or not any(flags):
             return out
-        picked = [(k, i) for k in range(len(out)) for i in range(len(sharded)) if sharded[i]]
-        if not picked:
-            return out
-        flat = torch.cat([out[k][i].reshape(-1).to(torch.float32) for k, i in picked])
-        self._reduce_fn(flat, self._group)
-        self.num_reductions += 1
-        offset = 0
-        for k, i in picked:
-            t = out[k][i]
-            n = t.numel()
-            out[k][i] = flat[offset : offset + n].view(t.shape).to(t.dtype)
-            offset += n
+        by_group: dict[int, tuple[Any, list[tuple[int, int]]]] = {}
+        for i, s in enumerate(sharded):
+            if flags[i]:
+                g = self._group_of(s)
+                by_group.setdefault(id(g), (g, []))[1].extend((k, i) for k in range(len(out)))
+        for group, picked in by_group.values():
+            picked.sort()
+            flat = torch.cat([out[k][i].reshape(-1).to(torch.float32) for k, i in picked])
+            self._reduce_fn(flat, group)
+            self.num_reductions += 1
+            offset = 0
+            for k, i in picked:
+                t = out[k][i]
+                n = t.numel()
+                out[k][i] = flat[offset : offset + n].view(t.shape).to(t.dtype)
+                offset += n
         return out
 
 
 def _all_reduce_sum(flat: Tensor, group: Any) -> None:
+    """The default reducer (uncounted): ``torch.distributed.all_reduce`` with SUM."""
     import torch.distributed as dist
 
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
@@ -160,6 +186,7 @@ class DistOptimizer(Optimizer):
     def __init__(self, params: Iterable, defaults: dict[str, Any]):
         super().__init__(params, defaults)
         self._shard_specs: dict[int, ShardSpec] = {}
+        self._reducer: Reducer | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -184,6 +211,23 @@ class DistOptimizer(Optimizer):
     def set_sharding(self, specs: dict[Tensor, ShardSpec]) -> None:
         """Declare which param-group tensors are dim-0 shards (called by the sharding layer)."""
         self._shard_specs = {id(p): s for p, s in specs.items()}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``; the tensors are recorded as this
+        optimizer's own (see the flat-partition check of :meth:`step`)."""
+        super().add_param_group(param_group)
+        own = self.__dict__.setdefault("_own_params", set())
+        own.update(id(p) for p in self.param_groups[-1]["params"])
+
+    def set_reducer(self, fn: Reducer | None) -> None:
+        """Sum shape-aware statistics with ``fn(flat, group)`` (in place, over ``group``).
+
+        Called by :mod:`distopt.parallel` (its reducer counts the bytes) or by a test that
+        injects its own; ``None`` restores the default, ``torch.distributed.all_reduce``.
+        """
+        if fn is not None and not callable(fn):
+            raise TypeError(f"set_reducer: fn must be callable as fn(flat, group) or None, got {type(fn).__name__}")
+        self._reducer = fn
 
     def register_zero_grad_post_hook(self, hook: Callable[[Optimizer, bool], None]) -> Any:
         """Run ``hook(optimizer, set_to_none)`` after every :meth:`zero_grad`.
@@ -237,24 +281,24 @@ class DistOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_shard_specs", {})
+        self.__dict__.setdefault("_reducer", None)
+        # an unpickled / deep-copied optimizer owns the tensors it was restored with
+        self.__dict__["_own_params"] = {id(p) for g in self.param_groups for p in g["params"]}
 
-    def _views(self, group: dict[str, Any]) -> tuple[list[ParamView], Any]:
+    def _views(self, group: dict[str, Any]) -> list[ParamView]:
         views: list[ParamView] = []
-        pg = None
         for p in group["params"]:
             if p.grad is None:
                 continue
             grad = p.grad
             spec = self._shard_specs.get(id(p))
+            pg = None
             if is_dtensor(p):
-                data, sharded, g = local_and_sharding(p)
+                data, sharded, pg = local_and_sharding(p)
                 grad = local_tensor(grad)
                 shape = p.shape
-                if sharded:
-                    pg = g
             elif spec is not None:
-                data, shape, sharded = p, spec.shape, True
-                pg = spec.group
+                data, shape, sharded, pg = p, spec.shape, True, spec.group
             else:
                 data, shape, sharded = p, p.shape, False
             if grad.is_sparse and not self._sparse_ok:
@@ -275,28 +319,23 @@ class DistOptimizer(Optimizer):
                 # parameter's ZeRO shard with a gradient sliced from a contiguous flat bucket).
                 grad = torch.empty_like(data).copy_(grad)
             state = self.state[p]
-            views.append(ParamView(p, data.detach(), grad, torch.Size(shape), sharded, state, write_back))
-        return views, pg
+            views.append(ParamView(p, data.detach(), grad, torch.Size(shape), sharded, state, write_back, pg))
+        return views
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        if "deepspeed" in sys.modules:
-            _refuse_flat_partitions(self)
+        _refuse_flat_partitions(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        groups = []
-        pg = None
-        for group in self.param_groups:
-            views, g = self._views(group)
-            pg = pg if g is None else g
-            groups.append((group, views))
+        groups = [(group, self._views(group)) for group in self.param_groups]
         # The sharding layer guarantees that every rank sees the same parameters with
         # gradients (empty local shards included), so this decision agrees across ranks.
-        any_sharded = any(v.sharded for _, vs in groups for v in vs)
-        ctx = StepContext(pg, _all_reduce_sum if any_sharded else None)
+        pgs: dict[int, Any] = {id(v.group): v.group for _, vs in groups for v in vs if v.sharded}
+        reducer = (self._reducer or _all_reduce_sum) if pgs else None
+        ctx = StepContext(list(pgs.values()), reducer)
         self._step_groups(groups, ctx)
         for _, views in groups:
             for v in views:
@@ -362,36 +401,11 @@ def _constructor(cls: type, spec: HyperSpec) -> Callable[..., None]:
 # DeepSpeed's ZeRO (and fp16/bf16) optimizer wrappers replace the tensors in the client
 # optimizer's param groups by flat 1-D fp32 partitions that cut across parameters.  Element-wise
 # maths does not mind; whole-tensor statistics would be computed on meaningless slices.  The
-# check below finds such a wrapper among the callers of ``step`` (no DeepSpeed import: the
-# classes are recognised by name) and refuses before anything is updated.
-
-_DS_WRAPPERS = ("ZeROOptimizer", "DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3",
-                "BF16_Optimizer", "FP16_Optimizer")
-_DS_FLAT_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
-                  "fp32_groups_flat_partition", "fp32_groups_flat")
-
-
-def _deepspeed_flat_wrapper(opt: Optimizer, max_depth: int = 16) -> Any:
-    """The DeepSpeed wrapper driving ``opt.step`` with flat partitions, or None."""
-    frame = sys._getframe(2)
-    mine = {id(p) for g in opt.param_groups for p in g["params"]}
-    for _ in range(max_depth):
-        if frame is None:
-            return None
-        obj = frame.f_locals.get("self")
-        if obj is not None and obj is not opt:
-            names = {c.__name__ for c in type(obj).__mro__}
-            if names & set(_DS_WRAPPERS) and type(obj).__module__.startswith("deepspeed"):
-                for attr in _DS_FLAT_ATTRS:
-                    flats = getattr(obj, attr, None) or []
-                    for t in flats:
-                        for x in t if isinstance(t, (list, tuple)) else [t]:
-                            if id(x) in mine:
-                                return obj
-                if not any(hasattr(obj, a) for a in _DS_FLAT_ATTRS):
-                    return obj  # a ZeRO wrapper of a layout this check does not know: flat
-        frame = frame.f_back
-    return None
+# optimizer knows which tensors it was built with (``add_param_group`` records them) and which
+# ones the sharding layer declared as row shards (``set_sharding``); a 1-D tensor in a param
+# group that is neither was put there by someone else (DeepSpeed's flat partition), and a step
+# that needs whole tensors is refused before anything is updated.  No DeepSpeed import, no
+# frame inspection: the evidence is the optimizer's own param groups.
 
 
 def flat_partition_refusal(opt: Any, engine: str) -> str | None:
@@ -419,16 +433,20 @@ def flat_partition_refusal(opt: Any, engine: str) -> str | None:
     )
 
 
-def _refuse_flat_partitions(opt: Optimizer) -> None:
-    """Raise if DeepSpeed drives ``opt`` with flat partitions and a group needs whole tensors."""
+def _refuse_flat_partitions(opt: DistOptimizer) -> None:
+    """Raise if a param group holds foreign flat 1-D partitions and needs whole tensors."""
     if not any(opt.needs_whole_tensors(g) for g in opt.param_groups):
         return
-    # The frame walk runs once per arrangement of param-group tensors (DeepSpeed replaces them).
     key = tuple(id(p) for g in opt.param_groups for p in g["params"])
     if opt.__dict__.get("_flat_check_passed") == key:
         return
-    wrapper = _deepspeed_flat_wrapper(opt)
-    if wrapper is None:
-        opt.__dict__["_flat_check_passed"] = key
-        return
-    raise RuntimeError(flat_partition_refusal(opt, f"ZeRO or fp16/bf16 ({type(wrapper).__name__})"))
+    own = opt.__dict__.get("_own_params", set())
+    foreign = [
+        p for g in opt.param_groups for p in g["params"]
+        if id(p) not in own and id(p) not in opt._shard_specs and not is_dtensor(p)
+    ]
+    if any(p.dim() == 1 for p in foreign):
+        raise RuntimeError(flat_partition_refusal(
+            opt, f"ZeRO or fp16/bf16 ({len(foreign)} flat 1-D partitions replaced its param-group tensors)"
+        ))
+    opt.__dict__["_flat_check_passed"] = key

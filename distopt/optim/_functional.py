@@ -127,9 +127,8 @@ def global_norms(ctx: StepContext, views: Sequence[ParamView], *lists: Sequence[
 
     ``lists[k][i]`` is the local part (same rows as ``views[i]``) of quantity ``k``.
     """
-    sharded = [v.sharded for v in views]
     parts = [local_sumsq(lst) for lst in lists]
-    reduced = ctx.reduce(parts, sharded)
+    reduced = ctx.reduce(parts, list(views))
     return [[s.clamp_min(0).sqrt() for s in lst] for lst in reduced]
 
 

@@ -142,6 +142,12 @@ class Lookahead(Optimizer):
             )
         fn(specs)
 
+    def set_reducer(self, fn: Any) -> None:
+        """Forward the reducer of shape-aware statistics to the base optimizer."""
+        inner = getattr(self._base_optimizer, "set_reducer", None)
+        if inner is not None:
+            inner(fn)
+
     def shard_spec(self, p: Tensor) -> Any:
         """The base optimizer's shard spec of ``p`` (None when not sharded)."""
         fn = getattr(self._base_optimizer, "shard_spec", None)

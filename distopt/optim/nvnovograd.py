@@ -77,7 +77,7 @@ class NvNovoGrad(DistOptimizer):
         wd = group["weight_decay"]
         F.advance_steps(views)
         params, grads = F.columns(views)
-        (sumsq,) = ctx.reduce([F.local_sumsq(grads)], [v.sharded for v in views])
+        (sumsq,) = ctx.reduce([F.local_sumsq(grads)], list(views))
         n = torch.stack([s.reshape(()) for s in sumsq]).float()
         sqs = [v.state["exp_avg_sq"] for v in views]
         v_old = torch.stack(sqs)

@@ -27,7 +27,7 @@ def cautious(ctx: StepContext, views: list[ParamView], updates: list[Tensor], gr
     masks = torch._foreach_mul(updates, grads)
     masks = [(m > 0).to(u.dtype) for m, u in zip(masks, updates)]
     counts = [m.sum(dtype=torch.float32) for m in masks]
-    (counts,) = ctx.reduce([counts], [v.sharded for v in views])
+    (counts,) = ctx.reduce([counts], list(views))
     scales = [(c / max(v.numel, 1)).clamp(min=1e-3).reciprocal() for c, v in zip(counts, views)]
     torch._foreach_mul_(masks, scales)
     return torch._foreach_mul(updates, masks)

@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from distopt._dtensor import is_dtensor, local_and_sharding
+from distopt._dtensor import is_dtensor
 from distopt.zero._comm import CommStats, ring_bytes
 from distopt.zero._engine import ZeroEngine, engine_of
 
 _log = logging.getLogger("distopt.zero")
 
-__all__ = ["CommStats", "ShardedModule", "ZeroEngine", "clip_grad_norm_", "ring_bytes", "shard"]
+__all__ = ["CommStats", "ShardedModule", "ZeroEngine", "clip_grad_norm_", "engine_of", "ring_bytes", "shard"]
 
 
 class ShardedModule(nn.Module):
@@ -255,8 +255,12 @@ def shard(
             f"distopt.shard: this process (global rank {dist.get_rank()}) is not a member of "
             "the given process_group"
         )
+    from distopt.parallel import backend_for
+
     engine = ZeroEngine(model, optimizer, stage, process_group, bucket_mb, master_dtype, broadcast_from_rank0, replicate_group=replicate_group)
-    return ShardedModule(model, engine), optimizer
+    sharded = ShardedModule(model, engine)
+    backend_for(sharded, optimizer)  # the optimizer's reductions are counted with the engine's
+    return sharded, optimizer
 
 
 
@@ -300,10 +304,11 @@ def clip_grad_norm_(
         raise ValueError(f"clip_grad_norm_: max_norm must be > 0, got {max_norm!r}")
     if norm_type != 2.0:
         raise ValueError("clip_grad_norm_: only the L2 norm (norm_type=2) is supported for sharded gradients")
-    engine: ZeroEngine | None = None
+    from distopt.parallel import backend_for, backend_for_params
+
     if isinstance(model_or_params, ShardedModule):
-        engine = model_or_params.engine
-        params = [s.param for s in engine.slots]
+        backend = backend_for(model_or_params)
+        params = [p for _, p in backend.named_params()]
     else:
         if isinstance(model_or_params, nn.Module):
             params = list(model_or_params.parameters())
@@ -311,41 +316,8 @@ def clip_grad_norm_(
             params = [model_or_params]
         else:
             params = _list_quietly(model_or_params)
-        engine = engine_of(params)
-    if engine is not None:
-        # ZeRO: the reduced gradient rows live on the shards; the norm is summed across ranks
-        engine.reduce_gradients()
-        shard_of = {id(s.param): engine.shards[s.index] for s in engine.slots}
-        grads = [shard_of[id(p)].grad for p in params if shard_of[id(p)].grad is not None]
-        local = _sumsq(grads)
-        engine.stats.add("all_reduce", local.numel() * local.element_size())
-        dist.all_reduce(local, group=engine.group)
-        total = local.sqrt()
-    else:
-        grads = [p.grad for p in params if p.grad is not None]
-        dt = [g for g in grads if is_dtensor(g)]
-        if dt:
-            per_group: dict[Any, Tensor] = {}
-            plain = torch.zeros((), dtype=torch.float32)
-            for g in grads:
-                if is_dtensor(g):
-                    local, sharded, pg = local_and_sharding(g)
-                    if sharded:
-                        acc = per_group.get(pg)
-                        s = _sumsq([local])
-                        per_group[pg] = s if acc is None else acc + s.to(acc.device)
-                        continue
-                    plain = plain + _sumsq([local]).cpu()
-                else:
-                    plain = plain + _sumsq([g]).cpu()
-            total_sq = plain
-            for pg, s in per_group.items():
-                dist.all_reduce(s, group=pg)
-                total_sq = total_sq + s.cpu()
-            total = total_sq.sqrt()
-            grads = [g.to_local() if is_dtensor(g) else g for g in grads]
-        else:
-            total = _sumsq(grads).sqrt()
+        backend = backend_for_params(params)
+    grads, total = backend.grad_norm(params)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"clip_grad_norm_: the total norm of the gradients is {float(total)}")
     coef = float(max_norm) / (float(total) + 1e-6)
@@ -353,9 +325,3 @@ def clip_grad_norm_(
         torch._foreach_mul_(grads, coef)
     return total
 
-
-def _sumsq(grads: list[Tensor]) -> Tensor:
-    if not grads:
-        return torch.zeros((), dtype=torch.float32)
-    norms = torch._foreach_norm(grads, 2)
-    return torch.stack([n.float() for n in norms]).pow(2).sum()
