@@ -134,3 +134,38 @@ class RefSGDW(RefOptimizer):
             if grp["caution"]:
                 d = _cautious(d, g)
         p.sub_(grp["lr"] * d)
+
+
+class RefAdan(RefOptimizer):
+    """Adan, Xie et al. (2022), Algorithm 1 (with the bias corrections of their implementation)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.0, no_prox=False,
+                 caution=False):  # fmt: skip
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, no_prox=no_prox,
+                                      caution=caution))  # fmt: skip
+
+    def update(self, p, g, st, grp):
+        b1, b2, b3 = grp["betas"]
+        lr, wd = grp["lr"], grp["weight_decay"]
+        if not st:
+            st.update(
+                m=torch.zeros_like(p),
+                e=torch.zeros_like(p),
+                v=torch.zeros_like(p),
+                prev=g.clone(),
+                t=0,
+            )
+        st["t"] += 1
+        t = st["t"]
+        d = g - st["prev"]
+        st["m"] = b1 * st["m"] + (1 - b1) * g
+        st["e"] = b2 * st["e"] + (1 - b2) * d
+        st["v"] = b3 * st["v"] + (1 - b3) * (g + b2 * d) ** 2
+        denom = st["v"].sqrt() / (1 - b3**t) ** 0.5 + grp["eps"]
+        m = _cautious(st["m"], g) if grp["caution"] else st["m"]
+        u = lr / (1 - b1**t) * m / denom + lr * b2 / (1 - b2**t) * st["e"] / denom
+        if grp["no_prox"]:
+            p.mul_(1 - lr * wd).sub_(u)
+        else:
+            p.sub_(u).div_(1 + lr * wd)
+        st["prev"] = g.clone()

@@ -27,6 +27,7 @@ from distopt.optim.adam_weight_decay import AdamWeightDecay
 from distopt.optim.adamax import Adamax
 from distopt.optim.adamp import AdamP
 from distopt.optim.adamw import AdamW
+from distopt.optim.adan import Adan
 from distopt.optim.adopt import Adopt
 from distopt.optim.lamb import Lamb
 from distopt.optim.laprop import LaProp
@@ -68,6 +69,7 @@ __all__ = [
     "Adopt",
     "LaProp",
     "SGDW",
+    "Adan",
     "Nadam",
     "RAdam",
     "RMSprop",

@@ -144,4 +144,19 @@ CASES = [
         weight_decay=0.05,
         caution=True,
     ),  # fmt: skip
+    _case(
+        "adan", do.Adan, R.RefAdan, "adan", "Adan", {"rosen_lr": 1e-2}, lr=1e-2, weight_decay=0.05
+    ),
+    _case(
+        "cadanw",
+        do.Adan,
+        R.RefAdan,
+        "adan",
+        "Adan",
+        {"rosen_lr": 1e-2},
+        lr=1e-2,
+        weight_decay=0.05,
+        no_prox=True,
+        caution=True,
+    ),  # fmt: skip
 ]
