@@ -169,3 +169,40 @@ class RefAdan(RefOptimizer):
         else:
             p.sub_(u).div_(1 + lr * wd)
         st["prev"] = g.clone()
+
+
+class RefMars(RefOptimizer):
+    """MARS-AdamW / MARS-Lion, Yuan et al. (2024), Algorithm 1 (approximate form: c_t from the
+    current and previous gradients, clipped to norm 1), AdamW for vectors."""
+
+    def __init__(self, params, lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, gamma=0.025,
+                 mars_type="adamw", optimize_1d=False, lr_1d_factor=1.0, betas_1d=None, caution=False):  # fmt: skip
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma=gamma,
+                                      mars_type=mars_type, optimize_1d=optimize_1d, lr_1d_factor=lr_1d_factor,
+                                      betas_1d=betas_1d or betas, caution=caution))  # fmt: skip
+
+    def update(self, p, g, st, grp):
+        if not st:
+            st.update(m=torch.zeros_like(p), v=torch.zeros_like(p), prev=torch.zeros_like(p), t=0)
+        st["t"] += 1
+        t, wd = st["t"], grp["weight_decay"]
+        if grp["optimize_1d"] or p.dim() >= 2:
+            b1, b2 = grp["betas"]
+            c = g if t == 1 else g + grp["gamma"] * b1 / (1 - b1) * (g - st["prev"])
+            c = c / max(float(torch.linalg.norm(c)), 1.0)
+            st["m"] = b1 * st["m"] + (1 - b1) * c
+            m = _cautious(st["m"], g) if grp["caution"] else st["m"]
+            if grp["mars_type"] == "adamw":
+                st["v"] = b2 * st["v"] + (1 - b2) * c * c
+                u = (m / (1 - b1**t)) / ((st["v"] / (1 - b2**t)).sqrt() + grp["eps"])
+            else:
+                u = torch.sign(m)
+            p.sub_(grp["lr"] * (u + wd * p))
+        else:
+            b1, b2 = grp["betas_1d"]
+            st["m"] = b1 * st["m"] + (1 - b1) * g
+            st["v"] = b2 * st["v"] + (1 - b2) * g * g
+            m = _cautious(st["m"], g) if grp["caution"] else st["m"]
+            u = (m / (1 - b1**t)) / ((st["v"] / (1 - b2**t)).sqrt() + grp["eps"])
+            p.sub_(grp["lr"] * grp["lr_1d_factor"] * (u + wd * p))
+        st["prev"] = g.clone()

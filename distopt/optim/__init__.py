@@ -37,6 +37,7 @@ from distopt.optim.lion import Lion
 # -- wrappers and factory --
 from distopt.optim.lookahead import Lookahead
 from distopt.optim.madgrad import MADGRAD
+from distopt.optim.mars import Mars
 from distopt.optim.muon import Muon
 from distopt.optim.nadam import Nadam
 from distopt.optim.nadamw import NAdamW
@@ -70,6 +71,7 @@ __all__ = [
     "LaProp",
     "SGDW",
     "Adan",
+    "Mars",
     "Nadam",
     "RAdam",
     "RMSprop",

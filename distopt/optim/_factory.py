@@ -372,6 +372,8 @@ _BUILTINS: tuple[tuple[str, str, dict[str, Any], bool | None, str], ...] = (
     ("adan", "Adan", {"no_prox": False}, False, "adaptive Nesterov momentum (Xie et al.)"),
     ("adanw", "Adan", {"no_prox": True}, False, "Adan with decoupled weight decay"),
     ("cadan", "Adan", {"caution": True}, False, "Adan with the cautious mask"),
+    ("mars", "Mars", {}, False, "variance-reduced preconditioned gradients (Yuan et al.)"),
+    ("cmars", "Mars", {"caution": True}, False, "MARS with the cautious mask"),
     ("adamwlegacy", "AdamW", {}, False, "timm's AdamW predating torch's (same arithmetic)"),
     ("nadamlegacy", "Nadam", {}, False, "timm's NAdam predating torch's (Dozat's schedule)"),
     ("radamlegacy", "RAdam", {}, False, "timm's RAdam predating torch's"),

@@ -15,7 +15,8 @@ from tests.references import load_timm_optim
 def _peer(module, cls, **kw):
     def make(params):
         mod = load_timm_optim(module)
-        return None if mod is None else getattr(mod, cls)(params, foreach=False, **kw)
+        extra = {} if cls == "Mars" else {"foreach": False}
+        return None if mod is None else getattr(mod, cls)(params, **extra, **kw)
 
     return make
 
@@ -27,7 +28,7 @@ def _case(id, cls, ref, module, peer_cls, opts=None, **kw):
         make=lambda p: cls(p, **kw),
         reference=lambda p: ref(p, **kw),
         peer=_peer(module, peer_cls, **kw),
-        shape_aware=bool(kw.get("caution")),
+        shape_aware=bool(kw.get("caution")) or cls is do.Mars,
         family=id.split("-")[0],
         **opts,
     )
@@ -158,5 +159,21 @@ CASES = [
         weight_decay=0.05,
         no_prox=True,
         caution=True,
+    ),  # fmt: skip
+    _case(
+        "mars", do.Mars, R.RefMars, "mars", "Mars", {"rosen_lr": 1e-2}, lr=1e-2, weight_decay=0.05
+    ),
+    _case(
+        "cmars-lion-1d",
+        do.Mars,
+        R.RefMars,
+        "mars",
+        "Mars",
+        {"rosen_lr": 1e-3, "rosen_tol": 0.7},
+        lr=1e-2,
+        weight_decay=0.05,
+        caution=True,
+        mars_type="lion",
+        optimize_1d=True,
     ),  # fmt: skip
 ]
