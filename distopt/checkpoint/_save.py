@@ -69,7 +69,7 @@ from distopt.checkpoint._storage import ChecksumWriter, whole
 log = logging.getLogger("distopt.checkpoint")
 
 # A tensor to save: ("plain", t) complete on every rank; ("rows", local, global shape, bounds,
-# rank) split by dim-0 rows; ("dtensor", t) a DTensor DCP saves as it is.
+# rank) split by dim-0 rows; ("dtensor", t, bounds, rank) a DTensor DCP saves as it is.
 Spec = tuple
 
 
@@ -80,17 +80,8 @@ def _collect(model: nn.Module, optimizer: Any) -> tuple[dict[str, Spec], dict, d
     objects: dict[str, dict[str, Any]] = {}
     for e in ents:
         p = e.param
-        if is_dtensor(p):
-            if e.bounds is not None:
-                specs[f"model/{e.fqn}"] = (
-                    "rows",
-                    p.to_local().detach(),
-                    tuple(p.shape),
-                    e.bounds,
-                    e.rank,
-                )
-            else:
-                specs[f"model/{e.fqn}"] = ("dtensor", p.detach())
+        if is_dtensor(p):  # DCP saves it as it is; an async snapshot takes its local rows
+            specs[f"model/{e.fqn}"] = ("dtensor", p.detach(), e.bounds, e.rank)
         else:
             specs[f"model/{e.fqn}"] = ("plain", p.detach())
         st = optimizer.state.get(e.opt_tensor, {}) if optimizer is not None else {}
@@ -181,7 +172,12 @@ def _materialize(specs: dict[str, Spec], copy: bool) -> dict[str, Any]:
             _, local, gshape, bounds, r = spec
             out[key] = fmt.row_sharded(snap(local), gshape, bounds, r)
         elif spec[0] == "dtensor" and copy:
-            out[key] = snap(spec[1].to_local())  # replicated DTensor: its local copy is complete
+            _, t, bounds, r = spec
+            local = snap(t.to_local())
+            # sharded: the same rows as a sharded tensor; replicated: the local copy is complete
+            out[key] = (
+                local if bounds is None else fmt.row_sharded(local, tuple(t.shape), bounds, r)
+            )
         else:
             out[key] = snap(spec[1])
     if cuda:

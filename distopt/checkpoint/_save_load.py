@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from distopt._dtensor import is_dtensor
+from distopt._torch_private import sharded_tensor_from_metadata
 from distopt.checkpoint._common import (
     CheckpointError,
     agree,
@@ -71,7 +72,7 @@ def row_sharded(
     """A DCP-savable view of a tensor split by dim-0 rows (arbitrary, uneven bounds)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+        from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata
         from torch.distributed._shard.sharded_tensor.metadata import (
             ShardedTensorMetadata,
             TensorProperties,
@@ -94,7 +95,7 @@ def row_sharded(
             memory_format=torch.contiguous_format, pin_memory=False,
         )  # fmt: skip
         gm = ShardedTensorMetadata(metas, torch.Size(gshape), props)
-        return ShardedTensor._init_from_local_shards_and_global_metadata(shards, gm)
+        return sharded_tensor_from_metadata(shards, gm)
 
 
 def has_master(e: Entry) -> bool:

@@ -44,6 +44,10 @@ __all__ = [
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: state keys a wrapper sharing the optimizer's ``state`` adds (Lookahead's slow copy, created at
+#: a synchronisation that may come before the first step): a parameter whose state holds only
+#: these has no state of its own yet
+WRAPPER_STATE_KEYS = frozenset({"lookahead_slow_buff"})
 
 
 # --------------------------------------------------------------------------- shards and views
@@ -347,7 +351,7 @@ class DistOptimizer(Optimizer):
         """Update every group; optimizers with cross-group statistics override this."""
         for group, views in groups:
             for v in views:
-                if not v.state:
+                if not v.state.keys() - WRAPPER_STATE_KEYS:
                     self._init_state(group, v)
             self._update(group, views, ctx)
 
