@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["fsdp2_reduce_now", "queue_end_of_backward", "version_of"]
+__all__ = ["fsdp2_reduce_now", "queue_end_of_backward", "sharded_tensor_from_metadata", "version_of"]
 
 
 def _engine() -> object:
@@ -57,3 +57,27 @@ def fsdp2_reduce_now(module: object) -> None:
             "outside a backward pass; end every window with a full set of micro-batches"
         )
     callback()
+
+
+def sharded_tensor_from_metadata(local_shards: list, global_metadata: object) -> object:
+    """A ``ShardedTensor`` from this rank's shards and the complete global metadata.
+
+    The public ``ShardedTensor`` constructors either all-gather every rank's shard metadata (a
+    collective per tensor, in a checkpoint of hundreds of tensors) or only build even
+    ``ChunkShardingSpec`` layouts; distopt's row shards are uneven and every rank already knows
+    all of them, which ``ShardedTensor._init_from_local_shards_and_global_metadata`` takes as is.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.distributed._shard announces its deprecation
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    fn = getattr(ShardedTensor, "_init_from_local_shards_and_global_metadata", None)
+    if fn is None:
+        raise RuntimeError(
+            f"distopt.checkpoint: torch {torch.__version__} has no "
+            "ShardedTensor._init_from_local_shards_and_global_metadata, which distopt uses to save "
+            "uneven row shards without a collective; please report this with your torch version"
+        )
+    return fn(local_shards, global_metadata)

@@ -148,6 +148,26 @@ class StepContext:
         return out
 
 
+    def sum_over(self, partials: Sequence[Tensor], views: Sequence[ParamView]) -> Tensor:
+        """``sum(partials)`` over whole parameters: ``partials[i]`` (a scalar computed on the
+        local rows of ``views[i]``) is summed across its parameter's ranks when sharded, counted
+        once when not.  One collective per process group (a group's partials added first)."""
+        full = torch.zeros(())
+        per_group: dict[int, tuple[ParamView, Tensor]] = {}
+        for s, v in zip(partials, views):
+            s = s.reshape(())
+            if not v.sharded:
+                full = full + s
+                continue
+            first, acc = per_group.get(id(v.group), (v, torch.zeros(())))
+            per_group[id(v.group)] = (first, acc + s)
+        if not per_group:
+            return full
+        reps = list(per_group.values())
+        (red,) = self.reduce([[acc.reshape(1) for _, acc in reps]], [v for v, _ in reps])
+        return sum((r.reshape(()) for r in red), torch.zeros(())) + full
+
+
 def _all_reduce_sum(flat: Tensor, group: Any) -> None:
     """The default reducer (uncounted): ``torch.distributed.all_reduce`` with SUM."""
     import torch.distributed as dist

@@ -150,10 +150,7 @@ def global_grad_norm(ctx: StepContext, views: Sequence[ParamView]) -> Tensor:
     sumsq = local_sumsq([v.grad for v in views])
     if not sumsq:
         return torch.zeros(())
-    local_sharded = sum((s for s, v in zip(sumsq, views) if v.sharded), torch.zeros(()))
-    local_full = sum((s for s, v in zip(sumsq, views) if not v.sharded), torch.zeros(()))
-    (red,) = ctx.reduce([[local_sharded.reshape(1)]], [any(v.sharded for v in views)])
-    return (red[0].reshape(()) + local_full).sqrt()
+    return ctx.sum_over(sumsq, views).sqrt()
 
 
 def rms(ctx: StepContext, views: Sequence[ParamView], tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -213,16 +213,7 @@ class AdamWeightDecay(DistOptimizer):
         views = [v for _, vs in groups for v in vs]
         if clip is not None and views:
             grads = [g for group, vs in groups for g in self._value_clipped(group, [v.grad for v in vs])]
-            sumsq = F.local_sumsq(grads)
-            sharded = torch.zeros(())
-            full = torch.zeros(())
-            for s, v in zip(sumsq, views):
-                if v.sharded:
-                    sharded = sharded + s
-                else:
-                    full = full + s
-            (red,) = ctx.reduce([[sharded.reshape(1)]], [any(v.sharded for v in views)])
-            norm = float((red[0].reshape(()) + full).sqrt())
+            norm = float(ctx.sum_over(F.local_sumsq(grads), views).sqrt())
             ctx.extra["global_clip"] = clip / max(norm, clip) if math.isfinite(norm) else math.nan
         super()._step_groups(groups, ctx)
 

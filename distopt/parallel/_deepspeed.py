@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from distopt._deepspeed_private import can_scale_gradients, gradients_scaled_by
 from distopt.parallel._base import Backend, mul_
 
 __all__ = ["DeepSpeedBackend", "is_deepspeed_engine"]
@@ -92,15 +93,11 @@ class DeepSpeedBackend(Backend):
             eng.step()
             return
         opt = eng.optimizer
-        if all(hasattr(opt, a) for a in ("custom_loss_scaler", "external_loss_scale", "loss_scale")):
+        if can_scale_gradients(opt):
             # DeepSpeed ZeRO divides the gradients by its loss scale before clipping and
             # stepping: dividing by scale / factor normalises them before the clip, as wanted.
-            saved = (opt.custom_loss_scaler, opt.external_loss_scale)
-            opt.custom_loss_scaler, opt.external_loss_scale = True, float(opt.loss_scale) / factor
-            try:
+            with gradients_scaled_by(opt, factor):
                 eng.step()
-            finally:
-                opt.custom_loss_scaler, opt.external_loss_scale = saved
             return
         if opt is self._basic:
             # No ZeRO, fp32: the client optimizer steps on the module's gradients; DeepSpeed
