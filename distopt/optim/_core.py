@@ -181,8 +181,10 @@ def _all_reduce_sum(flat: Tensor, group: Any) -> None:
 class DistOptimizer(Optimizer):
     """Base class of distopt optimizers.
 
-    Subclasses implement :meth:`_init_state` (create a parameter's state, lazily, at its first
-    step) and :meth:`_update` (one multi-tensor update of a param group).  ``step`` handles the
+    Subclasses declare their hyperparameters in ``hypers`` (a :class:`HyperSpec`, from which
+    the constructor is built) and the zero state created at a parameter's first step in
+    ``_zero_state`` (or override :meth:`_init_state`), and implement :meth:`_update` (one
+    multi-tensor update of a param group).  ``step`` handles the
     closure, collects :class:`ParamView` objects for parameters that have a gradient, upcasts
     bf16/fp16 parameters to fp32 for the update (their state is kept in fp32) and writes them back.
 
