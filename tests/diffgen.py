@@ -514,9 +514,10 @@ def finding_programs() -> list[Program]:
                [_step(), _step(zero_before=("module", none)), _step(zero_before=("module", none))])
         for none in (True, False)
     ] + [clip_frozen, _fixed(
-        # a GradScaler overflow skips the first step, then Lookahead.sync_lookahead(): under DDP
-        # too the next step raises KeyError ('step' / 'exp_avg'): the slow buffer put in the
-        # shared state makes the base optimizer think its state exists
+        # no step yet (skipped, as after a GradScaler overflow), gradients kept, then
+        # Lookahead.sync_lookahead(): the next step raises KeyError ('step' / 'exp_avg') under DDP
+        # too: the slow buffer put in the shared state makes the base optimizer think its state
+        # exists
         "finding-sync-lookahead-before-first-step",
-        [_step(skip=True, zero_after=("opt", True), after=["sync_lookahead"]), _step(), _step()],
+        [_step(skip=True, zero_after=("opt", False), after=["sync_lookahead"]), _step(), _step()],
         modes=("ddp", "zero2"), case="lookahead_lamb")]  # fmt: skip

@@ -37,6 +37,7 @@ from tests.diffgen import (
     batch_for,
     describe,
     draw_program,
+    finding_programs,
     fresh_state,
     regression_programs,
 )
@@ -627,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     progs = [draw_program(s, avoid, a.case) for s in (a.seed or [])]
     if a.name:
         fixed = {p.name: p for ps in regression_programs().values() for p in ps}
+        fixed.update((p.name, p) for p in finding_programs())
         progs += [fixed[n] for n in a.name]
     if not progs:
         ap.error("give --seed, --name or --minutes")

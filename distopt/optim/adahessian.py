@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from distopt.optim import _functional as F
-from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._core import WRAPPER_STATE_KEYS, DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import KW_ONLY, HyperSpec, adam_hypers, flag, integer, nonneg
 
 __all__ = ["Adahessian"]
@@ -147,7 +147,7 @@ class Adahessian(DistOptimizer):
         due: list[tuple[dict[str, Any], ParamView]] = []
         for group, views in groups:
             for v in views:
-                if not v.state:
+                if not v.state.keys() - WRAPPER_STATE_KEYS:
                     self._init_state(group, v)
                 t = int(v.state["step"])  # steps taken so far
                 if t % group["update_each"] == 0 or "hess" not in v.state:
