@@ -309,3 +309,37 @@ def test_async_save_single_process_and_verify(tmp_path):
     sd = {f"model/{n}": torch.zeros_like(p) for n, p in raw2.named_parameters()}
     dcp.load(sd, checkpoint_id=str(tmp_path / "a"), no_dist=True)
     assert all(torch.equal(sd[f"model/{n}"], w) for n, w in before.items())
+
+
+_EXIT_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import distopt, distopt.checkpoint as ckpt
+    from distopt.checkpoint import _save
+    from tests.modes import build, train_steps
+    model, opt, _ = build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2))
+    train_steps(model, opt, 0, 2)
+    real = _save._write_and_commit
+    def slow(**kw):  # the write is still running when the interpreter starts to exit
+        time.sleep(1.0)
+        real(**kw)
+    _save._write_and_commit = slow
+    ckpt.CheckpointManager(sys.argv[1], async_save=True).save(2, model=model, optimizer=opt, extra={"step": 2})
+    print("returned", flush=True)
+    """
+)
+
+
+def test_interpreter_exit_waits_for_async_save(tmp_path):
+    import distopt
+
+    script = tmp_path / "exit.py"
+    script.write_text(_EXIT_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "returned" in proc.stdout, proc.stderr[-2000:]
+    mgr = ckpt.CheckpointManager(tmp_path / "run")
+    assert mgr.latest() == tmp_path / "run" / "step-2"
+    model, opt, _ = build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2))
+    assert mgr.load_latest(model=model, optimizer=opt) == {"step": 2}
