@@ -37,7 +37,9 @@ def _run(case, steps_before, steps_after, tmp_path, resume=True):
     if not resume:
         train_steps(model, opt, steps_before, steps_before + steps_after, sched, lrs)
         return full_params(raw), lrs, torch.rand(3)
-    ckpt.save(tmp_path / "c", model=model, optimizer=opt, scheduler=sched, extra={"step": steps_before})
+    ckpt.save(
+        tmp_path / "c", model=model, optimizer=opt, scheduler=sched, extra={"step": steps_before}
+    )
     model2, opt2, raw2 = build("single", case.make)
     sched2 = _sched(opt2)
     torch.manual_seed(1234)  # scramble: load must restore the stream
@@ -126,7 +128,9 @@ def test_manager_rotation_latest_and_every(tmp_path):
 
     model, opt, _ = build("single", lambda p: distopt.optim.AdamW(p))
     mgr = ckpt.CheckpointManager(tmp_path, keep_last=2, every=3)
-    saved = [s for s in range(1, 10) if mgr.maybe_save(s, model=model, optimizer=opt, extra={"step": s})]
+    saved = [
+        s for s in range(1, 10) if mgr.maybe_save(s, model=model, optimizer=opt, extra={"step": s})
+    ]
     assert saved == [3, 6, 9]
     assert mgr.steps() == [6, 9]
     assert mgr.latest() == tmp_path / "step-9"
@@ -165,13 +169,21 @@ _CRASH_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("point", ["start", "tensors_written", "meta_written", "marker_written", "committed", "old_moved_aside"])
+@pytest.mark.parametrize(
+    "point",
+    ["start", "tensors_written", "meta_written", "marker_written", "committed", "old_moved_aside"],
+)
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, point):
     script = tmp_path / "crash.py"
     script.write_text(_CRASH_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), point], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), point],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     import distopt
 
@@ -208,22 +220,39 @@ def test_import_torch_state_dict_and_export_back(tmp_path):
     train_steps(model, opt, 3, 6)
     want = full_params(raw)
 
-    model2, opt2, raw2 = build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
+    model2, opt2, raw2 = build(
+        "single", lambda p: distopt.optim.AdamW(p, lr=1e-2, weight_decay=0.1)
+    )
     raw2.load_state_dict(snapshot)
-    ckpt.load_optimizer_state_dict(opt2, torch.load(tmp_path / "optimizer.pt", weights_only=False), model=model2)
+    ckpt.load_optimizer_state_dict(
+        opt2, torch.load(tmp_path / "optimizer.pt", weights_only=False), model=model2
+    )
     train_steps(model2, opt2, 3, 6)
     for n, w in want.items():
         torch.testing.assert_close(full_params(raw2)[n], w, rtol=1e-6, atol=1e-7)
 
     # export: consolidate a distopt checkpoint into torch format, continue with torch.optim
     ckpt.save(tmp_path / "d", model=model2, optimizer=opt2)
-    assert cli(["ckpt", "consolidate", str(tmp_path / "d"), str(tmp_path / "out.pt"),
-                "--model-out", str(tmp_path / "model.pt")]) == 0
+    assert (
+        cli(
+            [
+                "ckpt",
+                "consolidate",
+                str(tmp_path / "d"),
+                str(tmp_path / "out.pt"),
+                "--model-out",
+                str(tmp_path / "model.pt"),
+            ]
+        )
+        == 0
+    )
     sd = torch.load(tmp_path / "out.pt", weights_only=False)
     model3, opt3, raw3 = build("single", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
     raw3.load_state_dict(torch.load(tmp_path / "model.pt"))
     opt3.load_state_dict(sd)
-    model4, opt4, raw4 = build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
+    model4, opt4, raw4 = build(
+        "single", lambda p: distopt.optim.AdamW(p, lr=1e-2, weight_decay=0.1)
+    )
     ckpt.load(tmp_path / "d", model=model4, optimizer=opt4)
     train_steps(model3, opt3, 6, 8)
     train_steps(model4, opt4, 6, 8)
@@ -278,8 +307,14 @@ def test_damaged_files_give_checkpoint_error_and_load_latest_steps_back(tmp_path
     m3, o3, raw3 = fresh()
     with caplog.at_level(logging.WARNING, logger="distopt.checkpoint"):
         assert mgr.load_latest(model=m3, optimizer=o3) == {"step": 1}
-    skipped = [r.getMessage() for r in caplog.records if "skipping damaged checkpoint" in r.getMessage()]
-    assert [s.split()[3].rstrip(":").rsplit("/", 1)[-1] for s in skipped] == ["step-4", "step-3", "step-2"]
+    skipped = [
+        r.getMessage() for r in caplog.records if "skipping damaged checkpoint" in r.getMessage()
+    ]
+    assert [s.split()[3].rstrip(":").rsplit("/", 1)[-1] for s in skipped] == [
+        "step-4",
+        "step-3",
+        "step-2",
+    ]
     for n, w in good.items():
         assert torch.equal(full_params(raw3)[n], w)
     m4, o4, _ = fresh()
