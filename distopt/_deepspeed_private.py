@@ -40,7 +40,10 @@ def check_version() -> bool:
         if not _checked:
             log.warning(
                 "distopt: DeepSpeed %s is outside the range distopt's use of its ZeRO optimizer's "
-                "loss-scale attributes was tested on (%d.%d to %d.%d)", version, *TESTED[0], *TESTED[1],
+                "loss-scale attributes was tested on (%d.%d to %d.%d)",
+                version,
+                *TESTED[0],
+                *TESTED[1],
             )
     return _checked
 

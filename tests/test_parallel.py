@@ -89,15 +89,20 @@ def _worker() -> dict:
             (e.bounds[e.rank][1] - e.bounds[e.rank][0]) if e.bounds else None for e in ents
         ]
         res["opt_tensor_rows"] = [
-            (e.opt_tensor.to_local() if hasattr(e.opt_tensor, "to_local") else e.opt_tensor).shape[0]
+            (e.opt_tensor.to_local() if hasattr(e.opt_tensor, "to_local") else e.opt_tensor).shape[
+                0
+            ]
             for e in ents
         ]
         # one synchronised backward: global norm and the local gradients clipping would scale
         x, y = _batch(r, w)
         with backend.context(True):
             _loss(model, x, y).backward()
-        grads, norm = backend.grad_norm([p for _, p in backend.named_params()] if mode.startswith("zero")
-                                        else list(model.parameters()))
+        grads, norm = backend.grad_norm(
+            [p for _, p in backend.named_params()]
+            if mode.startswith("zero")
+            else list(model.parameters())
+        )
         res["norm"] = float(norm)
         res["n_local_grads"] = len(backend.local_grads())
         res["local_numel"] = sum(g.numel() for g in backend.local_grads())
@@ -111,8 +116,11 @@ def _worker() -> dict:
             _loss(model, x, y).backward()
         res["grad_sum"] = {n: t.clone() for n, t in backend.gather_grad_sum().items()}
         backend.sync_now()
-        res["flushed"] = {n: _full(p.grad).clone() for n, p in backend.named_params()
-                          if p.grad is not None} if mode in ("ddp", "fsdp2") else None
+        res["flushed"] = (
+            {n: _full(p.grad).clone() for n, p in backend.named_params() if p.grad is not None}
+            if mode in ("ddp", "fsdp2")
+            else None
+        )
         if mode.startswith("zero"):
             res["flushed_local_numel"] = sum(g.numel() for g in backend.local_grads())
         opt.zero_grad(set_to_none=True)
@@ -159,7 +167,10 @@ def test_every_backend_answers_the_same_questions():
             else:  # rows of every parameter split over the two ranks, this rank's rows held
                 for b, shape in zip(got["bounds"], shapes):
                     cut = sorted(tuple(x) for x in b)  # ZeRO balances which rank holds which rows
-                    assert cut[0][0] == 0 and cut[-1][1] == shape[0] and cut[0][1] == cut[1][0], (where, b)
+                    assert cut[0][0] == 0 and cut[-1][1] == shape[0] and cut[0][1] == cut[1][0], (
+                        where,
+                        b,
+                    )
                 assert got["local_rows"] == got["opt_tensor_rows"], where
             assert got["norm"] == pytest.approx(float(ref["norm"]), rel=1e-5), where
             if mode.startswith("zero") or mode == "fsdp2":
@@ -167,14 +178,19 @@ def test_every_backend_answers_the_same_questions():
             else:
                 assert got["local_numel"] == numel, where
             # Lamb's norms need a reduction exactly when the parameters are sharded
-            assert (got["reductions_counted"] >= 1) == (mode != "ddp"), (where, got["reductions_counted"])
+            assert (got["reductions_counted"] >= 1) == (mode != "ddp"), (
+                where,
+                got["reductions_counted"],
+            )
             for n in names:
-                torch.testing.assert_close(got["grad_sum"][n], window[n], rtol=1e-5, atol=1e-6,
-                                           msg=f"{where} {n}")
+                torch.testing.assert_close(
+                    got["grad_sum"][n], window[n], rtol=1e-5, atol=1e-6, msg=f"{where} {n}"
+                )
             if got["flushed"] is not None:  # the flush averages the window over ranks
                 for n in names:
-                    torch.testing.assert_close(got["flushed"][n], window[n] / 2, rtol=1e-5,
-                                               atol=1e-6, msg=f"{where} {n}")
+                    torch.testing.assert_close(
+                        got["flushed"][n], window[n] / 2, rtol=1e-5, atol=1e-6, msg=f"{where} {n}"
+                    )
             else:
                 assert 0 < got["flushed_local_numel"] < numel, where
 
@@ -207,8 +223,12 @@ def _sharded_lamb(groups):
     torch.manual_seed(0)
     a, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(6))
     opt = distopt.optim.Lamb([a, b], lr=1e-2)
-    opt.set_sharding({a: ShardSpec(torch.Size([8, 3]), 0, 4, groups[0]),
-                      b: ShardSpec(torch.Size([12]), 0, 6, groups[1])})
+    opt.set_sharding(
+        {
+            a: ShardSpec(torch.Size([8, 3]), 0, 4, groups[0]),
+            b: ShardSpec(torch.Size([12]), 0, 6, groups[1]),
+        }
+    )
     a.grad, b.grad = torch.randn(4, 3), torch.randn(6)
     return opt
 
@@ -270,7 +290,13 @@ def test_flat_partitions_refused_without_deepspeed_or_frames():
     before = flat.detach().clone()
     with pytest.raises(RuntimeError) as info:
         opt.step()
-    for word in ("Lamb", "flat 1-D", "whole-tensor statistics", "distopt.shard", "No update was applied"):
+    for word in (
+        "Lamb",
+        "flat 1-D",
+        "whole-tensor statistics",
+        "distopt.shard",
+        "No update was applied",
+    ):
         assert word in str(info.value), str(info.value)
     assert torch.equal(flat.detach(), before) and not opt.state
     ew = distopt.optim.AdamW(model.parameters(), lr=1e-2)

@@ -63,6 +63,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distopt._accelerate_private import held_models, mark_prepared, set_sync_gradients
+from distopt.parallel import backend_for
+
 __all__ = ["GradientAccumulator", "checkpoint_dirs", "kwargs_handlers", "prepare"]
 
 log = logging.getLogger("distopt.integrations.accelerate")
@@ -112,9 +115,11 @@ def checkpoint_dirs(output_dir: str | Path, n: int) -> list[Path]:
     return [root / (SUBDIR if i == 0 else f"{SUBDIR}_{i}") for i in range(n)]
 
 
-# --------------------------------------------------------------------------- wrapped classes
-# Created lazily (Accelerate is imported only when used) and swapped onto the objects that
-# ``accelerator.prepare`` returns: they stay Accelerate's objects in every other respect.
+# --------------------------------------------------------------------------- our Accelerate objects
+# Created lazily (Accelerate is imported only when used).  The optimizer is built by distopt and
+# handed to ``accelerator.prepare`` as already prepared, so Accelerate keeps (and saves through)
+# this object; the scheduler wraps the user's scheduler like Accelerate's does, and is what
+# ``prepare`` returns (Accelerate's own copy only saves and loads the same inner scheduler).
 
 _CLASSES: dict[str, type] = {}
 
@@ -122,6 +127,7 @@ _CLASSES: dict[str, type] = {}
 def _optimizer_class() -> type:
     if "opt" not in _CLASSES:
         from accelerate.optimizer import AcceleratedOptimizer
+        from accelerate.scheduler import AcceleratedScheduler
 
         class DistoptAcceleratedOptimizer(AcceleratedOptimizer):
             """AcceleratedOptimizer whose state travels through distopt.checkpoint in
@@ -143,7 +149,7 @@ def _optimizer_class() -> type:
                             "distopt.integrations.accelerate.prepare (or distopt.checkpoint.load)"
                         )
                     return
-                if getattr(self.optimizer, "_distopt_engine", None) is not None:
+                if _is_sharded(self.optimizer):
                     raise RuntimeError(
                         "a plain optimizer state dict cannot restore distopt ZeRO-sharded state "
                         "(Accelerate saves rank 0's shard only); this checkpoint was not written "
@@ -152,8 +158,14 @@ def _optimizer_class() -> type:
                     )
                 super().load_state_dict(state_dict)
 
-        class DistoptAcceleratedScheduler(_scheduler_base()):
+        class DistoptAcceleratedScheduler(AcceleratedScheduler):
             """AcceleratedScheduler that steps once per real optimizer step, at any world size."""
+
+            @classmethod
+            def like(cls, prepared: Any) -> DistoptAcceleratedScheduler:
+                """The same scheduler and optimizers as Accelerate's ``prepared`` wrapper."""
+                return cls(prepared.scheduler, prepared.optimizers, prepared.step_with_optimizer,
+                           prepared.split_batches)
 
             def step(self, *args: Any, **kwargs: Any) -> None:
                 if not self.gradient_state.sync_gradients:
@@ -179,6 +191,12 @@ def _scheduler_class() -> type:
     return _CLASSES["sched"]
 
 
+def _is_sharded(opt: Any) -> bool:
+    """Whether ``opt``'s param groups hold distopt ZeRO row shards."""
+    fn = getattr(opt, "shard_spec", None)
+    return fn is not None and any(fn(p) is not None for g in opt.param_groups for p in g["params"])
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -189,6 +207,12 @@ class _Pair:
     optimizer: torch.optim.Optimizer  # the distopt optimizer inside it
     scheduler: Any = None  # the user's scheduler (not the Accelerate wrapper)
     accumulator: Any = None  # distopt.GradientAccumulator
+
+    def objects(self) -> dict[str, Any]:
+        """The keyword arguments of ``distopt.checkpoint.save`` / ``load`` for this pair."""
+        acc = self.accumulator.inner if self.accumulator is not None else None
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "accumulator": acc}
 
 
 class _Registry:
@@ -204,7 +228,7 @@ class _Registry:
 
     def prune(self) -> None:
         """Forget pairs whose model the accelerator no longer holds (``free_memory``)."""
-        held = getattr(self.accelerator, "_models", None)
+        held = held_models(self.accelerator)
         if held is not None:
             self.pairs = [p for p in self.pairs if any(_same_model(m, p.model) for m in held)]
 
@@ -229,13 +253,7 @@ class _Registry:
                 "scheduler=scheduler) on every rank instead"
             )
         for pair, folder in zip(self.pairs, checkpoint_dirs(output_dir, len(self.pairs))):
-            ckpt.save(
-                folder,
-                model=pair.model,
-                optimizer=pair.optimizer,
-                scheduler=pair.scheduler,
-                accumulator=pair.accumulator.inner if pair.accumulator is not None else None,
-            )
+            ckpt.save(folder, **pair.objects())
             pair.accelerated.__dict__["_distopt_saving"] = folder.name
         # Accelerate's model file would duplicate the weights the distopt checkpoint holds.
         idx = [i for i, m in enumerate(models) if any(_same_model(m, p.model) for p in self.pairs)]
@@ -256,13 +274,7 @@ class _Registry:
                     "accelerator.save_state on an accelerator prepared by "
                     "distopt.integrations.accelerate.prepare with the same models and optimizers"
                 )
-            ckpt.load(
-                folder,
-                model=pair.model,
-                optimizer=pair.optimizer,
-                scheduler=pair.scheduler,
-                accumulator=pair.accumulator.inner if pair.accumulator is not None else None,
-            )
+            ckpt.load(folder, **pair.objects())
             pair.accelerated.__dict__["_distopt_loaded"] = True
         idx = [i for i, m in enumerate(models) if any(_same_model(m, p.model) for p in self.pairs)]
         for i in reversed(idx):
@@ -370,10 +382,8 @@ def prepare(
         out = accelerator.prepare(*objects, device_placement=device_placement)
         result = list(out) if isinstance(out, (tuple, list)) else [out]
         sched_cls = _scheduler_class()
-        for r in result:
-            # DeepSpeed steps only its own schedule types; others stay Accelerate-stepped.
-            if type(r) is _scheduler_base():
-                r.__class__ = sched_cls
+        # DeepSpeed steps only its own schedule types; others stay Accelerate-stepped.
+        result = [sched_cls.like(r) if type(r) is _scheduler_base() else r for r in result]
         return result[0] if len(result) == 1 else tuple(result)
 
     if zero_stage is not None:
@@ -404,30 +414,30 @@ def prepare(
         # Registered (autocast, accumulate/no_sync) but not wrapped in DDP, and not moved again:
         # the ZeRO shards are views into the parameters' storage, which a later ``.to()`` (even
         # "cpu" -> "cpu:0") would replace.
-        sharded = accelerator.prepare_model(sharded, device_placement=False, evaluation_mode=True)
-        sharded._is_accelerate_prepared = True
+        sharded = mark_prepared(accelerator.prepare_model(sharded, device_placement=False, evaluation_mode=True))
         objects[objects.index(models[0])] = sharded
         models = [sharded]
 
+    # distopt optimizers are wrapped here, as Accelerate would, in the subclass that saves
+    # through distopt.checkpoint; ``prepare`` then registers them as they are
+    opt_cls, sched_cls = _optimizer_class(), _scheduler_class()
+    for i, o in enumerate(objects):
+        if isinstance(o, torch.optim.Optimizer) and _is_distopt_optimizer(o):
+            place = accelerator.device_placement if device_placement is None else device_placement[i]
+            objects[i] = mark_prepared(opt_cls(o, device_placement=place, scaler=accelerator.scaler))
     out = accelerator.prepare(*objects, device_placement=device_placement)
     result = list(out) if isinstance(out, (tuple, list)) else [out]
 
     reg = _registry(accelerator)
     reg.prune()
     prepared_models = [r for r in result if isinstance(r, nn.Module)]
-    opt_cls, sched_cls = _optimizer_class(), _scheduler_class()
     for r in result:
         inner = _inner_optimizer(r)
         if r is not inner and _is_distopt_optimizer(inner):
-            r.__class__ = opt_cls
             ids = _param_ids(inner)
-            engine = getattr(inner, "_distopt_engine", None)
             owner = None
-            for m in prepared_models:
-                if engine is not None and getattr(m, "engine", None) is engine:
-                    owner = m
-                    break
-                if engine is None and ids and ids <= {id(p) for p in m.parameters()}:
+            for m in prepared_models:  # the model whose tensors (its ZeRO shards, if sharded) these are
+                if ids and ids <= {id(e.opt_tensor) for e in backend_for(m).entries(inner)}:
                     owner = m
                     break
             if owner is None:
@@ -437,9 +447,9 @@ def prepare(
                 )
             reg.pairs.append(_Pair(owner, r, inner))
     base_sched = _scheduler_base()
-    for r in result:
+    for i, r in enumerate(result):
         if isinstance(r, base_sched):
-            r.__class__ = sched_cls
+            r = result[i] = sched_cls.like(r)
             for pair in reg.pairs:
                 if any(o is pair.accelerated for o in r.optimizers) and pair.scheduler is None:
                     pair.scheduler = r.scheduler
@@ -495,24 +505,14 @@ class GradientAccumulator:
         if pair is not None:
             pair.accumulator = self
 
-    @property
-    def steps(self) -> int:
-        return self.inner.steps
-
-    @property
-    def sync_gradients(self) -> bool:
-        return self.inner.sync_gradients
-
-    @property
-    def micro_step(self) -> int:
-        return self.inner.micro_step
-
-    @property
-    def optimizer_steps(self) -> int:
-        return self.inner.optimizer_steps
+    #: read from the distopt accumulator inside (see :class:`distopt.GradientAccumulator`)
+    steps = property(lambda self: self.inner.steps)
+    sync_gradients = property(lambda self: self.inner.sync_gradients)
+    micro_step = property(lambda self: self.inner.micro_step)
+    optimizer_steps = property(lambda self: self.inner.optimizer_steps)
 
     def _set_sync(self, value: bool) -> None:
-        self.accelerator.gradient_state._set_sync_gradients(value)
+        set_sync_gradients(self.accelerator, value)
 
     @contextmanager
     def accumulate(self, num_items: int | float | Tensor | None = None) -> Iterator[None]:

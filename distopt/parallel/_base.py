@@ -60,8 +60,9 @@ def sumsq(grads: list[Tensor]) -> Tensor:
     return torch.stack([n.float() for n in norms]).pow(2).sum()
 
 
-def sum_across(tensors: list[Tensor | None], group: Any, like: list[Tensor],
-               stats: CommStats | None = None) -> list[Tensor | None]:
+def sum_across(
+    tensors: list[Tensor | None], group: Any, like: list[Tensor], stats: CommStats | None = None
+) -> list[Tensor | None]:
     """Sum ``tensors`` across ranks in one flat buffer per dtype/device; ``None`` counts as zeros.
 
     ``like[i]`` gives the shape, dtype and device of entry ``i``.  Returns the sums, ``None``

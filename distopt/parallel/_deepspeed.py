@@ -34,7 +34,9 @@ class DeepSpeedBackend(Backend):
         self.group = getattr(engine, "data_parallel_group", None)
         self.world = dist.get_world_size(self.group) if dist.is_initialized() else 1
         basic = getattr(engine, "basic_optimizer", None)
-        self._basic = basic if basic is not None else getattr(engine.optimizer, "optimizer", engine.optimizer)
+        self._basic = (
+            basic if basic is not None else getattr(engine.optimizer, "optimizer", engine.optimizer)
+        )
 
     @property
     def module(self) -> nn.Module:
@@ -119,4 +121,6 @@ class DeepSpeedBackend(Backend):
         )
 
     def load_grad_sum(self, grads: dict[str, Tensor]) -> None:
-        raise RuntimeError("GradientAccumulator.load_state_dict: DeepSpeed resumes only at a window boundary")
+        raise RuntimeError(
+            "GradientAccumulator.load_state_dict: DeepSpeed resumes only at a window boundary"
+        )

@@ -26,14 +26,19 @@ class FSDP2Backend(Backend):
         self.kind = "fsdp2"
         names = {m: n for n, m in model.named_modules()}
         self.roots = [
-            m for m in fsdp_modules
-            if not any(names[m] != names[o] and (names[o] == "" or names[m].startswith(names[o] + "."))
-                       for o in fsdp_modules)
+            m
+            for m in fsdp_modules
+            if not any(
+                names[m] != names[o] and (names[o] == "" or names[m].startswith(names[o] + "."))
+                for o in fsdp_modules
+            )
         ]
         self._reduce_every = False
         self.mesh = next((p.device_mesh for p in model.parameters() if is_dtensor(p)), None)
         self.world = self.mesh.size() if self.mesh is not None else 1
-        self.group = self.mesh.get_group() if self.mesh is not None and self.mesh.ndim == 1 else None
+        self.group = (
+            self.mesh.get_group() if self.mesh is not None and self.mesh.ndim == 1 else None
+        )
 
     def entries(self, optimizer: Any = None) -> list[Entry]:
         out = []
@@ -42,7 +47,9 @@ class FSDP2Backend(Backend):
                 _, sharded, group = local_and_sharding(p)
                 if sharded:
                     world, r = dist.get_world_size(group), dist.get_rank(group)
-                    out.append(Entry(name, p, p, p.shape, chunk_bounds(p.shape[0], world), r, group))
+                    out.append(
+                        Entry(name, p, p, p.shape, chunk_bounds(p.shape[0], world), r, group)
+                    )
                     continue
             out.append(Entry(name, p, p, p.shape, None, 0, None))
         return out

@@ -49,10 +49,16 @@ class CommStats:
             return 0.0
         f = (p - 1) / p
         b = self.bytes
-        return 2 * f * b["all_reduce"] + f * (b["reduce_scatter"] + b["all_gather"] + b["broadcast"])
+        return 2 * f * b["all_reduce"] + f * (
+            b["reduce_scatter"] + b["all_gather"] + b["broadcast"]
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"bytes": dict(self.bytes), "calls": dict(self.calls), "total_bytes": self.total_bytes}
+        return {
+            "bytes": dict(self.bytes),
+            "calls": dict(self.calls),
+            "total_bytes": self.total_bytes,
+        }
 
 
 def counted_all_reduce(stats: CommStats | None) -> Callable[[Tensor, Any], None]:

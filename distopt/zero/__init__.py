@@ -310,12 +310,11 @@ def clip_grad_norm_(
         backend = backend_for(model_or_params)
         params = [p for _, p in backend.named_params()]
     else:
-        if isinstance(model_or_params, nn.Module):
-            params = list(model_or_params.parameters())
-        elif isinstance(model_or_params, Tensor):
-            params = [model_or_params]
-        else:
-            params = _list_quietly(model_or_params)
+        params = (
+            list(model_or_params.parameters()) if isinstance(model_or_params, nn.Module)
+            else [model_or_params] if isinstance(model_or_params, Tensor)
+            else _list_quietly(model_or_params)
+        )
         backend = backend_for_params(params)
     grads, total = backend.grad_norm(params)
     if error_if_nonfinite and not torch.isfinite(total):
