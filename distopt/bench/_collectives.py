@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections import Counter
 from collections.abc import Iterator
 
 import torch.distributed as dist
+
+from distopt.parallel import CommStats
 
 # name -> (kind, which argument holds the buffer whose size counts)
 _WRAP = {
@@ -29,25 +30,13 @@ _WRAP = {
 }
 
 
-class CollectiveCounter:
+class CollectiveCounter(CommStats):
+    """distopt's one byte counter (:class:`~distopt.parallel.CommStats`), filled by wrapping the
+    ``torch.distributed`` API while :func:`counting` is active."""
+
     def __init__(self) -> None:
-        self.bytes: Counter = Counter()
-        self.calls: Counter = Counter()
+        super().__init__()
         self.active = False
-
-    def reset(self) -> None:
-        self.bytes.clear()
-        self.calls.clear()
-
-    def ring_bytes(self, world: int) -> float:
-        """Bytes each rank sends under the ring model (all-reduce 2(p-1)/p of the buffer;
-        reduce-scatter, all-gather and broadcast (p-1)/p)."""
-        if world <= 1:
-            return 0.0
-        f = (world - 1) / world
-        b = self.bytes
-        ring = 2 * f * b["all_reduce"] + f * (b["reduce_scatter"] + b["all_gather"] + b["broadcast"])
-        return ring + b["all_to_all"]  # all_to_all: the bytes sent, counted as requested
 
 
 @contextlib.contextmanager

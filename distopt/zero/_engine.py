@@ -238,7 +238,6 @@ class ZeroEngine:
         # Lookahead.sync_lookahead() outside step: every rank gets the synchronised rows
         if hasattr(opt, "register_sync_post_hook"):
             opt.register_sync_post_hook(lambda *_: self._after_external_update())
-        opt._distopt_engine = self  # for distopt.checkpoint and shard_info
 
     # ------------------------------------------------------------------ gradients
     # The contract (the one DDP keeps): every rank reduces every bucket exactly once per
