@@ -56,8 +56,7 @@ def counting() -> Iterator[CollectiveCounter]:
         def wrapper(*args, _fn=fn, _kind=kind, _pos=pos, _arg=arg_name, **kwargs):
             if counter.active:
                 t = args[_pos] if len(args) > _pos else kwargs[_arg]
-                counter.bytes[_kind] += t.numel() * t.element_size()
-                counter.calls[_kind] += 1
+                counter.add(_kind, t.numel() * t.element_size())
             return _fn(*args, **kwargs)
 
         setattr(dist, name, wrapper)
