@@ -150,6 +150,17 @@ def _async_cases(root: str) -> dict:
     mgr.save(4, model=model, optimizer=opt, extra={"step": 4})
     mgr.wait()
     out["steps"] = mgr.steps()
+    # FSDP2 (DTensor parameters and state): the snapshot takes each rank's rows
+    fmodel, fopt, fraw = build("fsdp2", lambda p: distopt.optim.AdamW(p, lr=1e-2))
+    train_steps(fmodel, fopt, 0, 2)
+    f_at_save = full_params(fraw)
+    ckpt.save(f"{root}/fsdp2", model=fmodel, optimizer=fopt, extra={"step": 2}, async_=True)
+    train_steps(fmodel, fopt, 2, 3)
+    ckpt.wait()
+    fmodel2, fopt2, fraw2 = build("fsdp2", lambda p: distopt.optim.AdamW(p, lr=1e-2))
+    ckpt.load(f"{root}/fsdp2", model=fmodel2, optimizer=fopt2)
+    got = full_params(fraw2)
+    out["fsdp2_equal_to_snapshot"] = all(torch.equal(got[n], f_at_save[n]) for n in f_at_save)
     return out
 
 
@@ -237,6 +248,7 @@ def test_async_save(results):
             "the asynchronous save did not keep the values of the moment it was called"
         )
         assert a["steps"] == [3, 4]
+        assert a["fsdp2_equal_to_snapshot"]
     assert ckpt.read_meta(tmp / "async" / "step-4")["extra"] == {"step": 4}
 
 
