@@ -84,7 +84,9 @@ class ZeroBackend(Backend):
         # the reduced gradient rows live on the shards; the norm is summed across ranks
         shard_of = {id(p): shard for _, p, shard, _, _ in self.engine.managed()}
         self.engine.reduce_gradients()
-        grads = [shard_of[id(p)].grad for p in params if shard_of[id(p)].grad is not None]
+        # parameters the engine does not manage here have no gradient (see engine_of)
+        shards = [shard_of[id(p)] for p in params if id(p) in shard_of]
+        grads = [t.grad for t in shards if t.grad is not None]
         local = sumsq(grads)
         self.stats.add("all_reduce", local.numel() * local.element_size())
         dist.all_reduce(local, group=self.group)

@@ -37,12 +37,14 @@ def engine_of(params: Iterable[Tensor]) -> ZeroEngine | None:
     Raises ValueError for a mix of managed and unmanaged tensors, or of two engines.
     """
     engines = set()
-    n = 0
     for p in params:
-        n += 1
         ref = _OWNER.get(id(p))
         eng = ref() if ref is not None else None
-        engines.add(eng if eng is not None and not eng.retired and id(p) in eng._slot_of else None)
+        if eng is not None and not eng.retired and id(p) in eng._slot_of:
+            engines.add(eng)
+        elif p.grad is not None:  # an unmanaged parameter with a gradient of its own
+            engines.add(None)
+        # an unmanaged parameter without a gradient (a frozen layer) has nothing to clip
     if not engines or engines == {None}:
         return None
     if len(engines) > 1:
