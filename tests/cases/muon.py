@@ -13,7 +13,7 @@ from tests.optim_cases import OptimCase
 from tests.references_muon import RefMuon
 
 
-def _case(id, **kw):
+def _case(id, multiprocess=True, **kw):
     return OptimCase(
         id,
         make=lambda p: do.Muon(p, ns_dtype="float32", **kw),
@@ -22,13 +22,13 @@ def _case(id, **kw):
         model_lr=2e-2,
         shape_aware=True,
         family="muon",
-        extra={"whole_tensor": True},
+        extra={"whole_tensor": True, "multiprocess": multiprocess},
     )
 
 
 CASES = [
     _case("muon", lr=2e-2, weight_decay=0.05),
-    _case("nmuon", lr=2e-2, nesterov=True, adjust_lr_fn="original", fallback_lr_scale=0.5),
+    _case("nmuon", False, lr=2e-2, nesterov=True, adjust_lr_fn="original", fallback_lr_scale=0.5),
     _case("adamuon", lr=2e-2, algo="adamuon", weight_decay=0.05),
-    _case("nadamuon", lr=2e-2, algo="adamuon", nesterov=True, adjust_lr_fn="rms_to_rms"),
+    _case("nadamuon", False, lr=2e-2, algo="adamuon", nesterov=True, adjust_lr_fn="rms_to_rms"),
 ]

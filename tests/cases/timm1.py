@@ -177,3 +177,10 @@ CASES = [
         optimize_1d=True,
     ),  # fmt: skip
 ]
+
+# Cautious and option variants: the multi-process sharding tests run the first case of each
+# class (and clion, one cautious reduction across processes); the simulator runs every case.
+_SIM_ONLY = {"cnadamw", "cadoptw", "claprop", "csgdw", "cadanw", "cmars-lion-1d"}
+for _c in CASES:
+    if _c.id in _SIM_ONLY:
+        _c.extra = {**_c.extra, "multiprocess": False}
