@@ -39,6 +39,7 @@ from distopt.checkpoint._common import CheckpointError
 
 _OVERLAP_MIN = 1 << 20  # buffers from this size on: CRC in a helper thread beside the write
 _SMALL = 1 << 16  # writes below this size are gathered first
+_READ_PIECE = 1 << 26  # the load-time check reads at most this much at a time
 
 Segments = list[list[int]]  # [[offset, length, crc32], ...], ascending offsets
 
@@ -217,15 +218,20 @@ class ChecksumReader(FileSystemReader):
             for rel, off, length in jobs:
                 if rel not in fds:
                     fds[rel] = os.open(os.path.join(self.path, rel), os.O_RDONLY)
-                data = os.pread(fds[rel], length, off)
-                if len(data) != length:
-                    result["bad"] = (f"checkpoint file {rel} is truncated: the item at byte {off} needs "
-                                     f"{length} bytes, {len(data)} there")  # fmt: skip
-                    return
-                bad = _check(memoryview(data), off, self._segments_in(rel, off, length), rel)
-                if bad:
-                    result["bad"] = bad
-                    return
+                for s_off, s_len, s_crc in self._segments_in(rel, off, length):
+                    crc, pos = 0, 0
+                    while pos < s_len:  # in pieces: memory stays bounded for huge tensors
+                        data = os.pread(fds[rel], min(_READ_PIECE, s_len - pos), s_off + pos)
+                        if not data:
+                            result["bad"] = (f"checkpoint file {rel} is truncated: it ends at byte "
+                                             f"{s_off + pos}, an item needs bytes up to {off + length}")  # fmt: skip
+                            return
+                        crc = zlib.crc32(data, crc)
+                        pos += len(data)
+                    if crc != s_crc:
+                        result["bad"] = (f"checkpoint file {rel} is corrupted (CRC32 mismatch in bytes "
+                                         f"{s_off}..{s_off + s_len})")  # fmt: skip
+                        return
         except OSError as exc:
             result["bad"] = (
                 f"cannot read checkpoint file {exc.filename or ''}: {exc.strerror or exc}"
