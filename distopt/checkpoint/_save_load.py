@@ -1,18 +1,20 @@
-"""Collective, reshardable, crash-safe save and load on top of torch.distributed.checkpoint.
+"""The checkpoint format, and ``load``: collective, reshardable, every phase agreed across ranks.
 
 On disk, a checkpoint is a folder::
 
-    .metadata, __<rank>_<n>.distcp    DCP: model tensors and optimizer state tensors, logical keys
-    distopt_meta.pt                   param groups (by parameter name), scheduler, accumulator,
-                                      non-tensor optimizer state, user ``extra``, how it was saved
+    .metadata, __<rank>_<n>.distcp    DCP: model tensors, optimizer state tensors, ZeRO master rows,
+                                      a mid-window accumulator's gradient sum; logical keys
+    distopt_meta.pt                   param groups (by parameter name), scheduler, accumulator
+                                      position, non-tensor optimizer state, user ``extra``, how it
+                                      was saved
     rng/rank-<r>.pt                   each rank's RNG streams
     COMMITTED                         JSON commit marker: written last, lists every file with its
-                                      size and CRC32
+                                      size and CRC32 segments (format 1: one CRC32 per file)
 
-Keys are logical: ``model/<fqn>``, ``optim/<fqn>/<state name>``, ``master/<fqn>``.  Row-sharded
-tensors (ZeRO, FSDP2) are written by their owners in parallel as DCP shards of the global
-tensor; replicated ones are written once.  Any layout can read any other: DCP computes which
-saved chunks overlap the rows a rank needs.
+Keys are logical: ``model/<fqn>``, ``optim/<fqn>/<state name>``, ``master/<fqn>``,
+``acc/<fqn>``.  Row-sharded tensors (ZeRO, FSDP2) are written by their owners in parallel as DCP
+shards of the global tensor; replicated ones are written once.  Any layout can read any other:
+DCP computes which saved chunks overlap the rows a rank needs.  ``save`` lives in ``_save.py``.
 """
 
 from __future__ import annotations
@@ -51,16 +53,6 @@ log = logging.getLogger("distopt.checkpoint")
 MARKER = "COMMITTED"
 META = "distopt_meta.pt"
 FORMAT_VERSION = 2  # 1: whole-file CRC32 in the marker; 2: CRC32 segments, accumulator in DCP
-
-
-#: Test hook: called with the name of each stage of :func:`save` (fault-injection tests kill
-#: the process there to prove that an interrupted save never damages the previous checkpoint).
-FAULT_HOOK: Any = None
-
-
-def _stage(name: str) -> None:
-    if FAULT_HOOK is not None:
-        FAULT_HOOK(name)
 
 
 # --------------------------------------------------------------------------- sharded tensors
