@@ -161,9 +161,8 @@ _CRASH_SCRIPT = textwrap.dedent(
     def hook(stage):
         if stage == point:
             os.kill(os.getpid(), signal.SIGKILL)
-    ckpt._save_load.FAULT_HOOK = hook
-    mgr.save(4, model=model, optimizer=opt, extra={"step": 4})
-    ckpt.save(root + "/plain", model=model, optimizer=opt, extra={"step": 4})
+    mgr.save(4, model=model, optimizer=opt, extra={"step": 4}, _on_stage=hook)
+    ckpt.save(root + "/plain", model=model, optimizer=opt, extra={"step": 4}, _on_stage=hook)
     print("survived")
     """
 )

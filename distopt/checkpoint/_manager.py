@@ -11,7 +11,7 @@ from typing import Any
 
 from distopt.checkpoint._common import CheckpointError, agree, describe, rank, write_atomic_bytes
 from distopt.checkpoint._save import save, wait
-from distopt.checkpoint._save_load import _stage, is_complete, load
+from distopt.checkpoint._save_load import is_complete, load
 
 log = logging.getLogger("distopt.checkpoint")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -105,7 +105,14 @@ class CheckpointManager:
             except OSError as exc:
                 err = describe(exc, self.root)
         agree(err, what=f"cannot save checkpoint {path}")
-        save(path, async_=self.async_save, _on_commit=self._committed, **objects)
+        on_stage = objects.get("_on_stage")
+
+        def committed(path: Path) -> None:
+            if on_stage is not None:
+                on_stage("committed")
+            self._committed(path)
+
+        save(path, async_=self.async_save, _on_commit=committed, **objects)
         return path
 
     def wait(self) -> Path | None:
@@ -113,7 +120,6 @@ class CheckpointManager:
         return wait()
 
     def _committed(self, path: Path) -> None:  # rank 0, after the rename
-        _stage("committed")
         write_atomic_bytes(self.root / "latest", (path.name + "\n").encode())
         self._rotate()
 

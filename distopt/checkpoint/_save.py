@@ -285,6 +285,10 @@ def _async_group() -> Any:
 # --------------------------------------------------------------------------- save
 
 
+def _no_stage(name: str) -> None:
+    """The default of ``save``'s ``_on_stage``: nothing happens between the phases."""
+
+
 def save(
     path: str | os.PathLike,
     *,
@@ -296,6 +300,7 @@ def save(
     overwrite: bool = True,
     async_: bool = False,
     _on_commit: Callable[[Path], None] | None = None,
+    _on_stage: Callable[[str], None] | None = None,
 ) -> Path:
     """Save everything needed to resume, collectively over all ranks; returns the folder.
 
@@ -337,7 +342,8 @@ def save(
                 (tmp / "rng").mkdir(parents=True)
         except OSError as exc:
             err = describe(exc, tmp)
-    fmt._stage("start")
+    stage = _on_stage or _no_stage
+    stage("start")
     specs: dict[str, Spec] = {}
     meta_bytes = rng_bytes = None
     try:
@@ -373,6 +379,7 @@ def save(
         meta_bytes=meta_bytes,
         needs=needs,
         on_commit=_on_commit,
+        on_stage=stage,
     )
     if not async_:
         _write_and_commit(tensors=_materialize(specs, copy=False), group=None, **job)
@@ -439,6 +446,7 @@ def _write_and_commit(
     needs: int,
     group: Any,
     on_commit: Callable[[Path], None] | None,
+    on_stage: Callable[[str], None],
 ) -> None:
     """Phase "files": RNG file, metadata (rank 0), DCP tensors, then fsync of the small files;
     one all-gather agrees on the outcome and brings every rank's CRC segments to rank 0.
@@ -486,8 +494,8 @@ def _write_and_commit(
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fmt._stage("tensors_written")
-    fmt._stage("meta_written")
+    on_stage("tensors_written")
+    on_stage("meta_written")
 
     err = None
     if rank == 0:
@@ -508,12 +516,12 @@ def _write_and_commit(
             write_atomic_bytes(tmp / fmt.MARKER, json.dumps(marker, separators=(",", ":")).encode())
             fsync_dir(tmp)
             fsync_dir(tmp / "rng")
-            fmt._stage("marker_written")
+            on_stage("marker_written")
             old = None
             if path.exists():
                 old = path.with_name(path.name + f".old-{os.getpid()}")
                 os.replace(path, old)
-                fmt._stage("old_moved_aside")
+                on_stage("old_moved_aside")
             os.replace(tmp, path)
             fsync_dir(path.parent)
             if old is not None:
