@@ -1,10 +1,12 @@
 """The private torch APIs distopt uses, in one place, each behind a check that it still exists.
 
 torch offers no public way to run code once at the end of a backward pass (DDP, FSDP and
-FSDP2 all use the autograd engine's ``queue_callback``) nor to tell that a tensor was written
-in place since a given moment (the version counter that autograd's saved-tensor checks use).
-Everything else in distopt uses public APIs.  ``tests/test_torch_private.py`` fails loudly when
-a torch release removes or changes one of these.
+FSDP2 all use the autograd engine's ``queue_callback``), to tell that a tensor was written in
+place since a given moment (the version counter that autograd's saved-tensor checks use), to make
+FSDP2 reduce its accumulated gradients outside a backward pass, or to build a ``ShardedTensor``
+of uneven row shards from metadata every rank already has (without a collective per tensor).
+Everything else in distopt uses public torch APIs.  ``tests/test_private_apis.py`` fails loudly
+when a torch release removes or changes one of these (see docs/architecture.md, "Private APIs").
 """
 
 from __future__ import annotations
