@@ -154,6 +154,7 @@ def _nbytes(spec: Spec) -> int:
 def _materialize(specs: dict[str, Spec], copy: bool) -> dict[str, Any]:
     """DCP's state dict; ``copy``: a snapshot on CPU (pinned memory for GPU tensors)."""
     cuda = False
+    rank, world = _rank(), _world()
 
     def snap(t: Tensor) -> Tensor:
         nonlocal cuda
@@ -178,6 +179,13 @@ def _materialize(specs: dict[str, Spec], copy: bool) -> dict[str, Any]:
             out[key] = (
                 local if bounds is None else fmt.row_sharded(local, tuple(t.shape), bounds, r)
             )
+        elif copy and world > 1 and spec[1].dim() >= 1:
+            # complete on every rank: each rank copies and writes a torch.chunk share of the rows
+            # (DCP would write one rank's copy anyway), so the snapshot costs 1/world of it
+            t = spec[1]
+            bounds = _chunk_bounds(t.shape[0], world)
+            s0, s1 = bounds[rank]
+            out[key] = fmt.row_sharded(snap(t[s0:s1]), tuple(t.shape), bounds, rank)
         else:
             out[key] = snap(spec[1])
     if cuda:
