@@ -261,3 +261,13 @@ def test_sharded_newton_schulz_cost_and_exactness_at_four_ranks():
                 assert sorted(loads)[:2] == [0.0, 0.0], (
                     f"{mode}: two ranks should own nothing: {loads}"
                 )
+
+
+def test_bench_traffic_counts_all_to_all_bytes_as_sent():
+    from distopt.bench._collectives import CollectiveCounter
+
+    c = CollectiveCounter()
+    c.add("all_gather", 400)
+    assert c.ring_bytes(4) == 300.0
+    c.add("all_to_all", 120)  # Muon's rows to owners and back: counted as sent, no ring factor
+    assert c.ring_bytes(4) == 420.0

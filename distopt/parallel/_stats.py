@@ -42,16 +42,16 @@ class CommStats:
     def ring_bytes(self, world_size: int) -> float:
         """Bytes each rank sends under the ring model for the counted collectives.
 
-        all-reduce: 2 (p-1)/p of the buffer; reduce-scatter, all-gather and broadcast: (p-1)/p.
+        all-reduce: 2 (p-1)/p of the buffer; reduce-scatter, all-gather and broadcast: (p-1)/p;
+        all-to-all (Muon's rows to and from owner ranks): the bytes this rank sends, as counted.
         """
         p = world_size
         if p <= 1:
             return 0.0
         f = (p - 1) / p
         b = self.bytes
-        return 2 * f * b["all_reduce"] + f * (
-            b["reduce_scatter"] + b["all_gather"] + b["broadcast"]
-        )
+        ring = f * (b["reduce_scatter"] + b["all_gather"] + b["broadcast"])
+        return 2 * f * b["all_reduce"] + ring + b["all_to_all"]
 
     def as_dict(self) -> dict[str, Any]:
         return {
