@@ -133,8 +133,10 @@ class CommCounter:
         import torch.distributed as dist
 
         # distopt looks the collectives up at call time, so wrapping the public
-        # torch.distributed functions counts distopt's ZeRO, accumulator and optimizer alike
+        # torch.distributed functions counts distopt's ZeRO, accumulator and optimizer alike;
+        # distopt ZeRO's own collectives are read from its backend's CommStats (``watch``)
         self.calls: Counter = Counter()
+        self.watched: list = []
         for name in self.NAMES:
             fn = getattr(dist, name, None)
             if fn is not None:
@@ -153,8 +155,16 @@ class CommCounter:
         self.calls["ddp_hook"] += 1
         return allreduce_hook(state, bucket)
 
+    def watch(self, stats) -> None:
+        """Also report the ZeRO collectives counted in ``stats`` (a distopt CommStats)."""
+        self.watched.append(stats)
+
     def snapshot(self) -> Counter:
-        return Counter(self.calls)
+        out = Counter(self.calls)
+        for stats in self.watched:
+            out["reduce_scatter_tensor"] += stats.calls["reduce_scatter"]
+            out["all_gather_into_tensor"] += stats.calls["all_gather"]
+        return +out
 
 
 @functools.cache
@@ -189,6 +199,10 @@ def build(mode: str, momentum: float, counter: CommCounter | None, k: int, state
     elif mode.startswith("zero"):
         opt = SGD(model.parameters(), lr=LR, momentum=momentum)
         wrapped, opt = distopt.shard(model, opt, stage=1 if mode == "zero1" else 2)
+        if counter is not None:
+            from distopt.parallel import backend_for
+
+            counter.watch(backend_for(wrapped).stats)
     elif mode.startswith("fsdp2"):
         wrapped = _fully_shard(model)
         opt = SGD(model.parameters(), lr=LR, momentum=momentum)

@@ -17,10 +17,14 @@ __all__ = ["DeepSpeedBackend", "is_deepspeed_engine"]
 
 
 def is_deepspeed_engine(model: Any) -> bool:
-    """Whether ``model`` is a ``deepspeed.DeepSpeedEngine`` (without importing DeepSpeed)."""
+    """Whether ``model`` is a ``deepspeed.DeepSpeedEngine`` (without importing DeepSpeed: a
+    process that has not imported it has no engine; a class of that name counts too, so that the
+    accumulator's configuration checks run without DeepSpeed)."""
     ds = sys.modules.get("deepspeed")
     engine_cls = getattr(ds, "DeepSpeedEngine", None) if ds is not None else None
-    return engine_cls is not None and isinstance(model, engine_cls)
+    if engine_cls is not None and isinstance(model, engine_cls):
+        return True
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
 
 
 class DeepSpeedBackend(Backend):
@@ -33,14 +37,17 @@ class DeepSpeedBackend(Backend):
         self.gas = int(engine.gradient_accumulation_steps())
         self.group = getattr(engine, "data_parallel_group", None)
         self.world = dist.get_world_size(self.group) if dist.is_initialized() else 1
-        basic = getattr(engine, "basic_optimizer", None)
-        self._basic = (
-            basic if basic is not None else getattr(engine.optimizer, "optimizer", engine.optimizer)
-        )
 
     @property
     def module(self) -> nn.Module:
         return self.model.module
+
+    @property
+    def _basic(self) -> Any:
+        """The client optimizer DeepSpeed steps (inside its wrapper, if any)."""
+        eng = self.model
+        basic = getattr(eng, "basic_optimizer", None)
+        return basic if basic is not None else getattr(eng.optimizer, "optimizer", eng.optimizer)
 
     def check_accumulation(self, steps: int, reduce_every: bool) -> None:
         engine = self.model
