@@ -16,7 +16,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["fsdp2_reduce_now", "queue_end_of_backward", "sharded_tensor_from_metadata", "version_of"]
+__all__ = [
+    "fsdp2_reduce_now",
+    "queue_end_of_backward",
+    "sharded_tensor_from_metadata",
+    "version_of",
+]
 
 
 def _engine() -> object:
@@ -61,7 +66,9 @@ def fsdp2_reduce_now(module: object) -> None:
     callback()
 
 
-def sharded_tensor_from_metadata(local_shards: list, global_metadata: object) -> object:
+def sharded_tensor_from_metadata(
+    local_shards: list, global_metadata: object, process_group: object = None
+) -> object:
     """A ``ShardedTensor`` from this rank's shards and the complete global metadata.
 
     The public ``ShardedTensor`` constructors either all-gather every rank's shard metadata (a
@@ -82,4 +89,4 @@ def sharded_tensor_from_metadata(local_shards: list, global_metadata: object) ->
             "ShardedTensor._init_from_local_shards_and_global_metadata, which distopt uses to save "
             "uneven row shards without a collective; please report this with your torch version"
         )
-    return fn(local_shards, global_metadata)
+    return fn(local_shards, global_metadata, process_group=process_group)

@@ -66,10 +66,16 @@ def test_accelerate_privates():
 
     from distopt import _accelerate_private as ap
 
-    assert ap.check_version(), f"Accelerate {accelerate.__version__} is outside the tested range {ap.TESTED}"
-    assert callable(getattr(GradientState, "_set_sync_gradients", None)), "GradientState._set_sync_gradients is gone"
+    assert ap.check_version(), (
+        f"Accelerate {accelerate.__version__} is outside the tested range {ap.TESTED}"
+    )
+    assert callable(getattr(GradientState, "_set_sync_gradients", None)), (
+        "GradientState._set_sync_gradients is gone"
+    )
     src = inspect.getsource(accelerate.Accelerator.prepare_optimizer)
-    assert "_is_accelerate_prepared" in src, "prepare_optimizer no longer honours _is_accelerate_prepared"
+    assert "_is_accelerate_prepared" in src, (
+        "prepare_optimizer no longer honours _is_accelerate_prepared"
+    )
     src = inspect.getsource(accelerate.Accelerator.prepare_model)
     assert "_models" in src, "Accelerator no longer keeps its models in _models"
     accelerator = accelerate.Accelerator(cpu=True)
@@ -92,7 +98,9 @@ def test_deepspeed_loss_scale_attributes():
 
     from distopt import _deepspeed_private as dp
 
-    assert dp.check_version(), f"DeepSpeed {deepspeed.__version__} is outside the tested range {dp.TESTED}"
+    assert dp.check_version(), (
+        f"DeepSpeed {deepspeed.__version__} is outside the tested range {dp.TESTED}"
+    )
     src = inspect.getsource(DeepSpeedZeroOptimizer)
     for attr in ("custom_loss_scaler", "external_loss_scale", "loss_scale"):
         assert f"self.{attr}" in src, f"DeepSpeedZeroOptimizer no longer has {attr}"
