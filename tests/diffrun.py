@@ -530,6 +530,8 @@ def signature(fail: str) -> str:
     if fail.startswith("the process group failed"):
         errs = re.findall(r"^(\w*(?:Error|Exception)[^\n]{0,120})", fail, re.M)
         return "crash: " + (errs[-1] if errs else fail.splitlines()[-1][:120])
+    if "clip returned norm" in fail:
+        return fail.split()[0] + " clip norm differs from DDP's"
     head = re.sub(r"\(.*", "", fail.split(":")[0])
     return re.sub(r"\b(step|rank) \d+", r"\1 N", head).strip()
 
