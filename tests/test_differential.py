@@ -34,6 +34,9 @@ CI_PROGRAMS = [
 ]  # fmt: skip
 ISSUE11 = diffgen.regression_programs()
 FINDINGS = diffgen.finding_programs()  # found by the generator after the issue-11 fixes
+# Zeroing through the inner module cannot be seen by the engine (the reduced rows are not in
+# the parameters' .grad, which nn.Module.zero_grad clears); documented as a known gap.
+KNOWN_GAPS = {p.name for p in FINDINGS if p.name.startswith("finding-zero-grad-inner-module")}
 
 
 @pytest.mark.distributed
@@ -44,7 +47,11 @@ def test_zero_and_fsdp2_equal_ddp(world):
     progs = regressions + FINDINGS + [diffgen.draw_program(s, case=c) for s, c in CI_PROGRAMS]
     fails = diffrun.run_batch(progs, world, timeout=900)
     items = [i for i, ps in ISSUE11.items() if any(fails[p.name] for p in ps)]
-    found = [p.name for p in FINDINGS if fails[p.name]]
+    found = [p.name for p in FINDINGS if fails[p.name] and p.name not in KNOWN_GAPS]
+    # A documented gap (docs/moving-from-ddp.md, "Known gaps") that starts passing means the
+    # docs are out of date: say so instead of letting it pass silently.
+    closed = [n for n in KNOWN_GAPS if not fails[n]]
+    assert not closed, f"known gaps now equal DDP, update docs/moving-from-ddp.md: {closed}"
     seeds = [p.name for p in progs if p.name.startswith("seed") and fails[p.name]]
     assert not (items or found or seeds), (
         f"world {world}: issue 11 items failing {items}; later findings failing {found}; "

@@ -140,6 +140,8 @@ class ZeroEngine:
             for s in self.slots
             if s.param.requires_grad
         ]
+        # gradients left by DDP-style code before sharding, or handed back by a retired engine
+        self._pending = any(s.param.grad is not None for s in self.slots)
 
     # ------------------------------------------------------------------ set-up
     def _broadcast_module(self) -> None:
@@ -191,7 +193,10 @@ class ZeroEngine:
     def retire(self) -> None:
         """Detach this engine from the parameters (after another ``distopt.shard`` took them over).
 
-        Its hooks are removed, pending gradients are dropped, and its optimizer's ``step`` raises.
+        Its hooks are removed and its optimizer's ``step`` raises.  Gradients it holds are
+        handed back to the parameters' ``.grad`` (as DDP would still have them): this rank's
+        reduced rows, times the world size, added into the rows it owns, so that the next
+        reduction (the averaging of every rank's contribution) gives the same rows back.
         """
         if self.retired:
             return
@@ -199,6 +204,16 @@ class ZeroEngine:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        with torch.no_grad():
+            for s in self.slots:
+                g = self.shards[s.index].grad
+                if g is None:
+                    continue
+                if s.param.grad is None:
+                    s.param.grad = torch.zeros_like(s.param)
+                rows = s.rows_view(s.param.grad, self.rank)
+                rows.add_(g.reshape(rows.shape).to(rows.dtype), alpha=self.world)
+                self.shards[s.index].grad = None
         for s in self.slots:
             if _OWNER.get(id(s.param)) is not None and _OWNER[id(s.param)]() is self:
                 del _OWNER[id(s.param)]
