@@ -16,7 +16,7 @@ from distopt.checkpoint._common import CheckpointError
 from distopt.checkpoint._foreign import consolidate
 from distopt.checkpoint._import import load_optimizer_state_dict, trainer_param_names
 from distopt.checkpoint._manager import CheckpointManager
-from distopt.checkpoint._save import save, wait
+from distopt.checkpoint._save import release_staging, save, wait
 from distopt.checkpoint._save_load import is_complete, load, read_meta, verify
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "load",
     "load_optimizer_state_dict",
     "read_meta",
+    "release_staging",
     "save",
     "trainer_param_names",
     "verify",
