@@ -129,7 +129,48 @@ def _bad_meshes(mesh) -> list[str]:
     ]
 
 
-def _hybrid_worker(plan: dict[str, list[str]], control: dict[str, list[str]], steps: int):
+def _save_midway(ckpt_dir: str, mesh) -> dict:
+    """Lamb under hybrid ZeRO-2 and under HSDP: 3 steps, distopt.checkpoint.save, 3 more."""
+    import distopt
+    import distopt.checkpoint
+
+    out = {}
+    for mode in ("zero2", "hsdp"):
+        torch.manual_seed(0)
+        model = UnevenModel(scalar_shape=(1,))
+        if mode == "hsdp":
+            try:
+                from torch.distributed.fsdp import fully_shard
+            except ImportError:  # older torch
+                from torch.distributed._composable.fsdp import fully_shard
+            fully_shard(model, mesh=mesh)
+            trained, opt = model, distopt.optim.Lamb(model.parameters(), lr=1e-2)
+        else:
+            opt = distopt.optim.Lamb(model.parameters(), lr=1e-2)
+            trained, opt = distopt.shard(model, opt, stage=2, mesh=mesh)
+        _train_range(trained, opt, 0, 3)
+        distopt.checkpoint.save(f"{ckpt_dir}/{mode}", model=trained, optimizer=opt)
+        _train_range(trained, opt, 3, 6)
+        params = {n: p.full_tensor() if mode == "hsdp" else p for n, p in model.named_parameters()}
+        out[mode] = {n: p.detach().cpu().clone() for n, p in params.items()}
+    return out
+
+
+def _train_range(model, opt, start, stop, shard_rank=None, shard_world=None):
+    r = rank() if shard_rank is None else shard_rank
+    w = world_size() if shard_world is None else shard_world
+    for t in range(start, stop):
+        img, tok, target = uneven_batch(t)
+        n = img.shape[0] // w
+        sl = slice(r * n, (r + 1) * n)
+        opt.zero_grad(set_to_none=True)
+        uneven_loss(model, (img[sl], tok[sl], target[sl]), t).backward()
+        opt.step()
+
+
+def _hybrid_worker(
+    plan: dict[str, list[str]], control: dict[str, list[str]], steps: int, ckpt_dir: str
+):
     """``plan`` as it should run; then ``control`` with every all-reduce over the shard group
     (the optimizer's statistics) sent over the replicate group instead (the negative control;
     gradients travel by reduce-scatter / all-gather and replicate-group all-reduces, untouched)."""
@@ -137,6 +178,7 @@ def _hybrid_worker(plan: dict[str, list[str]], control: dict[str, list[str]], st
 
     mesh = _mesh()
     out = {"plan": _run_plan(plan, steps, mesh), "errors": _bad_meshes(mesh)}
+    out["resumed"] = _save_midway(ckpt_dir, mesh)
     shard_ranks = dist.get_process_group_ranks(mesh.get_group("shard"))
     wrong = mesh.get_group("replicate")
     right = dist.all_reduce
@@ -169,7 +211,7 @@ def _failures(per_rank, plan) -> list[str]:
 
 
 @pytest.mark.distributed
-def test_hybrid_matches_single_process_2x2():
+def test_hybrid_matches_single_process_2x2(tmp_path):
     plan = {
         "zero2": [c.id for c in HYBRID_CASES],
         "zero1": SHAPE_AWARE,
@@ -178,7 +220,7 @@ def test_hybrid_matches_single_process_2x2():
     # negative control: Lamb's and Adafactor's statistics summed over the replicate group (the
     # other mesh dimension: twice this shard's rows, none of the other shard's) differ
     control = {"zero2": ["lamb", "adafactor"], "hsdp": ["lamb", "adafactor"]}
-    per_rank = run_distributed(_hybrid_worker, 4, plan, control, STEPS, timeout=900)
+    per_rank = run_distributed(_hybrid_worker, 4, plan, control, STEPS, str(tmp_path), timeout=900)
     failures = _failures([r["plan"] for r in per_rank], plan)
     assert not failures, "hybrid 2x2:\n" + "\n".join(failures[:40])
     for r in per_rank:
@@ -190,3 +232,17 @@ def test_hybrid_matches_single_process_2x2():
     for mode, ids in control.items():
         for cid in ids:
             assert any(f.startswith(f"{mode} {cid} ") for f in caught), (mode, cid, caught)
+    # checkpoints of hybrid ZeRO-2 and HSDP (rows split over the shard group, one copy per
+    # replica) resume on one process: 3 steps there equal 3 more steps on the 2 x 2 mesh
+    import distopt
+    import distopt.checkpoint
+
+    for mode in ("zero2", "hsdp"):
+        torch.manual_seed(0)
+        model = UnevenModel(scalar_shape=(1,))
+        opt = distopt.optim.Lamb(model.parameters(), lr=1e-2)
+        distopt.checkpoint.load(str(tmp_path / mode), model=model, optimizer=opt)
+        _train_range(model, opt, 3, 6, 0, 1)
+        for name, p in model.named_parameters():
+            want = per_rank[0]["resumed"][mode][name]
+            torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6, msg=f"{mode} {name}")

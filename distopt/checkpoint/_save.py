@@ -69,7 +69,8 @@ from distopt.checkpoint._storage import ChecksumWriter, whole
 log = logging.getLogger("distopt.checkpoint")
 
 # A tensor to save: ("plain", t) complete on every rank; ("rows", local, global shape, bounds,
-# rank) split by dim-0 rows; ("dtensor", t, bounds, rank) a DTensor DCP saves as it is.
+# rank, group) split by dim-0 rows over a process group (None: the world); ("dtensor", t,
+# bounds, rank, group) a DTensor DCP saves as it is.
 Spec = tuple
 
 
@@ -81,7 +82,7 @@ def _collect(model: nn.Module, optimizer: Any) -> tuple[dict[str, Spec], dict, d
     for e in ents:
         p = e.param
         if is_dtensor(p):  # DCP saves it as it is; an async snapshot takes its local rows
-            specs[f"model/{e.fqn}"] = ("dtensor", p.detach(), e.bounds, e.rank)
+            specs[f"model/{e.fqn}"] = ("dtensor", p.detach(), e.bounds, e.rank, e.group)
         else:
             specs[f"model/{e.fqn}"] = ("plain", p.detach())
         st = optimizer.state.get(e.opt_tensor, {}) if optimizer is not None else {}
@@ -100,7 +101,7 @@ def _collect(model: nn.Module, optimizer: Any) -> tuple[dict[str, Spec], dict, d
                         v_local.reshape(gshape) if v_local.dim() == 0 else v_local,
                     )
                 else:
-                    spec = ("rows", v_local, gshape, e.bounds, e.rank)
+                    spec = ("rows", v_local, gshape, e.bounds, e.rank, e.group)
                 kind = "rows"
             else:
                 gshape, spec, kind = tuple(v_local.shape), ("plain", v_local), "replicated"
@@ -116,6 +117,7 @@ def _collect(model: nn.Module, optimizer: Any) -> tuple[dict[str, Spec], dict, d
                 fmt.master_shape(e),
                 e.bounds,
                 e.rank,
+                e.group,
             )
     return specs, state_meta, objects, ents
 
@@ -136,7 +138,7 @@ def _accumulator_specs(
         if world > 1:
             bounds = _chunk_bounds(gshape[0], world)
             s, t = bounds[rank]
-            specs[f"acc/{name}"] = ("rows", flat[s:t], gshape, bounds, rank)
+            specs[f"acc/{name}"] = ("rows", flat[s:t], gshape, bounds, rank, None)
         else:
             specs[f"acc/{name}"] = ("plain", flat)
     meta = {k: v for k, v in acc_state.items() if k != "grads"}
@@ -187,14 +189,16 @@ def _materialize(specs: dict[str, Spec], copy: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, spec in specs.items():
         if spec[0] == "rows":
-            _, local, gshape, bounds, r = spec
-            out[key] = fmt.row_sharded(snap(local, key), gshape, bounds, r)
+            _, local, gshape, bounds, r, group = spec
+            out[key] = fmt.row_sharded(snap(local, key), gshape, bounds, r, group)
         elif spec[0] == "dtensor" and copy:
-            _, t, bounds, r = spec
+            _, t, bounds, r, group = spec
             local = snap(t.to_local(), key)
             # sharded: the same rows as a sharded tensor; replicated: the local copy is complete
             out[key] = (
-                local if bounds is None else fmt.row_sharded(local, tuple(t.shape), bounds, r)
+                local
+                if bounds is None
+                else fmt.row_sharded(local, tuple(t.shape), bounds, r, group)
             )
         elif copy and world > 1 and spec[1].dim() >= 1:
             # complete on every rank: each rank copies and writes a torch.chunk share of the rows

@@ -59,9 +59,20 @@ FORMAT_VERSION = 2  # 1: whole-file CRC32 in the marker; 2: CRC32 segments, accu
 
 
 def row_sharded(
-    local: Tensor, gshape: tuple[int, ...], bounds: list[tuple[int, int]], rank: int
+    local: Tensor,
+    gshape: tuple[int, ...],
+    bounds: list[tuple[int, int]],
+    rank: int,
+    group: Any = None,
 ) -> Any:
-    """A DCP-savable view of a tensor split by dim-0 rows (arbitrary, uneven bounds)."""
+    """A DCP-savable view of a tensor split by dim-0 rows (arbitrary, uneven bounds).
+
+    ``bounds`` and ``rank`` count the ranks of ``group`` (None: the world), the group the rows
+    are split over; under hybrid sharding and HSDP every replica holds the same rows and DCP
+    writes them once.
+    """
+    import torch.distributed as dist
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata
@@ -77,7 +88,9 @@ def row_sharded(
                 continue
             where = str(dev) if r == rank else dev.type
             m = ShardMetadata(
-                [s] + [0] * (len(gshape) - 1), [e - s] + list(gshape[1:]), f"rank:{r}/{where}"
+                [s] + [0] * (len(gshape) - 1),
+                [e - s] + list(gshape[1:]),
+                f"rank:{r if group is None else dist.get_global_rank(group, r)}/{where}",
             )
             metas.append(m)
             if r == rank:
@@ -87,7 +100,7 @@ def row_sharded(
             memory_format=torch.contiguous_format, pin_memory=False,
         )  # fmt: skip
         gm = ShardedTensorMetadata(metas, torch.Size(gshape), props)
-        return sharded_tensor_from_metadata(shards, gm)
+        return sharded_tensor_from_metadata(shards, gm, process_group=group)
 
 
 def has_master(e: Entry) -> bool:
@@ -336,7 +349,7 @@ def _template_rows(
     )
     if e.bounds is None:
         return local, local
-    return row_sharded(local, gshape, e.bounds, e.rank), local
+    return row_sharded(local, gshape, e.bounds, e.rank, e.group), local
 
 
 def _reusable(t: Any, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
