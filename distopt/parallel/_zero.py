@@ -105,7 +105,7 @@ class ZeroBackend(Backend):
             if g is not None and e > s:
                 rows = (full.view(1) if full.dim() == 0 else full)[s:e]
                 rows.copy_(g.reshape(rows.shape).to(full.dtype))
-                full.mul_(eng.world)  # the shards hold averages
+                full.mul_(eng.world * eng.replicas)  # the shards hold averages over every rank
             names.append(name)
             fulls.append(full)
             mine.append(full if g is not None else None)
