@@ -156,6 +156,38 @@ def _save_midway(ckpt_dir: str, mesh) -> dict:
     return out
 
 
+def _grad_sum(mesh) -> list[str]:
+    """The gradient sum a mid-window checkpoint stores (``Backend.gather_grad_sum``) under
+    hybrid ZeRO-2 equals the sum of every rank's local gradients; returns the mismatches."""
+    import torch.distributed as dist
+
+    import distopt
+    from distopt.parallel import backend_for
+
+    torch.manual_seed(0)
+    plain = UnevenModel(scalar_shape=(1,))
+    torch.manual_seed(0)
+    model = UnevenModel(scalar_shape=(1,))
+    smodel, _ = distopt.shard(model, distopt.optim.AdamW(model.parameters()), stage=2, mesh=mesh)
+    img, tok, target = uneven_batch(0)
+    n = img.shape[0] // world_size()
+    sl = slice(rank() * n, (rank() + 1) * n)
+    for m in (plain, smodel):
+        uneven_loss(m, (img[sl], tok[sl], target[sl]), 0).backward()
+    got = backend_for(smodel).gather_grad_sum()
+    bad = []
+    for name, p in plain.named_parameters():
+        if p.grad is None:
+            continue
+        want = p.grad.clone()
+        dist.all_reduce(want)
+        if not torch.allclose(got[name].reshape(want.shape), want, rtol=1e-5, atol=1e-6):
+            bad.append(
+                f"{name}: max abs err {float((got[name].reshape(want.shape) - want).abs().max()):.3g}"
+            )
+    return bad
+
+
 def _train_range(model, opt, start, stop, shard_rank=None, shard_world=None):
     r = rank() if shard_rank is None else shard_rank
     w = world_size() if shard_world is None else shard_world
@@ -179,6 +211,7 @@ def _hybrid_worker(
     mesh = _mesh()
     out = {"plan": _run_plan(plan, steps, mesh), "errors": _bad_meshes(mesh)}
     out["resumed"] = _save_midway(ckpt_dir, mesh)
+    out["grad_sum"] = _grad_sum(mesh)
     shard_ranks = dist.get_process_group_ranks(mesh.get_group("shard"))
     wrong = mesh.get_group("replicate")
     right = dist.all_reduce
@@ -224,6 +257,7 @@ def test_hybrid_matches_single_process_2x2(tmp_path):
     failures = _failures([r["plan"] for r in per_rank], plan)
     assert not failures, "hybrid 2x2:\n" + "\n".join(failures[:40])
     for r in per_rank:
+        assert not r["grad_sum"], r["grad_sum"]
         names, both, junk = r["errors"]
         assert "dim names ('replicate', 'shard')" in names and "('dp', 'tp')" in names, names
         assert "either mesh= or process_group=" in both, both
