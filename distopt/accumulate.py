@@ -52,7 +52,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from distopt.parallel import backend_for
@@ -260,14 +259,12 @@ class GradientAccumulator:
         buf = torch.tensor([self._items, m, m * m], dtype=torch.float64, device=self._backend.device)
         if self._items_t is not None:
             buf[0] += self._items_t.to(buf.device, buf.dtype)
-        if self._backend.world > 1:
-            self._backend.stats.add("all_reduce", buf.numel() * buf.element_size())
-            dist.all_reduce(buf, group=self._backend.group)
+        self._backend.all_reduce_counts(buf)
         return float(buf[0]), buf
 
     def _close_window(self) -> None:
         m = self._micro
-        W = self._backend.world
+        W = self._backend.data_parallel_world
         if self._items_mode:
             n, buf = self._global_items()
             sm, sm2 = float(buf[1]), float(buf[2])

@@ -188,6 +188,40 @@ def _grad_sum(mesh) -> list[str]:
     return bad
 
 
+def _item_counts(mesh) -> list[str]:
+    """GradientAccumulator under hybrid ZeRO-2 with a different item count on every rank (and
+    so on every node): one SGD step (lr 1) equals the gradient of the summed loss over the
+    global item count; returns the mismatches."""
+    import distopt
+
+    torch.manual_seed(0)
+    plain = UnevenModel(scalar_shape=(1,))
+    torch.manual_seed(0)
+    model = UnevenModel(scalar_shape=(1,))
+    smodel, opt = distopt.shard(
+        model, distopt.optim.SGD(model.parameters(), lr=1.0), stage=2, mesh=mesh
+    )
+    acc = distopt.GradientAccumulator(smodel, steps=1)
+    batch = uneven_batch(0)
+    counts = [1, 2, 3, 4][: world_size()]  # rank r: items [sum(counts[:r]), + counts[r])
+
+    def part(r):
+        lo = sum(counts[:r])
+        return tuple(x[lo : lo + counts[r]] for x in batch)
+
+    with acc.accumulate(num_items=counts[rank()]):
+        acc.backward(uneven_loss(smodel, part(rank()), 0) * counts[rank()])
+    opt.step()
+    for r in range(world_size()):  # the reference: every rank's summed loss over every item
+        (uneven_loss(plain, part(r), 0) * counts[r] / sum(counts)).backward()
+    bad = []
+    for (name, p), q in zip(plain.named_parameters(), model.parameters()):
+        want = p.detach() - (p.grad if p.grad is not None else 0)
+        if not torch.allclose(q.detach(), want, rtol=1e-5, atol=1e-6):
+            bad.append(f"{name}: max abs err {float((q.detach() - want).abs().max()):.3g}")
+    return bad
+
+
 def _train_range(model, opt, start, stop, shard_rank=None, shard_world=None):
     r = rank() if shard_rank is None else shard_rank
     w = world_size() if shard_world is None else shard_world
@@ -212,6 +246,7 @@ def _hybrid_worker(
     out = {"plan": _run_plan(plan, steps, mesh), "errors": _bad_meshes(mesh)}
     out["resumed"] = _save_midway(ckpt_dir, mesh)
     out["grad_sum"] = _grad_sum(mesh)
+    out["item_counts"] = _item_counts(mesh)
     shard_ranks = dist.get_process_group_ranks(mesh.get_group("shard"))
     wrong = mesh.get_group("replicate")
     right = dist.all_reduce
@@ -258,6 +293,7 @@ def test_hybrid_matches_single_process_2x2(tmp_path):
     assert not failures, "hybrid 2x2:\n" + "\n".join(failures[:40])
     for r in per_rank:
         assert not r["grad_sum"], r["grad_sum"]
+        assert not r["item_counts"], r["item_counts"]
         names, both, junk = r["errors"]
         assert "dim names ('replicate', 'shard')" in names and "('dp', 'tp')" in names, names
         assert "either mesh= or process_group=" in both, both

@@ -113,6 +113,17 @@ class Backend:
     world = 1
     group: Any = None
 
+    @property
+    def data_parallel_world(self) -> int:
+        """How many ranks each contribute their own batch (the averaging denominator)."""
+        return self.world
+
+    def all_reduce_counts(self, buf: Tensor) -> None:
+        """Sum a small tensor of counts over every data-parallel rank (in place)."""
+        if self.data_parallel_world > 1:
+            self.stats.add("all_reduce", buf.numel() * buf.element_size())
+            dist.all_reduce(buf, group=self.group)
+
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         #: every collective this backend issues is counted here

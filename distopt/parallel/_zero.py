@@ -37,6 +37,17 @@ class ZeroBackend(Backend):
         return self.engine.module
 
     @property
+    def data_parallel_world(self) -> int:
+        # hybrid sharding: the shard group on each of the replicas
+        return self.world * self.engine.replicas
+
+    def all_reduce_counts(self, buf: Tensor) -> None:
+        super().all_reduce_counts(buf)  # within the shard group
+        if self.engine.replicas > 1:  # then across the replicas
+            self.stats.add("all_reduce", buf.numel() * buf.element_size())
+            dist.all_reduce(buf, group=self.engine.replicate_group)
+
+    @property
     def rank(self) -> int:
         return self.engine.rank
 
