@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from distopt.bench._table import render
+
 NODE_MODES = ("ddp", "zero2", "hybrid-zero2", "hsdp")
 log = logging.getLogger("distopt.bench.nodes")
 
@@ -225,14 +227,7 @@ def format_table(result: dict[str, Any], fmt: str = "text") -> str:
         f"2 nodes x {result['nproc']} processes, {result['optim']}, "
         f"{result['params'] / 1e6:.2f}M parameters, link: {result['link']}"
     )
-    if fmt == "md":
-        lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-    else:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-        lines = [title, "  ".join(h.rjust(w) for h, w in zip(head, widths))]
-        lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+    return render(title, head, rows, fmt)
 
 
 def main_nodes(args: argparse.Namespace) -> int:

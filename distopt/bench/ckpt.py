@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from distopt.bench._table import render
+
 MODES = ("dcp", "distopt", "distopt-async", "torch-save", "torch-zero", "deepspeed")
 SIZES = {"tiny": (64, 2), "25m": (512, 8), "100m": (1024, 8)}  # (width, layers) of TinyGPT
 _SHARED = ("dcp", "distopt", "distopt-async")
@@ -323,14 +325,7 @@ def format_table(res: dict[str, Any], fmt: str = "text") -> str:
         notes.append(f"distopt-async: training blocked {a['save']:.3f} s per save = "
                      f"{a['save'] / s['save']:.1%} of a synchronous distopt save "
                      f"(files committed after {a['done']:.3f} s)")  # fmt: skip
-    if fmt == "md":
-        lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines + ([""] + notes if notes else []))
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    lines = [title, "  ".join(h.rjust(w) for h, w in zip(head, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines + notes)
+    return render(title, head, rows, fmt, notes)
 
 
 def _main(args: argparse.Namespace) -> int:

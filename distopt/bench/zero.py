@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from distopt._dtensor import is_dtensor
+from distopt.bench._table import render
 
 MODES = ("ddp", "torch-zero", "distopt-z1", "distopt-z2", "fsdp2")
 
@@ -186,14 +187,7 @@ def format_table(result: dict[str, Any], fmt: str = "text") -> str:
                          f"{r['ns_share']:.2f}"]  # fmt: skip
     title = (f"world size {result['world']}, {result['optim']}, {result['params'] / 1e6:.2f}M parameters "
              f"(ideal state/rank = {1 / result['world']:.2f} x DDP)")
-    if fmt == "md":
-        lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-    else:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-        lines = [title, "  ".join(h.rjust(w) for h, w in zip(head, widths))]
-        lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+    return render(title, head, rows, fmt)
 
 
 def _main(args: argparse.Namespace) -> int:
