@@ -116,3 +116,14 @@ def uneven_loss(model, batch, step: int):
     img, tok, target = batch
     out = model(img, tok, use_sometimes=(step % 2 == 0))
     return ((out - target) ** 2).mean()
+
+
+def train_uneven(model, opt, steps: int, shard_rank: int = 0, shard_world: int = 1) -> None:
+    """``steps`` steps on :func:`uneven_batch`, this rank taking its ``1/shard_world`` slice."""
+    for t in range(steps):
+        img, tok, target = uneven_batch(t)
+        n = img.shape[0] // shard_world
+        sl = slice(shard_rank * n, (shard_rank + 1) * n)
+        opt.zero_grad(set_to_none=True)
+        uneven_loss(model, (img[sl], tok[sl], target[sl]), t).backward()
+        opt.step()

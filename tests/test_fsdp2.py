@@ -14,7 +14,7 @@ import torch
 
 from tests.dist import rank, run_distributed, world_size
 from tests.optim_cases import CASES, sharding_cases
-from tests.problems import UnevenModel, uneven_batch, uneven_loss
+from tests.problems import UnevenModel, train_uneven
 
 STEPS = 20
 FSDP_CASES = sharding_cases()
@@ -33,24 +33,13 @@ def _fully_shard(model):
     return model
 
 
-def _train(model, opt, steps, shard_rank=0, shard_world=1):
-    for t in range(steps):
-        img, tok, target = uneven_batch(t)
-        n = img.shape[0] // shard_world
-        sl = slice(shard_rank * n, (shard_rank + 1) * n)
-        opt.zero_grad(set_to_none=True)
-        loss = uneven_loss(model, (img[sl], tok[sl], target[sl]), t)
-        loss.backward()
-        opt.step()
-
-
 @functools.cache
 def _single(case_id):
     case = next(c for c in CASES if c.id == case_id)
     torch.manual_seed(0)
     model = UnevenModel(scalar_shape=(1,))
     opt = case.make(model.parameters())
-    _train(model, opt, STEPS)
+    train_uneven(model, opt, STEPS)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -63,7 +52,7 @@ def _fsdp_worker(case_ids, steps):
         torch.manual_seed(0)
         model = _fully_shard(UnevenModel(scalar_shape=(1,)))
         opt = by_id[cid].make(model.parameters())
-        _train(model, opt, steps, rank(), world_size())
+        train_uneven(model, opt, steps, rank(), world_size())
         out[cid] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     return out
 

@@ -24,7 +24,7 @@ import torch
 
 from tests.dist import rank, run_distributed, world_size
 from tests.optim_cases import CASES, sharding_cases
-from tests.problems import UnevenModel, uneven_batch, uneven_loss
+from tests.problems import UnevenModel, train_uneven, uneven_batch, uneven_loss
 
 STEPS = 10
 HYBRID_CASES = sharding_cases()
@@ -45,24 +45,13 @@ def _one_per_class(cases) -> list[str]:
 SHAPE_AWARE = _one_per_class(HYBRID_CASES)
 
 
-def _train(model, opt, steps, shard_rank=0, shard_world=1):
-    for t in range(steps):
-        img, tok, target = uneven_batch(t)
-        n = img.shape[0] // shard_world
-        sl = slice(shard_rank * n, (shard_rank + 1) * n)
-        opt.zero_grad(set_to_none=True)
-        loss = uneven_loss(model, (img[sl], tok[sl], target[sl]), t)
-        loss.backward()
-        opt.step()
-
-
 @functools.cache
 def _single(case_id: str) -> dict[str, torch.Tensor]:
     case = next(c for c in CASES if c.id == case_id)
     torch.manual_seed(0)
     model = UnevenModel(scalar_shape=(1,))
     opt = case.make(model.parameters())
-    _train(model, opt, STEPS)
+    train_uneven(model, opt, STEPS)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -93,12 +82,12 @@ def _run_plan(plan: dict[str, list[str]], steps: int, mesh) -> dict:
                     from torch.distributed._composable.fsdp import fully_shard
                 fully_shard(model, mesh=mesh)
                 opt = by_id[cid].make(model.parameters())
-                _train(model, opt, steps, rank(), world_size())
+                train_uneven(model, opt, steps, rank(), world_size())
                 params = {n: p.full_tensor() for n, p in model.named_parameters()}
             else:
                 opt = by_id[cid].make(model.parameters())
                 smodel, opt = distopt.shard(model, opt, stage=int(mode[-1]), mesh=mesh)
-                _train(smodel, opt, steps, rank(), world_size())
+                train_uneven(smodel, opt, steps, rank(), world_size())
                 info = smodel.shard_info()
                 assert info["world_size"] == 2 and info["replicas"] == 2, info
                 params = dict(model.named_parameters())

@@ -15,21 +15,10 @@ import torch
 import distopt
 from tests.dist import rank, run_distributed, world_size
 from tests.optim_cases import CASES, sharding_cases
-from tests.problems import UnevenModel, uneven_batch, uneven_loss
+from tests.problems import UnevenModel, train_uneven, uneven_batch, uneven_loss
 
 STEPS = 20
 ZERO_CASES = sharding_cases()
-
-
-def _train(case, model, opt, steps, shard_rank=0, shard_world=1):
-    for t in range(steps):
-        img, tok, target = uneven_batch(t)
-        n = img.shape[0] // shard_world
-        sl = slice(shard_rank * n, (shard_rank + 1) * n)
-        opt.zero_grad(set_to_none=True)
-        loss = uneven_loss(model, (img[sl], tok[sl], target[sl]), t)
-        loss.backward()
-        opt.step()
 
 
 @functools.cache
@@ -45,7 +34,7 @@ def _single_uncached(case):
     torch.manual_seed(0)
     model = UnevenModel()
     opt = case.make(model.parameters())
-    _train(case, model, opt, STEPS)
+    train_uneven(model, opt, STEPS)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -62,7 +51,7 @@ def _zero_worker(stage: int, case_ids: list[str], steps: int, bucket_mb: float =
         smodel, opt = distopt.shard(model, opt, stage=stage, bucket_mb=bucket_mb)
         if break_reducer:  # negative control: per-shard statistics instead of global ones
             opt.set_reducer(lambda flat, group: None)
-        _train(case, smodel, opt, steps, rank(), world_size())
+        train_uneven(smodel, opt, steps, rank(), world_size())
         results[cid] = {n: p.detach().clone() for n, p in model.named_parameters()}
     return results
 
@@ -113,7 +102,7 @@ def _single_steps(case, steps):
     torch.manual_seed(0)
     model = UnevenModel()
     opt = case.make(model.parameters())
-    _train(case, model, opt, steps)
+    train_uneven(model, opt, steps)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -185,18 +174,17 @@ def _moved_worker():
     smodel, opt = distopt.shard(model, opt, stage=2)
     smodel._apply(lambda t: t.clone())  # what .to()/.cuda() do: new storage for every parameter
     smodel.to("cpu")
-    _train(None, smodel, opt, 4, rank(), world_size())
+    train_uneven(smodel, opt, 4, rank(), world_size())
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.distributed
 def test_module_to_after_shard_keeps_shards_bound():
     res = run_distributed(_moved_worker, 2, timeout=300)
-    case = next(c for c in CASES if c.id == "lamb")
     torch.manual_seed(0)
     model = UnevenModel()
     opt = distopt.optim.Lamb(model.parameters(), lr=1e-2)
-    _train(case, model, opt, 4)
+    train_uneven(model, opt, 4)
     for r in res:
         for n, p in model.named_parameters():
             torch.testing.assert_close(r[n], p.detach(), rtol=1e-5, atol=1e-6)
