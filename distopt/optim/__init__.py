@@ -45,6 +45,7 @@ from distopt.optim.nvnovograd import NvNovoGrad
 from distopt.optim.radam import RAdam
 from distopt.optim.rmsprop import RMSprop
 from distopt.optim.rmsprop_tf import RMSpropTF
+from distopt.optim.schedule_free import AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree
 from distopt.optim.sgd import SGD
 from distopt.optim.sgdp import SGDP
 from distopt.optim.sgdw import SGDW
@@ -70,6 +71,9 @@ __all__ = [
     "Adopt",
     "LaProp",
     "SGDW",
+    "AdamWScheduleFree",
+    "RAdamScheduleFree",
+    "SGDScheduleFree",
     "Adan",
     "Mars",
     "Nadam",

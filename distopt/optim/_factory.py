@@ -402,6 +402,12 @@ _BUILTINS: tuple[tuple[str, str, dict[str, Any], bool | None, str], ...] = (
     ("adamwlegacy", "AdamW", {}, False, "timm's AdamW predating torch's (same arithmetic)"),
     ("nadamlegacy", "Nadam", {}, False, "timm's NAdam predating torch's (Dozat's schedule)"),
     ("radamlegacy", "RAdam", {}, False, "timm's RAdam predating torch's"),
+    # -- schedule-free (Defazio et al.; not in timm 1.0.31): optimizer.train() / .eval()
+    ("adamw_schedulefree", "AdamWScheduleFree", {}, False,
+     "schedule-free AdamW: no lr schedule, averaged weights x for eval (Defazio et al.)"),
+    ("sgd_schedulefree", "SGDScheduleFree", {}, True, "schedule-free SGD (Defazio et al.)"),
+    ("radam_schedulefree", "RAdamScheduleFree", {}, False,
+     "schedule-free RAdam: no warmup, no schedule (Defazio et al.)"),
 )
 
 default_registry = OptimizerRegistry()
