@@ -149,17 +149,21 @@ def whole_map(
     tensors: Sequence[Tensor],
     fn: WholeFn,
     costs: Sequence[float],
+    shapes: Sequence[torch.Size] | None = None,
 ) -> list[Tensor]:
     """Apply ``fn`` to the *whole* tensors whose local rows are ``tensors`` and return the local
     rows of the results.
 
     ``tensors[i]`` holds the same rows of a ``views[i].shape``-shaped quantity as
-    ``views[i].data``.  ``fn(whole, idx)`` gets whole tensors (each of its view's global shape)
+    ``views[i].data`` (or of a ``shapes[i]``-shaped one when ``shapes`` is given: the same rows
+    of dim 0, any trailing dims, e.g. a gradient with per-row state packed beside it).  ``fn(whole, idx)`` gets whole tensors (each of its view's global shape)
     and their positions ``idx`` in ``views`` and returns one tensor of the same shape for each;
     it may batch tensors of one shape.  ``costs[i]`` is the work ``fn`` does on tensor ``i``
     (owners are balanced by it).  Sharded tensors are computed once, on their owner rank.
     """
     out: list[Tensor | None] = [None] * len(views)
+    if shapes is not None and len(shapes) != len(views):
+        raise ValueError(f"whole_map: {len(shapes)} shapes for {len(views)} views")
     fn = _timed(fn) if STATS.active else fn
     local = [i for i, v in enumerate(views) if not v.sharded]
     sharded = [i for i, v in enumerate(views) if v.sharded]
@@ -171,7 +175,10 @@ def whole_map(
         if STATS.active:
             STATS.local_cost += float(sum(costs[i] for i in local))
     if sharded:
-        for i, r in zip(sharded, _sharded_map(opt, views, tensors, fn, costs, sharded)):
+        gshapes = (
+            [torch.Size(s) for s in shapes] if shapes is not None else [v.shape for v in views]
+        )
+        for i, r in zip(sharded, _sharded_map(opt, views, tensors, fn, costs, sharded, gshapes)):
             out[i] = r
     return out  # type: ignore[return-value]
 
@@ -191,7 +198,7 @@ def _timed(fn: WholeFn) -> WholeFn:
     return run
 
 
-def _sharded_map(opt, views, tensors, fn, costs, idx: list[int]) -> list[Tensor]:
+def _sharded_map(opt, views, tensors, fn, costs, idx: list[int], gshapes) -> list[Tensor]:
     import torch.distributed as dist
 
     layouts: list[list[tuple[int, int]]] = []
@@ -221,7 +228,7 @@ def _sharded_map(opt, views, tensors, fn, costs, idx: list[int]) -> list[Tensor]
     me = dist.get_rank(group)
     owners = assign_owners([costs[i] for i in idx], world)
     dtype, device = tensors[idx[0]].dtype, tensors[idx[0]].device
-    rowsize = [math.prod(views[i].shape[1:]) for i in idx]
+    rowsize = [math.prod(gshapes[i][1:]) for i in idx]
 
     def flat_rows(k: int, t: Tensor) -> Tensor:
         return t.reshape(-1).to(dtype)
@@ -245,7 +252,7 @@ def _sharded_map(opt, views, tensors, fn, costs, idx: list[int]) -> list[Tensor]
     # 2) the owner assembles whole tensors, runs fn once on them
     whole = []
     for k in mine:
-        shape = views[idx[k]].shape
+        shape = gshapes[idx[k]]
         full = torch.empty(
             (shape[0], rowsize[k]) if len(shape) else (1,), dtype=dtype, device=device
         )
@@ -262,12 +269,13 @@ def _sharded_map(opt, views, tensors, fn, costs, idx: list[int]) -> list[Tensor]
             full[start : start + rows] = received[offset : offset + n].view(rows, rowsize[k])
             offset += n
     results = (
-        fn([w.view(views[idx[k]].shape) for k, w in zip(mine, whole)], [idx[k] for k in mine])
+        fn([w.view(gshapes[idx[k]]) for k, w in zip(mine, whole)], [idx[k] for k in mine])
         if mine
         else []
     )
     results = [
-        r.to(dtype).reshape(views[idx[k]].shape[0], rowsize[k]) for k, r in zip(mine, results)
+        r.to(dtype).reshape(gshapes[idx[k]][0] if len(gshapes[idx[k]]) else 1, rowsize[k])
+        for k, r in zip(mine, results)
     ]
     if STATS.active:
         STATS.local_cost += float(sum(costs[idx[k]] for k in mine))
