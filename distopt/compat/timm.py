@@ -10,6 +10,8 @@ Replace ``from timm.optim import X`` by ``from distopt.compat.timm import X``.  
   constructor signature, as subclasses of the distopt optimizers;
 * ``Muon`` (timm 1.0's, with the names ``muon``, ``nmuon``, ``adamuon``, ``nadamuon``): distopt's
   class has timm's signature and defaults, plus the keyword-only ``ns_dtype``;
+* ``Kron`` (PSGD, names ``kron``, ``kronw``, ``kronc``): timm's signature and defaults, plus the
+  keyword-only ``seed`` of its random stream (always deterministic, as timm's ``deterministic=True``);
 * ``Lookahead``; ``create_optimizer_v2``, ``create_optimizer``, ``optimizer_kwargs``,
   ``list_optimizers``, ``get_optimizer_class``, ``param_groups_weight_decay``,
   ``param_groups_layer_decay``.
@@ -41,6 +43,7 @@ from distopt.compat import forward_init, lazy_classes
 from distopt.optim._factory import default_registry, optimizer_kwargs
 from distopt.optim._param_groups import param_groups_layer_decay as param_groups_layer_decay
 from distopt.optim._param_groups import param_groups_weight_decay as param_groups_weight_decay
+from distopt.optim.kron import Kron as Kron  # timm signature and defaults, plus keyword-only seed
 from distopt.optim.lookahead import Lookahead as Lookahead
 from distopt.optim.muon import Muon as Muon  # timm's signature and defaults already (issue 14)
 

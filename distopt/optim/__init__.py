@@ -29,6 +29,7 @@ from distopt.optim.adamp import AdamP
 from distopt.optim.adamw import AdamW
 from distopt.optim.adan import Adan
 from distopt.optim.adopt import Adopt
+from distopt.optim.kron import Kron
 from distopt.optim.lamb import Lamb
 from distopt.optim.laprop import LaProp
 from distopt.optim.lars import Lars
@@ -66,6 +67,7 @@ __all__ = [
     "Adamax",
     "MADGRAD",
     "Muon",
+    "Kron",
     "Lion",
     "NAdamW",
     "Adopt",

@@ -374,6 +374,10 @@ _BUILTINS: tuple[tuple[str, str, dict[str, Any], bool | None, str], ...] = (
     ("cadan", "Adan", {"caution": True}, False, "Adan with the cautious mask"),
     ("mars", "Mars", {}, False, "variance-reduced preconditioned gradients (Yuan et al.)"),
     ("cmars", "Mars", {"caution": True}, False, "MARS with the cautious mask"),
+    ("kron", "Kron", {}, True, "PSGD with Kronecker-factored preconditioners (Li)"),
+    ("kronw", "Kron", {"decoupled_decay": True}, True, "PSGD Kron with decoupled weight decay"),
+    ("kronc", "Kron", {"decoupled_decay": True, "corrected_weight_decay": True}, True,
+     "PSGD Kron with corrected decoupled weight decay (lr^2 / max_lr)"),
     # timm's corrected-decay ("...c") and further cautious names: options of existing classes
     ("lionc", "Lion", {"corrected_weight_decay": True}, False, "Lion with corrected weight decay"),
     ("clionc", "Lion", {"caution": True, "corrected_weight_decay": True}, False,
