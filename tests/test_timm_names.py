@@ -22,7 +22,6 @@ TIMM_VERSION = "1.0.31"  # the version the parity tests were written against
 
 #: timm 1.0.31 names (outside fused*/bnb*) distopt does not register yet (issue 14, open)
 NOT_YET = {
-    "adafactorbv", "adafactorbvc", "cadafactorbv", "cadafactorbvc",  # Big Vision Adafactor
     "adamc", "cadamc", "cadamw",  # AdamW with caution / corrected decay
     "clamb", "clambw", "lambcd",  # Lamb with caution / corrected decay
     "radamw",  # torch RAdam with decoupled decay

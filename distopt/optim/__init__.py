@@ -20,6 +20,7 @@ from distopt.optim.adadelta import Adadelta
 
 # -- shape-aware optimizers --
 from distopt.optim.adafactor import Adafactor, AdafactorTimm
+from distopt.optim.adafactor_bv import AdafactorBigVision
 from distopt.optim.adagrad import Adagrad
 from distopt.optim.adahessian import Adahessian
 from distopt.optim.adam import Adam
@@ -54,6 +55,7 @@ from distopt.optim.sgdw import SGDW
 __all__ = [
     "Adafactor",
     "AdafactorTimm",
+    "AdafactorBigVision",
     "AdamP",
     "Lars",
     "NvNovoGrad",

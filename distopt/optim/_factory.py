@@ -412,6 +412,13 @@ _BUILTINS: tuple[tuple[str, str, dict[str, Any], bool | None, str], ...] = (
     ("sgd_schedulefree", "SGDScheduleFree", {}, True, "schedule-free SGD (Defazio et al.)"),
     ("radam_schedulefree", "RAdamScheduleFree", {}, False,
      "schedule-free RAdam: no warmup, no schedule (Defazio et al.)"),
+    ("adafactorbv", "AdafactorBigVision", {}, True,
+     "Big Vision's Adafactor: factored second moments over the two largest dims, momentum"),
+    ("adafactorbvc", "AdafactorBigVision", {"corrected_weight_decay": True}, True,
+     "Big Vision Adafactor with corrected weight decay"),
+    ("cadafactorbv", "AdafactorBigVision", {"caution": True}, True, "cautious Big Vision Adafactor"),
+    ("cadafactorbvc", "AdafactorBigVision", {"caution": True, "corrected_weight_decay": True}, True,
+     "cautious Big Vision Adafactor with corrected weight decay"),
 )
 
 default_registry = OptimizerRegistry()
