@@ -84,6 +84,26 @@ def _check_num_items(num_items: Any) -> float | Tensor | None:
     raise TypeError(f"num_items must be a number or a 1-element tensor, got {type(num_items).__name__}")
 
 
+def _checked_count(n: float, sm: float, sm2: float, world: int) -> float:
+    """The window's global item count ``n``, checked; ``sm``/``sm2``: the sum over ranks of
+    the window's micro-batch count and of its square (equal as ``sm**2 == world * sm2`` iff
+    every rank ran the same number)."""
+    if sm * sm != world * sm2:
+        raise RuntimeError(
+            "GradientAccumulator: ranks disagree on the number of micro-batches in this "
+            "window; every rank must run the same number of micro-batches"
+        )
+    if n < 0 or not math.isfinite(n):
+        raise ValueError(f"GradientAccumulator: the window's global item count is {n}")
+    if n == 0:
+        raise ValueError(
+            "GradientAccumulator: num_items summed to 0 over every micro-batch of the "
+            "window on every rank: the mean loss over no items is undefined (skip such "
+            "windows, or pass num_items=None for losses that are already means)"
+        )
+    return n
+
+
 # --------------------------------------------------------------------------- the accumulator
 
 
@@ -135,6 +155,9 @@ class GradientAccumulator:
         self._in_block = False
         self._backward_calls = 0
         self._current_items_mode = False
+        # Item counts all-reduced on the device are checked late, from a host copy, so that
+        # the boundary reads nothing back (see _close_window): [(host copy, event or None)].
+        self._unchecked: list[tuple[Tensor, Any]] = []
         #: optimizer steps taken (windows closed, flushes included)
         self.optimizer_steps = 0
         #: micro-batches seen in total
@@ -180,6 +203,7 @@ class GradientAccumulator:
                 "a window or for none (sums vs means cannot be mixed)"
             )
         if self._micro == 0:
+            self._check_counts(wait=False)
             self._reset_window()
         boundary = self._micro + 1 == self.steps
         self._sync = boundary
@@ -239,6 +263,7 @@ class GradientAccumulator:
         """
         if self._in_block:
             raise RuntimeError("GradientAccumulator.flush cannot be called inside accumulate()")
+        self._check_counts(wait=True)
         if self._micro == 0:
             self._sync = False
             return False
@@ -265,30 +290,61 @@ class GradientAccumulator:
     def _close_window(self) -> None:
         m = self._micro
         W = self._backend.data_parallel_world
-        if self._items_mode:
-            n, buf = self._global_items()
-            sm, sm2 = float(buf[1]), float(buf[2])
-            if sm * sm != W * sm2:  # equal iff every rank has the same window length
-                raise RuntimeError(
-                    "GradientAccumulator: ranks disagree on the number of micro-batches in this "
-                    "window; every rank must run the same number of micro-batches"
-                )
-            if n < 0 or not math.isfinite(n):
-                raise ValueError(f"GradientAccumulator: the window's global item count is {n}")
-            if n == 0:
-                raise ValueError(
-                    "GradientAccumulator: num_items summed to 0 over every micro-batch of the "
-                    "window on every rank: the mean loss over no items is undefined (skip such "
-                    "windows, or pass num_items=None for losses that are already means)"
-                )
-            factor = W / n
-        else:
+        factor: float | Tensor
+        if not self._items_mode:
             factor = 1.0 / m
+        elif W == 1 and self._items_t is None:
+            factor = W / _checked_count(self._items, 1.0, 1.0, 1)  # host numbers only
+        elif W == 1 or not self._backend.device_factor:
+            n, buf = self._global_items()
+            factor = W / _checked_count(n, float(buf[1]), float(buf[2]), W)
+        else:
+            factor = self._device_factor(W)
         try:
             self._backend.finish_window(factor, bool(self._items_mode), m)
         finally:
             self._micro = 0
             self.optimizer_steps += 1
+
+    def _device_factor(self, W: int) -> Tensor:
+        """``W / N`` as a float32 tensor on the device, from the all-reduced counts, with no
+        host read; the counts are checked later, from a host copy (:meth:`_check_counts`).
+
+        A window that fails the check is scaled by 0 (with no items its gradients are sums over
+        nothing); the error is raised, on every rank alike, at the next window's start (or the
+        next :meth:`flush` / :meth:`state_dict`).
+        """
+        m = float(self._micro)
+        buf = torch.tensor([self._items, m, m * m], dtype=torch.float64, device=self._backend.device)
+        if self._items_t is not None:
+            buf[0] += self._items_t.to(buf.device, buf.dtype)
+        self._backend.all_reduce_counts(buf)
+        n = buf[0]
+        ok = (n > 0) & torch.isfinite(n) & (buf[1] * buf[1] == W * buf[2])
+        factor = torch.where(ok, W / n, torch.zeros_like(n)).float()
+        if buf.device.type == "cuda":
+            host = torch.empty(3, dtype=buf.dtype, pin_memory=True)
+            host.copy_(buf, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._unchecked.append((host, event))
+        else:
+            self._unchecked.append((buf, None))  # already in host memory
+        return factor
+
+    def _check_counts(self, wait: bool) -> None:
+        """Raise for a past window whose counts were bad (every rank holds the same counts,
+        so every rank raises the same error).  Without ``wait``, copies still in flight are
+        left for later: nothing waits for the device."""
+        while self._unchecked:
+            host, event = self._unchecked[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return
+                event.synchronize()
+            self._unchecked.pop(0)
+            n, sm, sm2 = host.tolist()
+            _checked_count(n, sm, sm2, self._backend.data_parallel_world)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -300,6 +356,7 @@ class GradientAccumulator:
         """
         if self._in_block:
             raise RuntimeError("GradientAccumulator.state_dict cannot be called inside accumulate()")
+        self._check_counts(wait=True)
         sd: dict[str, Any] = {
             "steps": self.steps,
             "micro_step": self._micro,

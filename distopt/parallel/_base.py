@@ -44,18 +44,27 @@ def chunk_bounds(rows: int, world: int) -> list[tuple[int, int]]:
     return out
 
 
-def mul_(grads: list[Tensor], factor: float) -> None:
-    """Multiply the non-empty ``grads`` in place by ``factor`` (one ``_foreach_mul_``)."""
+def mul_(grads: list[Tensor], factor: float | Tensor) -> None:
+    """Multiply the non-empty ``grads`` in place by ``factor`` (one ``_foreach_mul_``).
+
+    ``factor`` may be a 0-dim float32 tensor (a factor computed on the device from collective
+    results: it is not read back to the host)."""
     grads = [g for g in grads if g.numel()]
-    if grads and factor != 1.0:
+    if not grads:
+        return
+    if isinstance(factor, Tensor):
+        with torch.no_grad():
+            torch._foreach_mul_(grads, factor.to(grads[0].device))
+    elif factor != 1.0:
         with torch.no_grad():
             torch._foreach_mul_(grads, factor)
 
 
-def sumsq(grads: list[Tensor]) -> Tensor:
-    """Sum of squares of every element of ``grads`` (a float32 scalar; 0 for none)."""
+def sumsq(grads: list[Tensor], device: torch.device | None = None) -> Tensor:
+    """Sum of squares of every element of ``grads`` (a float32 scalar on their device; 0 on
+    ``device``, default the CPU, for none)."""
     if not grads:
-        return torch.zeros((), dtype=torch.float32)
+        return torch.zeros((), dtype=torch.float32, device=device)
     norms = torch._foreach_norm(grads, 2)
     return torch.stack([n.float() for n in norms]).pow(2).sum()
 
@@ -112,6 +121,9 @@ class Backend:
     #: the data-parallel world over which gradients are averaged (1: nothing is synchronised)
     world = 1
     group: Any = None
+    #: whether :meth:`finish_window` takes its factor as a device tensor (computed from the
+    #: all-reduced item counts without reading them back); False: a Python float
+    device_factor = True
 
     @property
     def data_parallel_world(self) -> int:
@@ -185,8 +197,9 @@ class Backend:
     def after_micro_batch(self) -> None:
         """End of an off-boundary micro-batch."""
 
-    def finish_window(self, factor: float, items_mode: bool, micro_batches: int) -> None:
-        """Normalise the synchronised gradients (and step, for engines that step themselves)."""
+    def finish_window(self, factor: float | Tensor, items_mode: bool, micro_batches: int) -> None:
+        """Normalise the synchronised gradients (and step, for engines that step themselves);
+        ``factor``: a number, or a 0-dim tensor when :attr:`device_factor` is true."""
         mul_(self.local_grads(), factor)
 
     # ------------------------------------------------------------------ gradients

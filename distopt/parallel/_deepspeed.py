@@ -89,6 +89,8 @@ class DeepSpeedBackend(Backend):
         zero = torch.stack([p.reshape(-1)[:1].sum() * 0.0 for p in params if p.numel()]).sum()
         eng.backward(zero, scale_wrt_gas=False)
 
+    device_factor = False  # the engine takes its gradient scale as a number
+
     def finish_window(self, factor: float, items_mode: bool, micro_batches: int) -> None:
         eng = self.model
         if not items_mode:

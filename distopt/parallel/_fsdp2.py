@@ -6,7 +6,6 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -114,22 +113,22 @@ class FSDP2Backend(Backend):
 
 def dtensor_grad_norm(grads: list[Tensor]) -> tuple[list[Tensor], Tensor]:
     """Global L2 norm of gradients some of which are DTensors: local partial sums, one
-    all-reduce per process group; returns the local tensors clipping scales, and the norm."""
-    per_group: dict[Any, Tensor] = {}
-    plain = torch.zeros((), dtype=torch.float32)
-    for g in grads:
+    all-reduce per process group; returns the local tensors clipping scales, and the norm
+    (a tensor on the gradients' device: nothing is read back to the host)."""
+    locals_ = [local_tensor(g) for g in grads]
+    device = locals_[0].device if locals_ else None
+    per_group: dict[Any, list[Tensor]] = {}
+    plain: list[Tensor] = []
+    for g, local in zip(grads, locals_):
         if is_dtensor(g):
-            local, sharded, pg = local_and_sharding(g)
+            _, sharded, pg = local_and_sharding(g)
             if sharded:
-                acc = per_group.get(pg)
-                s = sumsq([local])
-                per_group[pg] = s if acc is None else acc + s.to(acc.device)
+                per_group.setdefault(pg, []).append(local)
                 continue
-            plain = plain + sumsq([local]).cpu()
-        else:
-            plain = plain + sumsq([g]).cpu()
-    total_sq = plain
-    for pg, s in per_group.items():
+        plain.append(local)
+    total_sq = sumsq(plain, device)
+    for pg, tensors in per_group.items():
+        s = sumsq(tensors, device)
         dist.all_reduce(s, group=pg)
-        total_sq = total_sq + s.cpu()
-    return [local_tensor(g) for g in grads], total_sq.sqrt()
+        total_sq = total_sq + s.to(total_sq.device)
+    return locals_, total_sq.sqrt()

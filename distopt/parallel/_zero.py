@@ -98,7 +98,7 @@ class ZeroBackend(Backend):
         # parameters the engine does not manage here have no gradient (see engine_of)
         shards = [shard_of[id(p)] for p in params if id(p) in shard_of]
         grads = [t.grad for t in shards if t.grad is not None]
-        local = sumsq(grads)
+        local = sumsq(grads, self.device)
         self.stats.add("all_reduce", local.numel() * local.element_size())
         dist.all_reduce(local, group=self.group)
         return grads, local.sqrt()

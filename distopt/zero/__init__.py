@@ -317,10 +317,13 @@ def clip_grad_norm_(
         )
         backend = backend_for_params(params)
     grads, total = backend.grad_norm(params)
-    if error_if_nonfinite and not torch.isfinite(total):
+    if error_if_nonfinite and not torch.isfinite(total):  # opt-in: a host read, as in torch
         raise RuntimeError(f"clip_grad_norm_: the total norm of the gradients is {float(total)}")
-    coef = float(max_norm) / (float(total) + 1e-6)
-    if coef < 1.0 and grads:
-        torch._foreach_mul_(grads, coef)
+    # The norm and the clip factor stay tensors on the gradients' device (no host read): a
+    # factor clamped to 1 multiplies by exactly 1 where there is nothing to clip.
+    grads = [g for g in grads if g.numel()]
+    if grads:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
     return total
 
