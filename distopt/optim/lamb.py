@@ -68,7 +68,8 @@ class Lamb(DistOptimizer):
         all_views = [v for _, vs in groups for v in vs]
         if max_norm is not None and all_views:
             norm = F.global_grad_norm(ctx, all_views)
-            ctx.extra["clip"] = float(torch.clamp(norm / max_norm, min=1.0))
+            # a device tensor (no host read); 1 where there is nothing to clip
+            ctx.extra["clip"] = torch.clamp(norm / max_norm, min=1.0)
         super()._step_groups(groups, ctx)
 
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
@@ -85,8 +86,8 @@ class Lamb(DistOptimizer):
             bc1 = bc2 = [1.0] * len(views)
         params, grads = F.columns(views)
         clip = ctx.extra.get("clip")
-        if clip is not None and clip != 1.0:
-            grads = F.scaled(grads, 1.0 / clip)
+        if clip is not None:
+            grads = F.scaled(grads, (1.0 / clip).to(grads[0].device))
         exp_avgs = [v.state["exp_avg"] for v in views]
         F.ema_(exp_avgs, grads, beta1, beta3)
         F.ema_sq_([v.state["exp_avg_sq"] for v in views], grads, beta2)
