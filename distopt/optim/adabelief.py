@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, adam_hypers, flag
 from distopt.optim.radam import rectification
@@ -55,6 +58,7 @@ class AdaBelief(DistOptimizer):
     """
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     hypers = HyperSpec(
         *adam_hypers(1e-3, eps_default=1e-16),
@@ -80,44 +84,62 @@ class AdaBelief(DistOptimizer):
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
         eps, wd = group["eps"], group["weight_decay"]
-        amsgrad = group["amsgrad"]
-        params, grads, exp_avgs, exp_avg_vars = F.columns(views, "exp_avg", "exp_avg_var")
-        steps = F.advance_steps(views)
+        decoupled, rectify = group["decoupled_decay"], group["rectify"]
+        scalars = []
+        for t in F.advance_steps(views):
+            bc1 = 1.0 - beta1**t
+            if not rectify:
+                adaptive, size = 1.0, lr / bc1
+            else:
+                rect = rectification(beta1, beta2, t)[1]
+                adaptive = 0.0 if rect is None else 1.0
+                size = (
+                    lr * rect
+                    if rect is not None
+                    else (lr / bc1 if group["degenerated_to_sgd"] else 0.0)
+                )
+            scalars.append({
+                "decay": 1.0 - (wd if group["fixed_decay"] else lr * wd), "wd": wd, "beta1": beta1,
+                "beta2": beta2, "eps": eps, "bc2_sqrt": math.sqrt(1.0 - beta2**t), "adaptive": adaptive,
+                "size": size,
+            })  # fmt: skip
+        states = ("exp_avg", "exp_avg_var") + (("max_exp_avg_var",) if group["amsgrad"] else ())
+        K.apply(
+            self,
+            adabelief_rule,
+            views,
+            states,
+            scalars,
+            decoupled=bool(decoupled),
+            amsgrad=bool(group["amsgrad"]),
+            rectify=bool(rectify),
+        )
 
-        if group["decoupled_decay"]:
-            decay = wd if group["fixed_decay"] else lr * wd
-            if decay != 0.0:
-                torch._foreach_mul_(params, 1.0 - decay)
-        else:
-            grads = F.l2_decay(grads, params, wd)
 
-        F.ema_(exp_avgs, grads, beta1)
-        residuals = torch._foreach_sub(grads, exp_avgs)
-        F.ema_sq_(exp_avg_vars, residuals, beta2)
-        del residuals
-        torch._foreach_add_(exp_avg_vars, eps)
-        if amsgrad:
-            F.amsgrad_max_([v.state["max_exp_avg_var"] for v in views], exp_avg_vars)
-
-        if not group["rectify"]:
-            second = [v.state["max_exp_avg_var"] for v in views] if amsgrad else exp_avg_vars
-            denom = F.adam_denominator(second, F.bias_correction(beta2, steps), eps)
-            torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in F.bias_correction(beta1, steps)])
-            return
-
-        rect = [rectification(beta1, beta2, t)[1] for t in steps]
-        adaptive = [i for i, r in enumerate(rect) if r is not None]
-        if adaptive:
-            denom = torch._foreach_sqrt([exp_avg_vars[i] for i in adaptive])
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(
-                [params[i] for i in adaptive],
-                [exp_avgs[i] for i in adaptive],
-                denom,
-                [-lr * rect[i] for i in adaptive],
-            )
-        if group["degenerated_to_sgd"]:
-            plain = [i for i, r in enumerate(rect) if r is None]
-            if plain:
-                sizes = [-lr / (1.0 - beta1 ** steps[i]) for i in plain]
-                torch._foreach_add_([params[i] for i in plain], torch._foreach_mul([exp_avgs[i] for i in plain], sizes))
+def adabelief_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    decoupled: bool,
+    amsgrad: bool,
+    rectify: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """AdaBelief's update of one tensor (see :class:`AdaBelief`; ``s["size"]`` is the step size
+    of this step and ``s["adaptive"]`` whether the rectified step is adaptive)."""
+    if decoupled:
+        p = p * s["decay"]
+    else:
+        g = g + s["wd"] * p
+    m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
+    r = g - m
+    v = st["exp_avg_var"] * s["beta2"] + (1.0 - s["beta2"]) * (r * r) + s["eps"]
+    new = {"exp_avg": m, "exp_avg_var": v}
+    if amsgrad:
+        new["max_exp_avg_var"] = torch.maximum(st["max_exp_avg_var"], v)
+    if not rectify:
+        second = new["max_exp_avg_var"] if amsgrad else v
+        return p - s["size"] * (m / (second.sqrt() / s["bc2_sqrt"] + s["eps"])), new
+    step = torch.where(s["adaptive"] > 0, m / (v.sqrt() + s["eps"]), m)
+    return p - s["size"] * step, new

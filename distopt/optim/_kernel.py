@@ -1,0 +1,282 @@
+"""Single-pass optimizer updates: each optimizer states its per-element maths once.
+
+An optimizer's update is a *rule*: a pure function of one tensor's values::
+
+    def rule(p, g, st, s, *, <static options>):
+        # p, g: parameter and gradient values; st: {state name: values}; s: {scalar name: 0-dim
+        # tensor}.  Element-wise torch ops only (no in-place, no reductions, no host reads).
+        ...
+        return new_p, {state name: new values, ...}   # only the states it changes
+
+:func:`apply` runs a rule over the :class:`~distopt.optim._core.ParamView`\\ s of a param group:
+
+* **compiled** (the default where ``torch.compile`` can build kernels: a C++ compiler for CPU
+  tensors, Triton for CUDA): one ``torch.compile(dynamic=True, fullgraph=True)`` kernel per
+  (rule, options) reads every input once and writes every output once, in place; tensors are
+  flattened so one dynamic-shape kernel serves every size, and small tensors are concatenated
+  into one call (the per-call overhead, not the bytes, is their cost);
+* **eager** (``DISTOPT_KERNELS=eager``, :func:`set_mode("eager") <set_mode>`, or where
+  compiling is not possible or fails): the *same function* called with ordinary torch ops, in
+  cache-sized chunks of large tensors.
+
+The scalars (learning rate, bias corrections, ...) are host floats the optimizer computes per
+parameter; they travel as one packed float64 tensor per distinct set of values, so a new
+learning rate never recompiles anything.
+
+``torch.amp.GradScaler``: an optimizer whose updates all go through :func:`apply` sets
+``_step_supports_amp_scaling = True``.  The scaler then sets ``grad_scale`` and ``found_inf``
+(device tensors) on the optimizer instead of unscaling the gradients and reading ``found_inf``
+on the host; :func:`apply` multiplies the gradient by ``1 / grad_scale`` inside the kernel,
+keeps every output at its old value where ``found_inf`` is non-zero (``torch.where``: no host
+read), and takes the step back from each parameter's ``step`` counter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distopt.optim._core import ParamView
+
+__all__ = ["apply", "set_mode", "mode", "scaler_of", "MODES", "ENV"]
+
+log = logging.getLogger(__name__)
+
+#: environment variable choosing how rules run: ``compile`` or ``eager``
+ENV = "DISTOPT_KERNELS"
+MODES = ("compile", "eager")
+#: eager mode works through large tensors in chunks of this many elements (cache-sized
+#: temporaries instead of fresh tensor-sized allocations per op)
+EAGER_CHUNK = 1 << 16
+#: compiled mode concatenates tensors smaller than this into one kernel call
+SMALL = 1 << 15
+
+_mode: str | None = None
+_kernels: dict[Any, Callable[..., None]] = {}
+_failed: set[Any] = set()
+
+Rule = Callable[..., tuple[Tensor, Mapping[str, Tensor]]]
+
+
+def set_mode(value: str | None) -> None:
+    """Run rules ``"compile"``\\ d or ``"eager"``; ``None``: back to ``$DISTOPT_KERNELS`` / the default."""
+    global _mode
+    if value is not None and value not in MODES:
+        raise ValueError(f"kernel mode must be one of {MODES} or None, got {value!r}")
+    _mode = value
+
+
+def mode() -> str:
+    """The current mode: :func:`set_mode`'s value, else ``$DISTOPT_KERNELS``, else ``compile``."""
+    if _mode is not None:
+        return _mode
+    env = os.environ.get(ENV, "").strip().lower()
+    if env and env not in MODES:
+        raise ValueError(f"${ENV} must be one of {MODES}, got {env!r}")
+    return env or "compile"
+
+
+def _can_compile(device: torch.device) -> bool:
+    if not hasattr(torch, "compile"):
+        return False
+    if device.type == "cpu":
+        return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+    if device.type == "cuda":
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None
+    return False
+
+
+def scaler_of(opt: Any) -> tuple[Tensor | None, Tensor | None]:
+    """``(grad_scale, found_inf)`` that ``torch.amp.GradScaler`` set on ``opt`` for this step."""
+    return getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+
+
+# --------------------------------------------------------------------------- the kernel body
+
+
+def _kernel_factory(
+    rule: Rule,
+    states: tuple[str, ...],
+    scalars: tuple[str, ...],
+    options: tuple[tuple[str, Any], ...],
+) -> Callable[..., None]:
+    opts = dict(options)
+
+    def kernel(
+        p: Tensor,
+        g: Tensor,
+        sts: tuple[Tensor, ...],
+        sc: Tensor,
+        inv_scale: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> None:
+        if inv_scale is not None:
+            g = g * inv_scale
+        s = dict(zip(scalars, sc.unbind(0)))
+        old = dict(zip(states, sts))
+        new_p, new = rule(p, g, old, s, **opts)
+        outs = [(p, new_p)] + [(old[k], v) for k, v in new.items()]
+        for dst, val in outs:
+            if found_inf is not None:
+                val = torch.where(found_inf > 0, dst, val)
+            dst.copy_(val)
+
+    # one code object per (rule, options): torch.compile's cache and recompile limit are per
+    # code object, so rules never evict each other's kernels
+    code = kernel.__code__.replace(co_name=f"distopt_{rule.__name__}")
+    return types.FunctionType(
+        code, kernel.__globals__, code.co_name, kernel.__defaults__, kernel.__closure__
+    )
+
+
+def _get(
+    key: Any,
+    rule: Rule,
+    states: tuple[str, ...],
+    scalars: tuple[str, ...],
+    options: tuple[tuple[str, Any], ...],
+    compiled: bool,
+) -> Callable[..., None]:
+    fn = _kernels.get((key, compiled))
+    if fn is None:
+        fn = _kernel_factory(rule, states, scalars, options)
+        if compiled:
+            fn = torch.compile(fn, dynamic=True, fullgraph=True)
+        _kernels[(key, compiled)] = fn
+    return fn
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def apply(
+    opt: Any,
+    rule: Rule,
+    views: Sequence[ParamView],
+    states: Sequence[str],
+    scalars: Mapping[str, float] | Sequence[Mapping[str, float]],
+    **options: Any,
+) -> None:
+    """Update ``views`` in place with ``rule`` (see the module docstring).
+
+    ``states``: the state names the rule reads (each ``view.state[name]``, like the data);
+    ``scalars``: host floats, one mapping for every view or one per view; ``options``: static
+    Python values passed to the rule as keywords (each distinct set gets its own kernel).
+    ``opt`` is the optimizer (its ``grad_scale`` / ``found_inf``, set by ``GradScaler``).
+    """
+    if not views:
+        return
+    states = tuple(states)
+    per_view = [scalars] * len(views) if isinstance(scalars, Mapping) else list(scalars)
+    if len(per_view) != len(views):
+        raise ValueError(f"apply: {len(per_view)} scalar sets for {len(views)} views")
+    names = tuple(per_view[0])
+    grad_scale, found_inf = scaler_of(opt)
+    opts = tuple(sorted(options.items()))
+    key = (rule, states, names, opts)
+    compiled = mode() == "compile" and key not in _failed and _can_compile(views[0].data.device)
+
+    packs: dict[tuple, Tensor] = {}
+    aux: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
+    small: dict[tuple, list[int]] = {}
+    for i, v in enumerate(views):
+        vals = tuple(float(per_view[i][n]) for n in names)
+        dev = v.data.device
+        sc = packs.get((vals, dev))
+        if sc is None:
+            sc = packs[(vals, dev)] = torch.tensor(vals, dtype=torch.float64, device=dev)
+        if dev not in aux:
+            inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
+            fi = None if found_inf is None else found_inf.to(dev, torch.float32)
+            aux[dev] = (inv, fi)
+        inv, fi = aux[dev]
+        sts = tuple(v.state[n] for n in states)
+        n = v.data.numel()
+        flat = compiled and n >= 2 and _flat_ok(v.data, v.grad, sts)
+        if flat and n < SMALL:
+            small.setdefault((vals, dev, v.data.dtype), []).append(i)
+            continue
+        if flat:
+            try:
+                _get(key, rule, states, names, opts, True)(
+                    v.data.view(-1), v.grad.view(-1), tuple(t.view(-1) for t in sts), sc, inv, fi
+                )
+                continue
+            except Exception as exc:  # noqa: BLE001 - any compile failure: run the same maths eagerly
+                _compile_failed(key, rule, exc)
+                compiled = False
+        _eager(_get(key, rule, states, names, opts, False), v.data, v.grad, sts, sc, inv, fi)
+
+    for (vals, dev, _), idx in small.items():
+        sc, (inv, fi) = packs[(vals, dev)], aux[dev]
+        group = [views[i] for i in idx]
+        cols = [[v.data.view(-1) for v in group], [v.grad.view(-1) for v in group]]
+        cols += [[v.state[s].view(-1) for v in group] for s in states]
+        if len(group) == 1:
+            bufs = [c[0] for c in cols]
+        else:
+            bufs = [torch.cat(c) for c in cols]
+        fn = _get(key, rule, states, names, opts, compiled)
+        try:
+            fn(bufs[0], bufs[1], tuple(bufs[2:]), sc, inv, fi)
+        except Exception as exc:  # noqa: BLE001
+            _compile_failed(key, rule, exc)
+            fn = _get(key, rule, states, names, opts, False)
+            fn(bufs[0], bufs[1], tuple(bufs[2:]), sc, inv, fi)
+        if len(group) > 1:
+            sizes = [t.numel() for t in cols[0]]
+            for k in (0, *range(2, len(cols))):
+                torch._foreach_copy_(cols[k], list(torch.split(bufs[k], sizes)))
+
+    if found_inf is not None:  # a skipped step does not count
+        for v in views:
+            step = v.state.get("step")
+            if isinstance(step, Tensor):
+                step.sub_(found_inf.to(step.device, step.dtype))
+
+
+def _flat_ok(data: Tensor, grad: Tensor, sts: tuple[Tensor, ...]) -> bool:
+    return all(t.is_contiguous() for t in (data, grad, *sts)) and all(
+        t.shape == data.shape for t in sts
+    )
+
+
+def _eager(
+    fn: Callable[..., None],
+    data: Tensor,
+    grad: Tensor,
+    sts: tuple[Tensor, ...],
+    sc: Tensor,
+    inv: Tensor | None,
+    fi: Tensor | None,
+) -> None:
+    n = data.numel()
+    if n > 2 * EAGER_CHUNK and _flat_ok(data, grad, sts):
+        flats = [data.view(-1), grad.view(-1), *(t.view(-1) for t in sts)]
+        for a in range(0, n, EAGER_CHUNK):
+            b = min(n, a + EAGER_CHUNK)
+            fn(flats[0][a:b], flats[1][a:b], tuple(t[a:b] for t in flats[2:]), sc, inv, fi)
+        return
+    fn(data, grad, sts, sc, inv, fi)
+
+
+def _compile_failed(key: Any, rule: Rule, exc: Exception) -> None:
+    if key not in _failed:
+        _failed.add(key)
+        log.warning(
+            "distopt: compiling the %s update failed (%s: %s); running it eagerly "
+            "(set %s=eager to skip compiling)",
+            rule.__name__,
+            type(exc).__name__,
+            exc,
+            ENV,
+        )
