@@ -146,6 +146,22 @@ class _AdafactorKernel(DistOptimizer):
             scale = h.scale_parameter and h.scale_external
         return lr * max(h.eps_scale, rms) if scale else lr
 
+    @staticmethod
+    def _param_lrs(h: _Hyper, steps: list[float], rms: Tensor) -> list[float] | Tensor:
+        """:meth:`_param_lr` of every parameter without reading ``rms`` back to the host:
+        floats when the lr does not depend on the RMS, else a tensor on ``rms``'s device (in
+        float64 where the device has it, so the values equal the host computation's)."""
+        if h.relative_step:
+            base = [relative_step_lr(t, h.warmup_init) for t in steps]
+            scale = h.scale_parameter
+        else:
+            base = [float(h.lr)] * len(steps)  # type: ignore[arg-type]
+            scale = h.scale_parameter and h.scale_external
+        if not scale:
+            return base
+        wide = torch.float32 if rms.device.type == "mps" else torch.float64
+        return torch.tensor(base, dtype=wide, device=rms.device) * rms.to(wide).clamp_min(h.eps_scale)
+
     def relative_step_lrs(self) -> list[float | None]:
         """The learning rate each param group used at its last step (one entry per group).
 
@@ -259,9 +275,9 @@ class _AdafactorKernel(DistOptimizer):
         rms = torch.cat(psq_red).float().clamp_min(0).sqrt()
         rms = rms / torch.tensor([math.sqrt(max(v.numel, 1)) for v in views], device=rms.device)
         torch._foreach_copy_([v.state["RMS"] for v in views], list(rms.to(params[0].device).unbind(0)))
-        lrs = [self._param_lr(h, t, r) for t, r in zip(steps, rms.tolist())]
+        lrs = self._param_lrs(h, steps, rms)
         if self._writes_group_lr and h.relative_step:
-            group["lr"] = lrs[-1]
+            group["lr"] = lrs[-1]  # a 0-dim tensor when it depends on the RMS (as in timm)
 
         updates: list[Tensor] = [None] * len(views)  # type: ignore[list-item]
         if unf:
@@ -289,7 +305,10 @@ class _AdafactorKernel(DistOptimizer):
         u_rms = torch.cat(usq).float().clamp_min(0).sqrt()
         u_rms = u_rms / torch.tensor([math.sqrt(max(v.numel, 1)) for v in views], device=u_rms.device)
         clip = (u_rms / h.clip_threshold).clamp_(min=1.0)
-        scales = torch.tensor(lrs, dtype=clip.dtype, device=clip.device) / clip
+        if isinstance(lrs, Tensor):
+            scales = lrs.to(clip.dtype) / clip
+        else:
+            scales = torch.tensor(lrs, dtype=clip.dtype, device=clip.device) / clip
         torch._foreach_mul_(updates, list(scales.to(params[0].device).unbind(0)))
 
         if h.beta1 is not None:
@@ -308,7 +327,11 @@ class _AdafactorKernel(DistOptimizer):
                 updates = torch._foreach_mul(exp_avgs, masks)
 
         if h.weight_decay != 0.0:
-            torch._foreach_mul_(params, [1.0 - h.weight_decay * lr for lr in lrs])
+            if isinstance(lrs, Tensor):
+                decay = (1.0 - h.weight_decay * lrs).to(params[0].dtype)
+                torch._foreach_mul_(params, list(decay.to(params[0].device).unbind(0)))
+            else:
+                torch._foreach_mul_(params, [1.0 - h.weight_decay * lr for lr in lrs])
         torch._foreach_sub_(params, updates)
 
 
