@@ -75,6 +75,14 @@ Spec = tuple
 
 
 def _collect(model: nn.Module, optimizer: Any) -> tuple[dict[str, Spec], dict, dict, list[Entry]]:
+    # an optimizer may refuse to be saved now (a schedule-free one in eval mode: the
+    # parameters hold its averaged weights, not the iterate training resumes from)
+    inner = optimizer
+    while inner is not None:
+        check = getattr(inner, "check_checkpointable", None)
+        if callable(check):
+            check()
+        inner = getattr(inner, "optimizer", None) or getattr(inner, "base_optimizer", None)
     ents = entries(model, optimizer)
     specs: dict[str, Spec] = {}
     state_meta: dict[str, dict[str, dict[str, Any]]] = {}
