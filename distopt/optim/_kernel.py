@@ -29,6 +29,12 @@ learning rate never recompiles anything.
 on the host; :func:`apply` multiplies the gradient by ``1 / grad_scale`` inside the kernel,
 keeps every output at its old value where ``found_inf`` is non-zero (``torch.where``: no host
 read), and takes the step back from each parameter's ``step`` counter.
+
+Statistics over whole tensors (the cautious mask's mean, trust-ratio norms): ``apply(...,
+ctx=ctx, sums=("name", ...))`` calls the same rule first with ``phase="sums"``, where it returns
+``{name: per-element values}``; the runner sums each over the local tensor (one read pass),
+adds them across ranks in one :meth:`StepContext.reduce`, and calls the rule again with
+``phase="update"``, where ``s[name]`` holds the whole tensor's sum.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distopt.optim._core import ParamView
+from distopt.optim._core import ParamView, StepContext
 
 __all__ = ["apply", "set_mode", "mode", "scaler_of", "MODES", "ENV"]
 
@@ -108,51 +114,76 @@ def _kernel_factory(
     states: tuple[str, ...],
     scalars: tuple[str, ...],
     options: tuple[tuple[str, Any], ...],
-) -> Callable[..., None]:
+    sums: tuple[str, ...],
+    phase: str,
+) -> Callable[..., Any]:
     opts = dict(options)
+    if sums:
+        opts["phase"] = phase
 
     def kernel(
         p: Tensor,
         g: Tensor,
         sts: tuple[Tensor, ...],
         sc: Tensor,
+        stats: Tensor | None,
         inv_scale: Tensor | None,
         found_inf: Tensor | None,
-    ) -> None:
+    ) -> Any:
         if inv_scale is not None:
             g = g * inv_scale
         s = dict(zip(scalars, sc.unbind(0)))
+        if stats is not None:
+            s.update(zip(sums, stats.unbind(0)))
         old = dict(zip(states, sts))
+        if phase == "sums":
+            parts = rule(p, g, old, s, **opts)
+            return tuple(parts[k].sum(dtype=torch.float32) for k in sums)
         new_p, new = rule(p, g, old, s, **opts)
         outs = [(p, new_p)] + [(old[k], v) for k, v in new.items()]
         for dst, val in outs:
             if found_inf is not None:
                 val = torch.where(found_inf > 0, dst, val)
             dst.copy_(val)
+        return None
 
-    # one code object per (rule, options): torch.compile's cache and recompile limit are per
-    # code object, so rules never evict each other's kernels
-    code = kernel.__code__.replace(co_name=f"distopt_{rule.__name__}")
+    # one code object per (rule, options, phase): torch.compile's cache and recompile limit are
+    # per code object, so rules never evict each other's kernels
+    code = kernel.__code__.replace(co_name=f"distopt_{rule.__name__}_{phase}")
     return types.FunctionType(
         code, kernel.__globals__, code.co_name, kernel.__defaults__, kernel.__closure__
     )
 
 
-def _get(
-    key: Any,
-    rule: Rule,
-    states: tuple[str, ...],
-    scalars: tuple[str, ...],
-    options: tuple[tuple[str, Any], ...],
-    compiled: bool,
-) -> Callable[..., None]:
-    fn = _kernels.get((key, compiled))
-    if fn is None:
-        fn = _kernel_factory(rule, states, scalars, options)
-        if compiled:
-            fn = torch.compile(fn, dynamic=True, fullgraph=True)
-        _kernels[(key, compiled)] = fn
-    return fn
+class _Kernels:
+    """The compiled and eager forms of one (rule, states, scalars, options, sums)."""
+
+    def __init__(self, key: tuple, compiled: bool):
+        self.key, self.compiled = key, compiled
+
+    def get(self, phase: str, compiled: bool) -> Callable[..., Any]:
+        rule, states, scalars, options, sums = self.key
+        k = (self.key, phase, compiled)
+        fn = _kernels.get(k)
+        if fn is None:
+            fn = _kernel_factory(rule, states, scalars, options, sums, phase)
+            if compiled:
+                fn = torch.compile(fn, dynamic=True, fullgraph=True)
+            _kernels[k] = fn
+        return fn
+
+    def call(self, phase: str, flat: bool, *args: Any) -> Any:
+        """Run compiled when possible (flattened args), else eagerly (chunked for big tensors)."""
+        if self.compiled and flat:
+            try:
+                return self.get(phase, True)(*args)
+            except Exception as exc:  # noqa: BLE001 - any compile failure: the same maths eagerly
+                _compile_failed(self.key, self.key[0], exc)
+                self.compiled = False
+        fn = self.get(phase, False)
+        if phase == "sums" or not flat:
+            return fn(*args)
+        return _eager(fn, *args)
 
 
 # --------------------------------------------------------------------------- the runner
@@ -164,30 +195,38 @@ def apply(
     views: Sequence[ParamView],
     states: Sequence[str],
     scalars: Mapping[str, float] | Sequence[Mapping[str, float]],
+    *,
+    ctx: StepContext | None = None,
+    sums: Sequence[str] = (),
     **options: Any,
 ) -> None:
     """Update ``views`` in place with ``rule`` (see the module docstring).
 
     ``states``: the state names the rule reads (each ``view.state[name]``, like the data);
     ``scalars``: host floats, one mapping for every view or one per view; ``options``: static
-    Python values passed to the rule as keywords (each distinct set gets its own kernel).
+    Python values passed to the rule as keywords (each distinct set gets its own kernel);
+    ``sums``: whole-tensor sums the update needs (then ``ctx`` reduces them across ranks).
     ``opt`` is the optimizer (its ``grad_scale`` / ``found_inf``, set by ``GradScaler``).
+    Call it once per param group and step: a step skipped by ``found_inf`` is taken back from
+    each view's ``step`` counter here.
     """
     if not views:
         return
-    states = tuple(states)
+    states, sums = tuple(states), tuple(sums)
+    if sums and ctx is None:
+        raise ValueError("apply: `sums` needs the StepContext (ctx=) to reduce them across ranks")
     per_view = [scalars] * len(views) if isinstance(scalars, Mapping) else list(scalars)
     if len(per_view) != len(views):
         raise ValueError(f"apply: {len(per_view)} scalar sets for {len(views)} views")
     names = tuple(per_view[0])
     grad_scale, found_inf = scaler_of(opt)
-    opts = tuple(sorted(options.items()))
-    key = (rule, states, names, opts)
-    compiled = mode() == "compile" and key not in _failed and _can_compile(views[0].data.device)
+    key = (rule, states, names, tuple(sorted(options.items())), sums)
+    dev0 = views[0].data.device
+    kern = _Kernels(key, mode() == "compile" and key not in _failed and _can_compile(dev0))
 
     packs: dict[tuple, Tensor] = {}
     aux: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
-    small: dict[tuple, list[int]] = {}
+    args = []
     for i, v in enumerate(views):
         vals = tuple(float(per_view[i][n]) for n in names)
         dev = v.data.device
@@ -198,40 +237,56 @@ def apply(
             inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
             fi = None if found_inf is None else found_inf.to(dev, torch.float32)
             aux[dev] = (inv, fi)
-        inv, fi = aux[dev]
         sts = tuple(v.state[n] for n in states)
-        n = v.data.numel()
-        flat = compiled and n >= 2 and _flat_ok(v.data, v.grad, sts)
-        if flat and n < SMALL:
+        flat = v.data.numel() >= 2 and _flat_ok(v.data, v.grad, sts)
+        args.append((vals, dev, flat, sc, sts))
+
+    stats: list[Tensor | None] = [None] * len(views)
+    if sums:
+        parts = []
+        for v, (_, dev, flat, sc, sts) in zip(views, args):
+            d, g, st = (
+                (v.data.view(-1), v.grad.view(-1), tuple(t.view(-1) for t in sts))
+                if flat
+                else (v.data, v.grad, sts)
+            )
+            parts.append(kern.call("sums", flat, d, g, st, sc, None, aux[dev][0], None))
+        reduced = ctx.reduce(
+            [[p[k].reshape(1) for p in parts] for k in range(len(sums))], list(views)
+        )
+        stats = [
+            torch.cat([reduced[k][i].to(torch.float64) for k in range(len(sums))])
+            for i in range(len(views))
+        ]
+
+    small: dict[tuple, list[int]] = {}
+    for i, (v, (vals, dev, flat, sc, sts)) in enumerate(zip(views, args)):
+        inv, fi = aux[dev]
+        if kern.compiled and flat and not sums and v.data.numel() < SMALL:
             small.setdefault((vals, dev, v.data.dtype), []).append(i)
             continue
         if flat:
-            try:
-                _get(key, rule, states, names, opts, True)(
-                    v.data.view(-1), v.grad.view(-1), tuple(t.view(-1) for t in sts), sc, inv, fi
-                )
-                continue
-            except Exception as exc:  # noqa: BLE001 - any compile failure: run the same maths eagerly
-                _compile_failed(key, rule, exc)
-                compiled = False
-        _eager(_get(key, rule, states, names, opts, False), v.data, v.grad, sts, sc, inv, fi)
+            kern.call(
+                "update",
+                True,
+                v.data.view(-1),
+                v.grad.view(-1),
+                tuple(t.view(-1) for t in sts),
+                sc,
+                stats[i],
+                inv,
+                fi,
+            )
+        else:
+            kern.call("update", False, v.data, v.grad, sts, sc, stats[i], inv, fi)
 
     for (vals, dev, _), idx in small.items():
         sc, (inv, fi) = packs[(vals, dev)], aux[dev]
         group = [views[i] for i in idx]
         cols = [[v.data.view(-1) for v in group], [v.grad.view(-1) for v in group]]
         cols += [[v.state[s].view(-1) for v in group] for s in states]
-        if len(group) == 1:
-            bufs = [c[0] for c in cols]
-        else:
-            bufs = [torch.cat(c) for c in cols]
-        fn = _get(key, rule, states, names, opts, compiled)
-        try:
-            fn(bufs[0], bufs[1], tuple(bufs[2:]), sc, inv, fi)
-        except Exception as exc:  # noqa: BLE001
-            _compile_failed(key, rule, exc)
-            fn = _get(key, rule, states, names, opts, False)
-            fn(bufs[0], bufs[1], tuple(bufs[2:]), sc, inv, fi)
+        bufs = [c[0] for c in cols] if len(group) == 1 else [torch.cat(c) for c in cols]
+        kern.call("update", True, bufs[0], bufs[1], tuple(bufs[2:]), sc, None, inv, fi)
         if len(group) > 1:
             sizes = [t.numel() for t in cols[0]]
             for k in (0, *range(2, len(cols))):
@@ -256,17 +311,17 @@ def _eager(
     grad: Tensor,
     sts: tuple[Tensor, ...],
     sc: Tensor,
+    stats: Tensor | None,
     inv: Tensor | None,
     fi: Tensor | None,
 ) -> None:
     n = data.numel()
-    if n > 2 * EAGER_CHUNK and _flat_ok(data, grad, sts):
-        flats = [data.view(-1), grad.view(-1), *(t.view(-1) for t in sts)]
+    if n > 2 * EAGER_CHUNK:
         for a in range(0, n, EAGER_CHUNK):
             b = min(n, a + EAGER_CHUNK)
-            fn(flats[0][a:b], flats[1][a:b], tuple(t[a:b] for t in flats[2:]), sc, inv, fi)
+            fn(data[a:b], grad[a:b], tuple(t[a:b] for t in sts), sc, stats, inv, fi)
         return
-    fn(data, grad, sts, sc, inv, fi)
+    fn(data, grad, sts, sc, stats, inv, fi)
 
 
 def _compile_failed(key: Any, rule: Rule, exc: Exception) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import KW_ONLY, HyperSpec, check_nesterov, flag, lr, nonneg
 
@@ -40,6 +41,7 @@ class SGD(DistOptimizer):
     """
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     hypers = HyperSpec(
         lr(1e-3),
@@ -56,32 +58,82 @@ class SGD(DistOptimizer):
         return params, hypers
 
     def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
-        # The momentum buffer starts as the first gradient (torch semantics), so it is created
-        # in _update, where that gradient (after maximize and weight decay) is known.
+        # The momentum buffer starts as the first gradient (torch semantics): created here as
+        # zeros, it takes the gradient in the rule at its first step (``s["first"]``).
         pass
 
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
-        if not views:
-            return
-        lr = float(group["lr"])
-        momentum, dampening = group["momentum"], group["dampening"]
-        params, grads = F.columns(views)
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        grads = F.l2_decay(grads, params, group["weight_decay"])
-        if momentum == 0:
-            torch._foreach_add_(params, grads, alpha=-lr)
-            return
-        old = [i for i, v in enumerate(views) if "momentum_buffer" in v.state]
-        if old:
-            bufs = [views[i].state["momentum_buffer"] for i in old]
-            torch._foreach_mul_(bufs, momentum)
-            torch._foreach_add_(bufs, [grads[i] for i in old], alpha=1.0 - dampening)
-        for i, v in enumerate(views):
-            if "momentum_buffer" not in v.state:
-                v.state["momentum_buffer"] = grads[i].detach().clone(memory_format=torch.preserve_format)
-        bufs = [v.state["momentum_buffer"] for v in views]
-        if group["nesterov"]:
-            torch._foreach_add_(params, torch._foreach_add(grads, bufs, alpha=momentum), alpha=-lr)
-        else:
-            torch._foreach_add_(params, bufs, alpha=-lr)
+        sgd_update(self, ctx, group, views, decay=1.0, l2=group["weight_decay"], caution=False)
+
+
+def sgd_update(
+    opt: DistOptimizer,
+    ctx: StepContext,
+    group: dict[str, Any],
+    views: list[ParamView],
+    *,
+    decay: float,
+    l2: float,
+    caution: bool,
+) -> None:
+    """One SGD / SGDW step of ``views`` through :func:`sgd_rule` (creates the momentum buffers)."""
+    if not views:
+        return
+    momentum = group["momentum"]
+    scalars = []
+    for v in views:
+        first = momentum != 0 and "momentum_buffer" not in v.state
+        if first:
+            v.state["momentum_buffer"] = torch.zeros_like(
+                v.data, memory_format=torch.preserve_format
+            )
+        scalars.append(
+            {
+                "lr": float(group["lr"]),
+                "decay": decay,
+                "l2": l2,
+                "momentum": momentum,
+                "dampening": group["dampening"],
+                "first": float(first),
+                "numel": float(v.numel),
+            }
+        )
+    K.apply(opt, sgd_rule, views, ("momentum_buffer",) if momentum != 0 else (), scalars,
+            ctx=ctx if caution else None, sums=("agree",) if caution else (),
+            maximize=bool(group["maximize"]), momentum=momentum != 0, nesterov=bool(group["nesterov"]),
+            l2=l2 != 0.0, caution=caution)  # fmt: skip
+
+
+def sgd_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    maximize: bool,
+    momentum: bool,
+    nesterov: bool,
+    l2: bool,
+    caution: bool,
+    phase: str = "update",
+) -> Any:
+    """SGD's update of one tensor (:class:`SGD`, and :class:`~distopt.optim.SGDW`'s decoupled
+    decay ``s["decay"]`` and cautious mask)."""  # fmt: skip
+    if maximize:
+        g = -g
+    if l2:
+        g = g + s["l2"] * p
+    new = {}
+    d = g
+    if momentum:
+        b = torch.where(
+            s["first"] > 0, g, st["momentum_buffer"] * s["momentum"] + (1.0 - s["dampening"]) * g
+        )
+        new["momentum_buffer"] = b
+        d = g + s["momentum"] * b if nesterov else b
+    if caution:
+        mask = (d * g > 0).to(d.dtype)
+        if phase == "sums":
+            return {"agree": mask}
+        d = d * (mask / torch.clamp(s["agree"] / s["numel"], min=1e-3))
+    return p * s["decay"] - s["lr"] * d, new

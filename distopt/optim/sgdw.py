@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from distopt.optim._cautious import cautious_masks
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import (
     KW_ONLY,
@@ -17,6 +14,7 @@ from distopt.optim._hyper import (
     nonneg,
     with_max_lr_snapshot,
 )
+from distopt.optim.sgd import sgd_update
 
 __all__ = ["SGDW"]
 
@@ -47,6 +45,7 @@ class SGDW(DistOptimizer):
     """
 
     elementwise = True
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     hypers = HyperSpec(
         lr(1e-3),
@@ -71,32 +70,8 @@ class SGDW(DistOptimizer):
         pass  # the momentum buffer starts as the first gradient (created in _update)
 
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
-        if not views:
-            return
-        lr = float(group["lr"])
-        momentum, wd = group["momentum"], group["weight_decay"]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        if wd != 0.0:
-            s = lr * lr / group["max_lr_snapshot"] if group["corrected_weight_decay"] else lr
-            torch._foreach_mul_(params, 1.0 - s * wd)
-        if momentum == 0:
-            torch._foreach_add_(params, grads, alpha=-lr)
-            return
-        old = [i for i, v in enumerate(views) if "momentum_buffer" in v.state]
-        if old:
-            bufs = [views[i].state["momentum_buffer"] for i in old]
-            torch._foreach_mul_(bufs, momentum)
-            torch._foreach_add_(bufs, [grads[i] for i in old], alpha=1.0 - group["dampening"])
-        for i, v in enumerate(views):
-            if "momentum_buffer" not in v.state:
-                v.state["momentum_buffer"] = (
-                    grads[i].detach().clone(memory_format=torch.preserve_format)
-                )
-        bufs = [v.state["momentum_buffer"] for v in views]
-        d = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
-        if group["caution"]:
-            d = torch._foreach_mul(d, cautious_masks(ctx, views, d, grads))
-        torch._foreach_add_(params, d, alpha=-lr)
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        s = lr * lr / group["max_lr_snapshot"] if group["corrected_weight_decay"] else lr
+        sgd_update(
+            self, ctx, group, views, decay=1.0 - s * wd, l2=0.0, caution=bool(group["caution"])
+        )
