@@ -66,14 +66,16 @@ def project_(
     wd_ratio: float,
     eps: float,
     caution: bool = False,
-) -> list[float]:
+) -> list[float | Tensor]:
     """Project ``updates`` (fresh tensors, modified in place); return each weight-decay ratio.
 
     ``views[i].data`` holds the weights before this step's decay, ``grads[i]`` the gradient
-    (not modified).  Returns ``wd_ratio`` for projected parameters and 1.0 for the others.
+    (not modified).  Returns ``wd_ratio`` for projected parameters and 1.0 for the others:
+    floats when no parameter can be projected (all <= 1 dim), else 0-dim tensors (which view
+    is projected, if any, is decided on the device: nothing is read back to the host).
     """
     n = len(views)
-    ratios = [1.0] * n
+    ratios: list[float | Tensor] = [1.0] * n
     cand = [i for i, v in enumerate(views) if len(v.shape) > 1]
     if not cand and not caution:
         return ratios
@@ -94,27 +96,32 @@ def project_(
         # a channel "fails" unless cos < threshold (a NaN fails, as max() would propagate it)
         fails = (~(cos < delta / math.sqrt(p2.shape[1]))).sum()
         stats.append(torch.stack([fails.float(), pg.sum(), gg.sum(), pp.sum(), pu.sum()]).float())
-    table: dict[int, list[float]] = {}  # i -> reduced [fails, <p,g>, <g,g>, <p,p>, <p,u>]
+    table: dict[int, Tensor] = {}  # i -> reduced [fails, <p,g>, <g,g>, <p,p>, <p,u>] (float64)
     if cand:
         (stats,) = ctx.reduce([stats], sharded)
-        rows_ = torch.stack([stats[i] for i in cand]).tolist()  # one host sync for all decisions
-        table = dict(zip(cand, rows_))
-    mode: dict[int, str] = {}
-    for i, (fails, pg, gg, pp, pu) in table.items():
+        # The decisions stay on the device (no host read): float64 where the device has it, so
+        # the thresholds and coefficients are the values the host computation would give.
+        wide = torch.float32 if stats[cand[0]].device.type == "mps" else torch.float64
+        table = {i: stats[i].to(wide) for i in cand}
+        one = torch.ones((), dtype=wide, device=stats[cand[0]].device)
+        ratios = [one] * n  # all tensors (one _foreach_mul_ of the decay takes them together)
+    channel: dict[int, Tensor] = {}  # i -> projected by channel (0-dim bool)
+    layer: dict[int, Tensor] = {}  # i -> projected as one vector
+    for i, t in table.items():
         v = views[i]
-        if fails == 0:
-            r_pp, _, r_pu = rows[i]
-            d = r_pp.sqrt() + eps
-            _project_rows_(updates[i], _rows(v.data, v), r_pu / (d * d))
-            mode[i] = "channel"
-        else:
-            cos = abs(pg) / (max(math.sqrt(gg), eps) * max(math.sqrt(pp), eps))
-            if not cos < delta / math.sqrt(v.numel):
-                continue
-            d = math.sqrt(pp) + eps
-            updates[i].sub_(v.data, alpha=pu / (d * d))
-            mode[i] = "layer"
-        ratios[i] = wd_ratio
+        fails, pg, gg, pp, pu = t.unbind(0)
+        ch = fails == 0
+        cos = pg.abs() / (gg.sqrt().clamp_min(eps) * pp.sqrt().clamp_min(eps))
+        ly = ~ch & (cos < delta / math.sqrt(v.numel))
+        r_pp, _, r_pu = rows[i]
+        d = r_pp.sqrt() + eps
+        coef = torch.where(ch, r_pu / (d * d), torch.zeros_like(r_pu))
+        _project_rows_(updates[i], _rows(v.data, v), coef)
+        dl = pp.sqrt() + eps
+        coef_l = torch.where(ly, pu / (dl * dl), torch.zeros_like(pu))
+        updates[i].sub_(v.data * coef_l.to(v.data.dtype))
+        channel[i], layer[i] = ch, ly
+        ratios[i] = torch.where(ch | ly, wd_ratio, 1.0).to(t.dtype)  # type: ignore[call-overload]
     if not caution:
         return ratios
 
@@ -123,36 +130,39 @@ def project_(
     stats2: list[Tensor] = []
     for i, v in enumerate(views):
         g, u = grads[i], updates[i]
-        m = mode.get(i)
-        if m is None:
+        if i not in table:
             mask = (u * g > 0).to(g.dtype)
             stats2.append(torch.stack([mask.sum(), mask.new_zeros(())]).float())
         else:
             p2 = _rows(v.data, v)
-            if m == "channel":
-                r_pp, r_pg, _ = rows[i]
-                d = r_pp.sqrt() + eps
-                radial = p2 * (r_pg / (d * d)).unsqueeze(1)
-            else:
-                pg, pp = table[i][1], table[i][3]
-                radial = p2 * (pg / (math.sqrt(pp) + eps) ** 2)
+            r_pp, r_pg, _ = rows[i]
+            d = r_pp.sqrt() + eps
+            pg, pp = table[i][1], table[i][3]
+            per_row = torch.where(
+                channel[i],
+                r_pg / (d * d),
+                torch.where(layer[i], pg / (pp.sqrt() + eps) ** 2, 0.0).to(r_pg.dtype),
+            )
+            radial = p2 * per_row.unsqueeze(1)
             mask = (u * (g - radial.reshape(g.shape)) > 0).to(g.dtype)
             pum = (v.data * u * mask).sum()
             stats2.append(torch.stack([mask.sum(), pum]).float())
         masks.append(mask)
     (stats2,) = ctx.reduce([stats2], sharded)
-    sums = torch.stack(stats2).tolist()
-    scales = [1.0 / max(s[0] / max(v.numel, 1), 1e-3) for s, v in zip(sums, views)]
+    sums = torch.stack(stats2)
+    sums = sums.to(torch.float32 if sums.device.type == "mps" else torch.float64)
+    numels = torch.tensor([float(max(v.numel, 1)) for v in views], dtype=sums.dtype, device=sums.device)
+    scales = 1.0 / (sums[:, 0] / numels).clamp_min(1e-3)
     torch._foreach_mul_(list(updates), masks)
-    torch._foreach_mul_(list(updates), scales)
-    for i, m in mode.items():  # remove the radial part the masking brought back
+    torch._foreach_mul_(list(updates), list(scales.to(updates[0].dtype).unbind(0)))
+    for i in table:  # remove the radial part the masking brought back
         v = views[i]
         p2, u2 = _rows(v.data, v), _rows(updates[i], v)
-        if m == "channel":
-            r_pp = rows[i][0]
-            d = r_pp.sqrt() + eps
-            _project_rows_(updates[i], p2, _rowdot(p2, u2) / (d * d))
-        else:
-            pp = table[i][3]
-            updates[i].sub_(v.data, alpha=sums[i][1] * scales[i] / (math.sqrt(pp) + eps) ** 2)
+        r_pp = rows[i][0]
+        d = r_pp.sqrt() + eps
+        coef = _rowdot(p2, u2) / (d * d)
+        _project_rows_(updates[i], p2, torch.where(channel[i], coef, torch.zeros_like(coef)))
+        pp = table[i][3]
+        coef_l = torch.where(layer[i], sums[i, 1] * scales[i] / (pp.sqrt() + eps) ** 2, 0.0)
+        updates[i].sub_(v.data * coef_l.to(v.data.dtype))
     return ratios
