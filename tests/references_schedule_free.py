@@ -21,7 +21,9 @@ class _RefScheduleFree(RefOptimizer):
     released optimizers do, whether or not a parameter of the group has a gradient)."""
 
     def __init__(self, params, defaults):
-        super().__init__(params, {**defaults, "t": 0, "lr_max": -1.0, "wsum": 0.0, "training": False})
+        super().__init__(
+            params, {**defaults, "t": 0, "lr_max": -1.0, "wsum": 0.0, "training": False}
+        )
 
     def beta(self, grp):
         return grp["betas"][0]
@@ -119,7 +121,9 @@ class RefRAdamScheduleFree(_RefScheduleFree):
         rho_inf, rho_t = _rho(grp["betas"][1], t)
         if rho_t <= 4:
             return 0.0 if grp["silent_sgd_phase"] else 1.0
-        return math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        return math.sqrt(
+            (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        )
 
     def direction(self, g, st, grp):
         t = grp["t"]

@@ -9,6 +9,7 @@ is read by :func:`parse_optim_args`.  The schedule is :func:`distopt.schedules.g
 from __future__ import annotations
 
 import ast
+import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -82,16 +83,49 @@ def _trainer_optim(args: Any) -> tuple[Any, dict[str, Any]] | None:
         "sgd": (dopt.SGD, {}),
         "adagrad": (dopt.Adagrad, {}),
         "rmsprop": (dopt.RMSprop, {}),
+        # transformers' schedule-free names (its own defaults: the Trainer's Adam betas/eps for
+        # AdamW and RAdam, its warmup steps for AdamW and SGD; r, weight_lr_power from optim_args)
+        "schedule_free_adamw": (dopt.AdamWScheduleFree, {**adam, "warmup_steps": _warmup}),
+        "schedule_free_sgd": (dopt.SGDScheduleFree, {"warmup_steps": _warmup}),
+        "schedule_free_radam": (dopt.RAdamScheduleFree, adam),
     }
     if name not in table:
         return None
     cls, kw = table[name]
-    return cls, dict(kw)
+    return cls, {k: (v(args) if callable(v) else v) for k, v in kw.items()}
+
+
+def _warmup(args: Any) -> int:
+    """``args.warmup_steps`` as a step count for a schedule-free optimizer's own warmup.
+
+    transformers takes a value below 1 as a fraction of the training steps; the optimizer is
+    built before the Trainer knows them unless ``max_steps`` is given.
+    """
+    w = float(args.warmup_steps)
+    if w >= 1 or w == 0:
+        return int(w)
+    if args.max_steps and args.max_steps > 0:
+        return math.ceil(args.max_steps * w)
+    raise ValueError(
+        f"DistoptTrainer: warmup_steps={w} is a fraction of the training steps, which the "
+        "schedule-free optimizer's own warmup needs as a count: give warmup_steps as a number "
+        "of steps (>= 1), or set max_steps"
+    )
 
 
 def trainer_optimizer_names() -> list[str]:
     """The ``TrainingArguments.optim`` values :class:`DistoptTrainer` maps to distopt."""
-    return ["adafactor", "adagrad", "adamw_torch", "adamw_torch_fused", "rmsprop", "sgd"]
+    return [
+        "adafactor",
+        "adagrad",
+        "adamw_torch",
+        "adamw_torch_fused",
+        "rmsprop",
+        "schedule_free_adamw",
+        "schedule_free_radam",
+        "schedule_free_sgd",
+        "sgd",
+    ]
 
 
 def is_distopt_optimizer(opt: Any) -> bool:

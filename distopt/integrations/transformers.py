@@ -18,11 +18,16 @@ What :class:`DistoptTrainer` changes, and nothing else (data, logging, evaluatio
 * **Optimizer and schedule**: ``optim=`` takes any name of :func:`distopt.optim.list_optimizers`
   (``lookahead_<name>`` too), with ``optim_kwargs``; or, without ``optim=``, ``args.optim`` when it
   names an optimizer distopt has (``adamw_torch``, ``adamw_torch_fused``, ``adafactor``, ``sgd``,
-  ``adagrad``, ``rmsprop``: same defaults as the Trainer's) with ``args.optim_args``
-  (``"k=v,k2=v2"``, values read as Python literals).  Param groups are the Trainer's (weight decay
-  off for biases and norms), lr is ``args.learning_rate``.  The schedule is
-  :func:`distopt.schedules.get_scheduler` of ``args.lr_scheduler_type`` (or ``schedule=``) with
-  ``args.lr_scheduler_kwargs`` and the Trainer's warmup steps.  An optimizer passed as
+  ``adagrad``, ``rmsprop``, ``schedule_free_adamw``, ``schedule_free_sgd``,
+  ``schedule_free_radam``: same defaults as the Trainer's) with ``args.optim_args``
+  (``"k=v,k2=v2"``, values read as Python literals).  Schedule-free optimizers are switched with
+  ``optimizer.train()`` before each training step and ``optimizer.eval()`` by the Trainer's
+  evaluation, as the Trainer does; a checkpoint taken after an evaluation keeps the averaged
+  weights in ``model.safetensors`` and puts the optimizer back in train mode for distopt's
+  state (use ``lr_scheduler_type="constant"``: the optimizer needs no schedule).  Param groups
+  are the Trainer's (weight decay off for biases and norms), lr is ``args.learning_rate``.  The
+  schedule is :func:`distopt.schedules.get_scheduler` of ``args.lr_scheduler_type`` (or
+  ``schedule=``) with ``args.lr_scheduler_kwargs`` and the Trainer's warmup steps.  An optimizer passed as
   ``optimizers=(opt, sched)`` must be a distopt optimizer; it is sharded as well.
 * **ZeRO** (``zero_stage=1|2``, default 2; ``None`` keeps the Trainer's DDP): the model is
   sharded with :func:`distopt.shard`, but ``trainer.model`` stays the user's module — its
@@ -340,10 +345,17 @@ class DistoptTrainer(_TrainerPrivateHooks):
 
     # ------------------------------------------------------------------ checkpoints
     def _distopt_save(self, folder: Path) -> None:
+        opt = inner_optimizer(self.optimizer)
+        if getattr(opt, "train_mode", True) is False:
+            # a schedule-free optimizer left in eval mode by the evaluation that precedes a
+            # save: the Trainer's model.safetensors holds the averaged weights x (for
+            # from_pretrained); distopt's folder gets y, z and train mode (to resume from).
+            # The next training step would call optimizer.train() anyway.
+            opt.train()
         _checkpoint.save(
             folder,
             sharded=self._distopt_sharded,
-            optimizer=inner_optimizer(self.optimizer),
+            optimizer=opt,
             scheduler=self.lr_scheduler,
             accumulator=self._distopt_acc,
             step=self.state.global_step,

@@ -213,8 +213,12 @@ class AdamWeightDecay(DistOptimizer):
         views = [v for _, vs in groups for v in vs]
         if clip is not None and views:
             grads = [g for group, vs in groups for g in self._value_clipped(group, [v.grad for v in vs])]
-            norm = float(ctx.sum_over(F.local_sumsq(grads), views).sqrt())
-            ctx.extra["global_clip"] = clip / max(norm, clip) if math.isfinite(norm) else math.nan
+            norm = ctx.sum_over(F.local_sumsq(grads), views).sqrt()
+            # a device tensor (no host read), in float64 where the device has it: the factor
+            # the host computation would give; NaN for a non-finite norm (as Keras)
+            norm = norm.to(torch.float32 if norm.device.type == "mps" else torch.float64)
+            factor = clip / norm.clamp_min(clip)
+            ctx.extra["global_clip"] = torch.where(norm.isfinite(), factor, math.nan).float()
         super()._step_groups(groups, ctx)
 
     # ------------------------------------------------------------------ update
@@ -244,8 +248,8 @@ class AdamWeightDecay(DistOptimizer):
             factors = [clip / torch.clamp(n, min=clip) for n in norms]
             grads = torch._foreach_mul(grads, factors)
         global_clip = ctx.extra.get("global_clip")
-        if global_clip is not None and global_clip != 1.0:
-            grads = torch._foreach_mul(grads, global_clip)
+        if global_clip is not None:
+            grads = torch._foreach_mul(grads, global_clip.to(grads[0].device))
 
         decayed = [p for p, d in zip(params, self._decay_mask(group, views)) if d]
         F.decoupled_decay_(decayed, lr, wd)
