@@ -62,6 +62,14 @@ def _timm(module: str, cls: str) -> Callable[..., torch.optim.Optimizer] | None:
         return None
 
 
+def _schedulefree(cls: str) -> Callable[..., torch.optim.Optimizer] | None:
+    """A class of facebookresearch/schedule_free's package, if installed."""
+    try:
+        return getattr(importlib.import_module("schedulefree"), cls)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def _transformers(cls: str) -> Callable[..., torch.optim.Optimizer] | None:
     try:
         return getattr(importlib.import_module("transformers.optimization"), cls, None)
@@ -127,6 +135,13 @@ GROUPS: list[Group] = [
     Group("Adan", _wd(), [("timm Adan", lambda: _timm("adan", "Adan"), _wd())]),
     Group("Mars", _wd(), [("timm Mars", lambda: _timm("mars", "Mars"), _wd())],
           note="per-tensor norm of the corrected gradient"),
+    Group("AdamWScheduleFree", _wd(), [("schedulefree AdamWScheduleFree",
+                                        lambda: _schedulefree("AdamWScheduleFree"), _wd())],
+          note="train mode; z and the second moment per parameter"),
+    Group("SGDScheduleFree", _wd(lr=0.1), [("schedulefree SGDScheduleFree",
+                                            lambda: _schedulefree("SGDScheduleFree"), _wd(lr=0.1))]),
+    Group("RAdamScheduleFree", _wd(), [("schedulefree RAdamScheduleFree",
+                                        lambda: _schedulefree("RAdamScheduleFree"), _wd())]),
     Group("SGD", _wd(lr=0.1), [("torch SGD(foreach)", _torch("SGD", foreach=True), _wd(lr=0.1))]),
     Group("SGDP", _wd(lr=0.1), [("timm SGDP", lambda: _timm("sgdp", "SGDP"), _wd(lr=0.1))]),
     Group("RMSprop", _wd(), [("torch RMSprop(foreach)", _torch("RMSprop", foreach=True), _wd())]),
@@ -165,6 +180,8 @@ def _candidate(label: str, impl: str, factory: Callable[..., Any], kwargs: dict[
     for p, g in zip(params, grads):
         p.grad = g
     opt = factory(params, **kwargs)
+    if callable(getattr(opt, "train", None)):  # schedule-free optimizers step in train mode
+        opt.train()
     return Candidate(label, impl, opt, params)
 
 
