@@ -268,8 +268,8 @@ def test_unsupported_options_are_loud_and_switches_ignored():
     import distopt.compat.timm as T
 
     params = [nn.Parameter(torch.randn(3, 3))]
-    with pytest.raises(NotImplementedError, match="caution"):
-        T.Lamb(params, caution=True)
+    with pytest.raises(NotImplementedError, match="clipping_threshold"):
+        T.AdamWLegacy(params, clipping_threshold=1.0)
     with pytest.raises(NotImplementedError, match="capturable"):
         T.AdamW(params, capturable=True)
     opt = T.AdamW(params, foreach=False, fused=True)

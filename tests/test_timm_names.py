@@ -21,11 +21,7 @@ import distopt.optim as do
 TIMM_VERSION = "1.0.31"  # the version the parity tests were written against
 
 #: timm 1.0.31 names (outside fused*/bnb*) distopt does not register yet (issue 14, open)
-NOT_YET = {
-    "adamc", "cadamc", "cadamw",  # AdamW with caution / corrected decay
-    "clamb", "clambw", "lambcd",  # Lamb with caution / corrected decay
-    "radamw",  # torch RAdam with decoupled decay
-}  # fmt: skip
+NOT_YET: set[str] = set()  # every name is registered now
 
 
 def _timm_registry() -> dict[str, dict]:

@@ -12,6 +12,8 @@ Replace ``from timm.optim import X`` by ``from distopt.compat.timm import X``.  
   class has timm's signature and defaults, plus the keyword-only ``ns_dtype``;
 * ``Kron`` (PSGD, names ``kron``, ``kronw``, ``kronc``): timm's signature and defaults, plus the
   keyword-only ``seed`` of its random stream (always deterministic, as timm's ``deterministic=True``);
+* ``AdafactorBigVision`` (names ``adafactorbv``, ``adafactorbvc``, ``cadafactorbv``,
+  ``cadafactorbvc``): distopt's class has timm's signature and defaults;
 * ``Lookahead``; ``create_optimizer_v2``, ``create_optimizer``, ``optimizer_kwargs``,
   ``list_optimizers``, ``get_optimizer_class``, ``param_groups_weight_decay``,
   ``param_groups_layer_decay``.
@@ -27,7 +29,8 @@ Without a ``group_matcher``, layers are found by :func:`distopt.optim._param_gro
 (timm would put every parameter of a non-timm model in one layer).
 
 The ``torch.optim``-named classes compute what the distopt class of the same algorithm computes;
-``RAdam`` and ``NAdam`` are timm's legacy formulations (as ``RAdamLegacy`` / ``NAdamLegacy``).
+``NAdam`` is timm's legacy formulation (as ``NAdamLegacy``); ``RAdam`` adds ``weight_decay`` to
+the gradient unless ``decoupled_weight_decay`` (torch's arithmetic; ``RAdamLegacy`` decouples it).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from distopt.compat import forward_init, lazy_classes
 from distopt.optim._factory import default_registry, optimizer_kwargs
 from distopt.optim._param_groups import param_groups_layer_decay as param_groups_layer_decay
 from distopt.optim._param_groups import param_groups_weight_decay as param_groups_weight_decay
+from distopt.optim.adafactor_bv import AdafactorBigVision as AdafactorBigVision  # timm signature
 from distopt.optim.kron import Kron as Kron  # timm signature and defaults, plus keyword-only seed
 from distopt.optim.lookahead import Lookahead as Lookahead
 from distopt.optim.muon import Muon as Muon  # timm's signature and defaults already (issue 14)
@@ -233,6 +237,10 @@ def _build_registry():
                             ("radamlegacy", "RAdamLegacy", "timm's RAdam predating torch's")):
         reg._specs.pop(name, None)  # the core registry's entry: replaced by the facade class
         reg.register(name, f"{__name__}.{cls}", None, desc, has_momentum=False)
+    for name in ("adamc", "cadamw", "cadamc"):  # timm: AdamWLegacy (caution, corrected decay)
+        spec = reg._specs[name]
+        reg._specs[name] = type(spec)(name, f"{__name__}.AdamWLegacy", spec.defaults,
+                                      spec.description, spec.has_momentum)
     return reg
 
 

@@ -419,6 +419,17 @@ _BUILTINS: tuple[tuple[str, str, dict[str, Any], bool | None, str], ...] = (
     ("cadafactorbv", "AdafactorBigVision", {"caution": True}, True, "cautious Big Vision Adafactor"),
     ("cadafactorbvc", "AdafactorBigVision", {"caution": True, "corrected_weight_decay": True}, True,
      "cautious Big Vision Adafactor with corrected weight decay"),
+    ("adamc", "AdamW", {"corrected_weight_decay": True}, False, "AdamW with corrected weight decay"),
+    ("cadamw", "AdamW", {"caution": True}, False, "AdamW with the cautious mask"),
+    ("cadamc", "AdamW", {"caution": True, "corrected_weight_decay": True}, False,
+     "cautious AdamW with corrected weight decay"),
+    ("clamb", "Lamb", {"caution": True}, False, "LAMB with the cautious mask"),
+    ("clambw", "Lamb", {"caution": True, "decoupled_decay": True}, False,
+     "cautious LAMB with decoupled weight decay"),
+    ("lambcd", "Lamb", {"decoupled_decay": True, "corrected_weight_decay": True}, False,
+     "LAMB with corrected decoupled weight decay"),
+    ("radamw", "RAdam", {"decoupled_weight_decay": True}, False,
+     "Rectified Adam with decoupled weight decay (torch's RAdam, decoupled_weight_decay=True)"),
 )
 
 default_registry = OptimizerRegistry()

@@ -1,4 +1,5 @@
-"""LAMB: layer-wise adaptive moments for large-batch training (You et al., 2020)."""
+"""LAMB: layer-wise adaptive moments for large-batch training (You et al., 2020), with timm's
+cautious (arXiv:2411.16085) and corrected-decay (arXiv:2506.02285) options."""
 
 from __future__ import annotations
 
@@ -7,8 +8,18 @@ from typing import Any
 import torch
 
 from distopt.optim import _functional as F
+from distopt.optim._cautious import cautious_masks
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
-from distopt.optim._hyper import HyperSpec, betas, check_clip, flag, lr, nonneg, option
+from distopt.optim._hyper import (
+    HyperSpec,
+    betas,
+    check_clip,
+    flag,
+    lr,
+    nonneg,
+    option,
+    with_max_lr_snapshot,
+)
 
 
 class Lamb(DistOptimizer):
@@ -21,14 +32,18 @@ class Lamb(DistOptimizer):
         m  <- beta1 * m + beta3 * g      (beta3 = 1 - beta1 if grad_averaging else 1)
         v  <- beta2 * v + (1 - beta2) * g^2
         u  = (m / bc1) / (sqrt(v / bc2) + eps)           (bc = 1 - beta^t, or 1 without bias_correction)
-        u  <- u + weight_decay * p                        (or p <- p * (1 - lr * wd) if decoupled_decay)
+        u  <- u * 1[u * g > 0] / max(mean, 1e-3)          (the cautious mask, if caution)
+        u  <- u + weight_decay * p                        (or p <- p * (1 - s * wd) if decoupled_decay,
+                                                           s = lr, or lr^2 / max_lr if corrected_weight_decay)
         r  = ||p|| / ||u||  (1 if a norm is 0; min(r, 1) if trust_clip)
              applied only when weight_decay != 0 or always_adapt
         p  <- p - lr * r * u
 
     Under ZeRO or FSDP2 the norms ``||p||`` and ``||u||`` of every parameter are computed from
-    local partial sums in one batched all-reduce, and the global clip norm in another, so the
-    result equals single-process training.
+    local partial sums in one batched all-reduce, the global clip norm in another and the
+    cautious mask's mean (with ``caution``) in a third, so the result equals single-process
+    training.  ``max_lr`` is the constructor's lr (``max_lr_snapshot`` in the groups); the
+    corrected decay applies to the decoupled decay only, as in timm.
 
     Args:
         params: parameters or param groups.
@@ -41,8 +56,10 @@ class Lamb(DistOptimizer):
         max_grad_norm: global gradient-norm clip over all parameters; None disables (default 1.0).
         trust_clip: clip the trust ratio at 1 (LAMBC) (default False).
         always_adapt: apply the trust ratio even without weight decay (default False).
+        caution: the cautious mask, see above (default False).
         decoupled_decay: decay the weights directly instead of adding ``wd * p`` to the update
             (default False).
+        corrected_weight_decay: with ``decoupled_decay``, decay by ``lr^2 / max_lr`` (default False).
     """
 
     hypers = HyperSpec(
@@ -55,8 +72,13 @@ class Lamb(DistOptimizer):
         option("max_grad_norm", 1.0, "float | None", check_clip),
         flag("trust_clip", False),
         flag("always_adapt", False),
+        flag("caution", False),
         flag("decoupled_decay", False),
+        flag("corrected_weight_decay", False),
     )
+
+    def _configure(self, params: Any, hypers: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        return params, with_max_lr_snapshot(hypers)
 
     _zero_state = ("exp_avg", "exp_avg_sq")
 
@@ -94,9 +116,13 @@ class Lamb(DistOptimizer):
         denom = F.adam_denominator([v.state["exp_avg_sq"] for v in views], bc2, group["eps"])
         updates = torch._foreach_div(exp_avgs, denom)
         torch._foreach_div_(updates, bc1)
+        if group.get("caution"):
+            torch._foreach_mul_(updates, cautious_masks(ctx, views, updates, grads))
         if wd != 0.0:
             if group["decoupled_decay"]:
-                F.decoupled_decay_(params, lr, wd)
+                corrected = group.get("corrected_weight_decay")
+                scale = lr * lr / group["max_lr_snapshot"] if corrected else lr
+                F.decoupled_decay_(params, scale, wd)
             else:
                 torch._foreach_add_(updates, params, alpha=wd)
         if wd != 0.0 or group["always_adapt"]:

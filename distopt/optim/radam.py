@@ -13,7 +13,7 @@ import torch
 
 from distopt.optim import _functional as F
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
-from distopt.optim._hyper import HyperSpec, adam_hypers
+from distopt.optim._hyper import KW_ONLY, HyperSpec, adam_hypers, flag
 
 __all__ = ["RAdam", "rectification"]
 
@@ -64,14 +64,19 @@ class RAdam(DistOptimizer):
     with ``rho_t`` and ``r_t`` from :func:`rectification`.  Note that ``eps`` is added to
     ``sqrt(v)`` *without* the second-moment bias correction (that correction is inside
     ``r_t``), as in the original implementation.  ``weight_decay`` decays the weights directly
-    (scaled by ``lr``) rather than being added to the gradient.
+    (scaled by ``lr``) rather than being added to the gradient; with
+    ``decoupled_weight_decay=False`` it is added to the gradient instead (``g <- g + wd * p``
+    before the moments), as ``torch.optim.RAdam`` does by default.  timm's ``radamw`` is
+    ``torch.optim.RAdam(decoupled_weight_decay=True)``: this class's default arithmetic.
 
     Args:
         params: parameters or param groups.
         lr: learning rate (default 1e-3).
         betas: coefficients of the running averages (default (0.9, 0.999)).
         eps: term added to the denominator (default 1e-8).
-        weight_decay: decoupled weight decay (default 0).
+        weight_decay: weight decay (default 0).
+        decoupled_weight_decay: decay the weights directly (default True, as timm's RAdamLegacy);
+            False adds ``wd * p`` to the gradient (torch.optim.RAdam's default).
 
     State per parameter: ``step`` (float32 scalar), ``exp_avg``, ``exp_avg_sq`` (fp32 for
     bf16/fp16 parameters).  Element-wise: exact under any sharding without communication.
@@ -81,6 +86,8 @@ class RAdam(DistOptimizer):
 
     hypers = HyperSpec(
         *adam_hypers(1e-3),
+        KW_ONLY,
+        flag("decoupled_weight_decay", True),
     )
 
     _zero_state = ("exp_avg", "exp_avg_sq")
@@ -93,9 +100,12 @@ class RAdam(DistOptimizer):
         params, grads, exp_avgs, exp_avg_sqs = F.columns(views, "exp_avg", "exp_avg_sq")
         steps = F.advance_steps(views)
 
+        if not group["decoupled_weight_decay"]:
+            grads = F.l2_decay(grads, params, group["weight_decay"])
         F.ema_sq_(exp_avg_sqs, grads, beta2)
         F.ema_(exp_avgs, grads, beta1)
-        F.decoupled_decay_(params, lr, group["weight_decay"])
+        if group["decoupled_weight_decay"]:
+            F.decoupled_decay_(params, lr, group["weight_decay"])
 
         rect = [rectification(beta1, beta2, t)[1] for t in steps]
         adaptive = [i for i, r in enumerate(rect) if r is not None]

@@ -61,3 +61,70 @@ CASES = [
         family="adafactorbv",
     ),
 ]
+
+_ADAMC = dict(lr=1e-2, weight_decay=0.05, caution=True, corrected_weight_decay=True)
+_ADAMC_AMS = dict(lr=1e-2, weight_decay=0.05, amsgrad=True, corrected_weight_decay=True)
+_CLAMB = dict(lr=1e-2, weight_decay=0.05, caution=True)
+_CLAMBCD = dict(lr=1e-2, weight_decay=0.05, caution=True, decoupled_decay=True,
+                corrected_weight_decay=True, trust_clip=True)  # fmt: skip
+
+# AdamW / Lamb / RAdam options: the simulator proves every case at 2-4 ranks; the multi-process
+# tests run the first case of each class (the cautious reduction across processes: clion).
+CASES += [
+    OptimCase(
+        "cadamc",
+        make=lambda p: do.AdamW(p, **_ADAMC),
+        reference=lambda p: R.RefAdamWC(p, **_ADAMC),
+        peer=_timm("adamw", "AdamWLegacy", foreach=False, **_ADAMC),
+        rosen_lr=5e-2,
+        shape_aware=True,
+        family="adam",
+        extra={"multiprocess": False},
+    ),
+    OptimCase(
+        "adamc-amsgrad",
+        make=lambda p: do.AdamW(p, **_ADAMC_AMS),
+        reference=lambda p: R.RefAdamWC(p, **_ADAMC_AMS),
+        peer=_timm("adamw", "AdamWLegacy", foreach=False, **_ADAMC_AMS),
+        rosen_lr=5e-2,
+        family="adam",
+    ),
+    OptimCase(
+        "clamb",
+        make=lambda p: do.Lamb(p, **_CLAMB),
+        reference=lambda p: R.RefLambC(p, **_CLAMB),
+        peer=_timm("lamb", "Lamb", foreach=False, **_CLAMB),
+        rosen_lr=2e-2,
+        shape_aware=True,
+        family="lamb",
+        extra={"multiprocess": False},
+    ),
+    OptimCase(
+        "clambcd-trustclip",
+        make=lambda p: do.Lamb(p, **_CLAMBCD),
+        reference=lambda p: R.RefLambC(p, **_CLAMBCD),
+        peer=_timm("lamb", "Lamb", foreach=False, **_CLAMBCD),
+        rosen_lr=2e-2,
+        shape_aware=True,
+        family="lamb",
+        extra={"multiprocess": False},
+    ),
+    OptimCase(
+        "radamw",
+        make=lambda p: do.RAdam(p, lr=1e-2, weight_decay=0.05, decoupled_weight_decay=True),
+        reference=lambda p: R.RefRAdamTorch(
+            p, lr=1e-2, weight_decay=0.05, decoupled_weight_decay=True
+        ),
+        peer=_torch_radam(lr=1e-2, weight_decay=0.05, decoupled_weight_decay=True),
+        rosen_lr=3e-3,
+        family="radam",
+    ),
+    OptimCase(
+        "radam-l2",
+        make=lambda p: do.RAdam(p, lr=1e-2, weight_decay=0.05, decoupled_weight_decay=False),
+        reference=lambda p: R.RefRAdamTorch(p, lr=1e-2, weight_decay=0.05),
+        peer=_torch_radam(lr=1e-2, weight_decay=0.05),
+        rosen_lr=3e-3,
+        family="radam",
+    ),
+]
