@@ -51,7 +51,7 @@ from torch import Tensor
 
 from distopt.optim._core import ParamView, StepContext
 
-__all__ = ["apply", "set_mode", "mode", "scaler_of", "MODES", "ENV"]
+__all__ = ["apply", "set_mode", "mode", "scaler_of", "agreement", "cautious", "CAUTION_SUMS", "MODES", "ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -335,3 +335,21 @@ def _compile_failed(key: Any, rule: Rule, exc: Exception) -> None:
             exc,
             ENV,
         )
+
+
+# --------------------------------------------------------------------------- shared rule pieces
+
+#: the whole-tensor sum the cautious mask needs (pass as ``sums=`` with a ``numel`` scalar)
+CAUTION_SUMS = ("agree",)
+
+
+def agreement(u: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """``phase="sums"`` of the cautious mask (arXiv:2411.16085): where ``u`` and ``g`` agree in sign."""
+    return {"agree": (u * g > 0).to(u.dtype)}
+
+
+def cautious(u: Tensor, g: Tensor, s: Mapping[str, Tensor]) -> Tensor:
+    """``u * 1[u g > 0] / max(mean over the whole tensor, 1e-3)`` (``s["agree"]``: the count,
+    ``s["numel"]``: the parameter's size)."""
+    mask = (u * g > 0).to(u.dtype)
+    return u * (mask / torch.clamp(s["agree"] / s["numel"], min=1e-3))

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import KW_ONLY, HyperSpec, adam_hypers, flag
 
@@ -37,6 +39,7 @@ class Adamax(DistOptimizer):
     """
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     hypers = HyperSpec(
         *adam_hypers(2e-3),
@@ -51,15 +54,35 @@ class Adamax(DistOptimizer):
             return
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
-        params, grads, exp_avgs, exp_infs = F.columns(views, "exp_avg", "exp_inf")
-        steps = F.advance_steps(views)
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        grads = F.l2_decay(grads, params, group["weight_decay"])
-        F.ema_(exp_avgs, grads, beta1)
-        torch._foreach_mul_(exp_infs, beta2)
-        abs_grads = torch._foreach_abs(grads)
-        torch._foreach_add_(abs_grads, group["eps"])
-        torch._foreach_maximum_(exp_infs, abs_grads)
-        del abs_grads
-        torch._foreach_addcdiv_(params, exp_avgs, exp_infs, [-lr / b for b in F.bias_correction(beta1, steps)])
+        scalars = [
+            {
+                "size": lr / (1.0 - beta1**t),
+                "beta1": beta1,
+                "beta2": beta2,
+                "eps": group["eps"],
+                "wd": group["weight_decay"],
+            }
+            for t in F.advance_steps(views)
+        ]
+        K.apply(
+            self,
+            adamax_rule,
+            views,
+            ("exp_avg", "exp_inf"),
+            scalars,
+            maximize=bool(group["maximize"]),
+            l2=group["weight_decay"] != 0.0,
+        )
+
+
+def adamax_rule(
+    p: Tensor, g: Tensor, st: dict[str, Tensor], s: dict[str, Tensor], *, maximize: bool, l2: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Adamax's update of one tensor (see :class:`Adamax`)."""
+    if maximize:
+        g = -g
+    if l2:
+        g = g + s["wd"] * p
+    m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
+    u = torch.maximum(st["exp_inf"] * s["beta2"], g.abs() + s["eps"])
+    return p - s["size"] * (m / u), {"exp_avg": m, "exp_inf": u}

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
-from distopt.optim._cautious import cautious_masks
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, betas, flag, lr, nonneg
 
@@ -43,6 +44,7 @@ class Adan(DistOptimizer):
     """
 
     elementwise = True
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     hypers = HyperSpec(
         lr(1e-3),
@@ -61,7 +63,7 @@ class Adan(DistOptimizer):
         view.state["exp_avg"] = self._zeros(view)
         view.state["exp_avg_sq"] = self._zeros(view)
         view.state["exp_avg_diff"] = self._zeros(view)
-        view.state["neg_pre_grad"] = -view.grad.detach().to(view.data.dtype)  # so d = 0 at step 1
+        view.state["neg_pre_grad"] = self._zeros(view)  # -g of the previous step (d = 0 at step 1)
 
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:
@@ -69,32 +71,65 @@ class Adan(DistOptimizer):
         lr = float(group["lr"])
         beta1, beta2, beta3 = group["betas"]
         wd = group["weight_decay"]
-        steps = F.advance_steps(views)
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        m = [v.state["exp_avg"] for v in views]
-        e = [v.state["exp_avg_diff"] for v in views]
-        sq = [v.state["exp_avg_sq"] for v in views]
-        diff = [v.state["neg_pre_grad"] for v in views]
-        torch._foreach_add_(diff, grads)  # g - g_prev
-        F.ema_(m, grads, beta1)
-        F.ema_(e, diff, beta2, 1.0 - beta2)
-        torch._foreach_mul_(diff, beta2)
-        torch._foreach_add_(diff, grads)  # g + beta2 (g - g_prev)
-        F.ema_sq_(sq, diff, beta3)
-        denom = torch._foreach_sqrt(sq)
-        torch._foreach_div_(denom, [b**0.5 for b in F.bias_correction(beta3, steps)])
-        torch._foreach_add_(denom, group["eps"])
-        num = torch._foreach_mul(m, cautious_masks(ctx, views, m, grads)) if group["caution"] else m
-        if group["no_prox"] and wd != 0.0:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
-        torch._foreach_addcdiv_(
-            params, num, denom, [-lr / b for b in F.bias_correction(beta1, steps)]
+        scalars = [
+            {
+                "beta1": beta1,
+                "beta2": beta2,
+                "beta3": beta3,
+                "eps": group["eps"],
+                "bc3_sqrt": (1.0 - beta3**t) ** 0.5,
+                "size1": lr / (1.0 - beta1**t),
+                "size2": lr * beta2 / (1.0 - beta2**t),
+                "first": float(t == 1.0),
+                "prox": 1.0 + lr * wd,
+                "decay": 1.0 - lr * wd,
+                "numel": float(v.numel),
+            }
+            for v, t in zip(views, F.advance_steps(views))
+        ]
+        caution = bool(group["caution"])
+        K.apply(
+            self,
+            adan_rule,
+            views,
+            ("exp_avg", "exp_avg_diff", "exp_avg_sq", "neg_pre_grad"),
+            scalars,
+            ctx=ctx,
+            sums=K.CAUTION_SUMS if caution else (),
+            caution=caution,
+            no_prox=bool(group["no_prox"]),
+            decay=wd != 0.0,
         )
-        torch._foreach_addcdiv_(
-            params, e, denom, [-lr * beta2 / b for b in F.bias_correction(beta2, steps)]
-        )
-        if not group["no_prox"] and wd != 0.0:
-            torch._foreach_div_(params, 1.0 + lr * wd)
-        torch._foreach_zero_(diff)
-        torch._foreach_sub_(diff, grads)  # -g: the next step's g_prev
+
+
+def adan_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    caution: bool,
+    no_prox: bool,
+    decay: bool,
+    phase: str = "update",
+) -> Any:
+    """Adan's update of one tensor (see :class:`Adan`; ``s["first"]``: the previous gradient is
+    this one at the first step)."""
+    diff = torch.where(s["first"] > 0, torch.zeros_like(g), st["neg_pre_grad"] + g)  # g - g_prev
+    m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
+    e = torch.lerp(st["exp_avg_diff"], diff, 1.0 - s["beta2"])
+    n = diff * s["beta2"] + g
+    sq = st["exp_avg_sq"] * s["beta3"] + (1.0 - s["beta3"]) * (n * n)
+    denom = sq.sqrt() / s["bc3_sqrt"] + s["eps"]
+    num = m
+    if caution:
+        if phase == "sums":
+            return K.agreement(m, g)
+        num = K.cautious(m, g, s)
+    if decay and no_prox:
+        p = p * s["decay"]
+    p = p - s["size1"] * (num / denom)
+    p = p - s["size2"] * (e / denom)
+    if decay and not no_prox:
+        p = p / s["prox"]
+    return p, {"exp_avg": m, "exp_avg_diff": e, "exp_avg_sq": sq, "neg_pre_grad": -g}

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
-from distopt.optim._cautious import cautious_masks
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import KW_ONLY, HyperSpec, betas, flag, lr, nonneg, with_max_lr_snapshot
 
@@ -43,6 +44,7 @@ class Adopt(DistOptimizer):
     """
 
     elementwise = True
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     hypers = HyperSpec(
         lr(1e-3),
@@ -74,38 +76,67 @@ class Adopt(DistOptimizer):
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
         wd, decoupled = group["weight_decay"], group["decoupled"]
-        steps = F.advance_steps(views)
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        if wd != 0.0 and not decoupled:
-            grads = F.l2_decay(grads, params, wd)
-        first = [i for i, t in enumerate(steps) if t == 1.0]
-        if first:  # the first step only initialises the second moment
-            sq = [views[i].state["exp_avg_sq"] for i in first]
-            torch._foreach_addcmul_(sq, [grads[i] for i in first], [grads[i] for i in first])
-        rest = [i for i, t in enumerate(steps) if t != 1.0]
-        if not rest:
-            return
-        vs = [views[i] for i in rest]
-        ps = [params[i] for i in rest]
-        gs = [grads[i] for i in rest]
-        exp_avgs = [v.state["exp_avg"] for v in vs]
-        sqs = [v.state["exp_avg_sq"] for v in vs]
-        if wd != 0.0 and decoupled:
-            s = lr * lr / group["max_lr_snapshot"] if group["corrected_weight_decay"] else lr
-            torch._foreach_mul_(ps, 1.0 - s * wd)
-        denom = torch._foreach_sqrt(sqs)
-        torch._foreach_clamp_min_(denom, group["eps"])
-        normed = torch._foreach_div(gs, denom)
-        if group["clip_exp"] is not None:
-            for n, i in zip(normed, rest):
-                c = (steps[i] - 1.0) ** group["clip_exp"]
-                n.clamp_(-c, c)
-        torch._foreach_lerp_(exp_avgs, normed, 1.0 - beta1)
-        upd = exp_avgs
-        if group["caution"]:
-            upd = torch._foreach_mul(exp_avgs, cautious_masks(ctx, vs, exp_avgs, gs))
-        torch._foreach_add_(ps, upd, alpha=-lr)
-        F.ema_sq_(sqs, gs, beta2)
+        s = lr * lr / group["max_lr_snapshot"] if group["corrected_weight_decay"] else lr
+        clip_exp = group["clip_exp"]
+        scalars = [
+            {
+                "lr": lr,
+                "beta1": beta1,
+                "beta2": beta2,
+                "eps": group["eps"],
+                "wd": wd,
+                "decay": 1.0 - s * wd if (wd != 0.0 and decoupled) else 1.0,
+                "first": float(t == 1.0),
+                "clip": (t - 1.0) ** clip_exp if clip_exp is not None and t > 1.0 else 0.0,
+                "numel": float(v.numel),
+            }
+            for v, t in zip(views, F.advance_steps(views))
+        ]
+        caution = bool(group["caution"])
+        K.apply(
+            self,
+            adopt_rule,
+            views,
+            ("exp_avg", "exp_avg_sq"),
+            scalars,
+            ctx=ctx,
+            sums=K.CAUTION_SUMS if caution else (),
+            caution=caution,
+            maximize=bool(group["maximize"]),
+            l2=wd != 0.0 and not decoupled,
+            clip=clip_exp is not None,
+        )
+
+
+def adopt_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    caution: bool,
+    maximize: bool,
+    l2: bool,
+    clip: bool,
+    phase: str = "update",
+) -> Any:
+    """ADOPT's update of one tensor (see :class:`Adopt`; ``s["first"]``: the first step only
+    initialises the second moment)."""
+    if maximize:
+        g = -g
+    if l2:
+        g = g + s["wd"] * p
+    sq = st["exp_avg_sq"]
+    normed = g / torch.clamp(sq.sqrt(), min=s["eps"])
+    if clip:
+        normed = torch.clamp(normed, -s["clip"], s["clip"])
+    m = torch.lerp(st["exp_avg"], normed, 1.0 - s["beta1"])
+    u = m
+    if caution:
+        if phase == "sums":
+            return K.agreement(u, g)
+        u = K.cautious(u, g, s)
+    first = s["first"] > 0
+    new_p = torch.where(first, p, p * s["decay"] - s["lr"] * u)
+    new_sq = torch.where(first, sq + g * g, sq * s["beta2"] + (1.0 - s["beta2"]) * (g * g))
+    return new_p, {"exp_avg": torch.where(first, st["exp_avg"], m), "exp_avg_sq": new_sq}

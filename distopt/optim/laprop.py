@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
-from distopt.optim._cautious import cautious_masks
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, betas, flag, lr, nonneg, with_max_lr_snapshot
 
@@ -70,27 +70,52 @@ class LaProp(DistOptimizer):
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
         F.advance_steps(views)
-        for v in views:  # Python floats (as timm): exact in double, kept as is by state_dict
-            v.state["exp_avg_lr_1"] = v.state["exp_avg_lr_1"] * beta1 + (1.0 - beta1) * lr
-            v.state["exp_avg_lr_2"] = v.state["exp_avg_lr_2"] * beta2 + (1.0 - beta2)
-        c1 = [v.state["exp_avg_lr_1"] for v in views]
-        c2 = [v.state["exp_avg_lr_2"] for v in views]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        exp_avgs = [v.state["exp_avg"] for v in views]
-        sqs = [v.state["exp_avg_sq"] for v in views]
-        F.ema_sq_(sqs, grads, beta2)
-        denom = torch._foreach_div(sqs, c2)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, group["eps"])
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, torch._foreach_div(grads, denom), alpha=lr * (1.0 - beta1))
-        upd = exp_avgs
-        if group["caution"]:
-            upd = torch._foreach_mul(exp_avgs, cautious_masks(ctx, views, exp_avgs, grads))
-        step_sizes = [-(lr / c) if c != 0.0 else 0.0 for c in c1]
-        torch._foreach_add_(params, torch._foreach_mul(upd, step_sizes))
         wd = group["weight_decay"]
-        if wd != 0.0:
-            s = lr * lr / group["max_lr_snapshot"] if group["corrected_weight_decay"] else lr
-            torch._foreach_mul_(params, 1.0 - s * wd)
+        s = lr * lr / group["max_lr_snapshot"] if group["corrected_weight_decay"] else lr
+        scalars = []
+        for v in views:  # Python floats (as timm): exact in double, kept as is by state_dict
+            v.state["exp_avg_lr_1"] = c1 = v.state["exp_avg_lr_1"] * beta1 + (1.0 - beta1) * lr
+            v.state["exp_avg_lr_2"] = c2 = v.state["exp_avg_lr_2"] * beta2 + (1.0 - beta2)
+            scalars.append(
+                {
+                    "beta1": beta1,
+                    "beta2": beta2,
+                    "c2": c2,
+                    "eps": group["eps"],
+                    "in_size": lr * (1.0 - beta1),
+                    "size": -(lr / c1) if c1 != 0.0 else 0.0,
+                    "decay": 1.0 - s * wd if wd != 0.0 else 1.0,
+                    "numel": float(v.numel),
+                }
+            )
+        caution = bool(group["caution"])
+        K.apply(
+            self,
+            laprop_rule,
+            views,
+            ("exp_avg", "exp_avg_sq"),
+            scalars,
+            ctx=ctx,
+            sums=K.CAUTION_SUMS if caution else (),
+            caution=caution,
+        )
+
+
+def laprop_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    caution: bool,
+    phase: str = "update",
+) -> Any:
+    """LaProp's update of one tensor (see :class:`LaProp`)."""
+    v = st["exp_avg_sq"] * s["beta2"] + (1.0 - s["beta2"]) * (g * g)
+    m = st["exp_avg"] * s["beta1"] + s["in_size"] * (g / ((v / s["c2"]).sqrt() + s["eps"]))
+    u = m
+    if caution:
+        if phase == "sums":
+            return K.agreement(u, g)
+        u = K.cautious(u, g, s)
+    return (p + s["size"] * u) * s["decay"], {"exp_avg": m, "exp_avg_sq": v}

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from distopt.optim._cautious import cautious_masks
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import KW_ONLY, HyperSpec, betas, flag, lr, nonneg, with_max_lr_snapshot
 
@@ -40,6 +41,7 @@ class Lion(DistOptimizer):
     """
 
     elementwise = True
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     hypers = HyperSpec(
         lr(1e-4),
@@ -65,18 +67,48 @@ class Lion(DistOptimizer):
             return
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        exp_avgs = [v.state["exp_avg"] for v in views]
         wd = group["weight_decay"]
-        if wd != 0.0:
-            s = lr * lr / group["max_lr_snapshot"] if group["corrected_weight_decay"] else lr
-            torch._foreach_mul_(params, 1.0 - s * wd)
-        updates = torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_sign_(updates)
-        if group["caution"]:
-            torch._foreach_mul_(updates, cautious_masks(ctx, views, updates, grads))
-        torch._foreach_add_(params, updates, alpha=-lr)
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta2)
+        s = lr * lr / group["max_lr_snapshot"] if group["corrected_weight_decay"] else lr
+        scalars = [
+            {
+                "lr": lr,
+                "decay": 1.0 - s * wd if wd != 0.0 else 1.0,
+                "beta1": beta1,
+                "beta2": beta2,
+                "numel": float(v.numel),
+            }
+            for v in views
+        ]
+        caution = bool(group["caution"])
+        K.apply(
+            self,
+            lion_rule,
+            views,
+            ("exp_avg",),
+            scalars,
+            ctx=ctx,
+            sums=K.CAUTION_SUMS if caution else (),
+            maximize=bool(group["maximize"]),
+            caution=caution,
+        )
+
+
+def lion_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    maximize: bool,
+    caution: bool,
+    phase: str = "update",
+) -> Any:
+    """Lion's update of one tensor (see :class:`Lion`)."""
+    if maximize:
+        g = -g
+    u = torch.sign(torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"]))
+    if caution:
+        if phase == "sums":
+            return K.agreement(u, g)
+        u = K.cautious(u, g, s)
+    return p * s["decay"] - s["lr"] * u, {"exp_avg": torch.lerp(st["exp_avg"], g, 1.0 - s["beta2"])}

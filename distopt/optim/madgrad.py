@@ -6,8 +6,10 @@ import math
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, flag, lr, nonneg
 
@@ -46,6 +48,7 @@ class MADGRAD(DistOptimizer):
     """
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     hypers = HyperSpec(
         lr(1e-2),
@@ -67,29 +70,48 @@ class MADGRAD(DistOptimizer):
             return
         lr = float(group["lr"])
         eps, wd, momentum = group["eps"], group["weight_decay"], group["momentum"]
-        params, grads, sum_sqs, sums = F.columns(views, "grad_sum_sq", "s")
-        lambdas = [(lr + eps) * math.sqrt(t) for t in F.advance_steps(views)]
+        scalars = [
+            {
+                "lam": (lr + eps) * math.sqrt(t),
+                "eps": eps,
+                "wd": wd,
+                "decay": 1.0 - lr * wd,
+                "keep": 1.0 - momentum,
+            }
+            for t in F.advance_steps(views)
+        ]
+        states = ("grad_sum_sq", "s") + (("x0",) if momentum != 0 else ())
+        K.apply(
+            self,
+            madgrad_rule,
+            views,
+            states,
+            scalars,
+            momentum=momentum != 0,
+            decoupled=bool(group["decoupled_decay"]) and wd != 0.0,
+            l2=not group["decoupled_decay"] and wd != 0.0,
+        )
 
-        if wd != 0.0:
-            if group["decoupled_decay"]:
-                torch._foreach_mul_(params, 1.0 - lr * wd)
-            else:
-                grads = F.l2_decay(grads, params, wd)
 
-        if momentum == 0:
-            rms = torch._foreach_pow(sum_sqs, 1.0 / 3.0)
-            torch._foreach_add_(rms, eps)
-            x0 = torch._foreach_addcdiv(params, sums, rms)
-            del rms
-        else:
-            x0 = [v.state["x0"] for v in views]
-
-        torch._foreach_addcmul_(sum_sqs, grads, grads, lambdas)
-        torch._foreach_add_(sums, torch._foreach_mul(grads, lambdas))
-        rms = torch._foreach_pow(sum_sqs, 1.0 / 3.0)
-        torch._foreach_add_(rms, eps)
-        z = torch._foreach_addcdiv(x0, sums, rms, value=-1.0)
-        if momentum == 0:
-            torch._foreach_copy_(params, z)
-        else:
-            torch._foreach_lerp_(params, z, 1.0 - momentum)
+def madgrad_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    momentum: bool,
+    decoupled: bool,
+    l2: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """MADGRAD's update of one tensor (see :class:`MADGRAD`; ``x0`` is read, never written)."""
+    if decoupled:
+        p = p * s["decay"]
+    if l2:
+        g = g + s["wd"] * p
+    nu, total = st["grad_sum_sq"], st["s"]
+    x0 = st["x0"] if momentum else p + total / (nu.pow(1.0 / 3.0) + s["eps"])
+    nu = nu + s["lam"] * (g * g)
+    total = total + s["lam"] * g
+    z = x0 - total / (nu.pow(1.0 / 3.0) + s["eps"])
+    new_p = torch.lerp(p, z, s["keep"]) if momentum else z
+    return new_p, {"grad_sum_sq": nu, "s": total}

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, adam_hypers, nonneg
 
@@ -59,23 +61,41 @@ class Nadam(DistOptimizer):
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
         sd = group["schedule_decay"]
-        params = [v.data for v in views]
-        grads = F.l2_decay([v.grad for v in views], params, group["weight_decay"])
-        exp_avgs = [v.state["exp_avg"] for v in views]
-        exp_avg_sqs = [v.state["exp_avg_sq"] for v in views]
-        steps = F.advance_steps(views)
-
-        grad_sizes, avg_sizes = [], []
-        for v, t in zip(views, steps):
+        scalars = []
+        for v, t in zip(views, F.advance_steps(views)):
             mu_t = beta1 * (1.0 - 0.5 * 0.96 ** (t * sd))
             mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1.0) * sd))
             sched = v.state["m_schedule"] * mu_t
             v.state["m_schedule"] = sched
-            grad_sizes.append(-lr * (1.0 - mu_t) / (1.0 - sched))
-            avg_sizes.append(-lr * mu_next / (1.0 - sched * mu_next))
+            scalars.append(
+                {
+                    "gsize": -lr * (1.0 - mu_t) / (1.0 - sched),
+                    "msize": -lr * mu_next / (1.0 - sched * mu_next),
+                    "beta1": beta1,
+                    "beta2": beta2,
+                    "bc2_sqrt": (1.0 - beta2**t) ** 0.5,
+                    "eps": group["eps"],
+                    "wd": group["weight_decay"],
+                }
+            )
+        K.apply(
+            self,
+            nadam_rule,
+            views,
+            ("exp_avg", "exp_avg_sq"),
+            scalars,
+            l2=group["weight_decay"] != 0.0,
+        )
 
-        F.ema_(exp_avgs, grads, beta1)
-        F.ema_sq_(exp_avg_sqs, grads, beta2)
-        denom = F.adam_denominator(exp_avg_sqs, F.bias_correction(beta2, steps), group["eps"])
-        torch._foreach_addcdiv_(params, grads, denom, grad_sizes)
-        torch._foreach_addcdiv_(params, exp_avgs, denom, avg_sizes)
+
+def nadam_rule(
+    p: Tensor, g: Tensor, st: dict[str, Tensor], s: dict[str, Tensor], *, l2: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Nadam's update of one tensor (see :class:`Nadam`)."""
+    if l2:
+        g = g + s["wd"] * p
+    m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
+    v = st["exp_avg_sq"] * s["beta2"] + (1.0 - s["beta2"]) * (g * g)
+    denom = v.sqrt() / s["bc2_sqrt"] + s["eps"]
+    p = p + s["gsize"] * (g / denom)
+    return p + s["msize"] * (m / denom), {"exp_avg": m, "exp_avg_sq": v}
