@@ -51,14 +51,34 @@ class RefKron(RefOptimizer):
     """Kron with timm's defaults; options: weight_decay (L2 or decoupled), stochastic decay,
     flatten (dims 2..), memory_save_mode 'all_diag', a fixed update probability."""
 
-    def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, decoupled_decay=False,
-                 stochastic_weight_decay=False, preconditioner_update_probability=None,
-                 flatten=False, memory_save_mode=None, precond_lr=0.1, seed=1337):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      decoupled_decay=decoupled_decay, flatten=flatten,
-                                      stochastic_weight_decay=stochastic_weight_decay,
-                                      prob=preconditioner_update_probability,
-                                      all_diag=memory_save_mode == "all_diag", precond_lr=precond_lr))
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        momentum=0.9,
+        weight_decay=0.0,
+        decoupled_decay=False,
+        stochastic_weight_decay=False,
+        preconditioner_update_probability=None,
+        flatten=False,
+        memory_save_mode=None,
+        precond_lr=0.1,
+        seed=1337,
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                decoupled_decay=decoupled_decay,
+                flatten=flatten,
+                stochastic_weight_decay=stochastic_weight_decay,
+                prob=preconditioner_update_probability,
+                all_diag=memory_save_mode == "all_diag",
+                precond_lr=precond_lr,
+            ),
+        )
         self.gen = torch.Generator().manual_seed(seed)
 
     def update(self, p, g, st, grp):
@@ -70,7 +90,9 @@ class RefKron(RefOptimizer):
             st["t"], st["counter"], st["m"] = 0, 0, torch.zeros(shape)
             s = 1.0 ** (1 / len(shape))
             st["Q"] = [
-                torch.full((d,), s) if d == 1 or len(shape) < 2 or grp["all_diag"] else s * torch.eye(d)
+                torch.full((d,), s)
+                if d == 1 or len(shape) < 2 or grp["all_diag"]
+                else s * torch.eye(d)
                 for d in shape
             ]
         prob = _prob(st["t"]) if grp["prob"] is None else grp["prob"]
@@ -99,10 +121,14 @@ class RefKron(RefOptimizer):
                 ua, ub = _unfold(a, k), _unfold(bb, k)
                 if q.dim() == 1:
                     t1, t2 = (ua * ua).sum(1), (ub * ub).sum(1)
-                    new.append(q - grp["precond_lr"] * (t1 - t2) * q / ((t1 + t2).abs().max() + TINY))
+                    new.append(
+                        q - grp["precond_lr"] * (t1 - t2) * q / ((t1 + t2).abs().max() + TINY)
+                    )
                 else:
                     t1, t2 = ua @ ua.T, ub @ ub.T
-                    step = torch.triu(grp["precond_lr"] * (t1 - t2)) / (_lower_bound(t1 + t2) + TINY)
+                    step = torch.triu(grp["precond_lr"] * (t1 - t2)) / (
+                        _lower_bound(t1 + t2) + TINY
+                    )
                     new.append(q - step @ q)
             Q = st["Q"] = new
         dense = _dense(Q)
