@@ -193,6 +193,11 @@ def _world2(root):
         _steps(model, opt, 0, K)
         ckpt.save(f"{root}/{kind}", model=model, optimizer=opt, extra={"step": K})
         out[kind] = res
+    model, opt, raw = build("fsdp2", _make("adamw"))  # DTensor parameters: local shards switch
+    opt.train()
+    _steps(model, opt, 0, N)
+    opt.eval()
+    out["fsdp2_x"] = full_params(raw)
     return out
 
 
@@ -240,6 +245,8 @@ def _compare_with_one_process(tmp_path, saved, failures):
                 failures.append(
                     f"{kind}: {n} after the 2 -> 1 resume differs from the uninterrupted run"
                 )
+            if kind == "adamw" and any(not torch.equal(res["fsdp2_x"][n], x[n]) for res in saved):
+                failures.append(f"FSDP2 world 2: x of {n} differs from one process")
 
 
 # --------------------------------------------------------------------------- transformers' Trainer
