@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from distopt._dtensor import is_dtensor, local_and_sharding, local_tensor
+from distopt._torch_private import version_of
 from distopt.optim._hyper import HyperSpec, check_betas, check_lr, check_nonneg
 
 __all__ = [
@@ -44,10 +45,15 @@ __all__ = [
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: the state key of the fp32 master copy of a bf16/fp16 param-group tensor (see
+#: :meth:`DistOptimizer.refresh_masters`): persistent state, saved, loaded and resharded like
+#: ``exp_avg``; the update runs on it and one cast writes the result into the parameter
+MASTER_KEY = "master_param"
 #: state keys a wrapper sharing the optimizer's ``state`` adds (Lookahead's slow copy, created at
-#: a synchronisation that may come before the first step): a parameter whose state holds only
-#: these has no state of its own yet
-WRAPPER_STATE_KEYS = frozenset({"lookahead_slow_buff"})
+#: a synchronisation that may come before the first step), and the master copy (created when the
+#: view is built, before the optimizer's own state): a parameter whose state holds only these has
+#: no state of its own yet
+WRAPPER_STATE_KEYS = frozenset({"lookahead_slow_buff", MASTER_KEY})
 
 
 # --------------------------------------------------------------------------- shards and views
@@ -152,20 +158,38 @@ class StepContext:
         """``sum(partials)`` over whole parameters: ``partials[i]`` (a scalar computed on the
         local rows of ``views[i]``) is summed across its parameter's ranks when sharded, counted
         once when not.  One collective per process group (a group's partials added first)."""
-        full = torch.zeros(())
+        # on the statistics' device (a CPU scalar would mix devices on CUDA)
+        device = partials[0].device if len(partials) else None
+        full = torch.zeros((), device=device)
         per_group: dict[int, tuple[ParamView, Tensor]] = {}
         for s, v in zip(partials, views):
             s = s.reshape(())
             if not v.sharded:
                 full = full + s
                 continue
-            first, acc = per_group.get(id(v.group), (v, torch.zeros(())))
+            first, acc = per_group.get(id(v.group), (v, torch.zeros((), device=device)))
             per_group[id(v.group)] = (first, acc + s)
         if not per_group:
             return full
         reps = list(per_group.values())
         (red,) = self.reduce([[acc.reshape(1) for _, acc in reps]], [v for v, _ in reps])
-        return sum((r.reshape(()) for r in red), torch.zeros(())) + full
+        return sum((r.reshape(()) for r in red), torch.zeros((), device=device)) + full
+
+
+def fused_steps(views: Sequence[ParamView]) -> list[Tensor]:
+    """The ``step`` tensors of ``views`` for torch's fused kernels (``torch._fused_adamw_``).
+
+    torch's fused path keeps ``step`` on the parameter's device (the CUDA kernel reads it
+    there); a CPU counter (created on the CPU, or loaded from a checkpoint) of a tensor on
+    another device is moved there once and kept in the state.
+    """
+    steps = []
+    for v in views:
+        step = v.state["step"]
+        if step.device != v.data.device:
+            step = v.state["step"] = step.to(device=v.data.device, dtype=torch.float32)
+        steps.append(step)
+    return steps
 
 
 def _all_reduce_sum(flat: Tensor, group: Any) -> None:
@@ -308,6 +332,7 @@ class DistOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_shard_specs", {})
         self.__dict__.setdefault("_reducer", None)
+        self.__dict__["_master_marks"] = {}
         # an unpickled / deep-copied optimizer owns the tensors it was restored with
         self.__dict__["_own_params"] = {id(p) for g in self.param_groups for p in g["params"]}
 
@@ -334,17 +359,17 @@ class DistOptimizer(Optimizer):
                 # parameter-shaped state is 1-D in every mode and checkpoints are mode-free.
                 data = data.view(1)
                 grad = grad.reshape(1)
+            state = self.state[p]
             write_back = None
             if data.dtype in _LOW_PRECISION:
                 write_back = data
-                data = data.detach().float()
+                data = self._master(p, data.detach(), state, managed=spec is not None)
                 grad = grad.float()
             if not grad.is_sparse and grad.shape == data.shape and grad.stride() != data.stride():
                 # Fused kernels (torch._fused_adamw_) walk parameter and gradient memory in one
                 # order and silently mix elements when the layouts differ (e.g. a transposed
                 # parameter's ZeRO shard with a gradient sliced from a contiguous flat bucket).
                 grad = torch.empty_like(data).copy_(grad)
-            state = self.state[p]
             views.append(ParamView(p, data.detach(), grad, torch.Size(shape), sharded, state, write_back, pg))
         return views
 
@@ -363,11 +388,82 @@ class DistOptimizer(Optimizer):
         reducer = (self._reducer or _all_reduce_sum) if pgs else None
         ctx = StepContext(list(pgs.values()), reducer)
         self._step_groups(groups, ctx)
-        for _, views in groups:
-            for v in views:
-                if v._write_back is not None:
-                    v._write_back.copy_(v.data)
+        low = [v for _, views in groups for v in views if v._write_back is not None]
+        if low:  # one cast per low-precision tensor: fp32 master -> parameter
+            torch._foreach_copy_([v._write_back for v in low], [v.data for v in low])
+            marks = self.__dict__.setdefault("_master_marks", {})
+            for v in low:
+                marks[id(v.param)] = (version_of(v._write_back), version_of(v.data))
         return loss
+
+    # ------------------------------------------------------------------ fp32 master copies
+    def _master(self, p: Tensor, local: Tensor, state: dict, managed: bool) -> Tensor:
+        """The persistent fp32 master copy of the low-precision local tensor ``local``.
+
+        Created at the first step (``state[MASTER_KEY]``), then kept: the update runs on it and
+        :meth:`step` casts it once into ``local``.  A write to the parameter outside the step
+        (``model.load_state_dict``, ``p.copy_``, ...) bumps its version counter and the master
+        is re-read from it; a master written from outside (a checkpoint loaded into it) wins.
+        ``managed`` tensors (distopt ZeRO row views, whose version counter the engine's
+        all-gather bumps every step) are refreshed by the sharding layer through
+        :meth:`refresh_masters` instead.
+        """
+        master = state.get(MASTER_KEY)
+        if (
+            master is None
+            or master.shape != local.shape
+            or master.device != local.device
+            or master.dtype != torch.float32
+        ):
+            master = torch.empty_like(local, dtype=torch.float32, memory_format=torch.preserve_format)
+            master.copy_(local)
+            state[MASTER_KEY] = master
+        elif not managed:
+            mark = self.__dict__.get("_master_marks", {}).get(id(p))
+            if mark is not None and mark[1] == version_of(master) and mark[0] != version_of(local):
+                master.copy_(local)  # the parameter was written outside the step
+        return master
+
+    @torch.no_grad()
+    def refresh_masters(self, tensors: Iterable[Tensor] | None = None) -> None:
+        """Re-read the fp32 master copies of low-precision param-group tensors from the tensors.
+
+        For the sharding layer (and users) after writing parameters that the optimizer cannot
+        see change: ``tensors`` are param-group tensors (default: all); those without a master
+        copy are ignored.  An in-place copy: nothing is allocated.
+        """
+        wanted = None if tensors is None else {id(t) for t in tensors}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if wanted is not None and id(p) not in wanted:
+                    continue
+                master = self.state.get(p, {}).get(MASTER_KEY)
+                if master is None:
+                    continue
+                local = local_tensor(p).detach()
+                master.copy_(local.reshape(master.shape))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, keeping the fp32 state of bf16/fp16 tensors.
+
+        torch casts every floating state tensor to its parameter's dtype; the state of a
+        low-precision parameter (its fp32 master copy, moments) is fp32 here, so it is taken
+        from the saved dict again, in fp32 on the parameter's device.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_state = state_dict.get("state", {})
+        for pid, p in zip(saved_ids, params):
+            entry = saved_state.get(pid)
+            local = local_tensor(p)
+            if not isinstance(entry, dict) or local.dtype not in _LOW_PRECISION:
+                continue
+            st = self.state[p]
+            for key, value in entry.items():
+                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    st[key] = value.to(device=local.device, dtype=torch.float32, copy=True)
+        self.__dict__["_master_marks"] = {}
 
     def _step_groups(self, groups: list[tuple[dict[str, Any], list[ParamView]]], ctx: StepContext) -> None:
         """Update every group; optimizers with cross-group statistics override this."""

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from distopt.optim import _functional as F
-from distopt.optim._core import DistOptimizer, ParamView, StepContext
+from distopt.optim._core import DistOptimizer, ParamView, StepContext, fused_steps
 from distopt.optim._hyper import KW_ONLY, HyperSpec, adam_hypers, flag
 
 __all__ = ["Adam", "AdamFamily"]
@@ -48,7 +48,7 @@ class AdamFamily(DistOptimizer):
         max_sqs = [v.state["max_exp_avg_sq"] for v in views] if amsgrad else []
 
         if correct_bias and not transformers_order and F.fused_adam_ok(params):
-            steps = [v.state["step"] for v in views]
+            steps = fused_steps(views)  # on the parameters' device, as torch's fused path keeps them
             torch._foreach_add_(steps, 1.0)
             fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
             fused(

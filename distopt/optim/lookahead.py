@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from distopt._dtensor import local_tensor
+from distopt.optim._core import MASTER_KEY
 
 __all__ = ["Lookahead"]
 
@@ -230,11 +231,17 @@ class Lookahead(Optimizer):
         alpha = float(group.get("lookahead_alpha", self._lookahead_defaults["lookahead_alpha"]))
         same: tuple[list[Tensor], list[Tensor]] = ([], [])  # slow and fast of one dtype
         mixed: tuple[list[Tensor], list[Tensor]] = ([], [])  # fp32 slow, bf16/fp16 fast
+        cast: tuple[list[Tensor], list[Tensor]] = ([], [])  # bf16/fp16 parameter, its fp32 master
         for p in group["params"]:
             if p.grad is None:
                 continue
             fast = local_tensor(p).detach()
             st = self.state[p]
+            master = st.get(MASTER_KEY)
+            if master is not None:  # a distopt base keeps an fp32 master copy: the fast weights
+                cast[0].append(fast)
+                cast[1].append(master.view(fast.shape))
+                fast = cast[1][-1]
             slow = st.get(_SLOW)
             if slow is None:
                 slow = torch.empty_like(fast, dtype=_slow_dtype(fast))
@@ -249,6 +256,8 @@ class Lookahead(Optimizer):
         if mixed[0]:
             torch._foreach_lerp_(mixed[0], [f.to(s.dtype) for s, f in zip(*mixed)], alpha)
             torch._foreach_copy_(mixed[1], mixed[0])
+        if cast[0]:
+            torch._foreach_copy_(cast[0], cast[1])  # one cast of the new master into the parameter
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
