@@ -70,11 +70,19 @@ def test_low_precision_is_fp32_training_on_the_master(case, dtype):
         tol = 3e-2 if case.create_graph else 1e-6
         for i, (p, m, h) in enumerate(zip(lo, now, hi)):
             assert m.dtype == torch.float32
-            torch.testing.assert_close(m.view(h.shape), h.detach(), rtol=tol, atol=tol / 10,
-                                       msg=lambda s, i=i, t=t: f"{case.id}: master {i} at step {t}: {s}")
+            torch.testing.assert_close(
+                m.view(h.shape),
+                h.detach(),
+                rtol=tol,
+                atol=tol / 10,
+                msg=lambda s, i=i, t=t: f"{case.id}: master {i} at step {t}: {s}",
+            )
             # one cast of the master writes the parameter
             assert torch.equal(p.detach(), m.view(p.shape).to(dtype)), f"{case.id}: parameter {i}"
-    moved = sum(float((h.detach() - p0.detach().float()).abs().sum()) for h, p0 in zip(hi, make_params(dtype=dtype)))
+    moved = sum(
+        float((h.detach() - p0.detach().float()).abs().sum())
+        for h, p0 in zip(hi, make_params(dtype=dtype))
+    )
     assert moved > 1e-4, f"{case.id}: the optimizer did not move the parameters"
 
 
@@ -89,8 +97,12 @@ class _NewFloat32(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() in self.sizes
-                    and t.untyped_storage().data_ptr() not in self.known):
+            if (
+                isinstance(t, torch.Tensor)
+                and t.dtype == torch.float32
+                and t.numel() in self.sizes
+                and t.untyped_storage().data_ptr() not in self.known
+            ):
                 self.count[getattr(func, "__name__", str(func))] += 1
         return out
 
@@ -102,7 +114,11 @@ def _allocations(case, dtype: torch.dtype, steps: int) -> int:
         _step(opt, params, _grads(params, t, dtype), case.create_graph)
     known = set()
     state = opt.state if hasattr(opt, "state") else {}
-    for obj in [*params, *(p.grad for p in params), *(v for st in state.values() for v in st.values())]:
+    for obj in [
+        *params,
+        *(p.grad for p in params),
+        *(v for st in state.values() for v in st.values()),
+    ]:
         if isinstance(obj, torch.Tensor):
             known.add(obj.untyped_storage().data_ptr())
     counter = _NewFloat32({p.numel() for p in params if p.numel() > 4}, known)
@@ -113,7 +129,11 @@ def _allocations(case, dtype: torch.dtype, steps: int) -> int:
     return sum(counter.count.values())
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if not c.create_graph], ids=[c.id for c in CASES if not c.create_graph])
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if not c.create_graph],
+    ids=[c.id for c in CASES if not c.create_graph],
+)
 def test_no_fp32_copy_of_the_parameters_per_step(case):
     """Per step a bf16 run allocates at most one parameter-sized fp32 tensor per parameter more
     than the fp32 run of the same optimizer: the gradient's cast.  The old per-step master copy
@@ -121,7 +141,9 @@ def test_no_fp32_copy_of_the_parameters_per_step(case):
     steps = 3
     n = sum(1 for p in make_params() if p.numel() > 4)
     extra = _allocations(case, torch.bfloat16, steps) - _allocations(case, torch.float32, steps)
-    assert extra <= steps * n, f"{case.id}: {extra} fp32 parameter-sized allocations in {steps} steps beyond fp32's"
+    assert extra <= steps * n, (
+        f"{case.id}: {extra} fp32 parameter-sized allocations in {steps} steps beyond fp32's"
+    )
 
 
 @pytest.mark.parametrize("name", ["adamw", "lamb", "adafactor", "lookahead_adamw", "sgdp", "muon"])
@@ -138,7 +160,9 @@ def test_master_survives_state_dict_round_trip(name):
         for x, y in zip(a, b):
             y.copy_(x)
     buf = io.BytesIO()
-    torch.save(opt_a.state_dict(), buf)  # as a checkpoint file would (torch aliases loaded `step` tensors)
+    torch.save(
+        opt_a.state_dict(), buf
+    )  # as a checkpoint file would (torch aliases loaded `step` tensors)
     buf.seek(0)
     opt_b.load_state_dict(torch.load(buf, weights_only=True))
     for pa, pb in zip(a, b):
@@ -153,7 +177,9 @@ def test_master_survives_state_dict_round_trip(name):
         _step(opt_b, b, g, False)
     for i, (x, y) in enumerate(zip(a, b)):
         assert torch.equal(x, y), f"{name}: parameter {i} differs after resuming"
-        assert torch.equal(_master(opt_a, x), _master(opt_b, y)), f"{name}: master {i} differs after resuming"
+        assert torch.equal(_master(opt_a, x), _master(opt_b, y)), (
+            f"{name}: master {i} differs after resuming"
+        )
 
 
 def test_write_to_parameter_outside_step_refreshes_master():
@@ -196,4 +222,6 @@ def test_master_in_distopt_checkpoint(tmp_path):
         _step(opt, params, g, False)
         _step(opt2, params2, g, False)
     for p, q in zip(params, params2):
-        assert torch.equal(p, q) and torch.equal(opt.state[p][MASTER_KEY], opt2.state[q][MASTER_KEY])
+        assert torch.equal(p, q) and torch.equal(
+            opt.state[p][MASTER_KEY], opt2.state[q][MASTER_KEY]
+        )
