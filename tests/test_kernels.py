@@ -1,0 +1,171 @@
+"""The optimizer rules of distopt/optim/_kernel.py: compiled equals eager; GradScaler skips steps.
+
+CI runs every test process with ``DISTOPT_KERNELS=eager`` (tests/conftest.py): compiling kernels
+in each spawned process would cost minutes.  The compiled path is covered here, in one process:
+by default one case that takes every path of the runner (a two-phase cautious rule, small
+tensors grouped, large ones alone); ``DISTOPT_TEST_COMPILED=all`` runs the whole case table
+compiled against eager (minutes: one cold compile per rule and option set).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from distopt.optim import _kernel as K
+from tests.optim_cases import CASES
+from tests.problems import make_params, run_quadratic
+
+_COMPILED_IDS = {"csgdw"}
+
+
+def _amp_cases():
+    out = []
+    for c in CASES:
+        opt = c.make([torch.nn.Parameter(torch.zeros(2))])
+        if getattr(type(opt), "_step_supports_amp_scaling", False) and not c.create_graph:
+            out.append(c)
+    return out
+
+
+AMP = _amp_cases()
+
+
+def _compiled_cases():
+    if os.environ.get("DISTOPT_TEST_COMPILED") == "all":
+        return [c for c in CASES if not c.create_graph]
+    return [c for c in CASES if c.id in _COMPILED_IDS]
+
+
+@pytest.fixture
+def kernel_mode():
+    yield K.set_mode
+    K.set_mode(None)
+
+
+def test_mode_validation(monkeypatch, kernel_mode):
+    with pytest.raises(ValueError, match="compile"):
+        kernel_mode("fast")
+    monkeypatch.setenv(K.ENV, "turbo")
+    with pytest.raises(ValueError, match="DISTOPT_KERNELS"):
+        K.mode()
+    monkeypatch.setenv(K.ENV, "eager")
+    assert K.mode() == "eager"
+
+
+@pytest.mark.skipif(
+    not K._can_compile(torch.device("cpu")), reason="no C++ compiler for torch.compile"
+)
+@pytest.mark.parametrize("case", _compiled_cases(), ids=lambda c: c.id)
+def test_compiled_equals_eager(case, kernel_mode, caplog):
+    # big enough that one tensor is not grouped with the small ones
+    shapes = [(300, 130), (7,), (5, 3), (1,)]
+    results = {}
+    for mode in ("eager", "compile"):
+        kernel_mode(mode)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = case.make(params)
+        for step in range(4):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        results[mode] = [p.detach().clone() for p in params]
+    assert not [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "compiling" in r.getMessage()
+    ]
+    for a, b in zip(results["eager"], results["compile"]):
+        torch.testing.assert_close(a, b, rtol=case.tol, atol=case.tol)
+    moved = [float((a - torch.randn(a.shape)).abs().sum()) for a in results["eager"]]
+    assert all(m > 0 for m in moved)
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts reads of tensor values on the host, except the CPU step counters (``skip``)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__,
+             torch.Tensor.__bool__}  # fmt: skip
+
+    def __init__(self, skip):
+        super().__init__()
+        self.skip, self.reads = skip, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS and not any(a is s for a in args[:1] for s in self.skip):
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _grads(params, step, scale):
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale
+
+
+@pytest.mark.parametrize("case", AMP, ids=lambda c: c.id)
+def test_grad_scaler_skips_exactly_the_overflow_step(case):
+    scale, bad = 2.0**14, 2
+    ref = make_params()
+    opt_ref = case.make(ref)
+    for step in range(5):
+        if step == bad:
+            continue  # what a skipped step must be: nothing happens
+        _grads(ref, step, 1.0)
+        opt_ref.step()
+
+    params = make_params()
+    opt = case.make(params)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
+    reads = 0
+    for step in range(5):
+        scaler.scale(torch.ones(()))  # the scale is created by the first scale() call
+        _grads(params, step, scaler.get_scale())  # as scaler.scale(loss).backward() leaves them
+        if step == bad:
+            params[0].grad.view(-1)[0] = float("inf")
+        steps = [
+            s
+            for st in opt.state.values()
+            for s in st.values()
+            if isinstance(s, torch.Tensor) and s.dim() == 0
+        ]
+        with _HostReads(steps) as mode:
+            scaler.step(opt)
+        if step > 0:
+            reads += len(mode.reads)
+        scaler.update()
+    assert scaler.get_scale() == scale / 2, "the overflow did not reach the scaler"
+    assert reads == 0, f"{case.id}: values read back to the host during scaler.step: {mode.reads}"
+    for p in opt.param_groups[0]["params"]:
+        if "step" in opt.state[p]:
+            assert float(opt.state[p]["step"]) == 4.0, "the skipped step was counted"
+    for i, (a, b) in enumerate(zip(params, ref)):
+        torch.testing.assert_close(
+            a.detach(),
+            b.detach(),
+            rtol=1e-6,
+            atol=1e-6,
+            msg=lambda m, i=i: f"{case.id}: parameter {i}: {m}",
+        )
+
+
+def test_every_converted_element_wise_optimizer_supports_grad_scaler():
+    names = {type(c.make([torch.nn.Parameter(torch.zeros(2))])).__name__ for c in AMP}
+    assert {"AdaBelief", "SGD", "SGDW", "Lion", "Adan", "Adopt", "Adamax", "MADGRAD"} <= names
+
+
+def test_run_quadratic_unchanged_by_chunking(kernel_mode, monkeypatch):
+    """Eager mode works through big tensors in chunks: the same numbers as one call."""
+    case = next(c for c in CASES if c.id == "adabelief")
+    out = []
+    for chunk in (K.EAGER_CHUNK, 4):
+        monkeypatch.setattr(K, "EAGER_CHUNK", chunk)
+        kernel_mode("eager")
+        p = make_params()
+        run_quadratic(case.make(p), p, 3, False)
+        out.append(p)
+    for a, b in zip(*out):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
