@@ -6,7 +6,8 @@ In one run per (model size, world size), on the same model (GPT-like, AdamW afte
                     distopt writes (model, ZeRO-1 row-sharded AdamW state), built and loaded in
                     place — the yardstick: every ratio is "x dcp";
 * ``distopt``       ``distopt.shard(stage=1)`` + ``distopt.checkpoint.save`` / ``load`` (the same
-                    DCP write plus RNG streams, metadata, CRC32 and the commit protocol);
+                    DCP write plus RNG streams, metadata, CRC32 of every byte written and read,
+                    and the commit protocol);
 * ``distopt-async`` ``save(..., async_=True)``: "save s" is the time training is blocked (the
                     snapshot); the time until the files are committed is reported beside it;
 * ``torch-save``    ``torch.save`` of the consolidated state (full model + torch AdamW state
@@ -280,7 +281,9 @@ def run(
     from distopt.bench._gpt import TinyGPT
 
     n = sum(p.numel() for p in TinyGPT(d=d, layers=layers).parameters())
-    res: dict[str, Any] = {"world": world, "params": n, "fs": fs, "modes": {}}
+    from distopt.checkpoint._storage import CRC_IMPL
+
+    res: dict[str, Any] = {"world": world, "params": n, "fs": fs, "modes": {}, "crc": CRC_IMPL}
     for m in modes:
 
         def worst(key, m=m):
@@ -325,6 +328,8 @@ def format_table(res: dict[str, Any], fmt: str = "text") -> str:
         notes.append(f"distopt-async: training blocked {a['save']:.3f} s per save = "
                      f"{a['save'] / s['save']:.1%} of a synchronous distopt save "
                      f"(files committed after {a['done']:.3f} s)")  # fmt: skip
+    if "crc" in res and any(m.startswith("distopt") for m in modes):
+        notes.append(f"distopt's CRC32: {res['crc']}")
     return render(title, head, rows, fmt, notes)
 
 

@@ -26,6 +26,48 @@ class CheckpointError(RuntimeError):
         super().__init__(message)
         self.corrupt = corrupt
 
+    def __reduce__(self) -> tuple:  # travels inside DCP's collectives with ``corrupt`` kept
+        return (_rebuild_error, (str(self), self.corrupt))
+
+
+def _rebuild_error(message: str, corrupt: bool) -> CheckpointError:
+    return CheckpointError(message, corrupt=corrupt)
+
+
+def failure_message(exc: BaseException) -> tuple[str, bool]:
+    """(message, corrupt) for an exception out of a DCP ``save``/``load``.
+
+    Inside DCP, distopt's storage classes raise :class:`CheckpointError` with the cause already
+    in words (on the rank that saw it); DCP's collectives bring every rank's failure to every
+    rank as one ``CheckpointException``, so the message built here is the same on every rank and
+    no extra agreement is needed.  Failures that are not a ``CheckpointError`` (torch's own
+    planning or reading) count as damage (``corrupt``)."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    if not isinstance(exc, CheckpointException):
+        if isinstance(exc, CheckpointError):
+            return str(exc), exc.corrupt
+        return describe(exc), True
+    by_text: dict[str, list[int]] = {}
+    corrupt = False
+    for r, (inner, _trace) in sorted(exc.failures.items()):
+        if isinstance(inner, CheckpointError):
+            text, bad = str(inner), inner.corrupt
+        else:
+            text, bad = describe(inner), True
+        corrupt = corrupt or bad
+        by_text.setdefault(text, []).append(r)
+    if not by_text:
+        return str(exc).splitlines()[0], True
+    multi = world() > 1
+    lines = []
+    for text, ranks in by_text.items():
+        if multi:
+            who = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+            text = f"{who}: {text}"
+        lines.append(text)
+    return (lines[0] if len(lines) == 1 else "\n  " + "\n  ".join(lines)), corrupt
+
 
 # --------------------------------------------------------------------------- distributed helpers
 

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distopt.checkpoint._common import CheckpointError, agree, describe, rank, write_atomic_bytes
+from distopt.checkpoint._common import CheckpointError, write_atomic_bytes
 from distopt.checkpoint._save import save, wait
 from distopt.checkpoint._save_load import is_complete, load
 
@@ -97,14 +97,7 @@ class CheckpointManager:
         Returns the folder; with ``async_save`` it is complete only after :meth:`wait` (or the
         next save) returned."""
         wait()
-        path = self.path_for(step)
-        err = None
-        if rank() == 0:
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                err = describe(exc, self.root)
-        agree(err, what=f"cannot save checkpoint {path}")
+        path = self.path_for(step)  # save's rank 0 creates the root with the folder
         on_stage = objects.get("_on_stage")
 
         def committed(path: Path) -> None:

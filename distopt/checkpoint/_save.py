@@ -1,19 +1,21 @@
 """``save``: collective, atomic, optionally asynchronous; every phase agreed across ranks.
 
-Phases, each ending in one small all-gather of "ok / what went wrong" (see ``agree``)::
+Phases, all inside one ``torch.distributed.checkpoint.save`` (no collective of distopt's own)::
 
-    prepare   rank 0 creates <path>.partial
     collect   every rank takes its view of the state (accumulator mid-window: a collective)
     [async: the state is copied (pinned memory for GPU tensors); the rest runs in a thread,
      with its collectives on a dedicated gloo group, while training continues]
-    tensors   DCP writes every rank's rows; CRC32 computed on the fly (``ChecksumWriter``)
-    rng       every rank writes rng/rank-<r>.pt
-    meta      rank 0 writes distopt_meta.pt
-    marker    sizes and CRC segments gathered; rank 0 writes COMMITTED
-    commit    rank 0 renames <path>.partial to <path> (and the manager moves ``latest``)
+    prepare   rank 0 creates <path>.partial; any rank's error so far is raised in DCP's
+              planning step (so every rank learns of it there)
+    files     DCP writes every rank's rows, CRC32 computed on the fly (``ChecksumWriter``);
+              beside them every rank writes rng/rank-<r>.pt and rank 0 distopt_meta.pt
+    commit    in DCP's finish (rank 0, after every rank's write succeeded): .metadata, then
+              COMMITTED with every file's size and CRC segments (which rode to rank 0 in DCP's
+              write results), the rename of <path>.partial to <path>, the manager's ``latest``
 
-A failure in any phase on any rank raises the same :class:`CheckpointError` on every rank (rank,
-file, cause in words), and the ``.partial`` folder is removed.
+DCP's own collectives bring a failure in any phase on any rank to every rank: the same
+:class:`CheckpointError` (rank, file, cause in words) everywhere, and the ``.partial`` folder
+is removed.
 """
 
 from __future__ import annotations
@@ -41,13 +43,11 @@ from distopt._version import __version__
 from distopt.checkpoint import _save_load as fmt
 from distopt.checkpoint._common import (
     CheckpointError,
-    agree,
     describe,
     dist_on,
+    failure_message,
     free_bytes,
     fsync_dir,
-    gather_objects,
-    raise_gathered,
     write_atomic_bytes,
 )
 from distopt.checkpoint._common import (
@@ -64,7 +64,7 @@ from distopt.checkpoint._layout import (
     local_of,
     state_is_row_sharded,
 )
-from distopt.checkpoint._storage import ChecksumWriter, whole
+from distopt.checkpoint._storage import ChecksumWriter, file_entry
 
 log = logging.getLogger("distopt.checkpoint")
 
@@ -173,19 +173,18 @@ def release_staging() -> None:
     _STAGING.clear()
 
 
-def _materialize(specs: dict[str, Spec], copy: bool) -> dict[str, Any]:
-    """DCP's state dict; ``copy``: a snapshot on CPU (pinned memory for GPU tensors), in
-    buffers reused from the previous asynchronous save when the shapes agree."""
+def _stage(specs: dict[str, Spec]) -> dict[str, Spec]:
+    """A snapshot of the tensors for an asynchronous save: plain copies on CPU (pinned host
+    memory for GPU tensors, one device sync), in buffers reused from the previous asynchronous
+    save when the shapes agree.  Only the raw rows are copied here; building DCP's sharded
+    views of them (``_materialize``) is left to the background thread."""
     cuda = False
     rank, world = _rank(), _world()
-    if copy:
-        for k in set(_STAGING) - set(specs):
-            del _STAGING[k]
+    for k in set(_STAGING) - set(specs):
+        del _STAGING[k]
 
-    def snap(t: Tensor, key: str = "") -> Tensor:
+    def snap(t: Tensor, key: str) -> Tensor:
         nonlocal cuda
-        if not copy:
-            return t
         buf = _STAGING.get(key)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
@@ -194,31 +193,44 @@ def _materialize(specs: dict[str, Spec], copy: bool) -> dict[str, Any]:
         buf.copy_(t, non_blocking=t.is_cuda)
         return buf
 
-    out: dict[str, Any] = {}
+    out: dict[str, Spec] = {}
     for key, spec in specs.items():
         if spec[0] == "rows":
-            _, local, gshape, bounds, r, group = spec
-            out[key] = fmt.row_sharded(snap(local, key), gshape, bounds, r, group)
-        elif spec[0] == "dtensor" and copy:
+            out[key] = ("rows", snap(spec[1], key), *spec[2:])
+        elif spec[0] == "dtensor":
             _, t, bounds, r, group = spec
             local = snap(t.to_local(), key)
             # sharded: the same rows as a sharded tensor; replicated: the local copy is complete
             out[key] = (
-                local
+                ("plain", local)
                 if bounds is None
-                else fmt.row_sharded(local, tuple(t.shape), bounds, r, group)
+                else ("rows", local, tuple(t.shape), bounds, r, group)
             )
-        elif copy and world > 1 and spec[1].dim() >= 1:
+        elif world > 1 and spec[1].dim() >= 1:
             # complete on every rank: each rank copies and writes a torch.chunk share of the rows
             # (DCP would write one rank's copy anyway), so the snapshot costs 1/world of it
             t = spec[1]
             bounds = _chunk_bounds(t.shape[0], world)
             s0, s1 = bounds[rank]
-            out[key] = fmt.row_sharded(snap(t[s0:s1], key), tuple(t.shape), bounds, rank)
+            out[key] = ("rows", snap(t[s0:s1], key), tuple(t.shape), bounds, rank, None)
         else:
-            out[key] = snap(spec[1], key)
+            out[key] = ("plain", snap(spec[1], key))
     if cuda:
         torch.cuda.synchronize()
+    return out
+
+
+def _materialize(specs: dict[str, Spec], copy: bool = False) -> dict[str, Any]:
+    """DCP's state dict for ``specs`` (``copy``: of a snapshot taken now, see ``_stage``)."""
+    if copy:
+        specs = _stage(specs)
+    out: dict[str, Any] = {}
+    for key, spec in specs.items():
+        if spec[0] == "rows":
+            _, local, gshape, bounds, r, group = spec
+            out[key] = fmt.row_sharded(local, gshape, bounds, r, group)
+        else:  # a plain tensor, or a DTensor DCP saves as it is
+            out[key] = spec[1]
     return out
 
 
@@ -361,8 +373,9 @@ def save(
         async_: take a snapshot of the state (a CPU copy; pinned memory for GPU tensors) and
             write it in a background thread, returning as soon as the snapshot is taken.  At
             most one save is in flight: the next ``save`` (or :func:`wait`, or interpreter exit)
-            waits for it, and raises its error on every rank if it failed.  Call :func:`wait`
-            before ``destroy_process_group``.
+            waits for it, and raises its error on every rank if it failed (also an error found
+            before the write, such as ``overwrite=False`` on an existing folder).  Call
+            :func:`wait` before ``destroy_process_group``.
     """
     global _PENDING, _ATEXIT
     wait()  # at most one in flight; surfaces the previous async save's failure
@@ -370,15 +383,6 @@ def save(
     rank, world = _rank(), _world()
     tmp = path.with_name(path.name + ".partial")
     err = None
-    if rank == 0:
-        try:
-            if path.exists() and not overwrite:
-                err = f"checkpoint {path} exists and overwrite=False"
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-                (tmp / "rng").mkdir(parents=True)
-        except OSError as exc:
-            err = describe(exc, tmp)
     stage = _on_stage or _no_stage
     stage("start")
     specs: dict[str, Spec] = {}
@@ -388,8 +392,8 @@ def save(
         buf = io.BytesIO()
         torch.save(fmt.rng_state(), buf)
         rng_bytes = buf.getvalue()
-    except Exception as exc:  # noqa: BLE001 - agreed below
-        err = err or describe(exc)
+    except Exception as exc:  # noqa: BLE001 - raised on every rank inside DCP's planning
+        err = describe(exc)
     # in the middle of an accumulation window this is a collective: every rank calls it
     acc_state = acc_meta = None
     if accumulator is not None:
@@ -407,28 +411,30 @@ def save(
             )
         except Exception as exc:  # noqa: BLE001
             err = describe(exc)
-    _agree_or_clean(err, tmp, None, f"cannot save checkpoint {path}")
-    needs = sum(_nbytes(s) for s in specs.values())
+    if err is not None:
+        specs = {}
     job = dict(
         path=path,
         tmp=tmp,
         rng_bytes=rng_bytes,
         meta_bytes=meta_bytes,
-        needs=needs,
+        needs=sum(_nbytes(s) for s in specs.values()),
         on_commit=_on_commit,
         on_stage=stage,
+        prepare_error=err,
+        overwrite=overwrite,
     )
     if not async_:
-        _write_and_commit(tensors=_materialize(specs, copy=False), group=None, **job)
+        _write_and_commit(tensors=_materialize(specs), group=None, **job)
         return path
 
     group = _async_group()  # collective the first time
-    tensors = _materialize(specs, copy=True)
+    staged = _stage(specs)  # the only copy; everything else runs in the background
     pending = _Pending(path)
 
     def run() -> None:
         try:
-            _write_and_commit(tensors=tensors, group=group, **job)
+            _write_and_commit(tensors=_materialize(staged), group=group, **job)
         except CheckpointError as exc:
             pending.error = str(exc)
         except BaseException as exc:  # noqa: BLE001 - reported at the next save/wait
@@ -443,34 +449,16 @@ def save(
     return path
 
 
-def _agree_or_clean(err: str | None, tmp: Path, group: Any, what: str) -> None:
-    """Agree on ``err``; when any rank failed, rank 0 removes ``tmp`` before all raise."""
+def _prepare_folder(path: Path, tmp: Path, overwrite: bool) -> str | None:
+    """Rank 0: a fresh ``<path>.partial``; the error in words, if any."""
     try:
-        agree(err, group=group, what=what)
-    except CheckpointError:
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    try:
-        with open(path, "wb") as f:
-            f.write(data)
+        if path.exists() and not overwrite:
+            return f"checkpoint {path} exists and overwrite=False"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        if exc.filename is None:
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    finally:
-        os.close(fd)
+        return describe(exc, tmp)
+    return None
 
 
 def _write_and_commit(
@@ -478,98 +466,85 @@ def _write_and_commit(
     path: Path,
     tmp: Path,
     tensors: dict[str, Any],
-    rng_bytes: bytes,
+    rng_bytes: bytes | None,
     meta_bytes: bytes | None,
     needs: int,
     group: Any,
     on_commit: Callable[[Path], None] | None,
     on_stage: Callable[[str], None],
+    prepare_error: str | None,
+    overwrite: bool,
 ) -> None:
-    """Phase "files": RNG file, metadata (rank 0), DCP tensors, then fsync of the small files;
-    one all-gather agrees on the outcome and brings every rank's CRC segments to rank 0.
-    Phase "commit": rank 0 writes the marker and renames; one all-gather agrees on that."""
+    """One ``dcp.save`` carries every phase and its cross-rank agreement: an error from before
+    the write is raised in DCP's planning step; the RNG file (every rank) and the metadata
+    (rank 0) are written and synced beside DCP's tensors; the CRC segments ride to rank 0 in
+    DCP's write results; rank 0's commit (marker, rename, ``on_commit``) runs in DCP's
+    ``finish``.  DCP's collectives bring any rank's failure to every rank."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import CheckpointException
 
     rank, world = _rank(), _world()
     t0 = time.perf_counter()
+    if rank == 0:  # before DCP's planning step, which every rank's writes follow
+        prepare_error = prepare_error or _prepare_folder(path, tmp, overwrite)
     free0 = free_bytes(tmp)
-    what = f"saving checkpoint {path} failed"
-    writer = ChecksumWriter(tmp)
-    rng_name = f"rng/rank-{rank}.pt"
-    small = [(rng_name, rng_bytes)] + ([(fmt.META, meta_bytes)] if meta_bytes is not None else [])
-    err = None
-    try:  # the small files first, so that they are on their way to the disk while DCP writes
-        for name, data in small:
-            _write_file(tmp / name, data)
-    except OSError as exc:
-        err = describe(exc, tmp, needs, free0)
-    try:  # collective: every rank takes part even when its small files failed (never a hang)
+    small = [(f"rng/rank-{rank}.pt", rng_bytes)] if rng_bytes is not None else []
+    if meta_bytes is not None:
+        small.append((fmt.META, meta_bytes))
+
+    def commit(files: dict[str, Any]) -> None:  # rank 0, inside DCP's finish
+        try:
+            _commit(path, tmp, files, world, on_stage)
+        except OSError as exc:
+            raise CheckpointError(
+                f"committing: {describe(exc, tmp / fmt.MARKER, needs, free0)}"
+            ) from exc
+        log.info("saved checkpoint %s (%d ranks, %.2fs)", path, world, time.perf_counter() - t0)
+        if on_commit is not None:
+            try:
+                on_commit(path)
+            except OSError as exc:
+                raise CheckpointError(f"checkpoint {path} is committed, but moving the 'latest' "
+                                      f"pointer failed: {describe(exc)}") from exc  # fmt: skip
+
+    writer = ChecksumWriter(tmp, prepare_error=prepare_error, small=small, commit=commit,
+                            needs=needs, free0=free0)  # fmt: skip
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=FutureWarning)
             warnings.simplefilter("ignore", category=UserWarning)
             dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=not dist_on())
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's is a BaseException
-        err = err or describe(exc, tmp, needs, free0)
+        msg, _ = failure_message(exc)
+        if rank == 0 and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"saving checkpoint {path} failed: {msg}") from None
     finally:
         writer.close()
-    if err is None:
-        try:
-            for name, _ in small:
-                _fsync_file(tmp / name)
-        except OSError as exc:
-            err = describe(exc, tmp, needs, free0)
-    mine = {
-        n: {"size": sum(s[1] for s in segs), "segments": segs}
-        for n, segs in writer.segments.items()
-    }
-    mine.update({n: {"size": len(d), "segments": whole(d)} for n, d in small})
-    gathered = gather_objects((err, mine), group)
-    try:
-        raise_gathered([(e, False) for e, _ in gathered], what + " writing files")
-    except CheckpointError:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def _commit(
+    path: Path, tmp: Path, files: dict[str, Any], world: int, on_stage: Callable[[str], None]
+) -> None:
+    """Rank 0: the commit marker (every file's size and CRC segments), then the rename."""
     on_stage("tensors_written")
     on_stage("meta_written")
-
-    err = None
-    if rank == 0:
-        try:
-            files: dict[str, Any] = {}
-            for _, part in gathered:
-                files.update(part)
-            for f in sorted(tmp.iterdir()):  # DCP's .metadata
-                if f.is_file() and f.name not in files and f.name != fmt.MARKER:
-                    data = f.read_bytes()
-                    files[f.name] = {"size": len(data), "segments": whole(data)}
-            marker = {
-                "format": fmt.FORMAT_VERSION,
-                "world_size": world,
-                "time": time.time(),
-                "files": files,
-            }
-            write_atomic_bytes(tmp / fmt.MARKER, json.dumps(marker, separators=(",", ":")).encode())
-            fsync_dir(tmp)
-            fsync_dir(tmp / "rng")
-            on_stage("marker_written")
-            old = None
-            if path.exists():
-                old = path.with_name(path.name + f".old-{os.getpid()}")
-                os.replace(path, old)
-                on_stage("old_moved_aside")
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            log.info("saved checkpoint %s (%d ranks, %.2fs)", path, world, time.perf_counter() - t0)
-        except OSError as exc:
-            err = describe(exc, tmp / fmt.MARKER, needs, free0)
-            shutil.rmtree(tmp, ignore_errors=True)
-        if err is None and on_commit is not None:
-            try:
-                on_commit(path)
-            except OSError as exc:
-                err = f"checkpoint {path} is committed, but moving the 'latest' pointer failed: {describe(exc)}"
-    agree(err, group=group, what=what + " committing")
+    names = [f"rng/rank-{r}.pt" for r in range(world)] + [fmt.META]
+    for name in names:  # a rank with no tensor to write sent no entry: read its file here
+        if name not in files and (tmp / name).is_file():
+            files[name] = file_entry((tmp / name).read_bytes())
+    marker = {"format": fmt.FORMAT_VERSION, "world_size": world, "time": time.time(),
+              "files": files}  # fmt: skip
+    write_atomic_bytes(tmp / fmt.MARKER, json.dumps(marker, separators=(",", ":")).encode())
+    fsync_dir(tmp)
+    fsync_dir(tmp / "rng")
+    on_stage("marker_written")
+    old = None
+    if path.exists():
+        old = path.with_name(path.name + f".old-{os.getpid()}")
+        os.replace(path, old)
+        on_stage("old_moved_aside")
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -36,9 +36,9 @@ from distopt._dtensor import is_dtensor
 from distopt._torch_private import sharded_tensor_from_metadata
 from distopt.checkpoint._common import (
     CheckpointError,
-    agree,
     describe,
     dist_on,
+    failure_message,
 )
 from distopt.checkpoint._common import (
     rank as _rank,
@@ -259,7 +259,10 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     path = resolve(path)
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint at {path}")
-    marker = read_marker(path)
+    return _meta_from(path, read_marker(path))
+
+
+def _meta_from(path: Path, marker: dict[str, Any]) -> dict[str, Any]:
     if META in marker["files"]:
         data = _read_checked(path, META, marker)
     else:
@@ -380,13 +383,15 @@ def load(
     Collective over all ranks.  The model and optimizer may be arranged differently from when
     they were saved (another number of ranks; one process, DDP, ZeRO-1/2 or FSDP2): each rank
     reads just the rows it holds.  With ``verify_files`` (default) every file's size is checked
-    against the commit marker first, and the CRC32 of every byte read is checked on the way
-    (no separate pass over the files; :func:`verify` checks every byte of every file).
+    against the commit marker first, and the CRC32 of every byte read is checked on the bytes
+    as they are read (no separate pass over the files; :func:`verify` checks every byte of
+    every file).
 
     Raises :class:`CheckpointError` on every rank alike — for an incomplete, truncated or
     corrupted checkpoint (naming the file; ``exc.corrupt`` is True), or one that does not fit the
-    model (listing missing, unexpected and shape-mismatched parameter names).  After a failure
-    in the tensor phase the model and optimizer hold a mix of old and loaded values.
+    model (listing missing, unexpected and shape-mismatched parameter names).  Errors found
+    before the tensors are read leave the model and optimizer untouched; after a failure while
+    reading the tensors they hold a mix of old and loaded values.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import CheckpointException
@@ -395,39 +400,40 @@ def load(
 
     path = resolve(path)
     rank, world = _rank(), _world()
-    what = f"cannot load checkpoint {path}"
-    err, corrupt = None, False
+    pre: tuple[str, bool] | None = None
     meta: dict[str, Any] = {}
-    marker: dict[str, Any] = {}
-    try:
-        meta = read_meta(path)
-        marker = read_marker(path)
-        if verify_files:
-            names = sorted(marker["files"])
-            _check_sizes(path, marker, names[rank::world])
-    except CheckpointError as exc:
-        err, corrupt = str(exc), exc.corrupt
-    agree(err, corrupt=corrupt, what=what)
-
-    ents = entries(model, optimizer)
-    err = _check_model_fits(meta, ents) if strict else None
-    if err is None and optimizer is not None:
-        err = (
-            f"{path} holds no optimizer state (saved with optimizer=None)"
-            if meta["param_groups"] is None
-            else _check_groups(meta, optimizer, ents)
-        )
-    if err is None and scheduler is not None and meta.get("scheduler") is None:
-        err = f"{path} holds no scheduler state"
-    agree(err, what=what)
-
     template: dict[str, Any] = {}
     installs: list[tuple[Entry, str, Tensor, str]] = []
     masters: list[tuple[Entry, Tensor | None]] = []
     acc_grads: dict[str, Tensor] = {}
-    err = None
+    rng: list[Any] = []
+    reader = None
+    # Everything that can be checked before the tensors (marker, metadata, sizes, fit, RNG
+    # file), on every rank; an error is raised inside DCP's planning step (no extra collective)
     try:
-        reader = ChecksumReader(path, _segments(marker) if verify_files else None)
+        marker = read_marker(path)
+        meta = _meta_from(path, marker)
+        if verify_files:
+            _check_sizes(path, marker, sorted(marker["files"])[rank::world])
+        ents = entries(model, optimizer)
+        err = _check_model_fits(meta, ents) if strict else None
+        if err is None and optimizer is not None:
+            err = (
+                f"{path} holds no optimizer state (saved with optimizer=None)"
+                if meta["param_groups"] is None
+                else _check_groups(meta, optimizer, ents)
+            )
+        if err is None and scheduler is not None and meta.get("scheduler") is None:
+            err = f"{path} holds no scheduler state"
+        if err is not None:
+            raise CheckpointError(err)
+        if restore_rng:
+            rng.append(_read_rng(path, marker, meta, rank))
+        reader = ChecksumReader(
+            path,
+            _segments(marker) if verify_files else None,
+            metadata_entry=marker["files"].get(".metadata") if verify_files else None,
+        )
         saved_keys = set(reader.read_metadata().state_dict_metadata)
         _build_template(meta, ents, optimizer, saved_keys, template, installs, masters)
         acc_meta = meta.get("accumulator")
@@ -440,20 +446,14 @@ def load(
                 shape = tuple(info["shape"]) or (1,)
                 acc_grads[name] = torch.zeros(shape, dtype=getattr(torch, info["dtype"]))
                 template[f"acc/{name}"] = acc_grads[name]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=FutureWarning)
-            warnings.simplefilter("ignore", category=UserWarning)
-            dcp.load(template, storage_reader=reader, no_dist=not dist_on())
-    except CheckpointException as exc:  # torch's is a BaseException: never let it out
-        err = describe(exc)
-        corrupt = True
-    except Exception as exc:  # noqa: BLE001 - agreed below
-        err = describe(exc, path)
-        corrupt = getattr(exc, "corrupt", True)
-    agree(err, corrupt=corrupt, what=f"{what}: reading tensors failed")
+    except CheckpointError as exc:
+        pre = (str(exc), exc.corrupt)
+    except Exception as exc:  # noqa: BLE001 - raised on every rank inside DCP's planning
+        pre = (describe(exc, path), getattr(exc, "corrupt", True))
+    if pre is not None:
+        reader, template = ChecksumReader(path, None, pre_error=pre), {}
 
-    err = None
-    try:
+    def install() -> None:  # once this rank's tensors are in place (inside DCP's read step)
         if optimizer is not None:
             _install_state(optimizer, meta, ents, installs)
         with torch.no_grad():
@@ -474,26 +474,41 @@ def load(
                     n: g.reshape(acc_meta["grads"][n]["shape"]) for n, g in acc_grads.items()
                 }
             accumulator.load_state_dict(sd)
-        if restore_rng:
-            name = f"rng/rank-{rank}.pt"
-            if (path / name).is_file():
-                data = (
-                    _read_checked(path, name, marker)
-                    if name in marker["files"]
-                    else (path / name).read_bytes()
-                )
-                _set_rng_state(_torch_load_bytes(data, path / name))
-            else:
-                log.warning(
-                    "checkpoint %s was saved by %d ranks: rank %d has no saved RNG stream and keeps its own",
-                    path,
-                    meta["world_size"],
-                    rank,
-                )
-    except Exception as exc:  # noqa: BLE001 - agreed below
-        err, corrupt = describe(exc, path), getattr(exc, "corrupt", False)
-    agree(err, corrupt=corrupt, what=what)
+        if rng and rng[0] is not None:
+            _set_rng_state(rng[0])
+
+    reader.after = install
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=FutureWarning)
+            warnings.simplefilter("ignore", category=UserWarning)
+            dcp.load(template, storage_reader=reader, no_dist=not dist_on())
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's is a BaseException
+        msg, corrupt = failure_message(exc)
+        raise CheckpointError(f"cannot load checkpoint {path}: {msg}", corrupt=corrupt) from None
     return meta.get("extra")
+
+
+def _read_rng(path: Path, marker: dict[str, Any], meta: dict[str, Any], rank: int) -> Any:
+    """This rank's saved RNG streams (None, with a warning, when the save had fewer ranks)."""
+    name = f"rng/rank-{rank}.pt"
+    if not (path / name).is_file():
+        log.warning(
+            "checkpoint %s was saved by %d ranks: rank %d has no saved RNG stream and keeps its own",
+            path,
+            meta["world_size"],
+            rank,
+        )
+        return None
+    try:
+        data = (
+            _read_checked(path, name, marker)
+            if name in marker["files"]
+            else (path / name).read_bytes()
+        )
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path / name}: {describe(exc)}", corrupt=True) from exc
+    return _torch_load_bytes(data, path / name)
 
 
 def _segments(marker: dict[str, Any]) -> dict[str, list[list[int]]]:
