@@ -342,8 +342,8 @@ class GradientAccumulator:
                 if not wait:
                     return
                 event.synchronize()
+            n, sm, sm2 = host.tolist()  # host memory (CUDA: a pinned copy, its copy complete)
             self._unchecked.pop(0)
-            n, sm, sm2 = host.tolist()
             _checked_count(n, sm, sm2, self._backend.data_parallel_world)
 
     # ------------------------------------------------------------------ checkpoints

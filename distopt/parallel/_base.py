@@ -151,7 +151,7 @@ class Backend:
 
     @property
     def device(self) -> torch.device:
-        for p in self.model.parameters():
+        for p in self.module.parameters():  # the user's module (no ShardedModule warning)
             return local_tensor(p).device
         return torch.device("cpu")
 
