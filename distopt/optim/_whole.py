@@ -124,8 +124,10 @@ def _zero_layouts(opt: Any, group: Any) -> dict[int, list[tuple[int, int]]]:
     if cache is not None and cache[0] is specs:
         return cache[1]
     ordered = [p for g in opt.param_groups for p in g["params"] if id(p) in specs]
+    # on the parameters' device: NCCL moves CUDA tensors only (read once, then cached)
+    device = ordered[0].device if ordered else torch.device("cpu")
     mine = torch.tensor(
-        [[specs[id(p)].row_start, specs[id(p)].rows] for p in ordered], dtype=torch.int64
+        [[specs[id(p)].row_start, specs[id(p)].rows] for p in ordered], dtype=torch.int64, device=device
     )
     mine = mine.reshape(len(ordered), 2)
     world = dist.get_world_size(group)
