@@ -113,8 +113,8 @@ class ScheduleFreeBase(DistOptimizer):
             if pairs:
                 self._refuse_foreign(group)
                 self._lerp_params(pairs, weight)
-                changed = True
             group["train_mode"] = to_train
+            changed = True  # decided from the replicated mode alone: every rank runs the hooks
         if changed:
             for hook in list(self.__dict__.get("_sync_post_hooks", {}).values()):
                 hook(self)
