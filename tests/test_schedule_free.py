@@ -271,10 +271,12 @@ def test_trainer_names_train_eval_and_resume(tmp_path):
         pytest.skip("a process group is already initialised in this test process")
     ds = make_dataset()
     modes: list = []
+    evaluated: dict = {}  # the weights each evaluation saw (x)
 
     class Spy(transformers.TrainerCallback):
         def on_evaluate(self, args, state, control, **kw):
             modes.append(("eval", _inner(kw["optimizer"]).train_mode))
+            evaluated.setdefault(state.global_step, params(kw["model"]))
 
         def on_step_end(self, args, state, control, **kw):
             modes.append(("step", _inner(kw["optimizer"]).train_mode))
@@ -310,6 +312,10 @@ def test_trainer_names_train_eval_and_resume(tmp_path):
         again_losses = [h["eval_loss"] for h in again.state.log_history if "eval_loss" in h]
         assert again_losses[-1] == eval_losses[-1]
         assert os.path.isdir(tmp_path / "sf" / "checkpoint-2" / "distopt")
+        from safetensors.torch import load_file  # the Trainer's weights: x, as evaluated
+
+        saved = load_file(str(tmp_path / "sf" / "checkpoint-2" / "model.safetensors"))
+        assert saved and all(torch.equal(t, evaluated[2][n]) for n, t in saved.items())
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
