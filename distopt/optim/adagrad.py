@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import KW_ONLY, HyperSpec, flag, lr, nonneg
 
@@ -38,6 +40,7 @@ class Adagrad(DistOptimizer):
     """
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     hypers = HyperSpec(
         lr(1e-2),
@@ -59,13 +62,26 @@ class Adagrad(DistOptimizer):
         if not views:
             return
         lr = float(group["lr"])
-        params, grads, sums = F.columns(views, "sum")
-        steps = F.advance_steps(views)
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        grads = F.l2_decay(grads, params, group["weight_decay"])
-        torch._foreach_addcmul_(sums, grads, grads, value=1.0)
-        std = torch._foreach_sqrt(sums)
-        torch._foreach_add_(std, group["eps"])
-        sizes = [-lr / (1.0 + (t - 1.0) * group["lr_decay"]) for t in steps]
-        torch._foreach_addcdiv_(params, grads, std, sizes)
+        scalars = [{"size": lr / (1.0 + (t - 1.0) * group["lr_decay"]), "eps": group["eps"],
+                    "wd": group["weight_decay"]} for t in F.advance_steps(views)]  # fmt: skip
+        K.apply(
+            self,
+            adagrad_rule,
+            views,
+            ("sum",),
+            scalars,
+            maximize=bool(group["maximize"]),
+            l2=group["weight_decay"] != 0.0,
+        )
+
+
+def adagrad_rule(
+    p: Tensor, g: Tensor, st: dict[str, Tensor], s: dict[str, Tensor], *, maximize: bool, l2: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Adagrad's update of one tensor (see :class:`Adagrad`)."""
+    if maximize:
+        g = -g
+    if l2:
+        g = g + s["wd"] * p
+    total = st["sum"] + g * g
+    return p - s["size"] * (g / (total.sqrt() + s["eps"])), {"sum": total}

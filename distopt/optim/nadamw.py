@@ -55,6 +55,7 @@ class NAdamW(DistOptimizer):
     """
 
     elementwise = True
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     hypers = HyperSpec(
         lr(1e-3),
@@ -85,5 +86,5 @@ class NAdamW(DistOptimizer):
             ctx, views, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], nesterov=True, caution=group["caution"],
             max_lr=group["max_lr_snapshot"] if group["corrected_weight_decay"] else None,
-            maximize=group["maximize"],
+            maximize=group["maximize"], opt=self,
         )  # fmt: skip

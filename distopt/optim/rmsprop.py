@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import KW_ONLY, HyperSpec, flag, lr, nonneg
 
@@ -43,6 +45,7 @@ class RMSprop(DistOptimizer):
     """
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     hypers = HyperSpec(
         lr(1e-2),
@@ -60,26 +63,51 @@ class RMSprop(DistOptimizer):
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:
             return
-        lr = float(group["lr"])
-        alpha, eps, momentum = group["alpha"], group["eps"], group["momentum"]
-        params, grads, square_avgs = F.columns(views, "square_avg")
         F.advance_steps(views)
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        grads = F.l2_decay(grads, params, group["weight_decay"])
-        F.ema_sq_(square_avgs, grads, alpha)
-        if group["centered"]:
-            grad_avgs = [v.state["grad_avg"] for v in views]
-            torch._foreach_lerp_(grad_avgs, grads, 1.0 - alpha)
-            denom = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1.0)
-            torch._foreach_sqrt_(denom)
-        else:
-            denom = torch._foreach_sqrt(square_avgs)
-        torch._foreach_add_(denom, eps)
-        if momentum > 0:
-            bufs = [v.state["momentum_buffer"] for v in views]
-            torch._foreach_mul_(bufs, momentum)
-            torch._foreach_addcdiv_(bufs, grads, denom)
-            torch._foreach_add_(params, bufs, alpha=-lr)
-        else:
-            torch._foreach_addcdiv_(params, grads, denom, value=-lr)
+        momentum = group["momentum"]
+        scalars = {"lr": float(group["lr"]), "alpha": group["alpha"], "eps": group["eps"],
+                   "momentum": momentum, "wd": group["weight_decay"]}  # fmt: skip
+        states = ("square_avg",) + (("momentum_buffer",) if momentum > 0 else ())
+        states += ("grad_avg",) if group["centered"] else ()
+        K.apply(
+            self,
+            rmsprop_rule,
+            views,
+            states,
+            scalars,
+            maximize=bool(group["maximize"]),
+            l2=group["weight_decay"] != 0.0,
+            momentum=momentum > 0,
+            centered=bool(group["centered"]),
+        )
+
+
+def rmsprop_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    maximize: bool,
+    l2: bool,
+    momentum: bool,
+    centered: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """RMSprop's update of one tensor (see :class:`RMSprop`)."""  # fmt: skip
+    if maximize:
+        g = -g
+    if l2:
+        g = g + s["wd"] * p
+    sq = st["square_avg"] * s["alpha"] + (1.0 - s["alpha"]) * (g * g)
+    new = {"square_avg": sq}
+    if centered:
+        ga = torch.lerp(st["grad_avg"], g, 1.0 - s["alpha"])
+        new["grad_avg"] = ga
+        denom = (sq - ga * ga).sqrt() + s["eps"]
+    else:
+        denom = sq.sqrt() + s["eps"]
+    if not momentum:
+        return p - s["lr"] * (g / denom), new
+    b = st["momentum_buffer"] * s["momentum"] + g / denom
+    new["momentum_buffer"] = b
+    return p - s["lr"] * b, new

@@ -8,29 +8,11 @@ import torch
 from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, flag, lr, nonneg, with_max_lr_snapshot
 
-__all__ = ["RMSpropTF", "cautious"]
-
-
-def cautious(ctx: StepContext, views: list[ParamView], updates: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-    r"""Cautious masking (Liang et al., 2024) as new tensors, exact under sharding.
-
-    ``u * mask / max(mean(mask), 1e-3)`` with ``mask = (u * g > 0)``: update components whose
-    sign disagrees with the gradient are dropped and the rest rescaled by the inverse fraction
-    kept.  The fraction is over the *whole* parameter: local counts are summed across shards in
-    one reduction for all the parameters of ``views``.
-    """
-    if not updates:
-        return []
-    masks = torch._foreach_mul(updates, grads)
-    masks = [(m > 0).to(u.dtype) for m, u in zip(masks, updates)]
-    counts = [m.sum(dtype=torch.float32) for m in masks]
-    (counts,) = ctx.reduce([counts], list(views))
-    scales = [(c / max(v.numel, 1)).clamp(min=1e-3).reciprocal() for c, v in zip(counts, views)]
-    torch._foreach_mul_(masks, scales)
-    return torch._foreach_mul(updates, masks)
+__all__ = ["RMSpropTF"]
 
 
 class RMSpropTF(DistOptimizer):
@@ -77,6 +59,7 @@ class RMSpropTF(DistOptimizer):
     """
 
     elementwise = True  # unless caution=True (see needs_whole_tensors)
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     def needs_whole_tensors(self, group: dict[str, Any]) -> bool:
         """Caution rescales by the fraction of agreeing signs over each whole tensor."""
@@ -108,34 +91,56 @@ class RMSpropTF(DistOptimizer):
         if not views:
             return
         lr = float(group["lr"])
-        wd, momentum, eps = group["weight_decay"], group["momentum"], group["eps"]
-        one_minus_alpha = 1.0 - group["alpha"]
-        params, grads, square_avgs = F.columns(views, "square_avg")
+        wd, momentum = group["weight_decay"], group["momentum"]
+        decoupled = bool(group["decoupled_decay"])
+        scale = lr**2 / group["max_lr_snapshot"] if group["corrected_weight_decay"] else lr
         F.advance_steps(views)
+        in_buf = bool(group["lr_in_momentum"])
+        scalars = {"lr": lr, "wd": wd, "decay": 1.0 - scale * wd, "alpha": group["alpha"],
+                   "eps": group["eps"], "momentum": momentum, "in_size": lr if in_buf else 1.0,
+                   "out_size": 1.0 if in_buf else lr}  # fmt: skip
+        caution = bool(group["caution"]) and momentum > 0
+        states = ("square_avg",) + (("momentum_buffer",) if momentum > 0 else ())
+        states += ("grad_avg",) if group["centered"] else ()
+        K.apply(self, rmsprop_tf_rule, views, states, [{**scalars, "numel": float(v.numel)} for v in views],
+                ctx=ctx, sums=K.CAUTION_SUMS if caution else (), caution=caution, momentum=momentum > 0,
+                centered=bool(group["centered"]), decoupled=decoupled and wd != 0.0,
+                l2=not decoupled and wd != 0.0)  # fmt: skip
 
-        if wd != 0.0:
-            if group["decoupled_decay"]:
-                scale = lr**2 / group["max_lr_snapshot"] if group["corrected_weight_decay"] else lr
-                torch._foreach_mul_(params, 1.0 - scale * wd)
-            else:
-                grads = F.l2_decay(grads, params, wd)
 
-        torch._foreach_lerp_(square_avgs, torch._foreach_mul(grads, grads), one_minus_alpha)
-        if group["centered"]:
-            grad_avgs = [v.state["grad_avg"] for v in views]
-            torch._foreach_lerp_(grad_avgs, grads, one_minus_alpha)
-            denom = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1.0)
-            torch._foreach_add_(denom, eps)
-        else:
-            denom = torch._foreach_add(square_avgs, eps)
-        torch._foreach_sqrt_(denom)
-
-        if momentum > 0:
-            bufs = [v.state["momentum_buffer"] for v in views]
-            torch._foreach_mul_(bufs, momentum)
-            in_buf = group["lr_in_momentum"]
-            torch._foreach_addcdiv_(bufs, grads, denom, value=lr if in_buf else 1.0)
-            step = cautious(ctx, views, bufs, grads) if group["caution"] else bufs
-            torch._foreach_add_(params, step, alpha=-1.0 if in_buf else -lr)
-        else:
-            torch._foreach_addcdiv_(params, grads, denom, value=-lr)
+def rmsprop_tf_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    caution: bool,
+    momentum: bool,
+    centered: bool,
+    decoupled: bool,
+    l2: bool,
+    phase: str = "update",
+) -> Any:
+    """RMSpropTF's update of one tensor (see :class:`RMSpropTF`)."""  # fmt: skip
+    if decoupled:
+        p = p * s["decay"]
+    if l2:
+        g = g + s["wd"] * p
+    sq = torch.lerp(st["square_avg"], g * g, 1.0 - s["alpha"])
+    new = {"square_avg": sq}
+    if centered:
+        ga = torch.lerp(st["grad_avg"], g, 1.0 - s["alpha"])
+        new["grad_avg"] = ga
+        denom = (sq - ga * ga + s["eps"]).sqrt()
+    else:
+        denom = (sq + s["eps"]).sqrt()
+    if not momentum:
+        return p - s["lr"] * (g / denom), new
+    b = st["momentum_buffer"] * s["momentum"] + s["in_size"] * (g / denom)
+    new["momentum_buffer"] = b
+    u = b
+    if caution:
+        if phase == "sums":
+            return K.agreement(u, g)
+        u = K.cautious(u, g, s)
+    return p - s["out_size"] * u, new
