@@ -122,6 +122,16 @@ def local_sumsq(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [n.float() * n.float() for n in norms]
 
 
+def device_tensor(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.tensor(values, dtype)`` on ``device`` without waiting for it: on CUDA the values
+    go through pinned memory in a non-blocking copy (``torch.tensor(..., device="cuda")``
+    copies from pageable memory and synchronises the stream)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def global_norms(ctx: StepContext, views: Sequence[ParamView], *lists: Sequence[Tensor]) -> list[list[Tensor]]:
     """Per-parameter L2 norms of each of ``lists`` over the *whole* parameter, one reduction.
 

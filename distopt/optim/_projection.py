@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from distopt.optim._core import ParamView, StepContext
+from distopt.optim._functional import device_tensor
 
 __all__ = ["project_"]
 
@@ -151,7 +152,7 @@ def project_(
     (stats2,) = ctx.reduce([stats2], sharded)
     sums = torch.stack(stats2)
     sums = sums.to(torch.float32 if sums.device.type == "mps" else torch.float64)
-    numels = torch.tensor([float(max(v.numel, 1)) for v in views], dtype=sums.dtype, device=sums.device)
+    numels = device_tensor([float(max(v.numel, 1)) for v in views], sums.dtype, sums.device)
     scales = 1.0 / (sums[:, 0] / numels).clamp_min(1e-3)
     torch._foreach_mul_(list(updates), masks)
     torch._foreach_mul_(list(updates), list(scales.to(updates[0].dtype).unbind(0)))

@@ -160,7 +160,7 @@ class _AdafactorKernel(DistOptimizer):
         if not scale:
             return base
         wide = torch.float32 if rms.device.type == "mps" else torch.float64
-        return torch.tensor(base, dtype=wide, device=rms.device) * rms.to(wide).clamp_min(h.eps_scale)
+        return F.device_tensor(base, wide, rms.device) * rms.to(wide).clamp_min(h.eps_scale)
 
     def relative_step_lrs(self) -> list[float | None]:
         """The learning rate each param group used at its last step (one entry per group).
@@ -273,7 +273,7 @@ class _AdafactorKernel(DistOptimizer):
         psq = [s.reshape(1) for s in F.local_sumsq(params)]
         col_red, norm_red, psq_red = ctx.reduce([col_parts, norm_parts, psq], sharded)
         rms = torch.cat(psq_red).float().clamp_min(0).sqrt()
-        rms = rms / torch.tensor([math.sqrt(max(v.numel, 1)) for v in views], device=rms.device)
+        rms = rms / F.device_tensor([math.sqrt(max(v.numel, 1)) for v in views], rms.dtype, rms.device)
         torch._foreach_copy_([v.state["RMS"] for v in views], list(rms.to(params[0].device).unbind(0)))
         lrs = self._param_lrs(h, steps, rms)
         if self._writes_group_lr and h.relative_step:
@@ -303,12 +303,14 @@ class _AdafactorKernel(DistOptimizer):
         # ---- phase 2: clip by the update RMS, scale by the lr
         (usq,) = ctx.reduce([[s.reshape(1) for s in F.local_sumsq(updates)]], sharded)
         u_rms = torch.cat(usq).float().clamp_min(0).sqrt()
-        u_rms = u_rms / torch.tensor([math.sqrt(max(v.numel, 1)) for v in views], device=u_rms.device)
+        u_rms = u_rms / F.device_tensor(
+            [math.sqrt(max(v.numel, 1)) for v in views], u_rms.dtype, u_rms.device
+        )
         clip = (u_rms / h.clip_threshold).clamp_(min=1.0)
         if isinstance(lrs, Tensor):
             scales = lrs.to(clip.dtype) / clip
         else:
-            scales = torch.tensor(lrs, dtype=clip.dtype, device=clip.device) / clip
+            scales = F.device_tensor(lrs, clip.dtype, clip.device) / clip
         torch._foreach_mul_(updates, list(scales.to(params[0].device).unbind(0)))
 
         if h.beta1 is not None:
@@ -320,8 +322,8 @@ class _AdafactorKernel(DistOptimizer):
                 masks = torch._foreach_mul(exp_avgs, grads)
                 masks = [(m > 0).to(m.dtype) for m in masks]
                 (msum,) = ctx.reduce([[m.sum().reshape(1) for m in masks]], sharded)
-                mean = torch.cat(msum).float() / torch.tensor(
-                    [float(max(v.numel, 1)) for v in views], device=msum[0].device
+                mean = torch.cat(msum).float() / F.device_tensor(
+                    [float(max(v.numel, 1)) for v in views], torch.float32, msum[0].device
                 )
                 torch._foreach_mul_(masks, list((1.0 / mean.clamp_(min=1e-3)).unbind(0)))
                 updates = torch._foreach_mul(exp_avgs, masks)
