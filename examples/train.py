@@ -648,6 +648,8 @@ def _train(args: argparse.Namespace, d: Dist, feat: dict) -> dict:
     first_loss = last_loss = float("nan")
     window: list[float] = []
     model.train()
+    if callable(getattr(optimizer, "train", None)):  # schedule-free optimizers: y in the weights
+        optimizer.train()
     t0 = time.perf_counter()
     t_window = t0
     steps_done = 0
