@@ -1,5 +1,6 @@
-"""Shared pieces of the checkpoint package: the one exception type, cross-rank agreement on
-errors, error descriptions in words, and small file helpers."""
+"""Shared pieces of the checkpoint package: the one exception type, the message of a failure
+that DCP's collectives brought to every rank, error descriptions in words, and small file
+helpers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import errno
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch.distributed as dist
 
@@ -82,45 +82,6 @@ def rank() -> int:
 
 def world() -> int:
     return dist.get_world_size() if dist_on() else 1
-
-
-def barrier(group: Any = None) -> None:
-    if dist_on():
-        dist.barrier(group=group)
-
-
-def gather_objects(obj: Any, group: Any = None) -> list[Any]:
-    if not dist_on():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
-
-
-def agree(err: str | None, *, corrupt: bool = False, group: Any = None, what: str = "") -> None:
-    """Raise the same :class:`CheckpointError` on every rank if any rank reports an error.
-
-    ``err`` is this rank's error in words (None: fine).  Every rank must call this at the same
-    point: it is one small all-gather, and it is what keeps a rank-local failure from leaving
-    the other ranks waiting in the next collective.
-    """
-    raise_gathered(gather_objects((err, corrupt), group), what)
-
-
-def raise_gathered(gathered: list[tuple[str | None, bool]], what: str = "") -> None:
-    """The raising half of :func:`agree`, for callers that gathered ``(err, corrupt)`` per rank
-    together with other data in one collective."""
-    errs = [(r, e, c) for r, (e, c) in enumerate(gathered) if e]
-    if not errs:
-        return
-    lines: list[str] = []
-    for r, e, _ in errs:  # torch's own errors arrive on every rank naming every rank: say once
-        line = e if e.startswith("rank ") or len(gathered) == 1 else f"rank {r}: {e}"
-        if line not in lines:
-            lines.append(line)
-    head = f"{what}: " if what else ""
-    msg = head + lines[0] if len(lines) == 1 else head + "\n  " + "\n  ".join(lines)
-    raise CheckpointError(msg, corrupt=any(c for _, _, c in errs))
 
 
 # --------------------------------------------------------------------------- errors in words
