@@ -135,6 +135,8 @@ GROUPS: list[Group] = [
     Group("Adan", _wd(), [("timm Adan", lambda: _timm("adan", "Adan"), _wd())]),
     Group("Mars", _wd(), [("timm Mars", lambda: _timm("mars", "Mars"), _wd())],
           note="per-tensor norm of the corrected gradient"),
+    Group("Kron", _wd(), [("timm Kron (eager)", lambda: _timm_kron_eager(), _wd())],
+          note="preconditioner updated every step (the default schedule's first 500 steps)"),
     Group("AdamWScheduleFree", _wd(), [("schedulefree AdamWScheduleFree",
                                         lambda: _schedulefree("AdamWScheduleFree"), _wd())],
           note="train mode; z and the second moment per parameter"),
@@ -152,6 +154,18 @@ GROUPS: list[Group] = [
           note="Lookahead(k=6): the median excludes the 1-in-6 slow-weight pass",
           wrap_lookahead=True),
 ]
+
+
+def _timm_kron_eager():
+    """timm's Kron without its torch.compile'd kernels (compiling costs minutes of CPU per shape;
+    distopt's Kron is eager too).  Only with opt_einsum installed: without it torch.einsum
+    contracts timm's preconditioner expression left to right through outer products of every
+    factor (gigabytes for a ViT block), as timm warns."""
+    cls = _timm("kron", "Kron")
+    if cls is None or importlib.util.find_spec("opt_einsum") is None:
+        return None
+    sys.modules[cls.__module__].has_dynamo = False  # read by the constructor
+    return cls
 
 
 def _timm_lookahead():
