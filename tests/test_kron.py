@@ -36,9 +36,9 @@ TIMM_DEFAULTS = {  # timm 1.0.31's registry
 class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(16, 6)
+        self.conv = nn.Conv2d(2, 3, 2)  # small: timm's einsum without opt_einsum is outer products
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(27, 6)
         self.ln = nn.LayerNorm(6)
         self.head = nn.Linear(6, 3)
 
@@ -52,7 +52,7 @@ def _train(make, steps=STEPS):
     opt = make(model)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        x, y = torch.randn(6, 3, 4, 4, generator=g), torch.randn(6, 3, generator=g)
+        x, y = torch.randn(6, 2, 4, 4, generator=g), torch.randn(6, 3, generator=g)
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
