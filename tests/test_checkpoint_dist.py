@@ -19,7 +19,7 @@ from tests.optim_cases import CASES
 
 # one case per family (the single-process test resumes every case of the table)
 FAMILY_IDS = ["adamw", "lamb", "adafactor", "adafactor-timm", "adamp", "lars", "nvnovograd",
-              "adabelief", "lookahead_adamw", "muon"]
+              "adabelief", "lookahead_adamw", "muon", "adafactorbv"]
 FAMILY = [c for c in CASES if c.id in FAMILY_IDS]
 N, K = 8, 4
 
