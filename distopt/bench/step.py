@@ -120,9 +120,6 @@ GROUPS: list[Group] = [
     Group("MADGRAD", _wd(), [("timm MADGRAD", lambda: _timm("madgrad", "MADGRAD"), _wd())]),
     Group("Adafactor", _wd(), [("transformers Adafactor", lambda: _transformers("Adafactor"), _wd())]),
     Group("AdafactorTimm", _wd(), [("timm Adafactor", lambda: _timm("adafactor", "Adafactor"), _wd())]),
-    Group("AdafactorBigVision", _wd(lr=1e-2),
-          [("timm AdafactorBigVision", lambda: _timm("adafactor_bv", "AdafactorBigVision"), _wd(lr=1e-2))],
-          note="bf16 momentum (timm's default); factored over the two largest dims"),
     Group("Adahessian", _wd(update_each=10**9),
           [("timm Adahessian", lambda: _timm("adahessian", "Adahessian"), _wd(update_each=10**9))],
           note="first step includes the Hessian-vector product; the median is the update only",
@@ -192,8 +189,11 @@ class Candidate:
 
 
 def _candidate(label: str, impl: str, factory: Callable[..., Any], kwargs: dict[str, Any],
-               shapes: list, seed: int) -> Candidate:
+               shapes: list, seed: int, device: torch.device | None = None) -> Candidate:
     params, grads = make_params(shapes, seed=seed)
+    if device is not None and device.type != "cpu":
+        params = [torch.nn.Parameter(p.detach().to(device)) for p in params]
+        grads = [g.to(device) for g in grads]
     for p, g in zip(params, grads):
         p.grad = g
     opt = factory(params, **kwargs)
@@ -222,9 +222,50 @@ def _first_step(c: Candidate, second_order: bool) -> float:
 
 
 def _time_step(c: Candidate) -> float:
+    dev = c.params[0].device
+    if dev.type == "cuda":  # time the kernels, not their launch: wait for the device around the step
+        torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
     c.opt.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     return time.perf_counter() - t0
+
+
+def _thread_counts(threads: int | str | list[int] | tuple[int, ...] | None) -> list[int | None]:
+    """``--threads``: one count, a comma-separated list (``"1,2"``), or None (torch's setting)."""
+    if threads is None:
+        return [None]
+    if isinstance(threads, str):
+        try:
+            counts = [int(t) for t in threads.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--threads must be a thread count or a comma-separated list like 1,2; got {threads!r}") from None
+    elif isinstance(threads, int):
+        counts = [threads]
+    else:
+        counts = [int(t) for t in threads]
+    if not counts or any(t < 1 for t in counts):
+        raise ValueError(f"--threads must be >= 1 (one count or a list like 1,2); got {threads!r}")
+    return list(dict.fromkeys(counts))
+
+
+def _device(device: str | torch.device) -> torch.device:
+    """The ``--device`` to time on: ``cpu`` or ``cuda[:N]`` (which must be visible)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is visible (torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def _row_label(group: Group) -> str:
@@ -248,31 +289,49 @@ def run(
     optim: str | None = None,
     repeats: int = 10,
     warmup: int = 3,
-    threads: int | None = None,
+    threads: int | str | list[int] | None = None,
     quick: bool = False,
     fmt: str = "text",
     out: Any = None,
     progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> list[dict[str, Any]]:
-    """Run the benchmark, print the table to ``out`` (stdout) and return its rows."""
+    """Run the benchmark, print the table to ``out`` (stdout) and return its rows.
+
+    ``threads``: one torch intra-op thread count, or several (``[1, 2]`` or ``"1,2"``): the
+    whole benchmark runs once per count and one table shows every count (a ``threads``
+    column).  ``device``: ``cpu`` or ``cuda[:N]`` (timed with a device synchronisation around
+    each step; torch's fused AdamW baseline runs on the same device).
+    """
     out = out or sys.stdout
     if repeats < 1:
         raise ValueError("--repeats must be >= 1")
     if warmup < 0:
         raise ValueError("--warmup must be >= 0")
-    if threads is not None and threads < 1:
-        raise ValueError("--threads must be >= 1")
+    counts = _thread_counts(threads)
+    dev = _device(device)
     previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    per_count: list[list[dict[str, Any]]] = []
     try:
-        return _run(optim, repeats, warmup, quick, fmt, out, progress)
+        for n in counts:
+            if n is not None:
+                torch.set_num_threads(n)
+            rows, shapes, numel, skipped = _run(optim, repeats, warmup, quick, progress, dev)
+            for r in rows:
+                r["threads"] = torch.get_num_threads()
+            per_count.append(rows)
     finally:
         torch.set_num_threads(previous)
+    # one table: each row followed by the same row at the other thread counts
+    rows = [r for same in zip(*per_count) for r in same]
+    label = ",".join(str(p[0]["threads"]) for p in per_count)
+    _print(rows, shapes, numel, repeats, warmup, fmt, skipped, out,
+           threads=label, by_threads=len(counts) > 1, device=dev)
+    return rows
 
 
-def _run(optim: str | None, repeats: int, warmup: int, quick: bool, fmt: str, out: Any,
-         progress: bool) -> list[dict[str, Any]]:
+def _run(optim: str | None, repeats: int, warmup: int, quick: bool, progress: bool,
+         device: torch.device) -> tuple[list[dict[str, Any]], list, int, list[str]]:
     import distopt.optim as do
 
     shapes = quick_shapes() if quick else vit_shapes()
@@ -280,7 +339,7 @@ def _run(optim: str | None, repeats: int, warmup: int, quick: bool, fmt: str, ou
     groups = _selected(GROUPS, optim)
 
     baseline = _candidate("torch.optim.AdamW(fused=True)", "torch", torch.optim.AdamW,
-                          {"fused": True, "weight_decay": WEIGHT_DECAY}, shapes, seed=0)
+                          {"fused": True, "weight_decay": WEIGHT_DECAY}, shapes, seed=0, device=device)
     baseline.first = _time_step(baseline)
     for _ in range(warmup):
         _time_step(baseline)
@@ -297,11 +356,13 @@ def _run(optim: str | None, repeats: int, warmup: int, quick: bool, fmt: str, ou
                 return do.Lookahead(_cls(params, **kw))
         else:
             factory = cls
-        cands = [_candidate(_row_label(group), "distopt", factory, group.kwargs, shapes, seed=1)]
+        cands = [_candidate(_row_label(group), "distopt", factory, group.kwargs, shapes, seed=1,
+                            device=device)]
         for label, loader, kwargs in group.peers:
             peer = loader()
             if peer is not None:
-                cands.append(_candidate(_row_label(group), label, peer, kwargs, shapes, seed=1))
+                cands.append(_candidate(_row_label(group), label, peer, kwargs, shapes, seed=1,
+                                        device=device))
         for c in cands:
             c.first = _first_step(c, group.second_order)
             for _ in range(warmup):  # untimed: some kernels are slow for a few calls
@@ -332,22 +393,33 @@ def _run(optim: str | None, repeats: int, warmup: int, quick: bool, fmt: str, ou
                 "median_ms": 1e3 * statistics.median(base_all) if base_all else float("nan"),
                 "ratio": 1.0, "note": "baseline (median over all groups)"}
     rows.insert(0, base_row)
-    _print(rows, shapes, numel, repeats, warmup, fmt, skipped, out)
-    return rows
+    return rows, shapes, numel, skipped
 
 
-def _print(rows, shapes, numel, repeats, warmup, fmt, skipped, out) -> None:
+def _where(device: torch.device | None, threads: str) -> str:
+    """The info line's machine part: threads and CPU, or the GPU's name."""
+    if device is not None and device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device}), {threads} host threads"
+    return f"{threads} threads, {platform.machine()}"
+
+
+def _print(rows, shapes, numel, repeats, warmup, fmt, skipped, out, threads: str | None = None,
+           by_threads: bool = False, device: torch.device | None = None) -> None:
     header = ["optimizer", "implementation", "first step (ms)", "median step (ms)",
               "x torch fused AdamW", "note"]
     body = [[r["optimizer"], r["impl"], f"{r['first_ms']:.1f}", f"{r['median_ms']:.1f}",
              f"{r['ratio']:.2f}", r["note"]] for r in rows]
+    if by_threads:  # several thread counts in one table
+        header.insert(2, "threads")
+        for b, r in zip(body, rows):
+            b.insert(2, str(r["threads"]))
     info = (f"{len(shapes)} fp32 tensors, {numel:,} parameters; median of {repeats} interleaved "
-            f"steps after {warmup} untimed; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"{platform.machine()}")
+            f"steps after {warmup} untimed; torch {torch.__version__}, "
+            f"{_where(device, threads or str(torch.get_num_threads()))}")
     if fmt == "md":
         print(info + "\n", file=out)
         print("| " + " | ".join(header) + " |", file=out)
-        print("|" + "|".join(["---"] * 2 + ["---:"] * 3 + ["---"]) + "|", file=out)
+        print("|" + "|".join(["---"] * (3 if by_threads else 2) + ["---:"] * 3 + ["---"]) + "|", file=out)
         for b in body:
             print("| " + " | ".join(b) + " |", file=out)
     else:
@@ -365,7 +437,7 @@ def _print(rows, shapes, numel, repeats, warmup, fmt, skipped, out) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     run(optim=args.optim, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-        quick=args.quick, fmt=args.format, progress=args.progress)
+        quick=args.quick, fmt=args.format, progress=args.progress, device=args.device)
     return 0
 
 
@@ -377,8 +449,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed steps per candidate (default 10)")
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed steps after the first one, before timing (default 3)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's current setting)")
+    p.add_argument("--threads", default=None,
+                   help="torch intra-op threads: one count, or several (e.g. 1,2) reported in one "
+                        "table (default: torch's current setting)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda[:N]: where parameters, gradients and state live")
+
     p.add_argument("--quick", action="store_true", help="small parameter set (for tests)")
     p.add_argument("--format", choices=["text", "md"], default="text", help="table format")
     p.add_argument("--progress", action="store_true", help="print each row to stderr as it is measured")
