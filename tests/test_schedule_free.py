@@ -85,6 +85,32 @@ def test_train_and_eval_switch_between_y_and_x(kind):
         assert torch.equal(a, b), f"{kind}: x differs from schedulefree's"
 
 
+def test_radam_silent_phase_moves_only_the_second_moment():
+    """The default ``silent_sgd_phase``: no parameter change until RAdam's rectification starts
+    (step 5 with beta2 = 0.999), the second moment moves; then reference and peer agree."""
+    p, p_ref, p0 = make_params(), make_params(), make_params()
+    opt = do.RAdamScheduleFree(p, lr=1e-2, weight_decay=0.05)
+    ref = R.RefRAdamScheduleFree(p_ref, lr=1e-2, weight_decay=0.05)
+    opt.train(), ref.train()
+    run_quadratic(opt, p, 4)
+    assert all(torch.equal(a, b) for a, b in zip(p, p0)), "a silent step moved the parameters"
+    assert all(float(st["exp_avg_sq"].abs().sum()) > 0 for st in opt.state.values())
+    assert opt.param_groups[0]["weight_sum"] == 0.0 and opt.param_groups[0]["lr_max"] == 0.0
+    run_quadratic(opt, p, 6, start=4)
+    run_quadratic(ref, p_ref, 10)
+    assert any(not torch.equal(a, b) for a, b in zip(p, p0))
+    _close(p, p_ref, "silent-phase RAdam vs reference")
+    try:
+        peer_mod = __import__("schedulefree")
+    except ImportError:
+        return
+    p_peer = make_params()
+    peer = peer_mod.RAdamScheduleFree(p_peer, lr=1e-2, weight_decay=0.05)
+    peer.train()
+    run_quadratic(peer, p_peer, 10)
+    assert all(torch.equal(a, b) for a, b in zip(p, p_peer)), "differs from schedulefree's"
+
+
 def test_low_precision_parameters_switch_in_fp32():
     p16 = make_params(dtype=torch.bfloat16)
     p32 = [torch.nn.Parameter(t.detach().float().clone()) for t in p16]

@@ -50,8 +50,11 @@ CASES = [
           {"rosen_lr": 3e-2, **_SIM_ONLY}, lr=1e-2, betas=(0.8, 0.99), r=1.0, weight_lr_power=0.0),
     _case("sgd_schedulefree", do.SGDScheduleFree, R.RefSGDScheduleFree, "SGDScheduleFree",
           {"rosen_lr": 3e-3, "model_lr": 0.5}, lr=5e-2, weight_decay=0.05, warmup_steps=2),
+    # SGD steps before the rectification starts (step 5 at beta2 = 0.999), so that every check sees the parameters
+    # move from the first step; the default silent phase is tested in tests/test_schedule_free.py
     _case("radam_schedulefree", do.RAdamScheduleFree, R.RefRAdamScheduleFree, "RAdamScheduleFree",
-          {"rosen_lr": 3e-2, "steps": 14}, lr=1e-2, weight_decay=0.05),
-    _case("radam_schedulefree-sgd-phase", do.RAdamScheduleFree, R.RefRAdamScheduleFree, "RAdamScheduleFree",
+          {"rosen_lr": 1e-2, "steps": 14}, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05,
+          silent_sgd_phase=False),
+    _case("radam_schedulefree-betas", do.RAdamScheduleFree, R.RefRAdamScheduleFree, "RAdamScheduleFree",
           {"rosen_lr": 1e-2, **_SIM_ONLY}, lr=1e-2, betas=(0.8, 0.9), silent_sgd_phase=False),
 ]  # fmt: skip
