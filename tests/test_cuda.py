@@ -15,6 +15,7 @@ every optimizer.  ``DISTOPT_GPU_CHECK_OUT=<dir>`` writes the per-case error tabl
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -292,13 +293,29 @@ def _world1_worker(case_ids):
         out[name] = {"zero2": max(float((a - b).abs().max()) for a, b in zip(_full(ref), _full(m)))}
         masters = [v for st in opt.state.values() for k, v in st.items() if k == MASTER_KEY]
         out[name]["optimizer masters"] = float(len(masters))  # none when the engine holds them
-    return {"device": str(dev), "results": out}
+    # bf16 rows without master_dtype (the optimizer's master): model.load_state_dict between
+    # steps must reach the master; a step with lr 0 then leaves the loaded values in place
+    m = _tiny(dev, torch.bfloat16)
+    sm, opt = distopt.shard(m, by_id["adamw"].make(m.parameters()), stage=2)
+    _fit(sm, opt, dev, steps=2)
+    sm.load_state_dict({k: torch.full_like(v, 0.25) for k, v in m.state_dict().items()})
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    _fit(sm, opt, dev, steps=1)
+    reload_err = max(float((p.detach().float() - 0.25).abs().max()) for p in m.parameters())
+    return {"device": str(dev), "results": out, "reload": reload_err}
+
+
+@functools.cache
+def _world1_results():
+    (res,) = run_distributed(_world1_worker, 1, WORLD1_CASES, timeout=240)
+    return res
 
 
 @pytest.mark.distributed
 def test_zero_and_fsdp2_at_world_size_one():
     """ZeRO-1/2 and FSDP2 code paths at world size 1: NCCL on a GPU, gloo on the CPU."""
-    (res,) = run_distributed(_world1_worker, 1, WORLD1_CASES, timeout=240)
+    res = _world1_results()
     lines = [f"device {res['device']}"]
     failures = []
     for cid, modes in res["results"].items():
@@ -312,3 +329,16 @@ def test_zero_and_fsdp2_at_world_size_one():
                 failures.append(f"{cid} {mode}: differs from single-process training by {err:.2e}")
     _report("world1.txt", lines)
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.distributed
+@pytest.mark.xfail(
+    strict=True,
+    reason="the ZeRO engine does not yet tell the optimizer when a bf16 "
+    "row view it does not master was written (refresh_masters; see the report of issue 13)",
+)
+def test_zero_bf16_optimizer_master_follows_model_load_state_dict():
+    err = _world1_results()["reload"]
+    assert err == 0.0, (
+        f"after model.load_state_dict the step started from a stale master ({err:.3g} off)"
+    )
