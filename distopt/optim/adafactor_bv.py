@@ -78,7 +78,7 @@ class AdafactorBigVision(DistOptimizer):
     Update rule for step ``t`` of a parameter ``w`` with gradient ``g`` (``s = max(t - decay_offset, 1)``)::
 
         beta2 = min(beta2_cap, 1 - s^(-decay_rate))
-        G2    = g^2 + eps        (eps None: 1e-7 for float16 parameters, else 1e-30)
+        G2    = g^2 + eps        (eps None: 1e-30; the maths runs in fp32 for bf16/fp16 params)
         factored ((dc, dr): the second largest and the largest dim; both >= min_dim_size_to_factor):
             R <- lerp(R, mean_dr(G2), 1 - beta2)            (exp_avg_sq_r, keepdim)
             C <- lerp(C, mean_dc(G2), 1 - beta2)            (exp_avg_sq_c, keepdim)
@@ -105,7 +105,8 @@ class AdafactorBigVision(DistOptimizer):
         beta2_cap: upper bound of ``beta2`` (default 0.999).
         momentum: first-moment coefficient; None disables it (default 0.9).
         momentum_dtype: dtype of the first moment, a torch dtype or its name (default torch.bfloat16).
-        eps: added to the squared gradient; None picks it by dtype (default None).
+        eps: added to the squared gradient; None: 1e-30 (timm takes 1e-7 for float16 maths, which
+            distopt never runs: bf16/fp16 parameters are updated on an fp32 master) (default None).
         weight_decay: decoupled weight decay (default 0.0).
         clipping_threshold: bound of the update RMS; None disables the clip (default None).
         unscaled_wd: decay not scaled by the lr, as in Big Vision (default False).
@@ -269,7 +270,8 @@ def _mean_sq(gsq: Tensor, dim: int, shape: torch.Size, eps: float) -> Tensor:
 
 
 def _eps(eps: float | None, view: ParamView) -> float:
-    """The eps of one parameter: the group's, or by the parameter's dtype as timm picks it."""
+    """The eps of one parameter: the group's, or timm's pick by the dtype the maths runs in
+    (float32 for bf16/fp16 parameters, whose update runs on the fp32 master: 1e-30)."""
     if eps is not None:
         return eps
-    return 1e-7 if view.param.dtype == torch.float16 else 1e-30
+    return 1e-7 if view.data.dtype == torch.float16 else 1e-30
