@@ -59,7 +59,7 @@ def _case(id, multiprocess=True, **kw):
 
 CASES = [
     _case("kron", lr=3e-3, weight_decay=0.05),
-    _case("kronw-stochastic-flat-diag", False, lr=3e-3, weight_decay=0.1, decoupled_decay=True,
+    _case("kronw-stochastic", False, lr=3e-3, weight_decay=0.1, decoupled_decay=True,
           stochastic_weight_decay=True, preconditioner_update_probability=0.5, flatten=True,
           memory_save_mode="all_diag"),
 ]  # fmt: skip
