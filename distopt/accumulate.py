@@ -315,9 +315,16 @@ class GradientAccumulator:
         next :meth:`flush` / :meth:`state_dict`).
         """
         m = float(self._micro)
-        buf = torch.tensor([self._items, m, m * m], dtype=torch.float64, device=self._backend.device)
+        buf = torch.tensor([self._items, m, m * m], dtype=torch.float64)
+        device = self._backend.device
+        # CUDA: through pinned memory, not waiting for the stream (a pageable copy would)
+        cuda = device.type == "cuda"
+        buf = buf.pin_memory().to(device, non_blocking=True) if cuda else buf.to(device)
         if self._items_t is not None:
-            buf[0] += self._items_t.to(buf.device, buf.dtype)
+            items = self._items_t
+            if cuda and items.device.type == "cpu":
+                items = items.to(buf.dtype).pin_memory()
+            buf[0] += items.to(buf.device, buf.dtype, non_blocking=True)
         self._backend.all_reduce_counts(buf)
         n = buf[0]
         ok = (n > 0) & torch.isfinite(n) & (buf[1] * buf[1] == W * buf[2])
