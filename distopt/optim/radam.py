@@ -100,11 +100,12 @@ class RAdam(DistOptimizer):
         params, grads, exp_avgs, exp_avg_sqs = F.columns(views, "exp_avg", "exp_avg_sq")
         steps = F.advance_steps(views)
 
-        if not group["decoupled_weight_decay"]:
+        decoupled = group.get("decoupled_weight_decay", True)  # absent in older checkpoints
+        if not decoupled:
             grads = F.l2_decay(grads, params, group["weight_decay"])
         F.ema_sq_(exp_avg_sqs, grads, beta2)
         F.ema_(exp_avgs, grads, beta1)
-        if group["decoupled_weight_decay"]:
+        if decoupled:
             F.decoupled_decay_(params, lr, group["weight_decay"])
 
         rect = [rectification(beta1, beta2, t)[1] for t in steps]
