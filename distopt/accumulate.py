@@ -132,6 +132,13 @@ class GradientAccumulator:
     mean of those means (over micro-batches and ranks).  A window cut short by :meth:`flush` is
     normalised by what it actually contains.
 
+    Nothing is read back to the host at the boundary.  On more than one rank the factor is
+    computed on the device from the all-reduced counts and the counts are checked late: a
+    window whose global count is 0, or whose ranks disagree on its length, raises on every rank
+    alike at the start of the next window (or at :meth:`flush` / :meth:`state_dict`); its
+    gradients were scaled by 0.  (One process checks at the boundary; DeepSpeed, which takes
+    the factor as a number, too.)
+
     Raises:
         ValueError: ``steps < 1``; ``reduce_every_micro_batch`` for a mode without sharded
             gradients; a DeepSpeed engine whose ``gradient_accumulation_steps`` is not ``steps``.

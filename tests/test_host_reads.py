@@ -211,14 +211,31 @@ def run_case(case, mode: str, r: int = 0, ws: int = 1) -> dict:
     return {"reads": counter.report(), "exempt": counter.exemptions()}
 
 
+def _zero_items_window() -> str:
+    """A window whose item counts sum to 0 on every rank: the boundary reads nothing back, so
+    the error comes at the next window's start, the same on every rank."""
+    model = nn.parallel.DistributedDataParallel(nn.Linear(2, 1))
+    acc = distopt.GradientAccumulator(model, steps=1)
+    with acc.accumulate(num_items=0):
+        acc.backward(model(torch.zeros(0, 2)).sum())
+    try:
+        with acc.accumulate(num_items=1):
+            acc.backward(model(torch.ones(1, 2)).sum())
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
 def _worker(plan: dict[str, list[str]]) -> dict:
     """Every mode of ``plan`` (mode -> case ids) in this one process group."""
     torch.set_num_threads(1)
     by_id = {c.id: c for c in CASES}
-    return {
+    out: dict = {
         mode: {cid: run_case(by_id[cid], mode, rank(), world_size()) for cid in ids}
         for mode, ids in plan.items()
     }
+    out["_zero_items"] = _zero_items_window()
+    return out
 
 
 def _failures(mode: str, per_rank: list[dict], skip: set[str] = frozenset()) -> list[str]:
@@ -320,6 +337,8 @@ def test_no_host_reads_distributed():
         for mode, ids in MODES.items()
     }
     per_rank = run_distributed(_worker, 2, plan, timeout=1200)
+    errors = [res["_zero_items"] for res in per_rank]
+    assert "summed to 0" in errors[0] and errors[0] == errors[1], errors
     failures: list[str] = []
     exempt: set[str] = set()
     for mode, ids in plan.items():
