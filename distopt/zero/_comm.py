@@ -19,33 +19,47 @@ from distopt.parallel._stats import CommStats
 __all__ = ["CommStats", "all_gather", "broadcast", "reduce_scatter", "ring_bytes"]
 
 
-def _reduce_scatter(output: Tensor, input: Tensor, group: Any) -> None:
+def _reduce_scatter(output: Tensor, input: Tensor, group: Any, async_op: bool = False) -> Any:
     # looked up at call time, so wrappers around torch.distributed (counting, tracing) see it
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    if async_op:
+        return fn(output, input, group=group, async_op=True)
     fn(output, input, group=group)
+    return None
 
 
-def _all_gather(output: Tensor, input: Tensor, group: Any) -> None:
+def _all_gather(output: Tensor, input: Tensor, group: Any, async_op: bool = False) -> Any:
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    if async_op:
+        return fn(output, input, group=group, async_op=True)
     fn(output, input, group=group)
+    return None
 
 
 def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def reduce_scatter(output: Tensor, input: Tensor, group: Any, stats: CommStats | None) -> None:
-    """Sum ``input`` (world * n elements) across ranks; this rank keeps its n-element part."""
+def reduce_scatter(
+    output: Tensor, input: Tensor, group: Any, stats: CommStats | None, async_op: bool = False
+) -> Any:
+    """Sum ``input`` (world * n elements) across ranks; this rank keeps its n-element part.
+
+    With ``async_op=True`` the collective is only launched: the returned work handle must be
+    waited before ``output`` is read (and ``input`` must stay alive until then)."""
     if stats is not None:
         stats.add("reduce_scatter", _nbytes(input))
-    _reduce_scatter(output, input, group=group)
+    return _reduce_scatter(output, input, group=group, async_op=async_op)
 
 
-def all_gather(output: Tensor, input: Tensor, group: Any, stats: CommStats | None) -> None:
-    """Concatenate every rank's ``input`` into ``output`` (world * n elements)."""
+def all_gather(
+    output: Tensor, input: Tensor, group: Any, stats: CommStats | None, async_op: bool = False
+) -> Any:
+    """Concatenate every rank's ``input`` into ``output`` (world * n elements); ``async_op`` as
+    for :func:`reduce_scatter`."""
     if stats is not None:
         stats.add("all_gather", _nbytes(output))
-    _all_gather(output, input, group=group)
+    return _all_gather(output, input, group=group, async_op=async_op)
 
 
 def broadcast(t: Tensor, src: int, group: Any, stats: CommStats | None) -> None:

@@ -128,7 +128,10 @@ class ZeroEngine:
         self._ready: list[set[int]] = [set() for _ in self.buckets]
         self._next_bucket = 0  # buckets are reduced strictly in index order, on every rank
         self._callback_queued = False
-        self._nonfinite = False  # a reduced bucket counted a rank with non-finite gradients
+        # count (a device tensor) of ranks with non-finite gradients in this reduction, or None
+        self._nonfinite: Tensor | None = None
+        # launched reduce-scatters not yet applied: (bucket, input, output, work, all local)
+        self._inflight: list[tuple[Bucket, Tensor, Tensor, Any, bool]] = []
         # master rows follow writes to the parameters: the version each parameter had when the
         # engine last wrote it (see _refresh_masters)
         self._versions: dict[int, int] = {}
@@ -200,6 +203,7 @@ class ZeroEngine:
         """
         if self.retired:
             return
+        self._wait_inflight()
         self.retired = True
         for h in self._hooks:
             h.remove()
@@ -296,12 +300,12 @@ class ZeroEngine:
         self._finish_reduction()
 
     def _finish_reduction(self) -> None:
+        self._wait_inflight()
         self._next_bucket = 0
         for r in self._ready:
             r.clear()
         self._pending = False
-        if self._nonfinite:
-            self._poison_gradients()
+        self._poison_gradients()
 
     def reduce_gradients(self) -> None:
         """Reduce-scatter every full gradient still held locally (after a ``no_sync`` window)."""
@@ -312,15 +316,24 @@ class ZeroEngine:
         self._finish_reduction()
 
     def _reduce_bucket(self, b: Bucket) -> None:
+        """Launch bucket ``b``'s reduce-scatter (asynchronously: backward goes on meanwhile).
+
+        The result is applied to the shards' ``.grad`` by :meth:`_wait_inflight`, which the
+        end-of-backward callback (and every other place that needs the reduced rows) calls.
+        """
         W, R = self.world, b.region
         inp = torch.zeros(W * R, dtype=b.dtype, device=b.device)
         regions = inp.view(W, R)
+        # which slots this rank has a gradient for: host-side knowledge (the hooks fired), so
+        # deciding which shards get rows asks the device nothing unless some rank lacks one
+        local = []
         for s in b.slots:
             g = s.param.grad
             if g is None:
                 continue
             if g.is_sparse:
                 raise RuntimeError(f"distopt.shard: sparse gradient for {s.name} is not supported")
+            local.append(s.position)
             for r in range(W):
                 n = s.local_numel(r)
                 if n:
@@ -330,18 +343,35 @@ class ZeroEngine:
         regions[:, -1] = (~torch.isfinite(inp.sum(dtype=torch.float32))).to(b.dtype)
         inp.div_(W * self.replicas)  # average over every rank, as DDP does
         out = torch.empty(R, dtype=b.dtype, device=b.device)
-        _comm.reduce_scatter(out, inp, self.group, self.stats)
-        if self.replicas > 1:  # hybrid: only this rank's rows cross to the other replicas
-            self.stats.add("replicate_all_reduce", out.numel() * out.element_size())
-            dist.all_reduce(out, group=self.replicate_group)
+        work = _comm.reduce_scatter(out, inp, self.group, self.stats, async_op=W > 1)
         for s in b.slots:  # the full gradients have been handed over
             s.param.grad = None
+        self._inflight.append((b, inp, out, work, len(local) == len(b.slots)))
+
+    def _wait_inflight(self) -> None:
+        """Wait for the launched reduce-scatters, in launch order, and add their rows into the
+        shards' ``.grad``."""
+        while self._inflight:
+            b, _inp, out, work, all_local = self._inflight.pop(0)
+            if work is not None:
+                work.wait()
+            if self.replicas > 1:  # hybrid: only this rank's rows cross to the other replicas
+                self.stats.add("replicate_all_reduce", out.numel() * out.element_size())
+                dist.all_reduce(out, group=self.replicate_group)
+            self._apply_rows(b, out, all_local)
+
+    def _apply_rows(self, b: Bucket, out: Tensor, all_local: bool) -> None:
         self._grad_out[b.index] = out
-        flags = out[b.payload :].tolist()
-        if flags[-1] > 0:
-            self._nonfinite = True
+        # the count of ranks with non-finite gradients stays on the device (summed over buckets)
+        count = out[-1:]
+        self._nonfinite = count.clone() if self._nonfinite is None else self._nonfinite + count
+        if all_local:
+            got = [True] * len(b.slots)  # this rank had every gradient: no need to ask
+        else:  # some slot had no gradient here; whether another rank had one is on the device
+            flags = out[b.payload : b.payload + len(b.slots)].tolist()
+            got = [f > 0 for f in flags]
         for s in b.slots:
-            if flags[s.position] <= 0:
+            if not got[s.position]:
                 continue  # no rank had a gradient: the shard's .grad stays as it is (None or kept)
             shard = self.shards[s.index]
             n = s.local_numel(self.rank)
@@ -352,18 +382,23 @@ class ZeroEngine:
                 shard.grad.add_(rows.to(shard.grad.dtype))
 
     def _poison_gradients(self) -> None:
-        """Some rank had a non-finite gradient: make sure this rank's rows show one too.
+        """If some rank had a non-finite gradient, make sure this rank's rows show one too.
 
         ``torch.amp.GradScaler`` decides from the gradients in the param groups (this rank's
         rows) whether to skip the step, and an overflow lands in one owner's rows only; every
         bucket's reduce-scatter also counts the ranks with non-finite gradients, so every rank
         knows, and a rank whose rows are finite gets a NaN in one element.  The decision, and so
-        the scale, is the same on every rank, as under DDP.
+        the scale, is the same on every rank, as under DDP.  Done on the device (no host read):
+        the first element of this rank's first gradient becomes NaN when the count is positive.
         """
-        self._nonfinite = False
+        count, self._nonfinite = self._nonfinite, None
+        if count is None:
+            return
         for t in self.shards:
             if t.grad is not None and t.grad.numel():
-                t.grad.view(-1)[:1].fill_(float("nan"))
+                first = t.grad.view(-1)[:1]
+                nan = torch.full_like(first, float("nan"))
+                first.copy_(torch.where(count.to(first.device) > 0, nan, first))
                 return
 
     def holds_reduced_grads(self) -> bool:
@@ -440,7 +475,14 @@ class ZeroEngine:
 
     @torch.no_grad()
     def all_gather_params(self) -> None:
+        """All-gather the updated rows into every rank's full parameters, bucket by bucket.
+
+        Two buckets are in flight at a time: bucket ``i + 1``'s all-gather is launched before
+        bucket ``i``'s rows are copied out, so copies overlap communication while at most two
+        gathered buckets are alive.
+        """
         W = self.world
+        pending: list[tuple[Bucket, Tensor, Tensor, Any]] = []
         for b in self.buckets:
             R = b.region
             inp = torch.zeros(R, dtype=b.dtype, device=b.device)
@@ -455,18 +497,26 @@ class ZeroEngine:
             if W == 1:
                 continue
             out = torch.empty(W * R, dtype=b.dtype, device=b.device)
-            _comm.all_gather(out, inp, self.group, self.stats)
-            regions = out.view(W, R)
-            for s in b.slots:
-                full = s.param.detach()
-                for r in range(W):
-                    if r == self.rank:
-                        continue
-                    n = s.local_numel(r)
-                    if n:
-                        dst = s.rows_view(full, r)
-                        dst.copy_(regions[r, s.offsets[r] : s.offsets[r] + n].view(dst.shape))
+            work = _comm.all_gather(out, inp, self.group, self.stats, async_op=True)
+            pending.append((b, inp, out, work))
+            if len(pending) > 1:
+                self._copy_gathered(*pending.pop(0))
+        while pending:
+            self._copy_gathered(*pending.pop(0))
         self._record_versions()
+
+    def _copy_gathered(self, b: Bucket, _inp: Tensor, out: Tensor, work: Any) -> None:
+        work.wait()
+        regions = out.view(self.world, b.region)
+        for s in b.slots:
+            full = s.param.detach()
+            for r in range(self.world):
+                if r == self.rank:
+                    continue
+                n = s.local_numel(r)
+                if n:
+                    dst = s.rows_view(full, r)
+                    dst.copy_(regions[r, s.offsets[r] : s.offsets[r] + n].view(dst.shape))
 
     # ------------------------------------------------------------------ misc
     @torch.no_grad()
@@ -530,36 +580,6 @@ class ZeroEngine:
 
     def shard_info(self) -> dict[str, Any]:
         """Per-rank bytes of parameters, gradient shards and optimizer state, and traffic."""
-        opt = self.optimizer
-        state_bytes = 0
-        replicated_state_bytes = 0
-        for s in self.slots:
-            st = opt.state.get(self.shards[s.index], {})
-            for name, v in st.items():
-                if isinstance(v, Tensor):
-                    nb = v.numel() * v.element_size()
-                    if hasattr(opt, "state_is_sharded") and not opt.state_is_sharded(name, v, s.shape):
-                        replicated_state_bytes += nb
-                    else:
-                        state_bytes += nb
-        local_numel = sum(s.local_numel(self.rank) for s in self.slots)
-        total_numel = sum(s.rows * s.row_numel for s in self.slots)
-        return {
-            "rank": self.rank,
-            "world_size": self.world,
-            "replicas": self.replicas,
-            "stage": self.stage,
-            "params_total": total_numel,
-            "params_local": local_numel,
-            "param_bytes_local": sum(
-                s.local_numel(self.rank) * self.shards[s.index].element_size() for s in self.slots
-            ),
-            "state_bytes_local": state_bytes + replicated_state_bytes,
-            "state_bytes_sharded": state_bytes,
-            "state_bytes_replicated": replicated_state_bytes,
-            "grad_shard_bytes": sum(
-                t.numel() * t.element_size() for t in self._grad_out if t is not None
-            ),
-            "buckets": len(self.buckets),
-            "comm": self.stats.as_dict(),
-        }
+        from distopt.zero._info import shard_info
+
+        return shard_info(self)
