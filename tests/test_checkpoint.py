@@ -377,3 +377,41 @@ def test_interpreter_exit_waits_for_async_save(tmp_path):
     assert mgr.latest() == tmp_path / "run" / "step-2"
     model, opt, _ = build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2))
     assert mgr.load_latest(model=model, optimizer=opt) == {"step": 2}
+
+
+def test_tensor_bytes_are_a_segment_checked_on_the_read_that_loads_them(tmp_path):
+    import json
+
+    import distopt
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(160, 128), torch.nn.Linear(128, 4))
+    opt = distopt.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(3, 160)).sum().backward()
+    opt.step()
+    ckpt.save(tmp_path / "c", model=model, optimizer=opt)
+    marker = json.loads((tmp_path / "c" / "COMMITTED").read_text())
+    name = next(n for n in marker["files"] if n.endswith(".distcp"))
+    segs = marker["files"][name]["segments"]
+    nbytes = 160 * 128 * 4
+    big = [s for s in segs if s[1] == nbytes]
+    assert len(big) == 3, segs  # weight, exp_avg, exp_avg_sq: each its own segment
+    small = [s for s in segs if s[1] < 1024]
+    assert small and sum(s[1] for s in segs) == (tmp_path / "c" / name).stat().st_size
+    raw = (tmp_path / "c" / name).read_bytes()
+    for off, length, _ in (big[1], small[len(small) // 2]):
+        bad = bytearray(raw)
+        bad[off + length // 2] ^= 0x10
+        (tmp_path / "c" / name).write_bytes(bytes(bad))
+        m2 = torch.nn.Sequential(torch.nn.Linear(160, 128), torch.nn.Linear(128, 4))
+        o2 = distopt.optim.AdamW(m2.parameters(), lr=1e-2)
+        with pytest.raises(ckpt.CheckpointError, match=rf"{name}.*corrupted") as ei:
+            ckpt.load(tmp_path / "c", model=m2, optimizer=o2)
+        assert ei.value.corrupt
+        if length == nbytes:
+            assert f"bytes {off}..{off + length}" in str(ei.value)
+    (tmp_path / "c" / name).write_bytes(raw)
+    m3 = torch.nn.Sequential(torch.nn.Linear(160, 128), torch.nn.Linear(128, 4))
+    o3 = distopt.optim.AdamW(m3.parameters(), lr=1e-2)
+    ckpt.load(tmp_path / "c", model=m3, optimizer=o3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), m3.parameters()))

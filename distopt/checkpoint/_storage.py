@@ -11,10 +11,12 @@ files and without collectives of its own:
   results; rank 0's ``finish`` (which DCP runs once every rank's write succeeded, and whose
   outcome DCP broadcasts) writes ``.metadata``, then distopt's commit (marker, rename).  A
   failure on any rank, in any phase, raises on every rank through DCP's own collectives.
-* :class:`ChecksumReader` reads each item DCP asks for with one ``pread``, checks the CRC32 of
-  its segments on those bytes, and hands them to ``torch.load`` from memory: every byte a rank
-  loads is checked, none is read twice.  A mismatch raises :class:`CheckpointError` naming the
-  file and byte range.
+* :class:`ChecksumReader` lets ``torch.load`` read each item DCP asks for from the file, as DCP
+  does: a tensor's bytes (a segment of their own, written by one large ``write``) come in one
+  read straight into the tensor's storage and are checked on those bytes; the few small
+  segments around them (zip headers, pickle) are checked with a ``pread``.  Every byte a rank
+  loads is checked and no tensor byte is read twice.  A mismatch raises
+  :class:`CheckpointError` naming the file and byte range.
 
 CRC32 comes from ISA-L (``isal``) or zlib-ng when installed (the same CRC32, ~5x zlib's speed),
 else from ``zlib``.  The files are plain DCP files: ``torch.distributed.checkpoint.load`` and
@@ -52,10 +54,14 @@ except ImportError:  # pragma: no cover - depends on the environment
         from zlib import crc32
 
 CRC_IMPL = crc32.__module__ or "zlib"
+# zlib's CRC32 (1-2 GB/s) runs in a helper thread beside the write of a large buffer; the
+# accelerated ones (several GB/s) run inline: handing a buffer to a thread and the GIL back
+# costs more than they take
+_OVERLAP = CRC_IMPL == "zlib"
 
-_OVERLAP_MIN = 1 << 20  # buffers from this size on: CRC in a helper thread beside the write
+_OVERLAP_MIN = 1 << 20  # zlib: buffers from this size on, CRC in a helper thread beside the write
 _SMALL = 1 << 16  # writes below this size are gathered first
-_READ_PIECE = 1 << 26  # items larger than this are checked in pieces, then read by torch
+_READ_PIECE = 1 << 26  # a segment checked with pread is read in pieces of this size
 
 Segments = list[list[int]]  # [[offset, length, crc32], ...], ascending offsets
 
@@ -96,17 +102,20 @@ class _ChecksumStream(io.RawIOBase):
             if len(self._small) >= _OVERLAP_MIN:
                 self._drain()
             return n
-        self._drain()
+        # a large write (a tensor's bytes) is a segment of its own: the load checks it on the
+        # one read that brings it into the tensor's storage
+        self._cut()
         mv = memoryview(b).cast("B")
-        if n >= _OVERLAP_MIN:
-            fut = self._pool.submit(crc32, mv, self._crc)
+        if n >= _OVERLAP_MIN and _OVERLAP:
+            fut = self._pool.submit(crc32, mv)
             self._raw_write(mv)
-            self._crc = fut.result()
+            crc = fut.result()
         else:
-            self._crc = crc32(mv, self._crc)
+            crc = crc32(mv)
             self._raw_write(mv)
+        self._segments.append([self._pos, n, crc])
         self._pos += n
-        self._len += n
+        self._start = self._pos
         return n
 
     def _raw_write(self, data: Any) -> None:
@@ -322,6 +331,53 @@ def _segments_in(segs: Segments, starts: list[int], off: int, length: int) -> Se
     return out
 
 
+class _CheckedView(io.RawIOBase):
+    """A seekable read-only view of one item of a DCP file for ``torch.load``.  A read that is
+    exactly one of the item's large segments (a tensor's bytes, read by torch straight into
+    its storage) is checked on the bytes it brought: ``checked`` / ``bad`` list those."""
+
+    def __init__(self, f: Any, off: int, length: int, big: dict[int, list[int]]) -> None:
+        super().__init__()
+        self._f = f
+        self._off = off
+        self._len = length
+        self._pos = 0
+        self._big = big
+        self.checked: set[int] = set()
+        self.bad: int | None = None
+        f.seek(off)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._len}[whence]
+        self._pos = max(0, base + offset)
+        self._f.seek(self._off + self._pos)
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        out = memoryview(b).cast("B")
+        n = min(len(out), self._len - self._pos)
+        if n <= 0:
+            return 0
+        got = self._f.readinto(out[:n])
+        start = self._off + self._pos
+        seg = self._big.get(start)
+        if seg is not None and seg[1] == got:
+            if crc32(out[:got]) != seg[2]:
+                self.bad = start
+            self.checked.add(start)
+        self._pos += got
+        return got
+
+
 def _narrow(t: torch.Tensor, offsets: Any, lengths: Any) -> torch.Tensor:
     for dim, (o, n) in enumerate(zip(offsets, lengths)):
         if o != 0 or n != t.size(dim):
@@ -330,10 +386,10 @@ def _narrow(t: torch.Tensor, offsets: Any, lengths: Any) -> torch.Tensor:
 
 
 class ChecksumReader(FileSystemReader):
-    """A ``FileSystemReader`` that checks the CRC32 segments of every item it reads, on the bytes
-    it reads (one ``pread`` per item; items over 64 MiB are checked in pieces first so that
-    memory stays bounded).  A mismatch (or a truncated file) raises :class:`CheckpointError`
-    naming the file and bytes.
+    """A ``FileSystemReader`` that checks the CRC32 segments of every item it reads: a tensor's
+    bytes on the read that brings them into its storage, the small segments around them with a
+    ``pread``.  A mismatch (or a truncated file) raises :class:`CheckpointError` naming the file
+    and bytes.
 
     Args:
         path: the checkpoint folder.
@@ -427,30 +483,37 @@ class ChecksumReader(FileSystemReader):
     def _bad(self, rel: str, msg: str) -> CheckpointError:
         return CheckpointError(f"checkpoint file {rel} {msg}", corrupt=True)
 
-    def _item_bytes(self, fd: int, rel: str, off: int, length: int) -> bytes | None:
-        """The item's bytes, checked; None when it is large: checked in pieces, torch reads it."""
-        segs = self._segments.get(rel)
-        checks = _segments_in(segs, self._starts[rel], off, length) if segs else []
-        if length > _READ_PIECE:
-            for s_off, s_len, s_crc in checks:
-                crc, pos = 0, 0
-                while pos < s_len:
-                    data = os.pread(fd, min(_READ_PIECE, s_len - pos), s_off + pos)
-                    if not data:
-                        raise self._bad(rel, f"is truncated: it ends at byte {s_off + pos}, an item needs bytes up to {off + length}")  # fmt: skip
-                    crc = crc32(data, crc)
-                    pos += len(data)
-                if crc != s_crc:
-                    raise self._bad(rel, f"is corrupted (CRC32 mismatch in bytes {s_off}..{s_off + s_len})")  # fmt: skip
-            return None
-        data = os.pread(fd, length, off)
-        if len(data) != length:
-            raise self._bad(rel, f"is truncated: it ends at byte {off + len(data)}, an item needs bytes up to {off + length}")  # fmt: skip
-        mv = memoryview(data)
-        for s_off, s_len, s_crc in checks:
-            if crc32(mv[s_off - off : s_off - off + s_len]) != s_crc:
+    def _check_rest(self, fd: int, rel: str, segs: Segments, done: set[int]) -> None:
+        """Check the segments no read has checked yet (the small ones around a tensor's bytes,
+        and everything of checkpoints written before large writes had segments of their own)."""
+        for s_off, s_len, s_crc in segs:
+            if s_off in done:
+                continue
+            crc, pos = 0, 0
+            while pos < s_len:  # in pieces: memory stays bounded for huge segments
+                data = os.pread(fd, min(_READ_PIECE, s_len - pos), s_off + pos)
+                if not data:
+                    raise self._bad(rel, f"is truncated: it ends at byte {s_off + pos}, an item needs bytes up to {s_off + s_len}")  # fmt: skip
+                crc = crc32(data, crc)
+                pos += len(data)
+            if crc != s_crc:
                 raise self._bad(rel, f"is corrupted (CRC32 mismatch in bytes {s_off}..{s_off + s_len})")  # fmt: skip
-        return data
+
+    def _load_item(self, f: Any, fd: int, rel: str, info: Any) -> torch.Tensor:
+        segs = self._segments.get(rel)
+        segs = _segments_in(segs, self._starts[rel], info.offset, info.length) if segs else []
+        big = {s[0]: s for s in segs if s[1] >= _SMALL}
+        view = _CheckedView(f, info.offset, info.length, big)
+        try:
+            t = torch.load(view, map_location="cpu", weights_only=True)
+        except Exception:
+            self._check_rest(fd, rel, segs, set())  # the damage that made torch fail, in words
+            raise
+        if view.bad is not None:
+            s = big[view.bad]
+            raise self._bad(rel, f"is corrupted (CRC32 mismatch in bytes {s[0]}..{s[0] + s[1]})")
+        self._check_rest(fd, rel, segs, view.checked)
+        return t
 
     def _read_checked(self, plan: Any, planner: Any) -> None:
         per_file: dict[str, list[Any]] = {}
@@ -462,6 +525,7 @@ class ChecksumReader(FileSystemReader):
                 fd = os.open(os.path.join(self.path, rel), os.O_RDONLY)
             except OSError as exc:
                 raise self._bad(rel, f"cannot be read: {exc.strerror or exc}") from exc
+            f = open(os.path.join(self.path, rel), "rb")  # noqa: SIM115 - closed below
             try:
                 last_key, last = None, None
                 for req in reqs:
@@ -470,21 +534,15 @@ class ChecksumReader(FileSystemReader):
                         raise CheckpointError(f"{rel}: stream transforms are not supported")
                     key = (info.offset, info.length)
                     if req.type == LoadItemType.BYTE_IO:
-                        data = self._item_bytes(fd, rel, info.offset, info.length)
-                        if data is None:
-                            data = os.pread(fd, info.length, info.offset)
-                        planner.load_bytes(req, io.BytesIO(data))
+                        segs = self._segments.get(rel)
+                        if segs:
+                            self._check_rest(
+                                fd, rel, _segments_in(segs, self._starts[rel], *key), set()
+                            )
+                        planner.load_bytes(req, io.BytesIO(os.pread(fd, info.length, info.offset)))
                         continue
                     if key != last_key:  # one saved chunk may feed several targets: read once
-                        data = self._item_bytes(fd, rel, info.offset, info.length)
-                        if data is None:
-                            with open(os.path.join(self.path, rel), "rb") as f:
-                                last = torch.load(self._slice_file(f, info), map_location="cpu",
-                                                  weights_only=True)  # fmt: skip
-                        else:
-                            last = torch.load(
-                                io.BytesIO(data), map_location="cpu", weights_only=True
-                            )
+                        last = self._load_item(f, fd, rel, info)
                         last_key = key
                     tensor = _narrow(last, req.storage_offsets, req.lengths)
                     target = planner.resolve_tensor(req).detach()
@@ -495,6 +553,7 @@ class ChecksumReader(FileSystemReader):
                     target.copy_(tensor)
                     planner.commit_tensor(req, target)
             finally:
+                f.close()
                 os.close(fd)
 
 
