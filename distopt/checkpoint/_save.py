@@ -536,8 +536,7 @@ def _commit(
     marker = {"format": fmt.FORMAT_VERSION, "world_size": world, "time": time.time(),
               "files": files}  # fmt: skip
     write_atomic_bytes(tmp / fmt.MARKER, json.dumps(marker, separators=(",", ":")).encode())
-    fsync_dir(tmp)
-    fsync_dir(tmp / "rng")
+    fsync_dir(tmp)  # rng/ was synced by each rank after its RNG file
     on_stage("marker_written")
     old = None
     if path.exists():

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.planner import LoadItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from distopt.checkpoint._common import CheckpointError, describe
+from distopt.checkpoint._common import CheckpointError, describe, fsync_dir
 
 try:  # the same CRC32 as zlib's, several times faster
     from isal.isal_zlib import crc32
@@ -253,12 +253,18 @@ class ChecksumWriter(FileSystemWriter):
 
     def _write_small(self, errors: list[BaseException]) -> None:
         try:
+            dirs = set()
             for name, data in self._small:
                 p = Path(self.path) / name
                 with open(p, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+                dirs.add(p.parent)
+            # sub-folders (rng/) synced here, off the commit's path; the folder itself is synced
+            # by the commit, after the marker
+            for d in dirs - {Path(self.path)}:
+                fsync_dir(d)
         except OSError as exc:
             if exc.filename is None:
                 exc = OSError(exc.errno, exc.strerror, str(p))
