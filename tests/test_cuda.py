@@ -332,11 +332,6 @@ def test_zero_and_fsdp2_at_world_size_one():
 
 
 @pytest.mark.distributed
-@pytest.mark.xfail(
-    strict=True,
-    reason="the ZeRO engine does not yet tell the optimizer when a bf16 "
-    "row view it does not master was written (refresh_masters; see the report of issue 13)",
-)
 def test_zero_bf16_optimizer_master_follows_model_load_state_dict():
     err = _world1_results()["reload"]
     assert err == 0.0, (

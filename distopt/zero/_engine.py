@@ -451,9 +451,12 @@ class ZeroEngine:
 
     # master rows follow writes to the parameters -----------------------------------------
     def _record_versions(self) -> None:
-        if self.master_dtype is None:
-            return
-        self._versions = {s.index: version_of(s.param) for s in self.slots if self._has_master(s)}
+        # engine master rows, and bf16/fp16 row views whose fp32 master the optimizer keeps
+        self._versions = {
+            s.index: version_of(s.param)
+            for s in self.slots
+            if self._has_master(s) or s.param.dtype in (torch.float16, torch.bfloat16)
+        }
 
     def _has_master(self, s: Slot) -> bool:
         return self.shards[s.index].dtype != s.param.dtype
@@ -467,10 +470,19 @@ class ZeroEngine:
         """
         if not self._versions:
             return
+        stale = []
         for s in self.slots:
             v = self._versions.get(s.index)
             if v is not None and version_of(s.param) != v:
-                self.shards[s.index].copy_(s.rows_view(s.param.detach(), self.rank))
+                if self._has_master(s):
+                    self.shards[s.index].copy_(s.rows_view(s.param.detach(), self.rank))
+                else:  # a bf16/fp16 row view: the optimizer keeps its fp32 master
+                    stale.append(self.shards[s.index])
+        inner = self.optimizer
+        while getattr(inner, "base_optimizer", None) is not None:  # Lookahead(<base>)
+            inner = inner.base_optimizer
+        if stale and hasattr(inner, "refresh_masters"):
+            inner.refresh_masters(stale)
         self._record_versions()
 
     @torch.no_grad()
