@@ -73,7 +73,7 @@ def adam_like_rule(
     if maximize:
         g = -g
     m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
-    v = st["exp_avg_sq"] * s["beta2"] + (1.0 - s["beta2"]) * (g * g)
+    v = K.ema_sq(st["exp_avg_sq"], g, s["beta2"])
     n = torch.lerp(m, g, 1.0 - s["beta1"]) if nesterov else m
     if caution:
         if phase == "sums":
@@ -82,4 +82,4 @@ def adam_like_rule(
     if decay:
         p = p * s["decay"]
     denom = v.sqrt() / s["bc2_sqrt"] + s["eps"]
-    return p - s["size"] * (n / denom), {"exp_avg": m, "exp_avg_sq": v}
+    return p - (s["size"] * n) / denom, {"exp_avg": m, "exp_avg_sq": v}

@@ -51,7 +51,17 @@ from torch import Tensor
 
 from distopt.optim._core import ParamView, StepContext
 
-__all__ = ["apply", "set_mode", "mode", "scaler_of", "agreement", "cautious", "CAUTION_SUMS", "MODES", "ENV"]
+__all__ = [
+    "apply",
+    "set_mode",
+    "mode",
+    "scaler_of",
+    "agreement",
+    "cautious",
+    "CAUTION_SUMS",
+    "MODES",
+    "ENV",
+]
 
 log = logging.getLogger(__name__)
 
@@ -353,3 +363,9 @@ def cautious(u: Tensor, g: Tensor, s: Mapping[str, Tensor]) -> Tensor:
     ``s["numel"]``: the parameter's size)."""
     mask = (u * g > 0).to(u.dtype)
     return u * (mask / torch.clamp(s["agree"] / s["numel"], min=1e-3))
+
+
+def ema_sq(v: Tensor, x: Tensor, beta: Tensor) -> Tensor:
+    """``beta * v + (1 - beta) * x^2``, rounded as ``v.mul_(beta).addcmul_(x, x, value=1 - beta)``
+    (so the eager form matches torch's and timm's multi-tensor arithmetic bit for bit)."""
+    return torch.addcmul(v * beta, (1.0 - beta) * x, x)

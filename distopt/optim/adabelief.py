@@ -134,12 +134,12 @@ def adabelief_rule(
         g = g + s["wd"] * p
     m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
     r = g - m
-    v = st["exp_avg_var"] * s["beta2"] + (1.0 - s["beta2"]) * (r * r) + s["eps"]
+    v = K.ema_sq(st["exp_avg_var"], r, s["beta2"]) + s["eps"]
     new = {"exp_avg": m, "exp_avg_var": v}
     if amsgrad:
         new["max_exp_avg_var"] = torch.maximum(st["max_exp_avg_var"], v)
     if not rectify:
         second = new["max_exp_avg_var"] if amsgrad else v
-        return p - s["size"] * (m / (second.sqrt() / s["bc2_sqrt"] + s["eps"])), new
-    step = torch.where(s["adaptive"] > 0, m / (v.sqrt() + s["eps"]), m)
-    return p - s["size"] * step, new
+        return p - (s["size"] * m) / (second.sqrt() / s["bc2_sqrt"] + s["eps"]), new
+    adaptive = p - (s["size"] * m) / (v.sqrt() + s["eps"])
+    return torch.where(s["adaptive"] > 0, adaptive, p - s["size"] * m), new

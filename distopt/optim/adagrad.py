@@ -84,4 +84,4 @@ def adagrad_rule(
     if l2:
         g = g + s["wd"] * p
     total = st["sum"] + g * g
-    return p - s["size"] * (g / (total.sqrt() + s["eps"])), {"sum": total}
+    return p - (s["size"] * g) / (total.sqrt() + s["eps"]), {"sum": total}

@@ -85,4 +85,4 @@ def adamax_rule(
         g = g + s["wd"] * p
     m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
     u = torch.maximum(st["exp_inf"] * s["beta2"], g.abs() + s["eps"])
-    return p - s["size"] * (m / u), {"exp_avg": m, "exp_inf": u}
+    return p - (s["size"] * m) / u, {"exp_avg": m, "exp_inf": u}

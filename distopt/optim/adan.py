@@ -119,7 +119,7 @@ def adan_rule(
     m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
     e = torch.lerp(st["exp_avg_diff"], diff, 1.0 - s["beta2"])
     n = diff * s["beta2"] + g
-    sq = st["exp_avg_sq"] * s["beta3"] + (1.0 - s["beta3"]) * (n * n)
+    sq = K.ema_sq(st["exp_avg_sq"], n, s["beta3"])
     denom = sq.sqrt() / s["bc3_sqrt"] + s["eps"]
     num = m
     if caution:
@@ -128,8 +128,8 @@ def adan_rule(
         num = K.cautious(m, g, s)
     if decay and no_prox:
         p = p * s["decay"]
-    p = p - s["size1"] * (num / denom)
-    p = p - s["size2"] * (e / denom)
+    p = p - (s["size1"] * num) / denom
+    p = p - (s["size2"] * e) / denom
     if decay and not no_prox:
         p = p / s["prox"]
     return p, {"exp_avg": m, "exp_avg_diff": e, "exp_avg_sq": sq, "neg_pre_grad": -g}

@@ -138,5 +138,5 @@ def adopt_rule(
         u = K.cautious(u, g, s)
     first = s["first"] > 0
     new_p = torch.where(first, p, p * s["decay"] - s["lr"] * u)
-    new_sq = torch.where(first, sq + g * g, sq * s["beta2"] + (1.0 - s["beta2"]) * (g * g))
+    new_sq = torch.where(first, sq + g * g, K.ema_sq(sq, g, s["beta2"]))
     return new_p, {"exp_avg": torch.where(first, st["exp_avg"], m), "exp_avg_sq": new_sq}

@@ -111,7 +111,7 @@ def laprop_rule(
     phase: str = "update",
 ) -> Any:
     """LaProp's update of one tensor (see :class:`LaProp`)."""
-    v = st["exp_avg_sq"] * s["beta2"] + (1.0 - s["beta2"]) * (g * g)
+    v = K.ema_sq(st["exp_avg_sq"], g, s["beta2"])
     m = st["exp_avg"] * s["beta1"] + s["in_size"] * (g / ((v / s["c2"]).sqrt() + s["eps"]))
     u = m
     if caution:

@@ -110,7 +110,7 @@ def madgrad_rule(
         g = g + s["wd"] * p
     nu, total = st["grad_sum_sq"], st["s"]
     x0 = st["x0"] if momentum else p + total / (nu.pow(1.0 / 3.0) + s["eps"])
-    nu = nu + s["lam"] * (g * g)
+    nu = torch.addcmul(nu, s["lam"] * g, g)
     total = total + s["lam"] * g
     z = x0 - total / (nu.pow(1.0 / 3.0) + s["eps"])
     new_p = torch.lerp(p, z, s["keep"]) if momentum else z

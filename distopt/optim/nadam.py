@@ -95,7 +95,7 @@ def nadam_rule(
     if l2:
         g = g + s["wd"] * p
     m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
-    v = st["exp_avg_sq"] * s["beta2"] + (1.0 - s["beta2"]) * (g * g)
+    v = K.ema_sq(st["exp_avg_sq"], g, s["beta2"])
     denom = v.sqrt() / s["bc2_sqrt"] + s["eps"]
-    p = p + s["gsize"] * (g / denom)
-    return p + s["msize"] * (m / denom), {"exp_avg": m, "exp_avg_sq": v}
+    p = p + (s["gsize"] * g) / denom
+    return p + (s["msize"] * m) / denom, {"exp_avg": m, "exp_avg_sq": v}

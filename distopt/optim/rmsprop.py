@@ -98,7 +98,7 @@ def rmsprop_rule(
         g = -g
     if l2:
         g = g + s["wd"] * p
-    sq = st["square_avg"] * s["alpha"] + (1.0 - s["alpha"]) * (g * g)
+    sq = K.ema_sq(st["square_avg"], g, s["alpha"])
     new = {"square_avg": sq}
     if centered:
         ga = torch.lerp(st["grad_avg"], g, 1.0 - s["alpha"])
@@ -107,7 +107,7 @@ def rmsprop_rule(
     else:
         denom = sq.sqrt() + s["eps"]
     if not momentum:
-        return p - s["lr"] * (g / denom), new
+        return p - (s["lr"] * g) / denom, new
     b = st["momentum_buffer"] * s["momentum"] + g / denom
     new["momentum_buffer"] = b
-    return p - s["lr"] * b, new
+    return torch.addcmul(p, b, -s["lr"]), new

@@ -135,12 +135,12 @@ def rmsprop_tf_rule(
     else:
         denom = (sq + s["eps"]).sqrt()
     if not momentum:
-        return p - s["lr"] * (g / denom), new
-    b = st["momentum_buffer"] * s["momentum"] + s["in_size"] * (g / denom)
+        return p - (s["lr"] * g) / denom, new
+    b = st["momentum_buffer"] * s["momentum"] + (s["in_size"] * g) / denom
     new["momentum_buffer"] = b
     u = b
     if caution:
         if phase == "sums":
             return K.agreement(u, g)
         u = K.cautious(u, g, s)
-    return p - s["out_size"] * u, new
+    return torch.addcmul(p, u, -s["out_size"]), new
