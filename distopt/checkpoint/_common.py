@@ -63,7 +63,7 @@ def failure_message(exc: BaseException) -> tuple[str, bool]:
     lines = []
     for text, ranks in by_text.items():
         if multi:
-            who = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+            who = "rank " + ", ".join(map(str, ranks))  # "rank 0, 1: ..." when alike
             text = f"{who}: {text}"
         lines.append(text)
     return (lines[0] if len(lines) == 1 else "\n  " + "\n  ".join(lines)), corrupt
