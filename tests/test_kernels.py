@@ -169,3 +169,27 @@ def test_run_quadratic_unchanged_by_chunking(kernel_mode, monkeypatch):
         out.append(p)
     for a, b in zip(*out):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+
+
+def test_bench_bytes_per_parameter_follow_the_state():
+    """bench step's bytes/param: p read+written, g read, each state read+written (x0 read only),
+    everything read once more for whole-tensor statistics."""
+    import distopt.optim as do
+    from distopt.bench._traffic import step_bytes, traffic
+
+    def after_one_step(make):
+        params = [torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(5))]
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt = make(params)
+        opt.step()
+        return opt, params
+
+    opt, params = after_one_step(lambda p: torch.optim.AdamW(p, fused=True))
+    assert step_bytes(opt, params) == 4 * (3 + 2 * 2)
+    opt, params = after_one_step(lambda p: do.MADGRAD(p))  # grad_sum_sq, s written; x0 read
+    assert step_bytes(opt, params) == 4 * (3 + 2 * 2 + 1)
+    opt, params = after_one_step(lambda p: do.Lamb(p))  # trust ratios: a statistics pass
+    assert step_bytes(opt, params) == 4 * (2 * (2 + 2) + 1 + 2)
+    row = traffic(opt, params, 1e-3)
+    assert row["gbps"] == pytest.approx(row["bytes_per_param"] * 35 / 1e-3 / 1e9)

@@ -1,0 +1,74 @@
+"""Bytes an optimizer step must move, and the bandwidth a measured step achieved.
+
+An optimizer step is memory-bound: its least cost is one read of every input and one write of
+every output its maths needs.  Per parameter element that is the parameter (read and written),
+the gradient (read) and every parameter-sized state tensor (read, and written unless it is
+read-only, e.g. MADGRAD's ``x0``).  Optimizers with whole-tensor statistics (norms, trust
+ratios, cautious masks, factored moments) need one more read of the parameter, the gradient
+and the state before the update (a statistics pass).  Counted from the state the optimizer
+actually holds after its first step, so the figure is the same for distopt and its peers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["step_bytes", "traffic", "whole_tensor_stats"]
+
+#: state tensors every known optimizer reads but never writes during a step
+READ_ONLY_STATE = frozenset({"x0"})
+
+
+def _state_of(opt: Any) -> dict:
+    base = getattr(opt, "base_optimizer", None)
+    return getattr(base if base is not None else opt, "state", {})
+
+
+def whole_tensor_stats(opt: Any) -> bool:
+    """Whether a step of ``opt`` (or of the optimizer it wraps) needs whole-tensor statistics."""
+    base = getattr(opt, "base_optimizer", None) or opt
+    fn = getattr(base, "needs_whole_tensors", None)
+    if fn is None:
+        return False
+    return any(fn(g) for g in base.param_groups)
+
+
+def step_bytes(opt: Any, params: Sequence[torch.Tensor], stats: bool | None = None) -> float:
+    """Least bytes moved per parameter element by one step of ``opt`` (see the module docstring).
+
+    ``stats``: whether the maths needs a statistics pass (default: the optimizer says, through
+    ``needs_whole_tensors``; a peer library's optimizer is told by its distopt twin's answer).
+    """
+    state = _state_of(opt)
+    total = 0.0
+    count = 0
+    stats = whole_tensor_stats(opt) if stats is None else stats
+    for p in params:
+        n = p.numel()
+        size = p.element_size()
+        reads, writes = 2, 1  # read p and g, write p
+        for name, value in state.get(p, {}).items():
+            if not isinstance(value, torch.Tensor) or value.numel() != n or n <= 1:
+                continue
+            reads += 1
+            writes += 0 if name in READ_ONLY_STATE else 1
+        if stats:
+            reads += reads
+        total += n * size * (reads + writes)
+        count += n
+    return total / max(count, 1)
+
+
+def traffic(
+    opt: Any, params: Sequence[torch.Tensor], seconds: float, stats: bool | None = None
+) -> dict[str, float]:
+    """``{"bytes_per_param", "gbps"}`` of a step of ``opt`` over ``params`` that took ``seconds``."""
+    per = step_bytes(opt, params, stats)
+    numel = sum(p.numel() for p in params)
+    return {
+        "bytes_per_param": per,
+        "gbps": per * numel / seconds / 1e9 if seconds > 0 else float("nan"),
+    }
