@@ -11,7 +11,11 @@ Candidates are compared in groups (one distopt optimizer, its peers and the torc
 baseline), interleaved step by step over ``--repeats`` rounds in a rotating order; the table
 reports the first step separately (state allocation, one-off work), then, after ``--warmup``
 untimed steps, the median of ``--repeats`` steps, and the ratio of that median to the baseline's median *in the same group* (ratios are
-what carries over between machines; absolute times on a shared machine are noise).
+what carries over between machines; absolute times on a shared machine are noise).  ``bytes/param``
+is the least memory traffic per parameter element the optimizer's maths needs (parameter and
+gradient reads, every parameter-sized state read and written, one more read for whole-tensor
+statistics; see ``distopt/bench/_traffic.py``) and ``GB/s`` that traffic over the median step:
+how far each row is from the memory-bound minimum.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 
 from distopt.bench._params import make_params, quick_shapes, vit_shapes
+from distopt.bench._traffic import traffic, whole_tensor_stats
 
 __all__ = ["add_parser", "run", "GROUPS"]
 
@@ -379,11 +384,13 @@ def _run(optim: str | None, repeats: int, warmup: int, quick: bool, progress: bo
                 (base_times if c is baseline else c.times).append(t)
         base_med = statistics.median(base_times)
         base_all.extend(base_times)
+        whole = whole_tensor_stats(cands[0].opt)  # peers move what distopt's maths needs
         for c in cands:
             med = statistics.median(c.times)
             rows.append({"optimizer": c.label, "impl": c.impl, "first_ms": 1e3 * c.first,
                          "median_ms": 1e3 * med, "ratio": med / base_med, "note": group.note
                          if c.impl == "distopt" else ""})
+            rows[-1].update(traffic(c.opt, c.params, med, stats=whole))
             if progress:
                 print(f"[bench step] {c.label} / {c.impl}: first {1e3 * c.first:.1f} ms, median "
                       f"{1e3 * med:.1f} ms, x{med / base_med:.2f} (baseline {1e3 * base_med:.1f} ms)",
@@ -395,6 +402,7 @@ def _run(optim: str | None, repeats: int, warmup: int, quick: bool, progress: bo
                 "first_ms": 1e3 * baseline.first,
                 "median_ms": 1e3 * statistics.median(base_all) if base_all else float("nan"),
                 "ratio": 1.0, "note": "baseline (median over all groups)"}
+    base_row.update(traffic(baseline.opt, baseline.params, base_row["median_ms"] / 1e3, stats=False))
     rows.insert(0, base_row)
     return rows, shapes, numel, skipped
 
@@ -412,6 +420,9 @@ def _print(rows, shapes, numel, repeats, warmup, fmt, skipped, out, threads: str
               "x torch fused AdamW", "note"]
     body = [[r["optimizer"], r["impl"], f"{r['first_ms']:.1f}", f"{r['median_ms']:.1f}",
              f"{r['ratio']:.2f}", r["note"]] for r in rows]
+    header[5:5] = ["bytes/param", "GB/s"]  # least bytes the maths moves per parameter, achieved rate
+    for b, r in zip(body, rows):
+        b[5:5] = [f"{r['bytes_per_param']:.0f}", f"{r['gbps']:.1f}"]
     if by_threads:  # several thread counts in one table
         header.insert(2, "threads")
         for b, r in zip(body, rows):
@@ -422,7 +433,7 @@ def _print(rows, shapes, numel, repeats, warmup, fmt, skipped, out, threads: str
     if fmt == "md":
         print(info + "\n", file=out)
         print("| " + " | ".join(header) + " |", file=out)
-        print("|" + "|".join(["---"] * (3 if by_threads else 2) + ["---:"] * 3 + ["---"]) + "|", file=out)
+        print("|" + "|".join(["---"] * (3 if by_threads else 2) + ["---:"] * 5 + ["---"]) + "|", file=out)
         for b in body:
             print("| " + " | ".join(b) + " |", file=out)
     else:
@@ -457,7 +468,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "table (default: torch's current setting)")
     p.add_argument("--device", default="cpu",
                    help="cpu (default) or cuda[:N]: where parameters, gradients and state live")
-
     p.add_argument("--quick", action="store_true", help="small parameter set (for tests)")
     p.add_argument("--format", choices=["text", "md"], default="text", help="table format")
     p.add_argument("--progress", action="store_true", help="print each row to stderr as it is measured")
