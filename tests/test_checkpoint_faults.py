@@ -10,7 +10,9 @@ One 2-rank process group (spawning is the expensive part) runs every case:
 * an asynchronous save returns before the files are written, keeps the values of the moment it
   was called while training continues, and loads back exactly;
 * a mid-window accumulator state is saved as sharded DCP entries by 2 ranks and finished by one
-  process (another world size), matching the 2-rank run.
+  process (another world size), matching the 2-rank run;
+* a save and a load run exactly plain DCP's collectives for the same state (every cross-rank
+  agreement rides in them).
 
 The tmpfs needs root (``mount``); without it the disk-full case is skipped with the reason.
 """
@@ -179,8 +181,51 @@ def _accumulator_case(root: str) -> dict:
     return {p: t.clone() for p, t in full_params(plain).items()}
 
 
+def _collective_counts(root: str) -> dict:
+    """The collectives of plain DCP and of distopt's save/load of the same state."""
+    import collections
+
+    import torch.distributed.checkpoint as dcp
+
+    from distopt.checkpoint._save import _collect, _materialize
+
+    model, opt, _ = _make()
+    train_steps(model, opt, 0, 1)
+    names = ("all_gather_object", "gather_object", "scatter_object_list", "broadcast_object_list",
+             "barrier", "all_gather", "all_reduce", "broadcast", "gather", "scatter")  # fmt: skip
+    real = {n: getattr(dist, n) for n in names}
+    count: collections.Counter = collections.Counter()
+
+    def counting(name):
+        def call(*args, **kwargs):
+            count[name] += 1
+            return real[name](*args, **kwargs)
+
+        return call
+
+    out = {}
+    ops = {
+        "dcp_save": lambda: dcp.save(_materialize(_collect(model, opt)[0]), checkpoint_id=f"{root}/d"),
+        "save": lambda: ckpt.save(f"{root}/c", model=model, optimizer=opt),
+        "dcp_load": lambda: dcp.load(_materialize(_collect(model, opt)[0]), checkpoint_id=f"{root}/d"),
+        "load": lambda: ckpt.load(f"{root}/c", model=model, optimizer=opt),
+    }  # fmt: skip
+    try:
+        for n in names:
+            setattr(dist, n, counting(n))
+        for key, fn in ops.items():
+            count.clear()
+            fn()
+            out[key] = dict(count)
+    finally:
+        for n, f in real.items():
+            setattr(dist, n, f)
+    return out
+
+
 def _worker(full_root: str | None, tmp: str) -> dict:
     out = {"async": _async_cases(f"{tmp}/async"), "acc": _accumulator_case(f"{tmp}/acc")}
+    out["collectives"] = _collective_counts(f"{tmp}/coll")
     if full_root is not None:
         out["full"] = _disk_full_cases(full_root, tmp)
     return out
@@ -290,3 +335,13 @@ def test_mid_window_accumulator_sharded_and_resumed_at_another_world_size(result
     out = capsys.readouterr().out
     assert "acc/emb.weight" in out and "[11, 6]" in out
     assert "tensor(" not in out
+
+
+@pytest.mark.distributed
+def test_save_and_load_run_only_dcps_own_collectives(results):
+    res, _, _ = results
+    for r in res:
+        c = r["collectives"]
+        assert c["dcp_save"] and c["dcp_load"], c  # the counting saw DCP's collectives
+        assert c["save"] == c["dcp_save"], f"save: {c['save']} vs plain DCP {c['dcp_save']}"
+        assert c["load"] == c["dcp_load"], f"load: {c['load']} vs plain DCP {c['dcp_load']}"
