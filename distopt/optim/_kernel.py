@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from distopt.optim._core import ParamView, StepContext
+from distopt.optim._functional import device_tensor
 
 __all__ = [
     "apply",
@@ -242,7 +243,7 @@ def apply(
         dev = v.data.device
         sc = packs.get((vals, dev))
         if sc is None:
-            sc = packs[(vals, dev)] = torch.tensor(vals, dtype=torch.float64, device=dev)
+            sc = packs[(vals, dev)] = device_tensor(vals, torch.float64, dev)  # no stream sync
         if dev not in aux:
             inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
             fi = None if found_inf is None else found_inf.to(dev, torch.float32)
