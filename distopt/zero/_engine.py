@@ -130,8 +130,9 @@ class ZeroEngine:
         self._callback_queued = False
         # count (a device tensor) of ranks with non-finite gradients in this reduction, or None
         self._nonfinite: Tensor | None = None
-        # launched reduce-scatters not yet applied: (bucket, input, output, work, all local)
-        self._inflight: list[tuple[Bucket, Tensor, Tensor, Any, bool]] = []
+        # launched reduce-scatters not yet applied: (bucket, input, output, work, positions of
+        # the local gradients, or None when the flags must be read to know which shards get rows)
+        self._inflight: list[tuple[Bucket, Tensor, Tensor, Any, set[int] | None]] = []
         # master rows follow writes to the parameters: the version each parameter had when the
         # engine last wrote it (see _refresh_masters)
         self._versions: dict[int, int] = {}
@@ -346,30 +347,34 @@ class ZeroEngine:
         work = _comm.reduce_scatter(out, inp, self.group, self.stats, async_op=W > 1)
         for s in b.slots:  # the full gradients have been handed over
             s.param.grad = None
-        self._inflight.append((b, inp, out, work, len(local) == len(b.slots)))
+        # no read is needed when every parameter that can get a gradient got one here (one that
+        # does not require grad gets none on any rank: DDP too assumes requires_grad agrees)
+        have = set(local)
+        known = all(s.position in have or not s.param.requires_grad for s in b.slots)
+        self._inflight.append((b, inp, out, work, have if known else None))
 
     def _wait_inflight(self) -> None:
         """Wait for the launched reduce-scatters, in launch order, and add their rows into the
         shards' ``.grad``."""
         while self._inflight:
-            b, _inp, out, work, all_local = self._inflight.pop(0)
+            b, _inp, out, work, local = self._inflight.pop(0)
             if work is not None:
                 work.wait()
             if self.replicas > 1:  # hybrid: only this rank's rows cross to the other replicas
                 self.stats.add("replicate_all_reduce", out.numel() * out.element_size())
                 dist.all_reduce(out, group=self.replicate_group)
-            self._apply_rows(b, out, all_local)
+            self._apply_rows(b, out, local)
 
-    def _apply_rows(self, b: Bucket, out: Tensor, all_local: bool) -> None:
+    def _apply_rows(self, b: Bucket, out: Tensor, local: set[int] | None) -> None:
         self._grad_out[b.index] = out
         # the count of ranks with non-finite gradients stays on the device (summed over buckets)
         count = out[-1:]
         self._nonfinite = count.clone() if self._nonfinite is None else self._nonfinite + count
-        if all_local:
-            got = [True] * len(b.slots)  # this rank had every gradient: no need to ask
+        if local is not None:  # this rank had every gradient there is: no need to ask
+            got = {s.position: s.position in local for s in b.slots}
         else:  # some slot had no gradient here; whether another rank had one is on the device
             flags = out[b.payload : b.payload + len(b.slots)].tolist()
-            got = [f > 0 for f in flags]
+            got = {i: f > 0 for i, f in enumerate(flags)}
         for s in b.slots:
             if not got[s.position]:
                 continue  # no rank had a gradient: the shard's .grad stays as it is (None or kept)
