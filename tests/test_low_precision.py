@@ -87,21 +87,32 @@ def test_low_precision_is_fp32_training_on_the_master(case, dtype):
 
 
 class _NewFloat32(TorchFunctionMode):
-    """Counts fresh fp32 tensors (new storage) with one of ``sizes`` elements."""
+    """Counts fresh fp32 tensors with one of ``sizes`` elements: outputs of an op whose storage
+    is none of the op's inputs' storages and none of the ``known`` tensors' (parameters,
+    gradients, state).  ``known`` holds the tensors themselves, so their storage stays alive and
+    its address cannot be taken by a new allocation (comparing addresses of freed storages made
+    the count depend on the allocator's history)."""
 
-    def __init__(self, sizes: set[int], known: set[int]) -> None:
+    def __init__(self, sizes: set[int], known: list[torch.Tensor]) -> None:
         super().__init__()
         self.sizes, self.known = sizes, known
+        self._known_ptrs = {t.untyped_storage().data_ptr() for t in known}
         self.count: collections.Counter[str] = collections.Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs or {}))[0]
+            if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if (
                 isinstance(t, torch.Tensor)
                 and t.dtype == torch.float32
                 and t.numel() in self.sizes
-                and t.untyped_storage().data_ptr() not in self.known
+                and t.untyped_storage().data_ptr() not in inputs
+                and t.untyped_storage().data_ptr() not in self._known_ptrs
             ):
                 self.count[getattr(func, "__name__", str(func))] += 1
         return out
@@ -112,17 +123,19 @@ def _allocations(case, dtype: torch.dtype, steps: int) -> int:
     opt = case.make(params)
     for t in range(2):  # state created
         _step(opt, params, _grads(params, t, dtype), case.create_graph)
-    known = set()
-    state = opt.state if hasattr(opt, "state") else {}
-    for obj in [
-        *params,
-        *(p.grad for p in params),
-        *(v for st in state.values() for v in st.values()),
-    ]:
-        if isinstance(obj, torch.Tensor):
-            known.add(obj.untyped_storage().data_ptr())
-    counter = _NewFloat32({p.numel() for p in params if p.numel() > 4}, known)
     grads = [_grads(params, 2 + t, dtype) for t in range(steps)]
+    state = opt.state if hasattr(opt, "state") else {}
+    known = [
+        obj
+        for obj in [
+            *params,
+            *(p.grad for p in params),
+            *(v for st in state.values() for v in st.values()),
+            *(g for gs in grads for g in (gs if isinstance(gs, (list, tuple)) else [gs])),
+        ]
+        if isinstance(obj, torch.Tensor)
+    ]
+    counter = _NewFloat32({p.numel() for p in params if p.numel() > 4}, known)
     with counter:
         for g in grads:
             _step(opt, params, g, case.create_graph)
