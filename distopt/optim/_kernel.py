@@ -366,6 +366,16 @@ def cautious(u: Tensor, g: Tensor, s: Mapping[str, Tensor]) -> Tensor:
     return u * (mask / torch.clamp(s["agree"] / s["numel"], min=1e-3))
 
 
+def gradient_in(g: Tensor, p: Tensor, wd: Tensor | None, maximize: bool) -> Tensor:
+    """The gradient a rule works with: negated for ``maximize``, plus ``wd * p`` (L2 decay
+    added to the gradient) when ``wd`` is given."""
+    if maximize:
+        g = -g
+    if wd is not None:
+        g = g + wd * p
+    return g
+
+
 def ema_sq(v: Tensor, x: Tensor, beta: Tensor) -> Tensor:
     """``beta * v + (1 - beta) * x^2``, rounded as ``v.mul_(beta).addcmul_(x, x, value=1 - beta)``
     (so the eager form matches torch's and timm's multi-tensor arithmetic bit for bit)."""

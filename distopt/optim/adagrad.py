@@ -79,9 +79,6 @@ def adagrad_rule(
     p: Tensor, g: Tensor, st: dict[str, Tensor], s: dict[str, Tensor], *, maximize: bool, l2: bool
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Adagrad's update of one tensor (see :class:`Adagrad`)."""
-    if maximize:
-        g = -g
-    if l2:
-        g = g + s["wd"] * p
+    g = K.gradient_in(g, p, s["wd"] if l2 else None, maximize)
     total = st["sum"] + g * g
     return p - (s["size"] * g) / (total.sqrt() + s["eps"]), {"sum": total}

@@ -79,10 +79,7 @@ def adamax_rule(
     p: Tensor, g: Tensor, st: dict[str, Tensor], s: dict[str, Tensor], *, maximize: bool, l2: bool
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Adamax's update of one tensor (see :class:`Adamax`)."""
-    if maximize:
-        g = -g
-    if l2:
-        g = g + s["wd"] * p
+    g = K.gradient_in(g, p, s["wd"] if l2 else None, maximize)
     m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
     u = torch.maximum(st["exp_inf"] * s["beta2"], g.abs() + s["eps"])
     return p - (s["size"] * m) / u, {"exp_avg": m, "exp_inf": u}

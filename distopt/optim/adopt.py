@@ -122,10 +122,7 @@ def adopt_rule(
 ) -> Any:
     """ADOPT's update of one tensor (see :class:`Adopt`; ``s["first"]``: the first step only
     initialises the second moment)."""
-    if maximize:
-        g = -g
-    if l2:
-        g = g + s["wd"] * p
+    g = K.gradient_in(g, p, s["wd"] if l2 else None, maximize)
     sq = st["exp_avg_sq"]
     normed = g / torch.clamp(sq.sqrt(), min=s["eps"])
     if clip:

@@ -94,10 +94,7 @@ def rmsprop_rule(
     centered: bool,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """RMSprop's update of one tensor (see :class:`RMSprop`)."""  # fmt: skip
-    if maximize:
-        g = -g
-    if l2:
-        g = g + s["wd"] * p
+    g = K.gradient_in(g, p, s["wd"] if l2 else None, maximize)
     sq = K.ema_sq(st["square_avg"], g, s["alpha"])
     new = {"square_avg": sq}
     if centered:

@@ -119,10 +119,7 @@ def sgd_rule(
 ) -> Any:
     """SGD's update of one tensor (:class:`SGD`, and :class:`~distopt.optim.SGDW`'s decoupled
     decay ``s["decay"]`` and cautious mask)."""  # fmt: skip
-    if maximize:
-        g = -g
-    if l2:
-        g = g + s["l2"] * p
+    g = K.gradient_in(g, p, s["l2"] if l2 else None, maximize)
     new = {}
     d = g
     if momentum:
