@@ -10,8 +10,10 @@ import math
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import KW_ONLY, HyperSpec, adam_hypers, flag
 
@@ -83,6 +85,7 @@ class RAdam(DistOptimizer):
     """
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     hypers = HyperSpec(
         *adam_hypers(1e-3),
@@ -97,29 +100,45 @@ class RAdam(DistOptimizer):
             return
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
-        params, grads, exp_avgs, exp_avg_sqs = F.columns(views, "exp_avg", "exp_avg_sq")
-        steps = F.advance_steps(views)
-
+        wd = group["weight_decay"]
         decoupled = group.get("decoupled_weight_decay", True)  # absent in older checkpoints
-        if not decoupled:
-            grads = F.l2_decay(grads, params, group["weight_decay"])
-        F.ema_sq_(exp_avg_sqs, grads, beta2)
-        F.ema_(exp_avgs, grads, beta1)
-        if decoupled:
-            F.decoupled_decay_(params, lr, group["weight_decay"])
+        scalars = []
+        for t in F.advance_steps(views):
+            rect = rectification(beta1, beta2, t)[1]
+            scalars.append({
+                "beta1": beta1, "beta2": beta2, "eps": group["eps"], "wd": wd,
+                "decay": 1.0 - lr * wd, "adaptive": 0.0 if rect is None else 1.0,
+                "size": -lr / (1.0 - beta1**t) if rect is None else -lr * rect,
+            })  # fmt: skip
+        K.apply(
+            self,
+            radam_rule,
+            views,
+            ("exp_avg", "exp_avg_sq"),
+            scalars,
+            decoupled=bool(decoupled),
+            decay=wd != 0.0,
+        )
 
-        rect = [rectification(beta1, beta2, t)[1] for t in steps]
-        adaptive = [i for i, r in enumerate(rect) if r is not None]
-        plain = [i for i, r in enumerate(rect) if r is None]
-        if adaptive:
-            denom = torch._foreach_sqrt([exp_avg_sqs[i] for i in adaptive])
-            torch._foreach_add_(denom, group["eps"])
-            torch._foreach_addcdiv_(
-                [params[i] for i in adaptive],
-                [exp_avgs[i] for i in adaptive],
-                denom,
-                [-lr * rect[i] for i in adaptive],
-            )
-        if plain:
-            updates = torch._foreach_mul([exp_avgs[i] for i in plain], [-lr / (1.0 - beta1 ** steps[i]) for i in plain])
-            torch._foreach_add_([params[i] for i in plain], updates)
+
+def radam_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    decoupled: bool,
+    decay: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """RAdam's update of one tensor (see :class:`RAdam`): ``s["size"]`` is this step's (negative)
+    step size, ``-lr * r_t / (1 - beta1^t)`` when ``s["adaptive"]`` (``rho_t >= 5``) and
+    ``-lr / (1 - beta1^t)`` otherwise."""
+    if decay and not decoupled:
+        g = g + s["wd"] * p
+    v = K.ema_sq(st["exp_avg_sq"], g, s["beta2"])
+    m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
+    if decay and decoupled:
+        p = p * s["decay"]
+    adaptive = p + (s["size"] * m) / (v.sqrt() + s["eps"])
+    new_p = torch.where(s["adaptive"] > 0, adaptive, p + m * s["size"])
+    return new_p, {"exp_avg": m, "exp_avg_sq": v}
