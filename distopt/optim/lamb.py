@@ -3,12 +3,14 @@ cautious (arXiv:2411.16085) and corrected-decay (arXiv:2506.02285) options."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
-from distopt.optim._cautious import cautious_masks
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import (
     HyperSpec,
@@ -20,6 +22,9 @@ from distopt.optim._hyper import (
     option,
     with_max_lr_snapshot,
 )
+from distopt.optim._rule_trust import grad_divided, inv_grad_scale, trust_ratio
+
+__all__ = ["Lamb", "lamb_rule"]
 
 
 class Lamb(DistOptimizer):
@@ -39,11 +44,15 @@ class Lamb(DistOptimizer):
              applied only when weight_decay != 0 or always_adapt
         p  <- p - lr * r * u
 
-    Under ZeRO or FSDP2 the norms ``||p||`` and ``||u||`` of every parameter are computed from
-    local partial sums in one batched all-reduce, the global clip norm in another and the
-    cautious mask's mean (with ``caution``) in a third, so the result equals single-process
-    training.  ``max_lr`` is the constructor's lr (``max_lr_snapshot`` in the groups); the
-    corrected decay applies to the decoupled decay only, as in timm.
+    Under ZeRO or FSDP2 the sums of squares behind ``||p||`` and ``||u||`` (and, with
+    ``caution``, the mask's count) of every parameter are local partial sums added across ranks
+    in one batched all-reduce, the global clip norm in another, so the result equals
+    single-process training.  ``max_lr`` is the constructor's lr (``max_lr_snapshot`` in the
+    groups); the corrected decay applies to the decoupled decay only, as in timm.
+
+    The step is :func:`lamb_rule` run by :func:`distopt.optim._kernel.apply`: one read of the
+    gradients for the clip norm, one pass for the whole-tensor sums, one fused update; the clip
+    factor (a device tensor) divides the gradient inside both kernels.
 
     Args:
         params: parameters or param groups.
@@ -61,6 +70,8 @@ class Lamb(DistOptimizer):
             (default False).
         corrected_weight_decay: with ``decoupled_decay``, decay by ``lr^2 / max_lr`` (default False).
     """
+
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     hypers = HyperSpec(
         lr(1e-3),
@@ -82,7 +93,9 @@ class Lamb(DistOptimizer):
 
     _zero_state = ("exp_avg", "exp_avg_sq")
 
-    def _step_groups(self, groups: list[tuple[dict[str, Any], list[ParamView]]], ctx: StepContext) -> None:
+    def _step_groups(
+        self, groups: list[tuple[dict[str, Any], list[ParamView]]], ctx: StepContext
+    ) -> None:
         # The clip norm spans every parameter of every group (as in timm), so it is computed
         # before any group is updated: one reduction for the whole optimizer.
         max_norm = self.defaults["max_grad_norm"]
@@ -90,6 +103,9 @@ class Lamb(DistOptimizer):
         all_views = [v for _, vs in groups for v in vs]
         if max_norm is not None and all_views:
             norm = F.global_grad_norm(ctx, all_views)
+            inv = inv_grad_scale(self, norm.device)
+            if inv is not None:  # GradScaler's scaled gradients: the norm of the true ones
+                norm = norm * inv
             # a device tensor (no host read); 1 where there is nothing to clip
             ctx.extra["clip"] = torch.clamp(norm / max_norm, min=1.0)
         super()._step_groups(groups, ctx)
@@ -100,33 +116,98 @@ class Lamb(DistOptimizer):
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
         wd = group["weight_decay"]
-        beta3 = 1.0 - beta1 if group["grad_averaging"] else 1.0
-        steps = F.advance_steps(views)
-        if group["bias_correction"]:
-            bc1, bc2 = F.bias_correction(beta1, steps), F.bias_correction(beta2, steps)
+        caution, decoupled = bool(group.get("caution")), bool(group["decoupled_decay"])
+        adapt = wd != 0.0 or bool(group["always_adapt"])
+        if decoupled and group.get("corrected_weight_decay"):
+            decay = 1.0 - lr * lr / group["max_lr_snapshot"] * wd
         else:
-            bc1 = bc2 = [1.0] * len(views)
-        params, grads = F.columns(views)
-        clip = ctx.extra.get("clip")
-        if clip is not None:
-            grads = F.scaled(grads, (1.0 / clip).to(grads[0].device))
-        exp_avgs = [v.state["exp_avg"] for v in views]
-        F.ema_(exp_avgs, grads, beta1, beta3)
-        F.ema_sq_([v.state["exp_avg_sq"] for v in views], grads, beta2)
-        denom = F.adam_denominator([v.state["exp_avg_sq"] for v in views], bc2, group["eps"])
-        updates = torch._foreach_div(exp_avgs, denom)
-        torch._foreach_div_(updates, bc1)
-        if group.get("caution"):
-            torch._foreach_mul_(updates, cautious_masks(ctx, views, updates, grads))
-        if wd != 0.0:
-            if group["decoupled_decay"]:
-                corrected = group.get("corrected_weight_decay")
-                scale = lr * lr / group["max_lr_snapshot"] if corrected else lr
-                F.decoupled_decay_(params, scale, wd)
+            decay = 1.0 - lr * wd
+        scalars = []
+        for v, t in zip(views, F.advance_steps(views)):
+            bc1, bc2 = (1.0 - beta1**t, 1.0 - beta2**t) if group["bias_correction"] else (1.0, 1.0)
+            sc = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": group["eps"], "wd": wd,
+                  "decay": decay, "bc1": bc1, "bc2_sqrt": math.sqrt(bc2)}  # fmt: skip
+            if caution:
+                sc["numel"] = float(v.numel)
+            scalars.append(sc)
+        sums: tuple[str, ...] = ()
+        if adapt:
+            sums = ("p_sq", "u_sq")
+            if caution:
+                sums = ("agree", "p_sq", "um_sq") + (
+                    ("um_p",) if wd != 0.0 and not decoupled else ()
+                )
+        elif caution:
+            sums = K.CAUTION_SUMS
+        K.apply(
+            grad_divided(self, ctx.extra.get("clip")),
+            lamb_rule,
+            views,
+            ("exp_avg", "exp_avg_sq"),
+            scalars,
+            ctx=ctx if sums else None,
+            sums=sums,
+            averaging=bool(group["grad_averaging"]),
+            caution=caution,
+            decay=("decoupled" if decoupled else "l2") if wd != 0.0 else "none",
+            adapt=adapt,
+            trust_clip=bool(group["trust_clip"]),
+        )
+
+
+def lamb_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    averaging: bool,
+    caution: bool,
+    decay: str,
+    adapt: bool,
+    trust_clip: bool,
+    phase: str = "update",
+) -> Any:
+    """Lamb's update of one tensor (see :class:`Lamb`; ``g`` arrives divided by the clip factor).
+
+    Whole-tensor sums (``phase="sums"``): ``p_sq`` (of the decayed ``p``) and ``u_sq`` for the
+    trust ratio; with ``caution``, the mask count ``agree`` and the masked update's ``um_sq``
+    and ``um_p`` instead of ``u_sq``: the mask's scale is known only after the sums, and
+    ``||u m / c + wd p||^2 = um_sq / c^2 + 2 wd um_p / c + wd^2 p_sq``.
+    """
+    if averaging:
+        m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
+    else:
+        m = st["exp_avg"] * s["beta1"] + g
+    v = K.ema_sq(st["exp_avg_sq"], g, s["beta2"])
+    u = m / (v.sqrt() / s["bc2_sqrt"] + s["eps"]) / s["bc1"]
+    if decay == "decoupled":
+        p = p * s["decay"]
+    mask = (u * g > 0).to(u.dtype) if caution else None
+    if phase == "sums":
+        out = {"agree": mask} if caution else {}
+        if adapt:
+            out["p_sq"] = p * p
+            if caution:
+                um = u * mask  # the mask's scale 1 / c is known only after these sums
+                out["um_sq"] = um * um
+                if decay == "l2":
+                    out["um_p"] = um * p
             else:
-                torch._foreach_add_(updates, params, alpha=wd)
-        if wd != 0.0 or group["always_adapt"]:
-            w_norms, u_norms = F.global_norms(ctx, views, params, updates)
-            ratios = [F.trust_ratio(w, u, group["trust_clip"]) for w, u in zip(w_norms, u_norms)]
-            torch._foreach_mul_(updates, ratios)
-        torch._foreach_add_(params, updates, alpha=-lr)
+                out["u_sq"] = (u + s["wd"] * p) ** 2 if decay == "l2" else u * u
+        return out
+    new = {"exp_avg": m, "exp_avg_sq": v}
+    if caution:
+        c = torch.clamp(s["agree"] / s["numel"], min=1e-3)
+        u = u * (mask / c)
+    if decay == "l2":
+        u = u + s["wd"] * p
+    if adapt:
+        if caution:
+            u_sq = s["um_sq"] / (c * c)
+            if decay == "l2":
+                u_sq = u_sq + 2.0 * s["wd"] * s["um_p"] / c + s["wd"] * s["wd"] * s["p_sq"]
+        else:
+            u_sq = s["u_sq"]
+        u = u * trust_ratio(s["p_sq"], u_sq, trust_clip)
+    return torch.addcmul(p, u, -s["lr"]), new

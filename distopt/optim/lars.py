@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, check_nesterov, flag, lr, nonneg
+
+__all__ = ["Lars", "lars_rule"]
 
 
 class Lars(DistOptimizer):
@@ -27,7 +30,9 @@ class Lars(DistOptimizer):
         w <- w - lr * g
 
     Under ZeRO or FSDP2 the norms ``||w||`` and ``||g||`` of every tensor of a param group come
-    from local partial sums summed across ranks in one reduction.
+    from local partial sums summed across ranks in one reduction.  The step is
+    :func:`lars_rule` run by :func:`distopt.optim._kernel.apply`: one pass for the sums (when
+    adapting), one fused update.
 
     Args:
         params: parameters or param groups.
@@ -44,6 +49,8 @@ class Lars(DistOptimizer):
     State per parameter: ``momentum_buffer`` (only with momentum != 0; created at the first step
     from the first adapted gradient, as torch's SGD does).
     """
+
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     hypers = HyperSpec(
         lr(1.0),
@@ -62,34 +69,70 @@ class Lars(DistOptimizer):
         return params, hypers
 
     def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
-        # The momentum buffer is the first adapted gradient, known only inside the update.
+        # The momentum buffer starts as the first adapted gradient (torch's SGD semantics):
+        # created in _update as zeros, it takes that gradient in the rule (``s["first"]``).
         pass
 
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:
             return
-        lr = float(group["lr"])
         momentum, wd = group["momentum"], group["weight_decay"]
-        params, grads = F.columns(views)
-        if wd != 0.0 or group["always_adapt"]:
-            w_norms, g_norms = F.global_norms(ctx, views, params, grads)
-            w, g = torch.stack(w_norms), torch.stack(g_norms)
-            ratio = group["trust_coeff"] * w / (g + w * wd + group["eps"])
-            one = torch.ones_like(ratio)
-            ratio = torch.where(w > 0, torch.where(g > 0, ratio, one), one)
-            if group["trust_clip"]:
-                ratio = torch.clamp(ratio / lr, max=1.0)
-            grads = torch._foreach_add(grads, params, alpha=wd)  # new tensors: v.grad untouched
-            torch._foreach_mul_(grads, list(ratio.unbind(0)))
-        if momentum != 0.0:
-            old = [i for i, v in enumerate(views) if "momentum_buffer" in v.state]
-            if old:
-                bufs = [views[i].state["momentum_buffer"] for i in old]
-                torch._foreach_mul_(bufs, momentum)
-                torch._foreach_add_(bufs, [grads[i] for i in old], alpha=1.0 - group["dampening"])
-            for v, gr in zip(views, grads):
-                if "momentum_buffer" not in v.state:
-                    v.state["momentum_buffer"] = gr.detach().clone()
-            bufs = [v.state["momentum_buffer"] for v in views]
-            grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
-        torch._foreach_add_(params, grads, alpha=-lr)
+        adapt = wd != 0.0 or bool(group["always_adapt"])
+        scalars = []
+        for v in views:
+            first = momentum != 0.0 and "momentum_buffer" not in v.state
+            if first:
+                v.state["momentum_buffer"] = torch.zeros_like(
+                    v.data, memory_format=torch.preserve_format
+                )
+            scalars.append({
+                "lr": float(group["lr"]), "wd": wd, "trust_coeff": group["trust_coeff"],
+                "eps": group["eps"], "momentum": momentum, "dampening": group["dampening"],
+                "first": float(first),
+            })  # fmt: skip
+        K.apply(
+            self,
+            lars_rule,
+            views,
+            ("momentum_buffer",) if momentum != 0.0 else (),
+            scalars,
+            ctx=ctx if adapt else None,
+            sums=("w_sq", "g_sq") if adapt else (),
+            adapt=adapt,
+            trust_clip=bool(group["trust_clip"]),
+            momentum=momentum != 0.0,
+            nesterov=bool(group["nesterov"]),
+        )
+
+
+def lars_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    adapt: bool,
+    trust_clip: bool,
+    momentum: bool,
+    nesterov: bool,
+    phase: str = "update",
+) -> Any:
+    """Lars' update of one tensor (see :class:`Lars`); with ``adapt``, ``phase="sums"`` gives
+    the whole-tensor sums of squares ``w_sq`` and ``g_sq`` the trust ratio needs."""
+    if adapt:
+        if phase == "sums":
+            return {"w_sq": p * p, "g_sq": g * g}
+        w, gn = s["w_sq"].clamp_min(0).sqrt(), s["g_sq"].clamp_min(0).sqrt()
+        r = s["trust_coeff"] * w / (gn + w * s["wd"] + s["eps"])
+        r = torch.where((w > 0) & (gn > 0), r, torch.ones_like(r))
+        if trust_clip:
+            r = torch.clamp(r / s["lr"], max=1.0)
+        g = (g + s["wd"] * p) * r
+    new = {}
+    if momentum:
+        b = torch.where(
+            s["first"] > 0, g, st["momentum_buffer"] * s["momentum"] + (1.0 - s["dampening"]) * g
+        )
+        new["momentum_buffer"] = b
+        g = g + s["momentum"] * b if nesterov else b
+    return torch.addcmul(p, g, -s["lr"]), new

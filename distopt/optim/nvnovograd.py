@@ -9,10 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, adam_hypers, flag, with_max_lr_snapshot
+from distopt.optim._rule_trust import grad_divided, inv_grad_scale
+
+__all__ = ["NvNovoGrad", "nvnovograd_rule"]
 
 
 class NvNovoGrad(DistOptimizer):
@@ -32,7 +37,9 @@ class NvNovoGrad(DistOptimizer):
         w <- w - lr * m
 
     Under ZeRO or FSDP2 the squared gradient norms of a param group are summed across ranks in
-    one reduction.
+    one reduction.  The step reads the gradients once for those norms, updates the scalar
+    second moments on the device, then runs :func:`nvnovograd_rule` (one fused pass per tensor,
+    the tensor's denominator dividing the gradient inside the kernel).
 
     Args:
         params: parameters or param groups.
@@ -51,6 +58,8 @@ class NvNovoGrad(DistOptimizer):
     scalar) and, with amsgrad, ``max_exp_avg_sq`` (a float32 scalar).
     """
 
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
+
     hypers = HyperSpec(
         *adam_hypers(1e-3, betas_default=(0.95, 0.98)),
         flag("grad_averaging", False),
@@ -67,7 +76,9 @@ class NvNovoGrad(DistOptimizer):
         view.state["exp_avg"] = self._zeros(view)
         view.state["exp_avg_sq"] = torch.zeros((), dtype=torch.float32, device=view.data.device)
         if group["amsgrad"]:
-            view.state["max_exp_avg_sq"] = torch.zeros((), dtype=torch.float32, device=view.data.device)
+            view.state["max_exp_avg_sq"] = torch.zeros(
+                (), dtype=torch.float32, device=view.data.device
+            )
 
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:
@@ -76,28 +87,67 @@ class NvNovoGrad(DistOptimizer):
         beta1, beta2 = group["betas"]
         wd = group["weight_decay"]
         F.advance_steps(views)
-        params, grads = F.columns(views)
+        grads = [v.grad for v in views]
+        # the one extra read: ||g||^2 of each whole tensor (partial sums added across ranks)
         (sumsq,) = ctx.reduce([F.local_sumsq(grads)], list(views))
-        n = torch.stack([s.reshape(()) for s in sumsq]).float()
+        n = torch.stack([x.reshape(()) for x in sumsq]).float()
+        inv = inv_grad_scale(self, n.device)
+        if inv is not None:  # GradScaler's scaled gradients: the norms of the true ones
+            n = n * (inv * inv)
+        _, found_inf = K.scaler_of(self)
+        skip = None if found_inf is None else found_inf.to(n.device, torch.float32) > 0
         sqs = [v.state["exp_avg_sq"] for v in views]
         v_old = torch.stack(sqs)
         v_new = torch.where(v_old == 0, n, v_old * beta2 + n * (1.0 - beta2))
-        torch._foreach_copy_(sqs, list(v_new.unbind(0)))
+        torch._foreach_copy_(sqs, list(_kept(skip, v_old, v_new).unbind(0)))
         if group["amsgrad"]:
             maxes = [v.state["max_exp_avg_sq"] for v in views]
-            v_new = torch.maximum(torch.stack(maxes), v_new)
-            torch._foreach_copy_(maxes, list(v_new.unbind(0)))
+            m_old = torch.stack(maxes)
+            v_new = torch.maximum(m_old, v_new)
+            torch._foreach_copy_(maxes, list(_kept(skip, m_old, v_new).unbind(0)))
         denom = v_new.sqrt() + group["eps"]
-        updates = torch._foreach_div(grads, list(denom.unbind(0)))
-        if wd != 0.0:
-            if group["decoupled_decay"]:
-                scale = lr * lr / group["max_lr_snapshot"] if group["corrected_weight_decay"] else lr
-                torch._foreach_mul_(params, 1.0 - scale * wd)
-            else:
-                torch._foreach_add_(updates, params, alpha=wd)
-        if group["grad_averaging"]:
-            torch._foreach_mul_(updates, 1.0 - beta1)
-        exp_avgs = [v.state["exp_avg"] for v in views]
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, updates)
-        torch._foreach_add_(params, exp_avgs, alpha=-lr)
+        decoupled = wd != 0.0 and bool(group["decoupled_decay"])
+        if decoupled and group["corrected_weight_decay"]:
+            decay = 1.0 - lr * lr / group["max_lr_snapshot"] * wd
+        else:
+            decay = 1.0 - lr * wd
+        scalars = {"lr": lr, "beta1": beta1, "wd": wd, "decay": decay}
+        # the denominator is a device scalar per tensor: it divides the gradient inside the
+        # kernel (apply's gradient divisor), so each tensor is its own call
+        for v, d in zip(views, denom.unbind(0)):
+            K.apply(
+                grad_divided(self, d),
+                nvnovograd_rule,
+                [v],
+                ("exp_avg",),
+                scalars,
+                decay=("decoupled" if decoupled else "l2") if wd != 0.0 else "none",
+                averaging=bool(group["grad_averaging"]),
+            )
+
+
+def _kept(skip: Tensor | None, old: Tensor, new: Tensor) -> Tensor:
+    """``new``, or ``old`` where GradScaler found an inf/NaN this step (no host read)."""
+    return new if skip is None else torch.where(skip, old, new)
+
+
+def nvnovograd_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    decay: str,
+    averaging: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """NvNovoGrad's element-wise update of one tensor (see :class:`NvNovoGrad`): ``g`` arrives
+    divided by ``sqrt(v') + eps``, the tensor's denominator."""
+    u = g
+    if decay == "decoupled":
+        p = p * s["decay"]
+    elif decay == "l2":
+        u = u + s["wd"] * p
+    if averaging:
+        u = u * (1.0 - s["beta1"])
+    m = st["exp_avg"] * s["beta1"] + u
+    return torch.addcmul(p, m, -s["lr"]), {"exp_avg": m}
