@@ -7,6 +7,7 @@ names pass the include/exclude regular expressions, plus Keras' gradient clippin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import (
     KW_ONLY,
@@ -239,30 +241,56 @@ class AdamWeightDecay(DistOptimizer):
             return
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
-        wd = group["weight_decay"]
-        params = [v.data for v in views]
-        grads = self._value_clipped(group, [v.grad for v in views])
-        if group["clipnorm"] is not None:
-            clip = group["clipnorm"]
-            (norms,) = F.global_norms(ctx, views, grads)
-            factors = [clip / torch.clamp(n, min=clip) for n in norms]
-            grads = torch._foreach_mul(grads, factors)
+        wd, cv, cn = group["weight_decay"], group["clipvalue"], group["clipnorm"]
         global_clip = ctx.extra.get("global_clip")
-        if global_clip is not None:
+        if global_clip is not None:  # value clip, then the optimizer-wide factor, before the rule
+            grads = self._value_clipped(group, [v.grad for v in views])
             grads = torch._foreach_mul(grads, global_clip.to(grads[0].device))
+            views = [dataclasses.replace(v, grad=g) for v, g in zip(views, grads)]
+            cv = None
+        scalars = [
+            {"decay": 1.0 - lr * wd if d else 1.0, "beta1": beta1, "beta2": beta2, "eps": group["eps"],
+             "size": -lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t),
+             "clipvalue": 0.0 if cv is None else cv, "clipnorm": 0.0 if cn is None else cn}
+            for t, d in zip(F.advance_steps(views), self._decay_mask(group, views))
+        ]  # fmt: skip
+        states = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        K.apply(self, adam_weight_decay_rule, views, states, scalars, ctx=ctx,
+                sums=CLIPNORM_SUMS if cn is not None else (), decay=wd != 0.0,
+                amsgrad=bool(group["amsgrad"]), clipvalue=cv is not None, clipnorm=cn is not None)  # fmt: skip
 
-        decayed = [p for p, d in zip(params, self._decay_mask(group, views)) if d]
-        F.decoupled_decay_(decayed, lr, wd)
 
-        exp_avgs = [v.state["exp_avg"] for v in views]
-        exp_avg_sqs = [v.state["exp_avg_sq"] for v in views]
-        steps = F.advance_steps(views)
-        F.ema_(exp_avgs, grads, beta1)
-        F.ema_sq_(exp_avg_sqs, grads, beta2)
-        second = exp_avg_sqs
-        if group["amsgrad"]:
-            second = F.amsgrad_max_([v.state["max_exp_avg_sq"] for v in views], exp_avg_sqs)
-        denom = torch._foreach_sqrt(second)
-        torch._foreach_add_(denom, group["eps"])
-        sizes = [-lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) for t in steps]
-        torch._foreach_addcdiv_(params, exp_avgs, denom, sizes)
+#: the whole-tensor sum :func:`adam_weight_decay_rule` needs for ``clipnorm``
+CLIPNORM_SUMS = ("grad_sq",)
+
+
+def adam_weight_decay_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    decay: bool,
+    amsgrad: bool,
+    clipvalue: bool,
+    clipnorm: bool,
+    phase: str = "update",
+) -> Any:
+    """One tensor's update (see :class:`AdamWeightDecay`): ``s["decay"]`` is ``1 - lr * wd``
+    for a decayed parameter (1 otherwise), ``s["size"]`` the negative step size.  With
+    ``clipnorm``, ``phase="sums"`` gives the squares of the (value-clipped) gradient and
+    ``s["grad_sq"]`` then holds their sum over the whole tensor."""
+    if clipvalue:
+        g = torch.clamp(g, min=-s["clipvalue"], max=s["clipvalue"])
+    if clipnorm:
+        if phase == "sums":
+            return {"grad_sq": g * g}
+        g = g * (s["clipnorm"] / torch.clamp(s["grad_sq"].sqrt(), min=s["clipnorm"]))
+    if decay:
+        p = p * s["decay"]
+    m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
+    v = K.ema_sq(st["exp_avg_sq"], g, s["beta2"])
+    new = {"exp_avg": m, "exp_avg_sq": v}
+    if amsgrad:
+        v = new["max_exp_avg_sq"] = torch.maximum(st["max_exp_avg_sq"], v)
+    return p + (s["size"] * m) / (v.sqrt() + s["eps"]), new
