@@ -6,14 +6,18 @@ Weights" (ICLR 2021).  The projection lives in :mod:`distopt.optim._projection`,
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, adam_hypers, flag, nonneg
-from distopt.optim._projection import project_
+from distopt.optim._projection import prescale_, project_, projection_parts, row_sums
+from distopt.optim._rule_guard import scaled_update
 
 
 class AdamP(DistOptimizer):
@@ -55,6 +59,9 @@ class AdamP(DistOptimizer):
     State per parameter: ``step`` (float32 scalar), ``exp_avg``, ``exp_avg_sq``.
     """
 
+    # torch.amp.GradScaler: see distopt.optim._kernel (caution=True: distopt.optim._rule_guard)
+    _step_supports_amp_scaling = True
+
     hypers = HyperSpec(
         *adam_hypers(1e-3),
         nonneg("delta", 0.1),
@@ -68,6 +75,38 @@ class AdamP(DistOptimizer):
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:
             return
+        if group["caution"]:
+            states = ("exp_avg", "exp_avg_sq")
+            scaled_update(self, views, states, lambda vs: self._update_cautious(group, vs, ctx))
+            return
+        lr = float(group["lr"])
+        beta1, beta2 = group["betas"]
+        eps, wd = group["eps"], group["weight_decay"]
+        rate = lr * wd if wd > 0.0 and lr != 0.0 else 0.0
+        scalars = []
+        for v, t in zip(views, F.advance_steps(views)):
+            projected = len(v.shape) > 1  # its decay is folded into the projection (prescale_)
+            scalars.append({
+                "beta1": beta1, "beta2": beta2, "eps": eps, "bc2_sqrt": math.sqrt(1.0 - beta2**t),
+                "neg_step": -lr / (1.0 - beta1**t), "decay": 1.0 if projected else 1.0 - rate,
+            })  # fmt: skip
+        nesterov = bool(group["nesterov"])
+        states = ("exp_avg", "exp_avg_sq")
+        idx = [i for i, v in enumerate(views) if len(v.shape) > 1]
+        mats = [views[i] for i in idx]
+        stats = row_sums(
+            self, adamp_rule, mats, states, [scalars[i] for i in idx], nesterov=nesterov
+        )
+        prescale_(
+            self, ctx, mats, stats, delta=group["delta"], wd_ratio=group["wd_ratio"], eps=eps,
+            rates=[rate] * len(mats), steps=[-scalars[i]["neg_step"] for i in idx],
+        )  # fmt: skip
+        K.apply(self, adamp_rule, views, states, scalars, nesterov=nesterov)
+
+    def _update_cautious(
+        self, group: dict[str, Any], views: list[ParamView], ctx: StepContext
+    ) -> None:
+        """``caution=True``: the multi-pass form (the mask's mean needs the projected update)."""
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
         eps, wd = group["eps"], group["weight_decay"]
@@ -83,10 +122,29 @@ class AdamP(DistOptimizer):
             torch._foreach_div_(updates, denom)
         else:
             updates = torch._foreach_div(exp_avgs, denom)
-        ratios = project_(
-            ctx, views, grads, updates, group["delta"], group["wd_ratio"], eps, group["caution"]
-        )
+        ratios = project_(ctx, views, grads, updates, group["delta"], group["wd_ratio"], eps, True)
         if wd > 0.0 and lr != 0.0:
             torch._foreach_mul_(params, [1.0 - lr * wd * r for r in ratios])
         torch._foreach_mul_(updates, [-lr / b for b in bc1])
         torch._foreach_add_(params, updates)
+
+
+def adamp_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    nesterov: bool,
+    phase: str = "update",
+) -> Any:
+    """AdamP's update of one tensor (see :class:`AdamP`) without the projection, which
+    :func:`~distopt.optim._projection.prescale_` has folded into ``p`` (``phase="rows"``: the
+    products the projection's channel statistics sum)."""
+    m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
+    v = K.ema_sq(st["exp_avg_sq"], g, s["beta2"])
+    denom = v.sqrt() / s["bc2_sqrt"] + s["eps"]
+    u = (m * s["beta1"] + g * (1.0 - s["beta1"])) / denom if nesterov else m / denom
+    if phase == "rows":
+        return projection_parts(p, g, u)
+    return p * s["decay"] + u * s["neg_step"], {"exp_avg": m, "exp_avg_sq": v}

@@ -3,14 +3,18 @@ Power of Variance Reduction for Training Large Models", arXiv:2411.10438), timm'
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._cautious import cautious_masks
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, betas, flag, lr, nonneg, option
+from distopt.optim._rule_guard import scaled_update
 
 __all__ = ["Mars"]
 
@@ -59,6 +63,9 @@ class Mars(DistOptimizer):
     State per parameter: ``step``, ``exp_avg``, ``last_grad``, ``exp_avg_sq``.
     """
 
+    # torch.amp.GradScaler: see distopt.optim._kernel (caution=True: distopt.optim._rule_guard)
+    _step_supports_amp_scaling = True
+
     elementwise = False  # the norm of c is over the whole tensor
 
     hypers = HyperSpec(
@@ -89,10 +96,39 @@ class Mars(DistOptimizer):
         mars = [v for v in views if group["optimize_1d"] or len(v.shape) >= 2]
         rest = [v for v in views if not (group["optimize_1d"] or len(v.shape) >= 2)]
         # fixed order of reductions on every rank: MARS norms, MARS caution, AdamW caution
-        self._mars(group, mars, ctx)
-        self._adamw_1d(group, rest, ctx)
-        for v in views:
-            v.state["last_grad"].copy_(v.grad)
+        if group["caution"]:  # the mask follows the norm: two dependent whole-tensor sums
+            states = ("exp_avg", "exp_avg_sq", "last_grad")
+            scaled_update(self, mars, states, lambda vs: self._mars(group, vs, ctx))
+        else:
+            self._apply(group, mars, ctx, normed=True)
+        self._apply(group, rest, ctx, normed=False)
+
+    def _apply(
+        self, group: dict[str, Any], views: list[ParamView], ctx: StepContext, normed: bool
+    ) -> None:
+        """One :func:`~distopt.optim._kernel.apply` of :func:`mars_rule`: MARS (``normed``,
+        the norm of ``c`` one sums pass) or the AdamW of the other parameters."""
+        if not views:
+            return
+        beta1, beta2 = group["betas"] if normed else group["betas_1d"]
+        lr = float(group["lr"]) * (1.0 if normed else group["lr_1d_factor"])
+        wd, vr = group["weight_decay"], group["gamma"] * beta1 / (1.0 - beta1)
+        scalars = [
+            {
+                "beta1": beta1, "beta2": beta2, "eps": group["eps"], "wd": wd, "neg_lr": -lr,
+                "bc1": 1.0 - beta1**t, "bc2_sqrt": math.sqrt(1.0 - beta2**t),
+                "vr": 0.0 if t == 1.0 else vr, "numel": float(v.numel),
+            }
+            for v, t in zip(views, F.advance_steps(views))
+        ]  # fmt: skip
+        caution = bool(group["caution"]) and not normed
+        states = ("exp_avg", "last_grad", "exp_avg_sq")
+        K.apply(
+            self, mars_rule, views, states, scalars, ctx=ctx,
+            sums=("c_sq",) if normed else K.CAUTION_SUMS if caution else (),
+            normed=normed, lion=normed and group["mars_type"] == "lion", caution=caution,
+            decay=wd != 0.0,
+        )  # fmt: skip
 
     def _mars(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:
@@ -126,24 +162,46 @@ class Mars(DistOptimizer):
         if wd != 0.0:
             torch._foreach_add_(upd, params, alpha=wd)
         torch._foreach_add_(params, upd, alpha=-lr)
+        for v in views:
+            v.state["last_grad"].copy_(v.grad)
 
-    def _adamw_1d(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
-        if not views:
-            return
-        lr, wd = float(group["lr"]) * group["lr_1d_factor"], group["weight_decay"]
-        beta1, beta2 = group["betas_1d"]
-        steps = F.advance_steps(views)
-        params = [v.data for v in views]
-        grads = [v.grad for v in views]
-        m = [v.state["exp_avg"] for v in views]
-        sq = [v.state["exp_avg_sq"] for v in views]
-        torch._foreach_mul_(m, beta1)
-        torch._foreach_add_(m, grads, alpha=1.0 - beta1)
-        F.ema_sq_(sq, grads, beta2)
-        denom = F.adam_denominator(sq, F.bias_correction(beta2, steps), group["eps"])
-        num = torch._foreach_mul(m, cautious_masks(ctx, views, m, grads)) if group["caution"] else m
-        upd = torch._foreach_div(num, F.bias_correction(beta1, steps))
-        torch._foreach_div_(upd, denom)
-        if wd != 0.0:
-            torch._foreach_add_(upd, params, alpha=wd)
-        torch._foreach_add_(params, upd, alpha=-lr)
+
+def mars_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    normed: bool,
+    lion: bool,
+    caution: bool,
+    decay: bool,
+    phase: str = "update",
+) -> Any:
+    """MARS's update of one tensor (see :class:`Mars`): ``normed`` (MARS proper: ``c`` from
+    this and the last gradient, divided by ``max(||c||, 1)``, ``s["c_sq"]`` its whole-tensor
+    sum of squares) or the AdamW of the other parameters (``c = g``, optionally cautious)."""
+    if normed and caution:
+        raise ValueError("mars_rule: caution after the norm needs two dependent sums passes")
+    c = g
+    if normed:
+        c = (g - st["last_grad"]) * s["vr"] + g  # s["vr"] = 0 at the first step: c = g
+        if phase == "sums":
+            return {"c_sq": c * c}
+        c = c / torch.clamp(torch.sqrt(s["c_sq"]), min=1.0)
+    m = st["exp_avg"] * s["beta1"] + c * (1.0 - s["beta1"])
+    num = m
+    if caution:
+        if phase == "sums":
+            return K.agreement(m, g)
+        num = K.cautious(m, g, s)
+    new = {"exp_avg": m, "last_grad": g}
+    if lion:
+        u = torch.sign(num)
+    else:
+        v = K.ema_sq(st["exp_avg_sq"], c, s["beta2"])
+        new["exp_avg_sq"] = v
+        u = (num / s["bc1"]) / (v.sqrt() / s["bc2_sqrt"] + s["eps"])
+    if decay:
+        u = u + p * s["wd"]
+    return p + u * s["neg_lr"], new

@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import REQUIRED, HyperSpec, flag, lr, nonneg
-from distopt.optim._projection import project_
+from distopt.optim._projection import prescale_, project_, projection_parts, row_sums
+from distopt.optim._rule_guard import scaled_update
 
 
 class SGDP(DistOptimizer):
@@ -39,6 +42,9 @@ class SGDP(DistOptimizer):
     State per parameter: ``momentum`` (the buffer, timm's name).
     """
 
+    # torch.amp.GradScaler: see distopt.optim._kernel (caution=True: distopt.optim._rule_guard)
+    _step_supports_amp_scaling = True
+
     hypers = HyperSpec(
         lr(REQUIRED),
         nonneg("momentum", 0.0),
@@ -65,6 +71,30 @@ class SGDP(DistOptimizer):
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:
             return
+        if group["caution"]:
+            update = lambda vs: self._update_cautious(group, vs, ctx)  # noqa: E731
+            scaled_update(self, views, ("momentum",), update)
+            return
+        lr = float(group["lr"])
+        momentum, wd = group["momentum"], group["weight_decay"]
+        rate = lr * wd / (1.0 - momentum) if wd != 0.0 and lr != 0.0 else 0.0
+        base = {"momentum": momentum, "damp": 1.0 - group["dampening"], "neg_lr": -lr}
+        # the decay of a projected parameter is folded into the projection (prescale_)
+        scalars = [{**base, "decay": 1.0 if len(v.shape) > 1 else 1.0 - rate} for v in views]
+        nesterov = bool(group["nesterov"])
+        mats = [v for v in views if len(v.shape) > 1]
+        mat_scalars = [{**base, "decay": 1.0}] * len(mats)
+        stats = row_sums(self, sgdp_rule, mats, ("momentum",), mat_scalars, nesterov=nesterov)
+        prescale_(
+            self, ctx, mats, stats, delta=group["delta"], wd_ratio=group["wd_ratio"],
+            eps=group["eps"], rates=[rate] * len(mats), steps=[lr] * len(mats),
+        )  # fmt: skip
+        K.apply(self, sgdp_rule, views, ("momentum",), scalars, nesterov=nesterov)
+
+    def _update_cautious(
+        self, group: dict[str, Any], views: list[ParamView], ctx: StepContext
+    ) -> None:
+        """``caution=True``: the multi-pass form (the mask's mean needs the projected update)."""
         lr = float(group["lr"])
         momentum, wd = group["momentum"], group["weight_decay"]
         params, grads, bufs = F.columns(views, "momentum")
@@ -75,8 +105,27 @@ class SGDP(DistOptimizer):
         else:
             updates = torch._foreach_mul(bufs, 1.0)  # a copy: the projection works in place
         ratios = project_(
-            ctx, views, grads, updates, group["delta"], group["wd_ratio"], group["eps"], group["caution"]
+            ctx, views, grads, updates, group["delta"], group["wd_ratio"], group["eps"], True
         )
         if wd != 0.0 and lr != 0.0:
             torch._foreach_mul_(params, [1.0 - lr * wd * r / (1.0 - momentum) for r in ratios])
         torch._foreach_add_(params, updates, alpha=-lr)
+
+
+def sgdp_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    nesterov: bool,
+    phase: str = "update",
+) -> Any:
+    """SGDP's update of one tensor (see :class:`SGDP`) without the projection, which
+    :func:`~distopt.optim._projection.prescale_` has folded into ``p`` (``phase="rows"``: the
+    products the projection's channel statistics sum)."""
+    b = st["momentum"] * s["momentum"] + g * s["damp"]
+    u = g + b * s["momentum"] if nesterov else b
+    if phase == "rows":
+        return projection_parts(p, g, u)
+    return p * s["decay"] + u * s["neg_lr"], {"momentum": b}
