@@ -415,3 +415,46 @@ def test_tensor_bytes_are_a_segment_checked_on_the_read_that_loads_them(tmp_path
     o3 = distopt.optim.AdamW(m3.parameters(), lr=1e-2)
     ckpt.load(tmp_path / "c", model=m3, optimizer=o3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), m3.parameters()))
+
+
+def _zip_record_crcs(data: bytes) -> list[int]:
+    """The CRC32 field of every zip central directory entry (``PK\\x01\\x02``) in a DCP file."""
+    import struct
+
+    out, pos = [], data.find(b"PK\x01\x02")
+    while pos >= 0:
+        out.append(struct.unpack_from("<I", data, pos + 16)[0])
+        pos = data.find(b"PK\x01\x02", pos + 4)
+    return out
+
+
+@pytest.mark.parametrize("async_", [False, True])
+def test_one_crc_per_byte_and_files_stay_plain_dcp(tmp_path, async_):
+    """A synchronous save computes one CRC32 per byte (its own, checked on load) instead of
+    also torch's zip-record CRC32 that ``torch.load`` never checks; torch's process-wide switch
+    is restored afterwards, also after a failed save, and an asynchronous save (training goes
+    on beside it) leaves it alone.  Either way plain DCP reads the files."""
+    import torch.distributed.checkpoint as dcp
+
+    import distopt
+
+    model, opt, raw = build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2))
+    train_steps(model, opt, 0, 2)
+    before = full_params(raw)
+    assert torch.serialization.get_crc32_options()
+    ckpt.save(tmp_path / "a", model=model, optimizer=opt, async_=async_)
+    ckpt.wait()
+    assert torch.serialization.get_crc32_options()
+    crcs = [c for f in (tmp_path / "a").glob("*.distcp") for c in _zip_record_crcs(f.read_bytes())]
+    assert crcs
+    if async_:
+        assert any(c != 0 for c in crcs), "an asynchronous save changed torch's CRC32 switch"
+    else:
+        assert all(c == 0 for c in crcs), "torch's zip CRC32 was computed beside distopt's"
+    sd = {f"model/{n}": torch.zeros_like(p) for n, p in raw.named_parameters()}
+    dcp.load(sd, checkpoint_id=str(tmp_path / "a"), no_dist=True)
+    assert all(torch.equal(sd[f"model/{n}"], w) for n, w in before.items())
+    if not async_:
+        with pytest.raises(ckpt.CheckpointError):
+            ckpt.save(tmp_path / "a", model=model, optimizer=opt, overwrite=False)
+        assert torch.serialization.get_crc32_options()

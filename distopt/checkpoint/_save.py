@@ -425,7 +425,7 @@ def save(
         overwrite=overwrite,
     )
     if not async_:
-        _write_and_commit(tensors=_materialize(specs), group=None, **job)
+        _write_and_commit(tensors=_materialize(specs), group=None, own_crc_only=True, **job)
         return path
 
     group = _async_group()  # collective the first time
@@ -474,6 +474,7 @@ def _write_and_commit(
     on_stage: Callable[[str], None],
     prepare_error: str | None,
     overwrite: bool,
+    own_crc_only: bool = False,
 ) -> None:
     """One ``dcp.save`` carries every phase and its cross-rank agreement: an error from before
     the write is raised in DCP's planning step; the RNG file (every rank) and the metadata
@@ -509,6 +510,13 @@ def _write_and_commit(
 
     writer = ChecksumWriter(tmp, prepare_error=prepare_error, small=small, commit=commit,
                             needs=needs, free0=free0)  # fmt: skip
+    # One CRC32 per byte: distopt's own (``ChecksumWriter``, checked on load) replaces the zip
+    # records' CRC32 that ``torch.save`` computes for every item and ``torch.load`` never checks.
+    # The switch is process-wide, so only a synchronous save (the caller's thread waits here)
+    # turns it off; an asynchronous one, writing while training goes on, leaves it alone.
+    zip_crc = torch.serialization.get_crc32_options()
+    if own_crc_only:
+        torch.serialization.set_crc32_options(False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=FutureWarning)
@@ -520,6 +528,8 @@ def _write_and_commit(
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"saving checkpoint {path} failed: {msg}") from None
     finally:
+        if own_crc_only:
+            torch.serialization.set_crc32_options(zip_crc)
         writer.close()
 
 
