@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _rule_factored as _rf
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, check_nonneg, flag, integer, lr, nonneg, option
 
@@ -174,7 +175,9 @@ class _AdafactorKernel(DistOptimizer):
         """
         out: list[float | None] = []
         for group in self.param_groups:
-            st = next((self.state[p] for p in group["params"] if "step" in self.state.get(p, {})), None)
+            st = next(
+                (self.state[p] for p in group["params"] if "step" in self.state.get(p, {})), None
+            )
             if st is None:
                 out.append(None)
             else:
@@ -229,112 +232,66 @@ class _AdafactorKernel(DistOptimizer):
             return
         h = self._hyper(group)
         steps = F.advance_steps(views)
-        sharded = [v.sharded for v in views]
-        params, grads = F.columns(views)
         dims = [_factor_dims(v.shape, h.min_dim) for v in views]
-        beta2t = [1.0 - math.pow(t, h.decay_rate) for t in steps]
-
-        eps = h.eps_sq
-
-        # ---- phase 1: second-moment statistics and the parameter RMS
-        unf = [i for i, d in enumerate(dims) if d is None]
-        if unf:
-            avgs = [views[i].state["exp_avg_sq"] for i in unf]
-            g_unf = [grads[i] for i in unf]
-            new = torch._foreach_mul(g_unf, g_unf)
-            torch._foreach_add_(new, eps)
-            torch._foreach_mul_(new, [1.0 - beta2t[i] for i in unf])
-            torch._foreach_mul_(avgs, [beta2t[i] for i in unf])
-            torch._foreach_add_(avgs, new)
-        # Factored tensors never materialise g^2 + eps: the means of g^2 come from norms along
-        # one dim, and mean(g^2 + eps) = mean(g^2) + eps.
-        empty = params[0].new_zeros(0, dtype=torch.float32)
-        col_parts: list[Tensor] = []
-        norm_parts: list[Tensor] = []
-        col_local: dict[int, Tensor] = {}
-        for i, (v, d) in enumerate(zip(views, dims)):
-            if d is None:
-                col_parts.append(empty)
-                norm_parts.append(empty)
-                continue
-            a, b = d
-            g = grads[i]
-            row = v.state["exp_avg_sq_row"]
-            row_mean = torch.linalg.vector_norm(g, dim=b).square_().div_(v.shape[b]).add_(eps)
-            row.mul_(beta2t[i]).add_(row_mean, alpha=1.0 - beta2t[i])  # local: b > 0
-            col_sq = torch.linalg.vector_norm(g, dim=a).square_()
-            if a == 0:  # partial sums over the (possibly sharded) rows
-                col_parts.append(col_sq)
-                norm_parts.append(row.sum(dim=0))
-            else:
-                col_local[i] = col_sq
-                col_parts.append(empty)
-                norm_parts.append(empty)
-        psq = [s.reshape(1) for s in F.local_sumsq(params)]
-        col_red, norm_red, psq_red = ctx.reduce([col_parts, norm_parts, psq], sharded)
-        rms = torch.cat(psq_red).float().clamp_min(0).sqrt()
-        rms = rms / F.device_tensor([math.sqrt(max(v.numel, 1)) for v in views], rms.dtype, rms.device)
-        torch._foreach_copy_([v.state["RMS"] for v in views], list(rms.to(params[0].device).unbind(0)))
-        lrs = self._param_lrs(h, steps, rms)
-        if self._writes_group_lr and h.relative_step:
-            group["lr"] = lrs[-1]  # a 0-dim tensor when it depends on the RMS (as in timm)
-
-        updates: list[Tensor] = [None] * len(views)  # type: ignore[list-item]
-        if unf:
-            inv = torch._foreach_rsqrt([views[i].state["exp_avg_sq"] for i in unf])
-            torch._foreach_mul_(inv, [grads[i] for i in unf])
-            for i, u in zip(unf, inv):
-                updates[i] = u
-        for i, (v, d) in enumerate(zip(views, dims)):
-            if d is None:
-                continue
-            a, b = d
-            n_a = v.shape[a]
-            row, col = v.state["exp_avg_sq_row"], v.state["exp_avg_sq_col"]
-            if a == 0:
-                col_mean, row_norm = col_red[i].div(n_a).add_(eps), norm_red[i] / n_a
-            else:
-                col_mean, row_norm = col_local[i].div_(n_a).add_(eps), row.mean(dim=a)
-            col.mul_(beta2t[i]).add_(col_mean, alpha=1.0 - beta2t[i])
-            r_factor = (row / row_norm.unsqueeze(a)).rsqrt_().unsqueeze(b)
-            c_factor = col.unsqueeze(a).rsqrt()
-            updates[i] = torch.mul(r_factor, c_factor).mul_(grads[i])
-
-        # ---- phase 2: clip by the update RMS, scale by the lr
-        (usq,) = ctx.reduce([[s.reshape(1) for s in F.local_sumsq(updates)]], sharded)
-        u_rms = torch.cat(usq).float().clamp_min(0).sqrt()
-        u_rms = u_rms / F.device_tensor(
-            [math.sqrt(max(v.numel, 1)) for v in views], u_rms.dtype, u_rms.device
-        )
-        clip = (u_rms / h.clip_threshold).clamp_(min=1.0)
-        if isinstance(lrs, Tensor):
-            scales = lrs.to(clip.dtype) / clip
-        else:
-            scales = F.device_tensor(lrs, clip.dtype, clip.device) / clip
-        torch._foreach_mul_(updates, list(scales.to(params[0].device).unbind(0)))
-
-        if h.beta1 is not None:
-            exp_avgs = [v.state["exp_avg"] for v in views]
-            torch._foreach_mul_(exp_avgs, h.beta1)
-            torch._foreach_add_(exp_avgs, updates, alpha=1.0 - h.beta1)
-            updates = exp_avgs
-            if h.caution:  # ---- phase 3: the mask mean is whole-tensor
-                masks = torch._foreach_mul(exp_avgs, grads)
-                masks = [(m > 0).to(m.dtype) for m in masks]
-                (msum,) = ctx.reduce([[m.sum().reshape(1) for m in masks]], sharded)
-                mean = torch.cat(msum).float() / F.device_tensor(
-                    [float(max(v.numel, 1)) for v in views], torch.float32, msum[0].device
+        b1 = 0.0 if h.beta1 is None else h.beta1
+        packs = []
+        for v, t, d in zip(views, steps, dims):
+            beta2t = 1.0 - math.pow(t, h.decay_rate)
+            n_c, n_r = (v.shape[d[0]], v.shape[d[1]]) if d is not None else (1, 1)
+            packs.append(
+                _rf.pack(
+                    w2=1.0 - beta2t,
+                    b2=beta2t,
+                    eps=h.eps_sq,
+                    n_r=n_r,
+                    n_c=n_c,
+                    b1=b1,
+                    w1=1.0 - b1,
+                    numel=max(v.numel, 1),
                 )
-                torch._foreach_mul_(masks, list((1.0 / mean.clamp_(min=1e-3)).unbind(0)))
-                updates = torch._foreach_mul(exp_avgs, masks)
+            )
+        root_n = [math.sqrt(max(v.numel, 1)) for v in views]
 
-        if h.weight_decay != 0.0:
-            if isinstance(lrs, Tensor):
-                decay = (1.0 - h.weight_decay * lrs).to(params[0].dtype)
-                torch._foreach_mul_(params, list(decay.to(params[0].device).unbind(0)))
-            else:
-                torch._foreach_mul_(params, [1.0 - h.weight_decay * lr for lr in lrs])
-        torch._foreach_sub_(params, updates)
+        def scales(psq: list[Tensor] | None, usq: list[Tensor] | None) -> tuple[list, list]:
+            """Per-tensor ``lr / clip`` and decay factor from the whole-tensor sums (on the device)."""
+            dev = views[0].data.device
+            rms = torch.cat(psq).float().clamp_min(0).sqrt()  # type: ignore[arg-type]
+            rms = rms / F.device_tensor(root_n, rms.dtype, rms.device)
+            torch._foreach_copy_([v.state["RMS"] for v in views], list(rms.to(dev).unbind(0)))
+            lrs = self._param_lrs(h, steps, rms)
+            if self._writes_group_lr and h.relative_step:
+                group["lr"] = lrs[-1]  # a 0-dim tensor when it depends on the RMS (as in timm)
+            u_rms = torch.cat(usq).float().clamp_min(0).sqrt()  # type: ignore[arg-type]
+            u_rms = u_rms / F.device_tensor(root_n, u_rms.dtype, u_rms.device)
+            clip = (u_rms / h.clip_threshold).clamp_(min=1.0)
+            lr_t = (
+                lrs if isinstance(lrs, Tensor) else F.device_tensor(lrs, torch.float64, clip.device)
+            )
+            pre = list((lr_t.to(clip.dtype) / clip).to(dev).unbind(0))
+            if h.weight_decay == 0.0:
+                return pre, [None] * len(views)
+            decay = (1.0 - h.weight_decay * lr_t).to(torch.float32).to(dev)
+            return pre, list(decay.unbind(0))
+
+        opts = _rf.Options(
+            flavour="hf",
+            psq=True,
+            clip=True,
+            momentum=h.beta1 is not None,
+            caution=h.caution and h.beta1 is not None,
+            decay=h.weight_decay != 0.0,
+        )
+        lays = [_rf.layout(v.data.shape, d) for v, d in zip(views, dims)]
+        _rf.run(
+            self,
+            views,
+            lays,
+            packs,
+            ctx,
+            opts,
+            scales,
+            state_names=("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"),
+        )
 
 
 class Adafactor(_AdafactorKernel):

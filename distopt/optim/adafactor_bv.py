@@ -23,13 +23,14 @@ param group makes at most three ``ctx.reduce`` calls: the factored statistics, t
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from distopt.optim import _functional as F
-from distopt.optim._cautious import cautious_masks
+from distopt.optim import _rule_factored as _rf
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import (
     HyperSpec,
@@ -168,105 +169,79 @@ class AdafactorBigVision(DistOptimizer):
             return
         lr = float(group["lr"])
         momentum, mdtype = group["momentum"], group["momentum_dtype"]
+        threshold, wd = group["clipping_threshold"], group["weight_decay"]
         steps = F.advance_steps(views)
-        one_minus_beta2 = [
-            1.0
-            - min(
-                group["beta2_cap"],
-                1.0 - max(t - group["decay_offset"], 1) ** (-group["decay_rate"]),
-            )
-            for t in steps
-        ]
-        params, grads = F.columns(views)
         dims = [factored_dims(v.shape, group["min_dim_size_to_factor"]) for v in views]
-        eps = [_eps(group["eps"], v) for v in views]
-
-        # ---- phase 1: second moments; sums over dim 0 are partial sums across shards
-        empty = params[0].new_zeros(0)
-        sq_parts: list[Tensor] = []
-        norm_parts: list[Tensor] = []
-        for i, (v, d) in enumerate(zip(views, dims)):
-            g, w = grads[i], one_minus_beta2[i]
-            if d is None:
-                v.state["exp_avg_sq"].lerp_(torch.square(g).add_(eps[i]), w)
-                sq_parts.append(empty)
-                norm_parts.append(empty)
-                continue
-            dc, dr = d
-            gsq = torch.square(g)
-            row, col = v.state["exp_avg_sq_r"], v.state["exp_avg_sq_c"]
-            if dr != 0:
-                row.lerp_(_mean_sq(gsq, dr, v.shape, eps[i]), w)
-            if dc != 0:
-                col.lerp_(_mean_sq(gsq, dc, v.shape, eps[i]), w)
-            sq_parts.append(gsq.sum(dim=0, keepdim=True) if 0 in d else empty)
-            norm_parts.append(row.sum(dim=0, keepdim=True) if dc == 0 else empty)
-        sq_red, norm_red = ctx.reduce([sq_parts, norm_parts], views)
-
-        updates: list[Tensor] = []
-        for i, (v, d) in enumerate(zip(views, dims)):
-            g = grads[i]
-            if d is None:
-                updates.append(v.state["exp_avg_sq"].rsqrt().mul_(g))
-                continue
-            dc, dr = d
-            n0 = v.shape[0]
-            row, col = v.state["exp_avg_sq_r"], v.state["exp_avg_sq_c"]
-            if dr == 0:
-                row.lerp_(sq_red[i].div(n0).add_(eps[i]), one_minus_beta2[i])
-            if dc == 0:
-                col.lerp_(sq_red[i].div(n0).add_(eps[i]), one_minus_beta2[i])
-                row_norm = norm_red[i] / n0
-            else:
-                row_norm = row.mean(dim=dc, keepdim=True)
-            updates.append(g * (row / row_norm).rsqrt_() * col.rsqrt())
-
-        # ---- phase 2: clip by the whole tensor's update RMS
-        if group["clipping_threshold"] is not None:
-            u_rms = F.rms(ctx, views, updates)
-            torch._foreach_div_(
-                updates, [(r / group["clipping_threshold"]).clamp_(min=1.0) for r in u_rms]
-            )
-
         if momentum is not None:
-            exp_avgs = []
-            for v in views:
-                m = v.state["exp_avg"]
-                if m.dtype != mdtype:  # load_state_dict casts state to the param's dtype
-                    m = v.state["exp_avg"] = m.to(mdtype)
-                exp_avgs.append(m)
-            if mdtype == params[0].dtype and all(p.dtype == mdtype for p in params):
-                torch._foreach_lerp_(exp_avgs, updates, 1.0 - momentum)
-                updates = [m.clone() for m in exp_avgs]
-            else:
-                for m, u in zip(exp_avgs, updates):
-                    m.lerp_(u.to(mdtype), 1.0 - momentum)
-                updates = [m.to(p.dtype) for m, p in zip(exp_avgs, params)]
-            # ---- phase 3: the mask mean is whole-tensor
-            if group["caution"]:
-                torch._foreach_mul_(updates, cautious_masks(ctx, views, updates, grads))
-
-        torch._foreach_mul_(updates, lr)
-        wd = group["weight_decay"]
+            for v in views:  # load_state_dict casts state to the param's dtype
+                if v.state["exp_avg"].dtype != mdtype:
+                    v.state["exp_avg"] = v.state["exp_avg"].to(mdtype)
+        decay = 1.0
         if wd != 0.0:
             max_lr = group["max_lr_snapshot"] if group["corrected_weight_decay"] else None
             if group["unscaled_wd"]:
                 scale = 1.0 if max_lr is None else lr / max_lr
             else:
                 scale = lr if max_lr is None else lr * lr / max_lr
-            torch._foreach_mul_(params, 1.0 - scale * wd)
-        torch._foreach_sub_(params, updates)
+            decay = 1.0 - scale * wd
+        m = 0.0 if momentum is None else momentum
+        packs = []
+        for v, t, d in zip(views, steps, dims):
+            w2 = 1.0 - min(
+                group["beta2_cap"],
+                1.0 - max(t - group["decay_offset"], 1) ** (-group["decay_rate"]),
+            )
+            n_c, n_r = (v.shape[d[0]], v.shape[d[1]]) if d is not None else (1, 1)
+            packs.append(
+                _rf.pack(
+                    w2=w2,
+                    eps=_eps(group["eps"], v),
+                    n_r=n_r,
+                    n_c=n_c,
+                    b1=m,
+                    w1=1.0 - m,
+                    lr=lr,
+                    decay=decay,
+                    numel=max(v.numel, 1),
+                )
+            )
+        root_n = [math.sqrt(max(v.numel, 1)) for v in views]
+
+        def scales(psq: list[Tensor] | None, usq: list[Tensor] | None) -> tuple[list, list]:
+            """The clip divisor ``max(1, RMS(u) / clipping_threshold)`` of each tensor (or None)."""
+            none = [None] * len(views)
+            if usq is None:
+                return none, none
+            dev = views[0].data.device
+            u_rms = torch.cat(usq).float().clamp_min(0).sqrt()
+            u_rms = u_rms / F.device_tensor(root_n, u_rms.dtype, u_rms.device)
+            return list((u_rms / threshold).clamp_(min=1.0).to(dev).unbind(0)), none
+
+        opts = _rf.Options(
+            flavour="bv",
+            psq=False,
+            clip=threshold is not None,
+            momentum=momentum is not None,
+            caution=bool(group["caution"]) and momentum is not None,
+            decay=wd != 0.0,
+        )
+        lays = [_rf.layout(v.data.shape, d) for v, d in zip(views, dims)]
+        _rf.run(
+            self,
+            views,
+            lays,
+            packs,
+            ctx,
+            opts,
+            scales,
+            state_names=("exp_avg_sq_r", "exp_avg_sq_c", "exp_avg_sq"),
+        )
 
 
 def _keepdim(shape: torch.Size, dim: int) -> list[int]:
     out = list(shape)
     out[dim] = 1
     return out
-
-
-def _mean_sq(gsq: Tensor, dim: int, shape: torch.Size, eps: float) -> Tensor:
-    """``mean(g^2 + eps)`` over a local (not dim-0) dim, keepdim."""
-    return gsq.sum(dim=dim, keepdim=True).div_(shape[dim]).add_(eps)
 
 
 def _eps(eps: float | None, view: ParamView) -> float:

@@ -1,0 +1,489 @@
+"""Factored second moments in few passes: the per-tensor maths of Adafactor and AdafactorBigVision.
+
+Both optimizers keep, for a tensor factored over dims ``(dc, dr)``, a row statistic ``R`` (the
+mean of ``g^2 + eps`` over ``dr``) and a column statistic ``C`` (the mean over ``dc``), and
+precondition with ``u = g / sqrt((R / mean_dc(R)) outer C)``; unfactored tensors keep the whole
+``V`` and use ``u = g / sqrt(V)``.  Every tensor is seen through a 5-D view ``(P, N_lo, M, N_hi,
+S)`` with ``(lo, hi) = sorted((dc, dr))`` in positions 1 and 3, so one function serves every
+factoring (last two dims, dims (0, 1) of a convolution kernel, the two largest dims).
+
+A step is three per-tensor phases, each a pure function stated once here, run compiled
+(``torch.compile(dynamic=True, fullgraph=True)``, one kernel per phase and option set) or eagerly
+under the same switch as :mod:`distopt.optim._kernel` (``DISTOPT_KERNELS`` / ``_kernel.mode()``):
+
+1. ``stats``: one read of ``g`` (and ``p`` for the parameter RMS): the row and column sums of
+   ``g^2``, the row statistic when it is local, the sum over ``dc`` of the new row statistic; for
+   an unfactored tensor the new ``V`` (written) and the sum of ``u^2``.
+2. ``precond`` (factored only): after the partial sums are added across ranks, the statistics
+   that needed them and the sum of ``u^2`` (one read of ``g``; none without clipping).
+3. ``apply``: the element-wise update of ``p`` and the first moment (read ``p``, ``g``, ``m``;
+   write ``p``, ``m``), with an extra ``mask`` phase before it for the cautious mask's count.
+
+Between phases the optimizer adds the partial sums across ranks (one :meth:`StepContext.reduce`
+per phase and param group) and computes the per-tensor scale factors on the device (no host
+reads).  ``torch.amp.GradScaler``: the gradient is multiplied by ``1 / grad_scale`` inside each
+phase and every written value is kept where ``found_inf`` is set (see :mod:`._kernel`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import types
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from distopt.optim import _kernel as K
+from distopt.optim._core import ParamView, StepContext
+from distopt.optim._functional import device_tensor
+
+__all__ = ["Layout", "layout", "Options", "pack", "run", "SC"]
+
+log = logging.getLogger(__name__)
+
+#: positions in each tensor's float64 scalar pack
+SC = {
+    "w2": 0,
+    "b2": 1,
+    "eps": 2,
+    "n_r": 3,
+    "n_c": 4,
+    "b1": 5,
+    "w1": 6,
+    "lr": 7,
+    "decay": 8,
+    "numel": 9,
+}
+
+
+def pack(**values: float) -> list[float]:
+    """A tensor's host scalars in :data:`SC` order (names not given are 0)."""
+    unknown = set(values) - set(SC)
+    if unknown:
+        raise ValueError(f"pack: unknown scalar names {sorted(unknown)}; known: {sorted(SC)}")
+    out = [0.0] * len(SC)
+    for k, x in values.items():
+        out[SC[k]] = float(x)
+    return out
+
+
+class Layout(NamedTuple):
+    """How one (local) tensor is factored: its 5-D view and where its statistics live."""
+
+    shape5: tuple[int, int, int, int, int]
+    dc: int  # 1 or 3: the dim the column statistic is the mean over
+    dr: int  # 3 or 1: the dim the row statistic is the mean over
+    row_local: bool  # the row statistic is complete on this rank (dr is not the sharded dim 0)
+    col_local: bool  # likewise the column statistic and the row normaliser (dc is not dim 0)
+
+
+def layout(local_shape: torch.Size, dims: tuple[int, int] | None) -> Layout | None:
+    """The :class:`Layout` of a tensor of ``local_shape`` factored over ``dims = (dc, dr)``."""
+    if dims is None:
+        return None
+    dc, dr = dims
+    lo, hi = sorted(dims)
+    s = tuple(local_shape)
+    shape5 = (math.prod(s[:lo]), s[lo], math.prod(s[lo + 1 : hi]), s[hi], math.prod(s[hi + 1 :]))
+    return Layout(shape5, 1 if dc < dr else 3, 3 if dc < dr else 1, dr != 0, dc != 0)  # type: ignore[arg-type]
+
+
+class Options(NamedTuple):
+    """Static options of one kernel (hashable; each distinct set compiles its own kernels)."""
+
+    flavour: str  # "hf": transformers/timm Adafactor; "bv": Big Vision
+    psq: bool  # phase 1 also sums p^2 (the parameter RMS)
+    clip: bool  # the update RMS is needed (phase 2 / phase 1 sum u^2)
+    momentum: bool
+    caution: bool
+    decay: bool  # weight decay multiplies p
+
+
+# --------------------------------------------------------------------------- the maths
+
+
+def _ema(old: Tensor, new: Tensor, sc: Tensor, flavour: str) -> Tensor:
+    """The second-moment average: ``b2 * old + w2 * new`` (transformers' ``mul_``/``add_``), or
+    Big Vision's ``lerp(old, new, w2)``."""
+    if flavour == "bv":
+        return torch.lerp(old, new, sc[SC["w2"]].to(old.dtype))
+    return old * sc[SC["b2"]] + new * sc[SC["w2"]]
+
+
+def _grad(g: Tensor, inv: Tensor | None) -> Tensor:
+    return g if inv is None else g * inv
+
+
+def _keep(old: Tensor, new: Tensor, fi: Tensor | None) -> Tensor:
+    """``new``, or ``old`` where ``GradScaler`` found an inf (the step is skipped)."""
+    return new if fi is None else torch.where(fi > 0, old, new)
+
+
+def _preconditioned(
+    g: Tensor, row: Tensor, col: Tensor, rnorm: Tensor, sc: Tensor, dc: int
+) -> Tensor:
+    """``g / sqrt((R / mean_dc(R)) outer C)`` (``rnorm``: the sum of ``R`` over ``dc``)."""
+    r_factor = torch.rsqrt(row / (rnorm / sc[SC["n_c"]]))
+    return (r_factor * torch.rsqrt(col)) * g
+
+
+def _direction(
+    u: Tensor, m: Tensor | None, pre: Tensor | None, sc: Tensor, opt: Options
+) -> tuple[Tensor, Tensor | None]:
+    """From the preconditioned gradient ``u`` to the update direction and the new first moment.
+
+    ``pre``: transformers' ``lr / clip`` (multiplied before the momentum), or Big Vision's clip
+    divisor (None: no clipping)."""
+    if opt.flavour == "bv":
+        if pre is not None:
+            u = u / pre
+    else:
+        u = u * pre
+    if not opt.momentum:
+        return u, None
+    if opt.flavour == "bv":  # kept in momentum_dtype (rounded as `m.lerp_(u.to(m.dtype), w1)`)
+        m_new = torch.lerp(m.float(), u.to(m.dtype).float(), sc[SC["w1"]].float()).to(m.dtype)
+        return m_new.to(u.dtype), m_new
+    m_new = m * sc[SC["b1"]] + u * sc[SC["w1"]]
+    return m_new, m_new
+
+
+def _mask(d: Tensor, g: Tensor) -> Tensor:
+    """The cautious mask (arXiv:2411.16085): where the direction and the gradient agree in sign."""
+    return (d * g > 0).to(d.dtype)
+
+
+def _finish(p, g, u, m, pre, decay, agree, sc, fi, opt: Options, phase: str):
+    """The element-wise end of phase 3: ``phase="mask"`` returns the cautious mask's count;
+    ``"update"`` writes the new parameter and first moment.  ``decay``: the factor ``p`` is
+    multiplied by (a tensor for transformers, whose lr may depend on the parameter RMS; from the
+    scalar pack for Big Vision); ``agree``: the mask's count over the whole tensor."""
+    d, m_new = _direction(u, m, pre, sc, opt)
+    if phase == "mask":
+        return _mask(d, g).sum(dtype=torch.float32)
+    if agree is not None:
+        d = d * (_mask(d, g) / torch.clamp(agree / sc[SC["numel"]], min=1e-3))
+    kept = p
+    if opt.flavour == "bv":
+        d = d * sc[SC["lr"]]
+        if opt.decay:
+            kept = p * sc[SC["decay"]]
+    elif opt.decay:
+        kept = p * decay
+    p.copy_(_keep(p, kept - d, fi))
+    if m_new is not None:
+        m.copy_(_keep(m, m_new, fi))
+    return None
+
+
+def stats_factored(p, g, row, sc, inv, fi, *, dc: int, dr: int, row_local: bool, opt: Options):
+    """Phase 1 of a factored tensor: returns (row sums of g^2 or None, column sums of g^2, sum
+    over dc of the new row statistic or None, sum of p^2 or None); writes the local row
+    statistic."""
+    g = _grad(g, inv)
+    gsq = g * g
+    csum = gsq.sum(dim=dc, keepdim=True)
+    rsum = gsq.sum(dim=dr, keepdim=True)
+    psq = (p * p).sum() if opt.psq else None
+    if not row_local:
+        return rsum, csum, None, psq
+    new_row = _ema(row, rsum / sc[SC["n_r"]] + sc[SC["eps"]], sc, opt.flavour)
+    row.copy_(_keep(row, new_row, fi))
+    return None, csum, new_row.sum(dim=dc, keepdim=True), psq
+
+
+def precond_factored(
+    g, row, col, rsum, csum, rnorm, sc, inv, fi, *, dc: int, row_local: bool, opt: Options
+):
+    """Phase 2 of a factored tensor (the partial sums now whole): the column statistic and, when
+    it needed the reduction, the row statistic; returns (row normaliser sum, sum of u^2 or None)."""
+    new_col = _ema(col, csum / sc[SC["n_c"]] + sc[SC["eps"]], sc, opt.flavour)
+    col.copy_(_keep(col, new_col, fi))
+    if row_local:
+        new_row = row
+    else:
+        new_row = _ema(row, rsum / sc[SC["n_r"]] + sc[SC["eps"]], sc, opt.flavour)
+        row.copy_(_keep(row, new_row, fi))
+        rnorm = new_row.sum(dim=dc, keepdim=True)
+    if not opt.clip:
+        return rnorm, None
+    u = _preconditioned(_grad(g, inv), new_row, new_col, rnorm, sc, dc)
+    return rnorm, (u * u).sum()
+
+
+def apply_factored(
+    p, g, m, row, col, rnorm, pre, decay, agree, sc, inv, fi, *, dc: int, opt: Options, phase: str
+):
+    """Phase 3 of a factored tensor: writes p and the first moment (``phase="mask"``: returns the
+    cautious mask's count instead)."""
+    g = _grad(g, inv)
+    u = _preconditioned(g, row, col, rnorm, sc, dc)
+    return _finish(p, g, u, m, pre, decay, agree, sc, fi, opt, phase)
+
+
+def stats_plain(p, g, v, sc, inv, fi, *, opt: Options):
+    """Phase 1 of an unfactored tensor: writes ``V``; returns (sum of p^2 or None, sum of u^2 or None)."""
+    g = _grad(g, inv)
+    new_v = _ema(v, g * g + sc[SC["eps"]], sc, opt.flavour)
+    v.copy_(_keep(v, new_v, fi))
+    psq = (p * p).sum() if opt.psq else None
+    if not opt.clip:
+        return psq, None
+    u = torch.rsqrt(new_v) * g
+    return psq, (u * u).sum()
+
+
+def apply_plain(p, g, m, v, pre, decay, agree, sc, inv, fi, *, opt: Options, phase: str):
+    """Phase 3 of an unfactored tensor (as :func:`apply_factored`)."""
+    g = _grad(g, inv)
+    return _finish(p, g, torch.rsqrt(v) * g, m, pre, decay, agree, sc, fi, opt, phase)
+
+
+# --------------------------------------------------------------------------- the runner
+
+_kernels: dict[Any, Callable[..., Any]] = {}
+_failed: set[Any] = set()
+
+
+def _kernel(
+    fn: Callable[..., Any], compiled: bool, opts: tuple[tuple[str, Any], ...]
+) -> Callable[..., Any]:
+    key = (fn, opts, compiled)
+    k = _kernels.get(key)
+    if k is None:
+        kw = dict(opts)
+
+        def kernel(*args: Any) -> Any:
+            return fn(*args, **kw)
+
+        # one code object per (phase, options): torch.compile's cache and recompile limit are
+        # per code object, so the kernels never evict each other
+        code = kernel.__code__.replace(co_name=f"distopt_{fn.__name__}")
+        k = types.FunctionType(code, kernel.__globals__, code.co_name, None, kernel.__closure__)
+        if compiled:
+            k = torch.compile(k, dynamic=True, fullgraph=True)
+        _kernels[key] = k
+    return k
+
+
+def _call(fn: Callable[..., Any], compiled: bool, *args: Any, **opts: Any) -> Any:
+    """``fn(*args, **opts)`` compiled (when ``compiled`` and it compiles) or eagerly."""
+    key = tuple(sorted(opts.items()))
+    if compiled and (fn, key) not in _failed:
+        try:
+            return _kernel(fn, True, key)(*args)
+        except Exception as exc:  # noqa: BLE001 - any compile failure: the same maths eagerly
+            _failed.add((fn, key))
+            log.warning(
+                "distopt: compiling %s failed (%s: %s); running it eagerly (set %s=eager to skip "
+                "compiling)",
+                fn.__name__,
+                type(exc).__name__,
+                exc,
+                K.ENV,
+            )
+    return _kernel(fn, False, key)(*args)
+
+
+def _as5(t: Tensor, shape: Sequence[int], back: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``t`` viewed with ``shape``; a non-contiguous ``t`` gets a contiguous copy written back
+    after the phase (recorded in ``back``)."""
+    if t.is_contiguous():
+        return t.view(shape)
+    c = t.reshape(shape).clone()
+    back.append((t, c))
+    return c
+
+
+def _with(shape5: Sequence[int], **ones: int) -> tuple[int, ...]:
+    out = list(shape5)
+    for d in ones.values():
+        out[d] = 1
+    return tuple(out)
+
+
+#: ``scales(psq, usq) -> (pre, decay)``: the optimizer's per-tensor factors (device tensors or
+#: None) from the whole-tensor sums of ``p^2`` and ``u^2`` (lists of 0-dim tensors, or None)
+Scales = Callable[[list[Tensor] | None, list[Tensor] | None], tuple[list[Any], list[Any]]]
+
+
+def run(
+    owner: Any,
+    views: Sequence[ParamView],
+    lays: Sequence[Layout | None],
+    packs: Sequence[Sequence[float]],
+    ctx: StepContext,
+    opt: Options,
+    scales: Scales,
+    *,
+    state_names: tuple[str, str, str],
+) -> None:
+    """One step of a param group: ``views`` with their :class:`Layout` (None: unfactored), the
+    host scalars of each (``packs[i][SC[name]]``), the reductions through ``ctx``.
+
+    ``state_names``: the names of the row, column and unfactored second moments; the first
+    moment is ``exp_avg``.  ``owner``: the optimizer (its ``GradScaler`` attributes).
+    """
+    if not views:
+        return
+    grad_scale, found_inf = K.scaler_of(owner)
+    compiled = K.mode() == "compile" and K._can_compile(views[0].data.device)
+    kr, kc, kv = state_names
+    n = len(views)
+    width = len(SC)
+    by_dev: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(views):
+        by_dev.setdefault(v.data.device, []).append(i)
+    sc: list[Tensor] = [None] * n  # type: ignore[list-item]
+    aux: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
+    for dev, idx in by_dev.items():
+        flat = [float(x) for i in idx for x in (list(packs[i]) + [0.0] * width)[:width]]
+        rows = device_tensor(flat, torch.float64, dev).view(len(idx), width).unbind(0)
+        for i, r in zip(idx, rows):
+            sc[i] = r
+        inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
+        fi = None if found_inf is None else found_inf.to(dev, torch.float32)
+        aux[dev] = (inv, fi)
+
+    back: list[tuple[Tensor, Tensor]] = []
+    ts: list[dict[str, Tensor | None]] = []
+    for v, lay in zip(views, lays):
+        m = v.state.get("exp_avg") if opt.momentum else None
+        if lay is None:
+            ts.append({"p": v.data, "g": v.grad, "m": m, "v": v.state[kv]})
+            continue
+        s5 = lay.shape5
+        ts.append(
+            {
+                "p": _as5(v.data, s5, back),
+                "g": _as5(v.grad, s5, back),
+                "m": None if m is None else _as5(m, s5, back),
+                "r": _as5(v.state[kr], _with(s5, d=lay.dr), back),
+                "c": _as5(v.state[kc], _with(s5, d=lay.dc), back),
+            }
+        )
+
+    # ---- phase 1: statistics (one read of g, and of p for its RMS)
+    empty = views[0].data.new_zeros(0, dtype=torch.float32)
+    rsum: list[Tensor] = [empty] * n
+    csum: list[Tensor] = [empty] * n
+    rnorm: list[Tensor] = [empty] * n
+    psq: list[Tensor] = [empty] * n
+    usq: list[Tensor] = [empty] * n
+    for i, (v, lay, t) in enumerate(zip(views, lays, ts)):
+        inv, fi = aux[v.data.device]
+        if lay is None:
+            a, b = _call(stats_plain, compiled, t["p"], t["g"], t["v"], sc[i], inv, fi, opt=opt)
+            psq[i], usq[i] = (empty if x is None else x.reshape(1) for x in (a, b))
+            continue
+        r, c, nrm, ps = _call(
+            stats_factored,
+            compiled,
+            t["p"],
+            t["g"],
+            t["r"],
+            sc[i],
+            inv,
+            fi,
+            dc=lay.dc,
+            dr=lay.dr,
+            row_local=lay.row_local,
+            opt=opt,
+        )
+        rsum[i], csum[i] = (empty if r is None else r), c
+        rnorm[i] = empty if nrm is None else nrm
+        psq[i] = empty if ps is None else ps.reshape(1)
+    # only what is partial crosses ranks: local statistics stay out of the collective
+    send = [
+        [x if (lay is not None and not lay.row_local) else empty for x, lay in zip(rsum, lays)],
+        [x if (lay is not None and not lay.col_local) else empty for x, lay in zip(csum, lays)],
+        [x if (lay is not None and not lay.col_local) else empty for x, lay in zip(rnorm, lays)],
+        psq,
+    ]
+    red = ctx.reduce(send, list(views))
+    for i, lay in enumerate(lays):
+        if lay is None:
+            continue
+        if not lay.row_local:
+            rsum[i] = red[0][i]
+        if not lay.col_local:
+            csum[i], rnorm[i] = red[1][i], red[2][i]
+    psq_red = red[3] if opt.psq else None
+
+    # ---- phase 2: the factored statistics that needed the sums; the update's sum of squares
+    for i, (v, lay, t) in enumerate(zip(views, lays, ts)):
+        if lay is None:
+            continue
+        inv, fi = aux[v.data.device]
+        rnorm[i], u2 = _call(
+            precond_factored,
+            compiled,
+            t["g"],
+            t["r"],
+            t["c"],
+            None if lay.row_local else rsum[i],
+            csum[i],
+            rnorm[i] if lay.row_local else None,
+            sc[i],
+            inv,
+            fi,
+            dc=lay.dc,
+            row_local=lay.row_local,
+            opt=opt,
+        )
+        if u2 is not None:
+            usq[i] = u2.reshape(1)
+    usq_red = ctx.reduce([usq], list(views))[0] if opt.clip else None
+    pre, decay = scales(psq_red, usq_red)
+
+    # ---- phase 3: the element-wise update (after the cautious mask's counts, with caution)
+    agree: list[Tensor | None] = [None] * n
+    phases = ("mask", "update") if opt.caution and opt.momentum else ("update",)
+    for phase in phases:
+        counts = []
+        for i, (v, lay, t) in enumerate(zip(views, lays, ts)):
+            inv, fi = aux[v.data.device]
+            common = (pre[i], decay[i], agree[i], sc[i], inv, fi)
+            if lay is None:
+                out = _call(
+                    apply_plain,
+                    compiled,
+                    t["p"],
+                    t["g"],
+                    t["m"],
+                    t["v"],
+                    *common,
+                    opt=opt,
+                    phase=phase,
+                )
+            else:
+                out = _call(
+                    apply_factored,
+                    compiled,
+                    t["p"],
+                    t["g"],
+                    t["m"],
+                    t["r"],
+                    t["c"],
+                    rnorm[i],
+                    *common,
+                    dc=lay.dc,
+                    opt=opt,
+                    phase=phase,
+                )
+            counts.append(out)
+        if phase == "mask":
+            agree = [
+                c.reshape(()) for c in ctx.reduce([[c.reshape(1) for c in counts]], list(views))[0]
+            ]
+    for dst, src in back:
+        dst.copy_(src.view(dst.shape))
+
+    if found_inf is not None:  # a skipped step does not count
+        for v in views:
+            step = v.state.get("step")
+            if isinstance(step, Tensor):
+                step.sub_(found_inf.to(step.device, step.dtype))
