@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 
 from distopt._dtensor import is_dtensor, local_tensor
 from distopt.optim import _core
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import KW_ONLY, HyperSpec, betas, flag, integer, lr, nonneg
 
@@ -58,7 +59,7 @@ def _eval_mode_error(owner: str, action: str) -> RuntimeError:
 
 class ScheduleFreeBase(DistOptimizer):
     """What the three schedule-free optimizers share: the modes, the averaging weights and
-    ``y``'s interpolation.  Subclasses give :meth:`_beta` and :meth:`_direction`."""
+    ``y``'s interpolation.  Subclasses give :meth:`_beta` (and :meth:`_adaptive`, :meth:`_lr_factor`)."""
 
     elementwise = True
 
@@ -207,14 +208,15 @@ class ScheduleFreeBase(DistOptimizer):
         group["k"] = k + 1
         if not views:
             return
-        ys = [v.data for v in views]
-        zs = [v.state["z"] for v in views]
-        u = self._direction(group, views, k + 1)
-        if group["weight_decay"] != 0.0:  # decay evaluated at y, in the direction's units
-            torch._foreach_add_(u, ys, alpha=group["weight_decay"])
-        torch._foreach_lerp_(ys, zs, ckp1)  # y <- (1 - c) y + c z
-        torch._foreach_add_(ys, u, alpha=lr_t * (self._beta(group) * (1.0 - ckp1) - 1.0))
-        torch._foreach_add_(zs, u, alpha=-lr_t)
+        adam = self._has_second_moment
+        beta2 = group["betas"][1] if adam else 0.0
+        scalars = {
+            "beta2": beta2, "bc2": 1.0 - beta2 ** (k + 1), "eps": group.get("eps", 0.0),
+            "adaptive": float(adam and self._adaptive(group, k + 1)), "wd": group["weight_decay"],
+            "ckp1": ckp1, "y_step": lr_t * (self._beta(group) * (1.0 - ckp1) - 1.0), "z_step": -lr_t,
+        }  # fmt: skip
+        K.apply(self, schedule_free_rule, views, ("z", "exp_avg_sq") if adam else ("z",), scalars,
+                adam=adam, decay=group["weight_decay"] != 0.0)  # fmt: skip
 
     # ------------------------------------------------------------------ for subclasses
     def _beta(self, group: dict[str, Any]) -> float:  # pragma: no cover
@@ -225,22 +227,33 @@ class ScheduleFreeBase(DistOptimizer):
         warmup = group["warmup_steps"]
         return (k + 1) / warmup if k < warmup else 1.0
 
-    def _direction(self, group: dict[str, Any], views: list[ParamView], step: int) -> list[Tensor]:
-        """New tensors: the base direction at ``y`` (never the gradients themselves)."""
-        raise NotImplementedError  # pragma: no cover
+    def _adaptive(self, group: dict[str, Any], step: int) -> bool:
+        """Whether the direction at ``step`` is Adam-normalised (else the plain gradient); the
+        second moment moves either way."""
+        return True
 
-    def _adam_direction(
-        self, group: dict[str, Any], views: list[ParamView], step: int
-    ) -> list[Tensor]:
-        beta2 = group["betas"][1]
-        grads = [v.grad for v in views]
-        sq = [v.state["exp_avg_sq"] for v in views]
-        torch._foreach_mul_(sq, beta2)
-        torch._foreach_addcmul_(sq, grads, grads, value=1.0 - beta2)
-        denom = torch._foreach_div(sq, 1.0 - beta2**step)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, group["eps"])
-        return torch._foreach_div(grads, denom)
+
+def schedule_free_rule(
+    p: Tensor, g: Tensor, st: dict[str, Tensor], s: dict[str, Tensor], *, adam: bool, decay: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One tensor's schedule-free step (``p`` holds ``y``; see :class:`AdamWScheduleFree`).
+
+    The direction ``u``: with ``adam`` the gradient over ``sqrt(v / (1 - beta2^t)) + eps`` where
+    ``s["adaptive"]`` (else the gradient), then ``+ wd * y``; ``y <- lerp(y, z, c) + y_step * u``,
+    ``z <- z + z_step * u``.  ``a + c * b`` is written ``addcmul(a, b, c)``: rounded as the
+    reference's ``add_(b, alpha=c)`` (one fused multiply-add), so the eager form is bitwise
+    schedulefree's."""
+    new = {}
+    u = g
+    if adam:
+        v = K.ema_sq(st["exp_avg_sq"], g, s["beta2"])
+        new["exp_avg_sq"] = v
+        u = torch.where(s["adaptive"] > 0, g / ((v / s["bc2"]).sqrt() + s["eps"]), g)
+    if decay:
+        u = torch.addcmul(u, p, s["wd"])
+    z = st["z"]
+    new["z"] = torch.addcmul(z, u, s["z_step"])
+    return torch.addcmul(torch.lerp(p, z, s["ckp1"]), u, s["y_step"]), new
 
 
 class AdamWScheduleFree(ScheduleFreeBase):
@@ -286,9 +299,6 @@ class AdamWScheduleFree(ScheduleFreeBase):
     def _beta(self, group: dict[str, Any]) -> float:
         return group["betas"][0]
 
-    def _direction(self, group: dict[str, Any], views: list[ParamView], step: int) -> list[Tensor]:
-        return self._adam_direction(group, views, step)
-
 
 class SGDScheduleFree(ScheduleFreeBase):
     r"""Schedule-free SGD (name ``sgd_schedulefree``; Trainer ``schedule_free_sgd``).
@@ -329,9 +339,6 @@ class SGDScheduleFree(ScheduleFreeBase):
 
     def _beta(self, group: dict[str, Any]) -> float:
         return group["momentum"]
-
-    def _direction(self, group: dict[str, Any], views: list[ParamView], step: int) -> list[Tensor]:
-        return [v.grad.clone() for v in views]
 
 
 class RAdamScheduleFree(ScheduleFreeBase):
@@ -398,12 +405,5 @@ class RAdamScheduleFree(ScheduleFreeBase):
             )
         return float(not group["silent_sgd_phase"])
 
-    def _direction(self, group: dict[str, Any], views: list[ParamView], step: int) -> list[Tensor]:
-        if self._rho(group, step)[1] > 4.0:
-            return self._adam_direction(group, views, step)
-        beta2 = group["betas"][1]
-        sq = [v.state["exp_avg_sq"] for v in views]
-        grads = [v.grad for v in views]
-        torch._foreach_mul_(sq, beta2)
-        torch._foreach_addcmul_(sq, grads, grads, value=1.0 - beta2)
-        return [g.clone() for g in grads]
+    def _adaptive(self, group: dict[str, Any], step: int) -> bool:
+        return self._rho(group, step)[1] > 4.0
