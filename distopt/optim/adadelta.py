@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import KW_ONLY, HyperSpec, flag, lr, nonneg
 
@@ -38,6 +40,7 @@ class Adadelta(DistOptimizer):
     """
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     hypers = HyperSpec(
         lr(1.0),
@@ -53,19 +56,24 @@ class Adadelta(DistOptimizer):
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:
             return
-        lr = float(group["lr"])
-        rho, eps = group["rho"], group["eps"]
-        params, grads, square_avgs, acc_deltas = F.columns(views, "square_avg", "acc_delta")
         F.advance_steps(views)
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        grads = F.l2_decay(grads, params, group["weight_decay"])
-        F.ema_sq_(square_avgs, grads, rho)
-        std = torch._foreach_add(square_avgs, eps)
-        torch._foreach_sqrt_(std)
-        deltas = torch._foreach_add(acc_deltas, eps)
-        torch._foreach_sqrt_(deltas)
-        torch._foreach_div_(deltas, std)
-        torch._foreach_mul_(deltas, grads)
-        F.ema_sq_(acc_deltas, deltas, rho)
-        torch._foreach_add_(params, deltas, alpha=-lr)
+        scalars = {"lr": float(group["lr"]), "rho": group["rho"], "eps": group["eps"],
+                   "wd": group["weight_decay"]}  # fmt: skip
+        K.apply(self, adadelta_rule, views, ("square_avg", "acc_delta"), scalars,
+                maximize=bool(group["maximize"]), l2=group["weight_decay"] != 0.0)  # fmt: skip
+
+
+def adadelta_rule(
+    p: Tensor, g: Tensor, st: dict[str, Tensor], s: dict[str, Tensor], *, maximize: bool, l2: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Adadelta's update of one tensor (see :class:`Adadelta`).  ``a + c * b`` is written
+    ``addcmul(a, b, c)``: rounded as the multi-tensor ``add_(b, alpha=c)`` (one fused
+    multiply-add), so the eager form is torch's foreach Adadelta bit for bit."""
+    if maximize:
+        g = -g
+    if l2:
+        g = torch.addcmul(g, p, s["wd"])
+    v = K.ema_sq(st["square_avg"], g, s["rho"])
+    delta = (st["acc_delta"] + s["eps"]).sqrt() / (v + s["eps"]).sqrt() * g
+    u = K.ema_sq(st["acc_delta"], delta, s["rho"])
+    return torch.addcmul(p, delta, -s["lr"]), {"square_avg": v, "acc_delta": u}
