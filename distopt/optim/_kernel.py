@@ -75,6 +75,12 @@ EAGER_CHUNK = 1 << 16
 #: compiled mode concatenates tensors smaller than this into one kernel call
 SMALL = 1 << 15
 
+#: inductor options of every kernel.  ``cpp.dynamic_threads``: a CPU kernel asks OpenMP for the
+#: thread count when it runs (``torch.set_num_threads`` now), instead of the count at its first
+#: compile being written into the C++ code (1 thread compiles a serial loop, and torch.compile
+#: does not recompile when the count changes: a kernel first run at 1 thread stayed serial)
+COMPILE_OPTIONS = {"cpp.dynamic_threads": True}
+
 _mode: str | None = None
 _kernels: dict[Any, Callable[..., None]] = {}
 _failed: set[Any] = set()
@@ -179,7 +185,7 @@ class _Kernels:
         if fn is None:
             fn = _kernel_factory(rule, states, scalars, options, sums, phase)
             if compiled:
-                fn = torch.compile(fn, dynamic=True, fullgraph=True)
+                fn = torch.compile(fn, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
             _kernels[k] = fn
         return fn
 
@@ -257,7 +263,7 @@ def apply(
         parts = []
         for v, (_, dev, flat, sc, sts) in zip(views, args):
             d, g, st = (
-                (v.data.view(-1), v.grad.view(-1), tuple(t.view(-1) for t in sts))
+                (_flat(v.data), _flat(v.grad), tuple(_flat(t) for t in sts))
                 if flat
                 else (v.data, v.grad, sts)
             )
@@ -280,9 +286,9 @@ def apply(
             kern.call(
                 "update",
                 True,
-                v.data.view(-1),
-                v.grad.view(-1),
-                tuple(t.view(-1) for t in sts),
+                _flat(v.data),
+                _flat(v.grad),
+                tuple(_flat(t) for t in sts),
                 sc,
                 stats[i],
                 inv,
@@ -294,8 +300,8 @@ def apply(
     for (vals, dev, _), idx in small.items():
         sc, (inv, fi) = packs[(vals, dev)], aux[dev]
         group = [views[i] for i in idx]
-        cols = [[v.data.view(-1) for v in group], [v.grad.view(-1) for v in group]]
-        cols += [[v.state[s].view(-1) for v in group] for s in states]
+        cols = [[_flat(v.data) for v in group], [_flat(v.grad) for v in group]]
+        cols += [[_flat(v.state[s]) for v in group] for s in states]
         bufs = [c[0] for c in cols] if len(group) == 1 else [torch.cat(c) for c in cols]
         kern.call("update", True, bufs[0], bufs[1], tuple(bufs[2:]), sc, None, inv, fi)
         if len(group) > 1:
@@ -308,6 +314,16 @@ def apply(
             step = v.state.get("step")
             if isinstance(step, Tensor):
                 step.sub_(found_inf.to(step.device, step.dtype))
+
+
+def _flat(t: Tensor) -> Tensor:
+    """``t`` as one dimension, sharing its storage and version counter but not a view.
+
+    ``torch.compile`` guards on the base of a view (its rank and strides), so views of 1-, 2-,
+    3- and 4-d parameters would each compile the kernel again; ``detach()`` of the flat view
+    has no base (and still shares the version counter: in-place writes stay visible).
+    """
+    return t.view(-1).detach()
 
 
 def _flat_ok(data: Tensor, grad: Tensor, sts: tuple[Tensor, ...]) -> bool:
