@@ -7,15 +7,18 @@ arithmetic) declare their own hyperparameters and share :class:`AdamFamily`'s st
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext, fused_steps
 from distopt.optim._hyper import KW_ONLY, HyperSpec, adam_hypers, flag
 
-__all__ = ["Adam", "AdamFamily"]
+__all__ = ["Adam", "AdamFamily", "adam_rule", "adam_update"]
 
 
 class AdamFamily(DistOptimizer):
@@ -48,7 +51,8 @@ class AdamFamily(DistOptimizer):
         max_sqs = [v.state["max_exp_avg_sq"] for v in views] if amsgrad else []
 
         if correct_bias and not transformers_order and F.fused_adam_ok(params):
-            steps = fused_steps(views)  # on the parameters' device, as torch's fused path keeps them
+            # on the parameters' device, as torch's fused path keeps them
+            steps = fused_steps(views)
             torch._foreach_add_(steps, 1.0)
             fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
             fused(
@@ -58,30 +62,89 @@ class AdamFamily(DistOptimizer):
             )  # fmt: skip
             return
 
-        steps = F.advance_steps(views)
-        if maximize:
-            grads = torch._foreach_neg(grads)
-        if correct_bias:
-            bc1, bc2 = F.bias_correction(beta1, steps), F.bias_correction(beta2, steps)
-        else:
-            bc1 = bc2 = [1.0] * len(views)
-        if not decoupled:
-            grads = F.l2_decay(grads, params, wd)
-        elif not transformers_order:
-            F.decoupled_decay_(params, lr, wd)
-        F.ema_(exp_avgs, grads, beta1)
-        F.ema_sq_(exp_avg_sqs, grads, beta2)
-        second = F.amsgrad_max_(max_sqs, exp_avg_sqs) if amsgrad else exp_avg_sqs
-        if transformers_order:
-            denom = torch._foreach_sqrt(second)
-            torch._foreach_add_(denom, eps)
-            step_sizes = [-lr * (b2**0.5) / b1 for b1, b2 in zip(bc1, bc2)]
-            torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
-            if wd != 0.0:
-                torch._foreach_mul_(params, 1.0 - lr * wd)
-        else:
-            denom = F.adam_denominator(second, bc2, eps)
-            torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in bc1])
+        adam_update(self, ctx, group, views, decoupled=decoupled, correct_bias=correct_bias,
+                    transformers_order=transformers_order)  # fmt: skip
+
+
+def adam_update(
+    opt: DistOptimizer,
+    ctx: StepContext,
+    group: dict[str, Any],
+    views: list[ParamView],
+    *,
+    decoupled: bool,
+    correct_bias: bool = True,
+    transformers_order: bool = False,
+    decay_lr: float | None = None,
+    caution: bool = False,
+) -> None:
+    """One Adam / AdamW step of ``views`` through :func:`adam_rule` (every variant that does not
+    run in torch's fused kernel).  ``decay_lr``: the lr the decoupled decay is scaled by (default
+    the group's lr; AdamW's corrected decay passes ``lr^2 / max_lr``)."""
+    if not views:
+        return
+    lr = float(group["lr"])
+    beta1, beta2 = group["betas"]
+    wd = group["weight_decay"]
+    scale = lr if decay_lr is None else decay_lr
+    scalars = []
+    for v, t in zip(views, F.advance_steps(views)):
+        bc1, bc2 = (1.0 - beta1**t, 1.0 - beta2**t) if correct_bias else (1.0, 1.0)
+        scalars.append({
+            "wd": wd, "decay": 1.0 - scale * wd, "beta1": beta1, "beta2": beta2, "eps": group["eps"],
+            "size": -lr * (bc2**0.5) / bc1 if transformers_order else -lr / bc1,
+            "bc2_sqrt": math.sqrt(bc2), "numel": float(v.numel),
+        })  # fmt: skip
+    amsgrad = bool(group["amsgrad"])
+    states = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+    K.apply(opt, adam_rule, views, states, scalars, ctx=ctx if caution else None,
+            sums=K.CAUTION_SUMS if caution else (), maximize=bool(group["maximize"]),
+            l2=not decoupled and wd != 0.0, decay=decoupled and wd != 0.0, amsgrad=amsgrad,
+            caution=caution, transformers_order=transformers_order)  # fmt: skip
+
+
+def adam_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    maximize: bool,
+    l2: bool,
+    decay: bool,
+    amsgrad: bool,
+    caution: bool,
+    transformers_order: bool,
+    phase: str = "update",
+) -> Any:
+    """One tensor's Adam / AdamW update (see :class:`Adam`, :class:`~distopt.optim.AdamW`).
+
+    ``s["size"]``: the negative step size (``-lr / (1 - beta1^t)``, or with
+    ``transformers_order`` ``-lr sqrt(1 - beta2^t) / (1 - beta1^t)`` and ``eps`` added before the
+    correction); ``s["decay"]``: the decoupled decay factor, applied before the update (after
+    it with ``transformers_order``); ``l2``: ``wd * p`` added to the gradient.  Rounded as the
+    multi-tensor code was (``addcmul`` for ``add_(alpha=)``, ``(c * m) / d`` for ``addcdiv``).
+    """
+    if maximize:
+        g = -g
+    if l2:
+        g = torch.addcmul(g, p, s["wd"])
+    elif decay and not transformers_order:
+        p = p * s["decay"]
+    m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
+    v = K.ema_sq(st["exp_avg_sq"], g, s["beta2"])
+    new = {"exp_avg": m, "exp_avg_sq": v}
+    if amsgrad:
+        v = new["max_exp_avg_sq"] = torch.maximum(st["max_exp_avg_sq"], v)
+    n = m
+    if caution:
+        if phase == "sums":
+            return K.agreement(m, g)
+        n = K.cautious(m, g, s)
+    if transformers_order:
+        p = p + (s["size"] * n) / (v.sqrt() + s["eps"])
+        return (p * s["decay"] if decay else p), new
+    return p + (s["size"] * n) / (v.sqrt() / s["bc2_sqrt"] + s["eps"]), new
 
 
 class Adam(AdamFamily):

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from distopt.optim import _functional as F
-from distopt.optim._cautious import cautious_masks
 from distopt.optim._core import ParamView, StepContext
 from distopt.optim._hyper import KW_ONLY, HyperSpec, adam_hypers, flag, with_max_lr_snapshot
-from distopt.optim.adam import AdamFamily
+from distopt.optim.adam import AdamFamily, adam_update
 
 __all__ = ["AdamW"]
 
@@ -88,28 +84,17 @@ class AdamW(AdamFamily):
         if not (group.get("caution") or group.get("corrected_weight_decay")):
             super()._update(group, views, ctx)  # AdamFamily's (torch's fused kernel when it can)
             return
-        _timm_options_update(group, views, ctx)
+        _timm_options_update(self, group, views, ctx)
 
 
-def _timm_options_update(group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
+def _timm_options_update(
+    opt: AdamW, group: dict[str, Any], views: list[ParamView], ctx: StepContext
+) -> None:
     """AdamW with the cautious mask and / or the corrected decay (see :class:`AdamW`)."""
     if not views:
         return
     lr = float(group["lr"])
-    beta1, beta2 = group["betas"]
-    params, grads, exp_avgs, exp_avg_sqs = F.columns(views, "exp_avg", "exp_avg_sq")
-    if group["maximize"]:
-        grads = torch._foreach_neg(grads)
-    steps = F.advance_steps(views)
-    decay = lr * lr / group["max_lr_snapshot"] if group["corrected_weight_decay"] else lr
-    F.decoupled_decay_(params, decay, group["weight_decay"])
-    F.ema_(exp_avgs, grads, beta1)
-    F.ema_sq_(exp_avg_sqs, grads, beta2)
-    second = exp_avg_sqs
-    if group["amsgrad"]:
-        second = F.amsgrad_max_([v.state["max_exp_avg_sq"] for v in views], exp_avg_sqs)
-    denom = F.adam_denominator(second, F.bias_correction(beta2, steps), group["eps"])
-    num = exp_avgs
-    if group["caution"]:
-        num = torch._foreach_mul(exp_avgs, cautious_masks(ctx, views, exp_avgs, grads))
-    torch._foreach_addcdiv_(params, num, denom, [-lr / b for b in F.bias_correction(beta1, steps)])
+    decay_lr = lr * lr / group["max_lr_snapshot"] if group["corrected_weight_decay"] else None
+    adam_update(
+        opt, ctx, group, views, decoupled=True, decay_lr=decay_lr, caution=bool(group["caution"])
+    )
