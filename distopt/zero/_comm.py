@@ -16,7 +16,7 @@ from torch import Tensor
 
 from distopt.parallel._stats import CommStats
 
-__all__ = ["CommStats", "all_gather", "broadcast", "reduce_scatter", "ring_bytes"]
+__all__ = ["CommStats", "all_gather", "all_to_all", "broadcast", "reduce_scatter", "ring_bytes"]
 
 
 def _reduce_scatter(output: Tensor, input: Tensor, group: Any, async_op: bool = False) -> Any:
@@ -60,6 +60,23 @@ def all_gather(
     if stats is not None:
         stats.add("all_gather", _nbytes(output))
     return _all_gather(output, input, group=group, async_op=async_op)
+
+
+def all_to_all(
+    output: Tensor,
+    input: Tensor,
+    splits: list[int],
+    group: Any,
+    stats: CommStats | None,
+    async_op: bool = False,
+) -> Any:
+    """Send ``splits[r]`` elements of ``input`` (in rank order) to rank ``r``; receive as many
+    from each rank into ``output``.  Counted as ``all_to_all`` (the bytes sent) when ``stats``
+    is given; the ZeRO engine counts the reduce-scatter or all-gather it stands for instead."""
+    if stats is not None:
+        stats.add("all_to_all", _nbytes(input))
+    work = dist.all_to_all_single(output, input, splits, splits, group=group, async_op=async_op)
+    return work if async_op else None
 
 
 def broadcast(t: Tensor, src: int, group: Any, stats: CommStats | None) -> None:

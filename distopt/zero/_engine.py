@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from distopt._torch_private import queue_end_of_backward, version_of
 from distopt.optim._core import ShardSpec
 from distopt.zero import _comm
+from distopt.zero._buffers import BucketBuffers, uses_all_to_all
 from distopt.zero._plan import Bucket, Slot, make_plan
 
 log = logging.getLogger("distopt.zero")
@@ -124,15 +125,23 @@ class ZeroEngine:
                 local = local.to(master_dtype).clone()
             self.shards.append(local)
         self._grad_out: list[Tensor | None] = [None] * len(self.buckets)
+        # persistent flat buffers per bucket (built at first use), and whether the collectives
+        # run as all-to-alls (gloo: see distopt.zero._buffers)
+        self._buffers: list[BucketBuffers | None] = [None] * len(self.buckets)
+        self._a2a = uses_all_to_all(group, self.world)
+        # per bucket, the number of slots that must get a gradient before it is reduced (stage 2;
+        # counted once per backward, as requires_grad may change between steps)
+        self._expected: list[int] | None = None
         self._pending = False  # full gradients may exist that have not been reduced yet
         self._ready: list[set[int]] = [set() for _ in self.buckets]
         self._next_bucket = 0  # buckets are reduced strictly in index order, on every rank
         self._callback_queued = False
         # count (a device tensor) of ranks with non-finite gradients in this reduction, or None
         self._nonfinite: Tensor | None = None
-        # launched reduce-scatters not yet applied: (bucket, input, output, work, positions of
-        # the local gradients, or None when the flags must be read to know which shards get rows)
-        self._inflight: list[tuple[Bucket, Tensor, Tensor, Any, set[int] | None]] = []
+        # launched reduce-scatters not yet applied: (bucket, buffers, output, work, positions of
+        # the local gradients or None when the flags must be read to know which shards get rows,
+        # whether the average is still to be taken)
+        self._inflight: list[tuple[Bucket, BucketBuffers, Tensor, Any, set[int] | None, bool]] = []
         # master rows follow writes to the parameters: the version each parameter had when the
         # engine last wrote it (see _refresh_masters)
         self._versions: dict[int, int] = {}
@@ -277,16 +286,20 @@ class ZeroEngine:
             if self.stage != 2:
                 return
             self._ready[slot.bucket].add(slot.position)
-            while self._next_bucket < len(self.buckets) and self._complete(self._next_bucket):
+            if slot.bucket != self._next_bucket:
+                return  # an earlier bucket is not complete yet
+            if self._expected is None:
+                self._expected = [
+                    sum(1 for s in b.slots if s.param.requires_grad) for b in self.buckets
+                ]
+            nb, expected, ready = len(self.buckets), self._expected, self._ready
+            while self._next_bucket < nb and 0 < expected[self._next_bucket] <= len(
+                ready[self._next_bucket]
+            ):
                 self._reduce_bucket(self.buckets[self._next_bucket])
                 self._next_bucket += 1
 
         return hook
-
-    def _complete(self, b: int) -> bool:
-        bucket = self.buckets[b]
-        expected = sum(1 for s in bucket.slots if s.param.requires_grad)
-        return expected > 0 and len(self._ready[b]) >= expected
 
     def _queue_end_of_backward(self) -> None:
         """Called from inside a backward pass (gradient hooks, the model output's hook)."""
@@ -303,6 +316,7 @@ class ZeroEngine:
     def _finish_reduction(self) -> None:
         self._wait_inflight()
         self._next_bucket = 0
+        self._expected = None
         for r in self._ready:
             r.clear()
         self._pending = False
@@ -316,53 +330,68 @@ class ZeroEngine:
             self._reduce_bucket(b)
         self._finish_reduction()
 
+    def _buffers_of(self, b: Bucket) -> BucketBuffers:
+        buf = self._buffers[b.index]
+        if buf is None:
+            buf = self._buffers[b.index] = BucketBuffers(b, self.rank, self.world, self._a2a)
+        if buf.stale(self.shards):
+            buf.bind(self.shards)
+        return buf
+
     def _reduce_bucket(self, b: Bucket) -> None:
         """Launch bucket ``b``'s reduce-scatter (asynchronously: backward goes on meanwhile).
 
         The result is applied to the shards' ``.grad`` by :meth:`_wait_inflight`, which the
         end-of-backward callback (and every other place that needs the reduced rows) calls.
         """
-        W, R = self.world, b.region
-        inp = torch.zeros(W * R, dtype=b.dtype, device=b.device)
-        regions = inp.view(W, R)
-        # which slots this rank has a gradient for: host-side knowledge (the hooks fired), so
-        # deciding which shards get rows asks the device nothing unless some rank lacks one
-        local = []
+        W = self.world
+        buf = self._buffers_of(b)
+        grads = []
         for s in b.slots:
             g = s.param.grad
-            if g is None:
-                continue
-            if g.is_sparse:
+            if g is not None and g.is_sparse:
                 raise RuntimeError(f"distopt.shard: sparse gradient for {s.name} is not supported")
-            local.append(s.position)
-            for r in range(W):
-                n = s.local_numel(r)
-                if n:
-                    regions[r, s.offsets[r] : s.offsets[r] + n].copy_(s.rows_view(g, r).reshape(-1))
-            regions[:, b.payload + s.position] = 1.0
+            grads.append(g)
+        buf.fill(grads)
+        inp = buf.flat
         # one count, in every rank's region, of the ranks whose gradients here are not finite
-        regions[:, -1] = (~torch.isfinite(inp.sum(dtype=torch.float32))).to(b.dtype)
-        inp.div_(W * self.replicas)  # average over every rank, as DDP does
-        out = torch.empty(R, dtype=b.dtype, device=b.device)
-        work = _comm.reduce_scatter(out, inp, self.group, self.stats, async_op=W > 1)
+        buf.count.copy_(~torch.isfinite(inp.sum(dtype=torch.float32)))
+        low = inp.dtype in (torch.float16, torch.bfloat16)
+        if low:  # average before the sum, as DDP does (a low-precision sum could overflow)
+            inp.div_(W * self.replicas)
+        out = torch.empty(b.region, dtype=b.dtype, device=b.device)
+        if self._a2a:
+            splits = buf.splits()
+            self.stats.add("reduce_scatter", inp.numel() * inp.element_size())
+            work = _comm.all_to_all(
+                buf.recv, buf.send_part(), splits, self.group, None, async_op=True
+            )
+        else:
+            work = _comm.reduce_scatter(out, inp, self.group, self.stats, async_op=W > 1)
         for s in b.slots:  # the full gradients have been handed over
             s.param.grad = None
         # no read is needed when every parameter that can get a gradient got one here (one that
         # does not require grad gets none on any rank: DDP too assumes requires_grad agrees)
-        have = set(local)
-        known = all(s.position in have or not s.param.requires_grad for s in b.slots)
-        self._inflight.append((b, inp, out, work, have if known else None))
+        have = {s.position for s, g in zip(b.slots, grads) if g is not None}
+        known = len(have) == len(b.slots) or all(
+            s.position in have or not s.param.requires_grad for s in b.slots
+        )
+        self._inflight.append((b, buf, out, work, have if known else None, not low))
 
     def _wait_inflight(self) -> None:
         """Wait for the launched reduce-scatters, in launch order, and add their rows into the
         shards' ``.grad``."""
         while self._inflight:
-            b, _inp, out, work, local = self._inflight.pop(0)
+            b, buf, out, work, local, divide = self._inflight.pop(0)
             if work is not None:
                 work.wait()
+            if self._a2a:
+                buf.sum_received(out)
             if self.replicas > 1:  # hybrid: only this rank's rows cross to the other replicas
                 self.stats.add("replicate_all_reduce", out.numel() * out.element_size())
                 dist.all_reduce(out, group=self.replicate_group)
+            if divide:  # average over every rank, as DDP does
+                out.div_(self.world * self.replicas)
             self._apply_rows(b, out, local)
 
     def _apply_rows(self, b: Bucket, out: Tensor, local: set[int] | None) -> None:
@@ -494,46 +523,28 @@ class ZeroEngine:
     def all_gather_params(self) -> None:
         """All-gather the updated rows into every rank's full parameters, bucket by bucket.
 
-        Two buckets are in flight at a time: bucket ``i + 1``'s all-gather is launched before
-        bucket ``i``'s rows are copied out, so copies overlap communication while at most two
-        gathered buckets are alive.
+        Every bucket's all-gather is launched (into its persistent buffer) before the first one
+        is waited, and each bucket's rows are copied out as soon as it arrives, so copies
+        overlap communication.
         """
-        W = self.world
-        pending: list[tuple[Bucket, Tensor, Tensor, Any]] = []
+        pending: list[tuple[BucketBuffers, Any]] = []
         for b in self.buckets:
-            R = b.region
-            inp = torch.zeros(R, dtype=b.dtype, device=b.device)
-            for s in b.slots:
-                n = s.local_numel(self.rank)
-                if not n:
-                    continue
-                shard = self.shards[s.index]
-                if shard.dtype != s.param.dtype:  # master copy -> model precision
-                    s.rows_view(s.param.detach(), self.rank).copy_(shard)
-                inp[s.offsets[self.rank] : s.offsets[self.rank] + n].copy_(shard.reshape(-1))
-            if W == 1:
+            buf = self._buffers_of(b)
+            send = buf.gather_in()
+            if self.world == 1:
                 continue
-            out = torch.empty(W * R, dtype=b.dtype, device=b.device)
-            work = _comm.all_gather(out, inp, self.group, self.stats, async_op=True)
-            pending.append((b, inp, out, work))
-            if len(pending) > 1:
-                self._copy_gathered(*pending.pop(0))
-        while pending:
-            self._copy_gathered(*pending.pop(0))
+            if self._a2a:
+                work = _comm.all_to_all(
+                    buf.recv, send, buf.splits(), self.group, None, async_op=True
+                )
+                self.stats.add("all_gather", buf.flat.numel() * buf.flat.element_size())
+            else:
+                work = _comm.all_gather(buf.flat, send, self.group, self.stats, async_op=True)
+            pending.append((buf, work))
+        for buf, work in pending:
+            work.wait()
+            buf.gather_out()
         self._record_versions()
-
-    def _copy_gathered(self, b: Bucket, _inp: Tensor, out: Tensor, work: Any) -> None:
-        work.wait()
-        regions = out.view(self.world, b.region)
-        for s in b.slots:
-            full = s.param.detach()
-            for r in range(self.world):
-                if r == self.rank:
-                    continue
-                n = s.local_numel(r)
-                if n:
-                    dst = s.rows_view(full, r)
-                    dst.copy_(regions[r, s.offsets[r] : s.offsets[r] + n].view(dst.shape))
 
     # ------------------------------------------------------------------ misc
     @torch.no_grad()
