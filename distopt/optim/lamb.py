@@ -197,9 +197,11 @@ def lamb_rule(
                 out["u_sq"] = (u + s["wd"] * p) ** 2 if decay == "l2" else u * u
         return out
     new = {"exp_avg": m, "exp_avg_sq": v}
+    # per-tensor factors cast to the values' dtype once: the compiled loop does no float64
+    # scalar maths per element (the eager result is the same: torch casts them so anyway)
     if caution:
         c = torch.clamp(s["agree"] / s["numel"], min=1e-3)
-        u = u * (mask / c)
+        u = u * (mask / c.to(u.dtype))
     if decay == "l2":
         u = u + s["wd"] * p
     if adapt:
@@ -209,5 +211,5 @@ def lamb_rule(
                 u_sq = u_sq + 2.0 * s["wd"] * s["um_p"] / c + s["wd"] * s["wd"] * s["p_sq"]
         else:
             u_sq = s["u_sq"]
-        u = u * trust_ratio(s["p_sq"], u_sq, trust_clip)
+        u = u * trust_ratio(s["p_sq"], u_sq, trust_clip).to(u.dtype)
     return torch.addcmul(p, u, -s["lr"]), new

@@ -127,7 +127,8 @@ def lars_rule(
         r = torch.where((w > 0) & (gn > 0), r, torch.ones_like(r))
         if trust_clip:
             r = torch.clamp(r / s["lr"], max=1.0)
-        g = (g + s["wd"] * p) * r
+        # one fp32 factor per tensor: the compiled loop does no float64 scalar maths per element
+        g = (g + s["wd"] * p) * r.to(g.dtype)
     new = {}
     if momentum:
         b = torch.where(
