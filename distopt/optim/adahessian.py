@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim._core import WRAPPER_STATE_KEYS, DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import KW_ONLY, HyperSpec, adam_hypers, flag, integer, nonneg
 
@@ -173,15 +175,36 @@ class Adahessian(DistOptimizer):
         beta1, beta2 = group["betas"]
         fresh = ctx.extra["hess"]
         hess = [fresh[id(v.param)] if id(v.param) in fresh else v.state["hess"] for v in views]
-        params = [v.data for v in views]
-        exp_avgs = [v.state["exp_avg"] for v in views]
-        exp_hess_sqs = [v.state["exp_hessian_diag_sq"] for v in views]
-        steps = F.advance_steps(views)
+        wd = group["weight_decay"]
+        scalars = [
+            {"decay": 1.0 - lr * wd, "beta1": beta1, "beta2": beta2, "bc2": 1.0 - beta2**t,
+             "eps": group["eps"], "size": -lr / (1.0 - beta1**t)}
+            for t in F.advance_steps(views)
+        ]  # fmt: skip
+        # the estimate enters the rule as a read-only input beside the state (same tensors:
+        # the rule's results land in the real state), the gradient without its graph
+        views = [
+            dataclasses.replace(v, grad=v.grad.detach(), state={**v.state, "hess": h})
+            for v, h in zip(views, hess)
+        ]
+        K.apply(self, adahessian_rule, views, ("exp_avg", "exp_hessian_diag_sq", "hess"), scalars,
+                decay=wd != 0.0, half_power=group["hessian_power"] / 2.0)  # fmt: skip
 
-        F.decoupled_decay_(params, lr, group["weight_decay"])
-        F.ema_(exp_avgs, [v.grad.detach() for v in views], beta1)
-        F.ema_sq_(exp_hess_sqs, hess, beta2)
-        denom = torch._foreach_div(exp_hess_sqs, F.bias_correction(beta2, steps))
-        torch._foreach_pow_(denom, group["hessian_power"] / 2.0)
-        torch._foreach_add_(denom, group["eps"])
-        torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in F.bias_correction(beta1, steps)])
+
+def adahessian_rule(
+    p: Tensor,
+    g: Tensor,
+    st: dict[str, Tensor],
+    s: dict[str, Tensor],
+    *,
+    decay: bool,
+    half_power: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Adahessian's update of one tensor from its Hessian diagonal estimate ``st["hess"]`` (see
+    :class:`Adahessian`; ``s["size"]`` is ``-lr / (1 - beta1^t)``)."""
+    if decay:
+        p = p * s["decay"]
+    m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
+    v = K.ema_sq(st["exp_hessian_diag_sq"], st["hess"], s["beta2"])
+    denom = torch.pow(v / s["bc2"], half_power) + s["eps"]
+    return p + (s["size"] * m) / denom, {"exp_avg": m, "exp_hessian_diag_sq": v}
