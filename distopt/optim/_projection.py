@@ -19,34 +19,29 @@ layer statistics need a sum across ranks.  All of them travel in **one** ``ctx.r
 phase: the projection is phase 1; the optional cautious masking (``caution=True``, Liang et al.,
 2024, and its spherical variant for projected parameters) needs the mean of its mask and is phase 2.
 
-Single pass (no ``caution``): :func:`row_sums` reads the parameter, gradient and state once and
-returns each channel's ``<p,p>``, ``<g,g>``, ``<p,g>`` and ``<p,u>`` (the optimizer's rule,
-called with ``phase="rows"``, states ``u`` and returns :func:`projection_parts`; one compiled
-reduction kernel per rule, as :mod:`distopt.optim._kernel` compiles the update).  The update is
-then ``w <- w * decay(r) - step * (u - w * coef)`` with one ``coef`` per channel, i.e.
-``w <- w * (decay(r) + step * coef) - step * u``: :func:`prescale_` multiplies each channel of
-``w`` by its factor (the projection and the decided weight decay in one in-place pass) and the
-rule's element-wise update, run by :func:`distopt.optim._kernel.apply`, does the rest.
+Single pass (no ``caution``), two reads of memory: the optimizer's rule, called with
+``phase="rows"``, states ``u`` and returns :func:`projection_parts`, whose channel sums
+``<p,p>``, ``<g,g>``, ``<p,g>``, ``<p,u>`` (:func:`distopt.optim._rule_rows.row_sums`) are all
+the projection needs.  The update ``w <- w * decay(r) - step * (u - w * coef)`` has one
+``coef`` per channel, i.e. ``w <- w * (decay(r) + step * coef) - step * u``:
+:func:`channel_factors` computes that factor per channel on the device and
+:func:`distopt.optim._rule_rows.update_rows` runs the rule's element-wise update on ``w *
+factor``.  Parameters with one dimension are never projected: their update is the plain rule
+through :func:`distopt.optim._kernel.apply`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import types
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from distopt.optim import _kernel as K
 from distopt.optim._core import ParamView, StepContext
 from distopt.optim._functional import device_tensor
 
-__all__ = ["project_", "projection_parts", "row_sums", "prescale_", "ROW_STATS"]
-
-log = logging.getLogger(__name__)
+__all__ = ["project_", "projection_parts", "channel_factors", "ROW_STATS"]
 
 #: the per-channel sums of the projection, in :func:`row_sums`' order
 ROW_STATS = ("pp", "gg", "pg", "pu")
@@ -191,118 +186,12 @@ def project_(
 
 
 def projection_parts(p: Tensor, g: Tensor, u: Tensor) -> dict[str, Tensor]:
-    """``phase="rows"`` of a projected rule: the products :func:`row_sums` adds per channel."""
+    """``phase="rows"`` of a projected rule: the products whose channel sums (:data:`ROW_STATS`,
+    by :func:`distopt.optim._rule_rows.row_sums`) decide and shape the projection."""
     return {"pp": p * p, "gg": g * g, "pg": p * g, "pu": p * u}
 
 
-_row_kernels: dict[Any, Callable[..., Tensor]] = {}
-_row_failed: set[Any] = set()
-
-
-def _row_kernel(key: tuple, compiled: bool) -> Callable[..., Tensor]:
-    fn = _row_kernels.get((key, compiled))
-    if fn is not None:
-        return fn
-    rule, states, names, options = key
-    opts = dict(options)
-
-    def rows(
-        p: Tensor, g: Tensor, sts: tuple[Tensor, ...], sc: Tensor, inv: Tensor | None
-    ) -> Tensor:
-        if inv is not None:
-            g = g * inv
-        parts = rule(
-            p, g, dict(zip(states, sts)), dict(zip(names, sc.unbind(0))), phase="rows", **opts
-        )
-        return torch.stack([parts[k].sum(dim=1, dtype=torch.float32) for k in ROW_STATS])
-
-    # one code object per rule: torch.compile's caches and recompile limit are per code object
-    code = rows.__code__.replace(co_name=f"distopt_{rule.__name__}_rows")
-    fn = types.FunctionType(
-        code, rows.__globals__, code.co_name, rows.__defaults__, rows.__closure__
-    )
-    if compiled:
-        fn = torch.compile(fn, dynamic=True, fullgraph=True)
-    _row_kernels[(key, compiled)] = fn
-    return fn
-
-
-def _as_rows(t: Tensor, rows: int, cols: int) -> Tensor:
-    """``t`` as (rows, cols); detached so that ``torch.compile`` does not guard on the base's
-    rank (a view of a 4-d weight would otherwise compile the kernel again)."""
-    return t.reshape(rows, cols).detach()
-
-
-def row_sums(
-    opt: Any,
-    rule: Callable[..., Any],
-    views: Sequence[ParamView],
-    states: Sequence[str],
-    scalars: Sequence[Mapping[str, float]],
-    **options: Any,
-) -> list[Tensor]:
-    """Per channel (local dim-0 row) of each view, the sums :data:`ROW_STATS` of
-    ``rule(..., phase="rows")`` (which returns :func:`projection_parts`): one ``(4, local rows)``
-    float32 tensor per view, from one read of the parameter, gradient and ``states``.
-
-    ``scalars``: one mapping of host floats per view (the rule's ``s``); ``options``: the rule's
-    static keywords.  Compiled like :func:`distopt.optim._kernel.apply`'s kernels (same mode
-    switch); the gradient is divided by ``GradScaler``'s scale as there.
-    """
-    if not views:
-        return []
-    grad_scale, _ = K.scaler_of(opt)
-    names = tuple(scalars[0])
-    key = (rule, tuple(states), names, tuple(sorted(options.items())))
-    packs: dict[tuple, Tensor] = {}
-    invs: dict[torch.device, Tensor | None] = {}
-    out = []
-    for v, vals in zip(views, scalars):
-        dev = v.data.device
-        values = tuple(float(vals[n]) for n in names)
-        sc = packs.get((values, dev))
-        if sc is None:
-            sc = packs[(values, dev)] = device_tensor(values, torch.float64, dev)
-        if dev not in invs:
-            invs[dev] = (
-                None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
-            )
-        rows = v.data.shape[0] if v.data.dim() > 0 else 1
-        cols = math.prod(v.shape[1:])
-        args = (
-            _as_rows(v.data, rows, cols),
-            _as_rows(v.grad, rows, cols),
-            tuple(_as_rows(v.state[n], rows, cols) for n in states),
-        )
-        compiled = (
-            K.mode() == "compile" and key not in _row_failed and rows > 0 and K._can_compile(dev)
-        )
-        if compiled:
-            try:
-                out.append(_row_kernel(key, True)(*args, sc, invs[dev]))
-                continue
-            except Exception as exc:  # noqa: BLE001 - any compile failure: the same maths eagerly
-                _row_failed.add(key)
-                log.warning(
-                    "distopt: compiling the %s channel statistics failed (%s: %s); running them "
-                    "eagerly (set %s=eager to skip compiling)",
-                    rule.__name__, type(exc).__name__, exc, K.ENV,
-                )  # fmt: skip
-        fn = _row_kernel(key, False)
-        step = max(1, K.EAGER_CHUNK // max(cols, 1))  # cache-sized temporaries
-        chunks = [
-            fn(args[0][a : a + step], args[1][a : a + step], tuple(t[a : a + step] for t in args[2]),
-               sc, invs[dev])
-            for a in range(0, rows, step)
-        ]  # fmt: skip
-        out.append(
-            torch.cat(chunks, dim=1) if chunks else v.data.new_zeros(4, 0, dtype=torch.float32)
-        )
-    return out
-
-
-def prescale_(
-    opt: Any,
+def channel_factors(
     ctx: StepContext,
     views: Sequence[ParamView],
     stats: Sequence[Tensor],
@@ -312,45 +201,64 @@ def prescale_(
     eps: float,
     rates: Sequence[float],
     steps: Sequence[float],
-) -> None:
-    """Decide each view's projection from its :func:`row_sums` ``stats`` and fold it, with the
-    weight decay, into the weights: channel ``c`` of ``w`` is multiplied by
-    ``1 - rate * r + step * coef_c`` (``r``: ``wd_ratio`` when projected, else 1; ``coef_c``:
-    ``<w_c, u_c> / (||w_c|| + eps)^2`` for the channel view, the layer's for the layer view,
-    0 when not projected), so that ``w - step * u`` afterwards is the projected, decayed step.
+) -> list[Tensor]:
+    """Decide each view's projection from its channel sums ``stats`` (:data:`ROW_STATS` per
+    local row) and return, per local row, the factor that folds the projection and the decided
+    weight decay into the weights: ``1 - rate * r + step * coef_c`` (``r``: ``wd_ratio`` when
+    projected, else 1; ``coef_c``: ``<w_c, u_c> / (||w_c|| + eps)^2`` for the channel view, the
+    layer's for the layer view, 0 when not projected), so that ``w * factor - step * u`` is the
+    projected, decayed step.
 
     ``views`` have more than one dimension; ``rates[i]`` is the decay per unit ratio
     (``lr * weight_decay`` for AdamP, 0 without decay), ``steps[i]`` the multiplier of ``u`` in
     the update.  The decisions stay on the device (one :meth:`StepContext.reduce` for the
-    layer sums and the count of failing channels); a step ``GradScaler`` skips leaves ``w``
-    as it was.
+    layer sums and the count of failing channels).
     """
     if not views:
-        return
-    partial = []
-    for v, st in zip(views, stats):
-        pp, gg, pg, pu = st.unbind(0)
-        cos = pg.abs() / (gg.sqrt().clamp_min(eps) * pp.sqrt().clamp_min(eps))
-        # a channel "fails" unless cos < threshold (a NaN fails, as max() would propagate it)
-        fails = (~(cos < delta / math.sqrt(math.prod(v.shape[1:])))).sum()
-        partial.append(torch.stack([fails.float(), pg.sum(), gg.sum(), pp.sum(), pu.sum()]))
-    (totals,) = ctx.reduce([partial], list(views))
-    _, found_inf = K.scaler_of(opt)
+        return []
+    dev = stats[0].device
+    rows = [st.shape[1] for st in stats]
     # float64 where the device has it: the thresholds and coefficients the host would compute
-    wide = torch.float32 if totals[0].device.type == "mps" else torch.float64
-    for v, st, tot, rate, step in zip(views, stats, totals, rates, steps):
-        fails, pg, gg, pp, pu = tot.to(wide).unbind(0)
-        ch = fails == 0
-        cos = pg.abs() / (gg.sqrt().clamp_min(eps) * pp.sqrt().clamp_min(eps))
-        ly = ~ch & (cos < delta / math.sqrt(v.numel))
-        r_pp, r_pu = st[0].to(wide), st[3].to(wide)
-        d, dl = r_pp.sqrt() + eps, pp.sqrt() + eps
-        coef = torch.where(ch, r_pu / (d * d), torch.where(ly, pu / (dl * dl), 0.0))
-        ratio = torch.where(ch | ly, wd_ratio, 1.0).to(wide)  # type: ignore[call-overload]
-        factor = (1.0 - rate * ratio) + step * coef
-        if found_inf is not None:
-            factor = torch.where(found_inf.to(factor.device) > 0, 1.0, factor)
-        if v.data.dim() > 0:
-            v.data.mul_(factor.to(v.data.dtype).reshape((-1,) + (1,) * (v.data.dim() - 1)))
-        else:
-            v.data.mul_(factor.to(v.data.dtype).reshape(()))
+    wide = torch.float32 if dev.type == "mps" else torch.float64
+    seg = _segments(rows, dev)  # view index of every row: all views in a few batched ops
+    per_view = [
+        [delta / math.sqrt(math.prod(v.shape[1:])) for v in views],
+        [delta / math.sqrt(v.numel) for v in views],
+        list(rates),
+        list(steps),
+    ]
+    thr_c, thr_l, rate, step = device_tensor(sum(per_view, []), wide, dev).view(4, -1).unbind(0)
+    s_rows = torch.cat(list(stats), dim=1) if len(stats) > 1 else stats[0]
+    pp, gg, pg, pu = s_rows.unbind(0)
+    cos = pg.abs() / (gg.sqrt().clamp_min(eps) * pp.sqrt().clamp_min(eps))
+    # a channel "fails" unless cos < threshold (a NaN fails, as max() would propagate it)
+    fails = ~(cos < thr_c.to(cos.dtype)[seg])
+    parts = torch.stack([fails.to(s_rows.dtype), pg, gg, pp, pu], dim=1).to(wide)
+    partial = torch.zeros(len(views), 5, dtype=wide, device=dev).index_add_(0, seg, parts)
+    (totals,) = ctx.reduce([list(partial.unbind(0))], list(views))
+    n_fail, pg_l, gg_l, pp_l, pu_l = torch.stack(totals).unbind(1)
+    ch = n_fail == 0
+    cos_l = pg_l.abs() / (gg_l.sqrt().clamp_min(eps) * pp_l.sqrt().clamp_min(eps))
+    ly = ~ch & (cos_l < thr_l)
+    dl = pp_l.sqrt() + eps
+    coef_l = torch.where(ly, pu_l / (dl * dl), 0.0)
+    decay = 1.0 - rate * torch.where(ch | ly, wd_ratio, 1.0)
+    d = pp.to(wide).sqrt() + eps
+    coef = torch.where(ch[seg], pu.to(wide) / (d * d), coef_l[seg])
+    return list((decay[seg] + step[seg] * coef).split(rows))
+
+
+_SEGMENTS: dict[tuple, Tensor] = {}
+
+
+def _segments(rows: list[int], device: torch.device) -> Tensor:
+    """``[0] * rows[0] + [1] * rows[1] + ...`` on ``device`` (cached per layout)."""
+    key = (tuple(rows), device)
+    seg = _SEGMENTS.get(key)
+    if seg is None:
+        if len(_SEGMENTS) > 64:
+            _SEGMENTS.clear()
+        counts = torch.tensor(rows, dtype=torch.int64)
+        seg = torch.repeat_interleave(torch.arange(len(rows)), counts).to(device)
+        _SEGMENTS[key] = seg
+    return seg

@@ -16,8 +16,9 @@ from distopt.optim import _functional as F
 from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, adam_hypers, flag, nonneg
-from distopt.optim._projection import prescale_, project_, projection_parts, row_sums
+from distopt.optim._projection import ROW_STATS, channel_factors, project_, projection_parts
 from distopt.optim._rule_guard import scaled_update
+from distopt.optim._rule_rows import row_sums, update_rows
 
 
 class AdamP(DistOptimizer):
@@ -85,23 +86,26 @@ class AdamP(DistOptimizer):
         rate = lr * wd if wd > 0.0 and lr != 0.0 else 0.0
         scalars = []
         for v, t in zip(views, F.advance_steps(views)):
-            projected = len(v.shape) > 1  # its decay is folded into the projection (prescale_)
+            projected = len(v.shape) > 1  # its decay is in the channel factors
             scalars.append({
                 "beta1": beta1, "beta2": beta2, "eps": eps, "bc2_sqrt": math.sqrt(1.0 - beta2**t),
                 "neg_step": -lr / (1.0 - beta1**t), "decay": 1.0 if projected else 1.0 - rate,
             })  # fmt: skip
         nesterov = bool(group["nesterov"])
         states = ("exp_avg", "exp_avg_sq")
-        idx = [i for i, v in enumerate(views) if len(v.shape) > 1]
-        mats = [views[i] for i in idx]
-        stats = row_sums(
-            self, adamp_rule, mats, states, [scalars[i] for i in idx], nesterov=nesterov
-        )
-        prescale_(
-            self, ctx, mats, stats, delta=group["delta"], wd_ratio=group["wd_ratio"], eps=eps,
-            rates=[rate] * len(mats), steps=[-scalars[i]["neg_step"] for i in idx],
-        )  # fmt: skip
-        K.apply(self, adamp_rule, views, states, scalars, nesterov=nesterov)
+        vecs = [(v, sc) for v, sc in zip(views, scalars) if len(v.shape) <= 1]
+        mats = [(v, sc) for v, sc in zip(views, scalars) if len(v.shape) > 1]
+        if vecs:
+            vs, scs = zip(*vecs)
+            K.apply(self, adamp_rule, list(vs), states, list(scs), nesterov=nesterov)
+        if mats:
+            ms, scs = (list(x) for x in zip(*mats))
+            stats = row_sums(self, adamp_rule, ms, states, scs, ROW_STATS, nesterov=nesterov)
+            factors = channel_factors(
+                ctx, ms, stats, delta=group["delta"], wd_ratio=group["wd_ratio"], eps=eps,
+                rates=[rate] * len(ms), steps=[-sc["neg_step"] for sc in scs],
+            )  # fmt: skip
+            update_rows(self, adamp_rule, ms, states, scs, factors, nesterov=nesterov)
 
     def _update_cautious(
         self, group: dict[str, Any], views: list[ParamView], ctx: StepContext
@@ -139,8 +143,8 @@ def adamp_rule(
     phase: str = "update",
 ) -> Any:
     """AdamP's update of one tensor (see :class:`AdamP`) without the projection, which
-    :func:`~distopt.optim._projection.prescale_` has folded into ``p`` (``phase="rows"``: the
-    products the projection's channel statistics sum)."""
+    the channel factors fold into ``p`` (:func:`~distopt.optim._projection.channel_factors`;
+    ``phase="rows"``: the products the projection's channel statistics sum)."""
     m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
     v = K.ema_sq(st["exp_avg_sq"], g, s["beta2"])
     denom = v.sqrt() / s["bc2_sqrt"] + s["eps"]

@@ -11,8 +11,9 @@ from distopt.optim import _functional as F
 from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import REQUIRED, HyperSpec, flag, lr, nonneg
-from distopt.optim._projection import prescale_, project_, projection_parts, row_sums
+from distopt.optim._projection import ROW_STATS, channel_factors, project_, projection_parts
 from distopt.optim._rule_guard import scaled_update
+from distopt.optim._rule_rows import row_sums, update_rows
 
 
 class SGDP(DistOptimizer):
@@ -79,17 +80,22 @@ class SGDP(DistOptimizer):
         momentum, wd = group["momentum"], group["weight_decay"]
         rate = lr * wd / (1.0 - momentum) if wd != 0.0 and lr != 0.0 else 0.0
         base = {"momentum": momentum, "damp": 1.0 - group["dampening"], "neg_lr": -lr}
-        # the decay of a projected parameter is folded into the projection (prescale_)
-        scalars = [{**base, "decay": 1.0 if len(v.shape) > 1 else 1.0 - rate} for v in views]
         nesterov = bool(group["nesterov"])
+        vecs = [v for v in views if len(v.shape) <= 1]
         mats = [v for v in views if len(v.shape) > 1]
-        mat_scalars = [{**base, "decay": 1.0}] * len(mats)
-        stats = row_sums(self, sgdp_rule, mats, ("momentum",), mat_scalars, nesterov=nesterov)
-        prescale_(
-            self, ctx, mats, stats, delta=group["delta"], wd_ratio=group["wd_ratio"],
-            eps=group["eps"], rates=[rate] * len(mats), steps=[lr] * len(mats),
-        )  # fmt: skip
-        K.apply(self, sgdp_rule, views, ("momentum",), scalars, nesterov=nesterov)
+        if vecs:
+            scalars = [{**base, "decay": 1.0 - rate}] * len(vecs)
+            K.apply(self, sgdp_rule, vecs, ("momentum",), scalars, nesterov=nesterov)
+        if mats:
+            scalars = [{**base, "decay": 1.0}] * len(mats)  # the decay is in the factors
+            stats = row_sums(
+                self, sgdp_rule, mats, ("momentum",), scalars, ROW_STATS, nesterov=nesterov
+            )
+            factors = channel_factors(
+                ctx, mats, stats, delta=group["delta"], wd_ratio=group["wd_ratio"],
+                eps=group["eps"], rates=[rate] * len(mats), steps=[lr] * len(mats),
+            )  # fmt: skip
+            update_rows(self, sgdp_rule, mats, ("momentum",), scalars, factors, nesterov=nesterov)
 
     def _update_cautious(
         self, group: dict[str, Any], views: list[ParamView], ctx: StepContext
@@ -122,8 +128,8 @@ def sgdp_rule(
     phase: str = "update",
 ) -> Any:
     """SGDP's update of one tensor (see :class:`SGDP`) without the projection, which
-    :func:`~distopt.optim._projection.prescale_` has folded into ``p`` (``phase="rows"``: the
-    products the projection's channel statistics sum)."""
+    the channel factors fold into ``p`` (:func:`~distopt.optim._projection.channel_factors`;
+    ``phase="rows"``: the products the projection's channel statistics sum)."""
     b = st["momentum"] * s["momentum"] + g * s["damp"]
     u = g + b * s["momentum"] if nesterov else b
     if phase == "rows":
