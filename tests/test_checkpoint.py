@@ -458,3 +458,70 @@ def test_one_crc_per_byte_and_files_stay_plain_dcp(tmp_path, async_):
         with pytest.raises(ckpt.CheckpointError):
             ckpt.save(tmp_path / "a", model=model, optimizer=opt, overwrite=False)
         assert torch.serialization.get_crc32_options()
+
+
+def test_async_snapshot_copied_in_background_and_step_waits_for_it(tmp_path, monkeypatch):
+    """An asynchronous save returns before its copy of the state is made (the copy is slowed
+    down here); the optimizer step that follows at once waits for the copy, so the checkpoint
+    holds the parameters and state of the moment ``save`` was called, not the step's.  Code
+    writing outside ``step`` waits with ``wait_snapshot``."""
+    import time
+
+    import distopt
+    from distopt.checkpoint import _async
+
+    real = _async.run_deferred
+
+    def slow(deferred):
+        time.sleep(0.5)
+        real(deferred)
+
+    monkeypatch.setattr(_async, "run_deferred", slow)
+    model, opt, raw = build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2))
+    train_steps(model, opt, 0, 2)
+    before = full_params(raw)
+    state_before = {k: v.clone() for k, v in opt.state[next(iter(raw.parameters()))].items()}
+    t0 = time.perf_counter()
+    ckpt.save(tmp_path / "a", model=model, optimizer=opt, extra={"step": 2}, async_=True)
+    returned = time.perf_counter() - t0
+    assert not _async._PENDING.staged.is_set(), "the copy was made before save returned"
+    assert returned < 0.5
+    train_steps(model, opt, 2, 3)  # its step waits for the copy, then changes every parameter
+    assert _async._PENDING is None or _async._PENDING.staged.is_set()
+    assert any(not torch.equal(full_params(raw)[n], w) for n, w in before.items())
+    assert ckpt.wait() == tmp_path / "a"
+    m2, o2, raw2 = build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2))
+    assert ckpt.load(tmp_path / "a", model=m2, optimizer=o2) == {"step": 2}
+    for n, w in before.items():
+        assert torch.equal(full_params(raw2)[n], w), n
+    got = o2.state[next(iter(raw2.parameters()))]
+    for k, v in state_before.items():
+        assert torch.equal(got[k], v), k
+    # a write outside step: wait_snapshot first
+    ckpt.save(tmp_path / "b", model=model, optimizer=opt, async_=True)
+    at_save = full_params(raw)
+    ckpt.wait_snapshot()
+    with torch.no_grad():
+        for p in raw.parameters():
+            p.add_(1.0)
+    ckpt.wait()
+    m3, o3, raw3 = build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2))
+    ckpt.load(tmp_path / "b", model=m3, optimizer=o3)
+    assert all(torch.equal(full_params(raw3)[n], w) for n, w in at_save.items())
+
+
+def test_unpicklable_extra_fails_cleanly(tmp_path):
+    """The metadata is pickled beside DCP's write (off the caller's path): a failure there is a
+    CheckpointError naming the cause, leaves no ``.partial`` and the previous checkpoint loads."""
+    import distopt
+
+    model, opt, raw = build("single", lambda p: distopt.optim.AdamW(p, lr=1e-2))
+    train_steps(model, opt, 0, 1)
+    ckpt.save(tmp_path / "c", model=model, optimizer=opt, extra={"step": 1})
+    for async_ in (False, True):
+        with pytest.raises(ckpt.CheckpointError, match="(?i)pickle"):
+            ckpt.save(tmp_path / "c", model=model, optimizer=opt, extra={"f": lambda: 0},
+                      async_=async_)  # fmt: skip
+            ckpt.wait()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+        assert ckpt.read_meta(tmp_path / "c")["extra"] == {"step": 1}

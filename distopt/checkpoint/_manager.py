@@ -9,8 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from distopt.checkpoint._async import wait
 from distopt.checkpoint._common import CheckpointError, write_atomic_bytes
-from distopt.checkpoint._save import save, wait
+from distopt.checkpoint._save import save
 from distopt.checkpoint._save_load import is_complete, load
 
 log = logging.getLogger("distopt.checkpoint")

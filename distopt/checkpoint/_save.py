@@ -3,8 +3,9 @@
 Phases, all inside one ``torch.distributed.checkpoint.save`` (no collective of distopt's own)::
 
     collect   every rank takes its view of the state (accumulator mid-window: a collective)
-    [async: the state is copied (pinned memory for GPU tensors); the rest runs in a thread,
-     with its collectives on a dedicated gloo group, while training continues]
+    [async: ``save`` returns here; a thread copies the state (pinned memory for GPU tensors)
+     while training continues (every optimizer ``step`` waits for that copy first), then runs
+     the rest, with its collectives on a dedicated gloo group]
     prepare   rank 0 creates <path>.partial; any rank's error so far is raised in DCP's
               planning step (so every rank learns of it there)
     files     DCP writes every rank's rows, CRC32 computed on the fly (``ChecksumWriter``);
@@ -20,7 +21,6 @@ is removed.
 
 from __future__ import annotations
 
-import atexit
 import io
 import json
 import logging
@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from distopt._dtensor import is_dtensor
 from distopt._version import __version__
+from distopt.checkpoint import _async
 from distopt.checkpoint import _save_load as fmt
 from distopt.checkpoint._common import (
     CheckpointError,
@@ -161,69 +161,10 @@ def _nbytes(spec: Spec) -> int:
     return spec[1].numel() * spec[1].element_size()
 
 
-# Snapshot buffers of asynchronous saves, kept from one save to the next (as DCP's stager does
-# with cache_staged_state_dict): copying into memory already touched costs a fraction of
-# allocating it anew.  Safe because a save waits for the previous one before it copies.
-_STAGING: dict[str, Tensor] = {}
-
-
-def release_staging() -> None:
-    """Free the snapshot buffers kept by asynchronous saves (after waiting for the one in flight)."""
-    wait()
-    _STAGING.clear()
-
-
-def _stage(specs: dict[str, Spec]) -> dict[str, Spec]:
-    """A snapshot of the tensors for an asynchronous save: plain copies on CPU (pinned host
-    memory for GPU tensors, one device sync), in buffers reused from the previous asynchronous
-    save when the shapes agree.  Only the raw rows are copied here; building DCP's sharded
-    views of them (``_materialize``) is left to the background thread."""
-    cuda = False
-    rank, world = _rank(), _world()
-    for k in set(_STAGING) - set(specs):
-        del _STAGING[k]
-
-    def snap(t: Tensor, key: str) -> Tensor:
-        nonlocal cuda
-        buf = _STAGING.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
-            _STAGING[key] = buf
-        cuda = cuda or t.is_cuda
-        buf.copy_(t, non_blocking=t.is_cuda)
-        return buf
-
-    out: dict[str, Spec] = {}
-    for key, spec in specs.items():
-        if spec[0] == "rows":
-            out[key] = ("rows", snap(spec[1], key), *spec[2:])
-        elif spec[0] == "dtensor":
-            _, t, bounds, r, group = spec
-            local = snap(t.to_local(), key)
-            # sharded: the same rows as a sharded tensor; replicated: the local copy is complete
-            out[key] = (
-                ("plain", local)
-                if bounds is None
-                else ("rows", local, tuple(t.shape), bounds, r, group)
-            )
-        elif world > 1 and spec[1].dim() >= 1:
-            # complete on every rank: each rank copies and writes a torch.chunk share of the rows
-            # (DCP would write one rank's copy anyway), so the snapshot costs 1/world of it
-            t = spec[1]
-            bounds = _chunk_bounds(t.shape[0], world)
-            s0, s1 = bounds[rank]
-            out[key] = ("rows", snap(t[s0:s1], key), tuple(t.shape), bounds, rank, None)
-        else:
-            out[key] = ("plain", snap(spec[1], key))
-    if cuda:
-        torch.cuda.synchronize()
-    return out
-
-
 def _materialize(specs: dict[str, Spec], copy: bool = False) -> dict[str, Any]:
     """DCP's state dict for ``specs`` (``copy``: of a snapshot taken now, see ``_stage``)."""
     if copy:
-        specs = _stage(specs)
+        specs = _async.stage(specs)
     out: dict[str, Any] = {}
     for key, spec in specs.items():
         if spec[0] == "rows":
@@ -287,50 +228,6 @@ def _meta_bytes(
     return buf.getvalue()
 
 
-# --------------------------------------------------------------------------- async bookkeeping
-
-
-class _Pending:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.error: str | None = None
-        self.thread: threading.Thread | None = None
-
-
-_PENDING: _Pending | None = None
-_ASYNC_GROUP: Any = None
-_ATEXIT = False
-
-
-def wait() -> Path | None:
-    """Wait for the asynchronous save in flight, if any; returns its folder (None: none was in
-    flight).  Raises :class:`CheckpointError` on every rank if it failed on any rank."""
-    global _PENDING
-    p = _PENDING
-    if p is None:
-        return None
-    if p.thread is not None:
-        p.thread.join()
-    _PENDING = None
-    if p.error:
-        raise CheckpointError(p.error)
-    return p.path
-
-
-def _wait_at_exit() -> None:
-    try:
-        wait()
-    except CheckpointError as exc:
-        log.error("the last asynchronous checkpoint save failed: %s", exc)
-
-
-def _async_group() -> Any:
-    global _ASYNC_GROUP
-    if _ASYNC_GROUP is None and dist_on():
-        _ASYNC_GROUP = dist.new_group(backend="gloo")
-    return _ASYNC_GROUP
-
-
 # --------------------------------------------------------------------------- save
 
 
@@ -371,14 +268,21 @@ def save(
         extra: picklable user data (epoch, data-loader position, tokens seen, ...).
         overwrite: replace an existing checkpoint at ``path`` (default True).
         async_: take a snapshot of the state (a CPU copy; pinned memory for GPU tensors) and
-            write it in a background thread, returning as soon as the snapshot is taken.  At
-            most one save is in flight: the next ``save`` (or :func:`wait`, or interpreter exit)
-            waits for it, and raises its error on every rank if it failed (also an error found
-            before the write, such as ``overwrite=False`` on an existing folder).  Call
-            :func:`wait` before ``destroy_process_group``.
+            write it in a background thread.  The copy itself is made in the background too
+            (GPU copies are enqueued on the tensors' stream): ``save`` returns at once, and
+            every optimizer's next ``step`` waits for the copy to finish before it writes (a
+            global ``torch.optim`` step pre-hook), so the checkpoint holds the state of the
+            moment ``save`` was called.  Code that writes parameters or optimizer state in
+            place outside ``step`` before that calls :func:`wait_snapshot` first.  With no
+            optimizer, or one that changes parameters outside ``step`` (schedule-free
+            ``train``/``eval``), and for a mid-window accumulator's gradient sum, the copy is
+            made before ``save`` returns.  At most one save is in flight: the next ``save``
+            (or :func:`wait`, or interpreter exit) waits for it, and raises its error on every
+            rank if it failed (also an error found before the write, such as
+            ``overwrite=False`` on an existing folder).  Call :func:`wait` before
+            ``destroy_process_group``.
     """
-    global _PENDING, _ATEXIT
-    wait()  # at most one in flight; surfaces the previous async save's failure
+    _async.wait()  # at most one in flight; surfaces the previous async save's failure
     path = Path(path)
     rank, world = _rank(), _world()
     tmp = path.with_name(path.name + ".partial")
@@ -386,7 +290,8 @@ def save(
     stage = _on_stage or _no_stage
     stage("start")
     specs: dict[str, Spec] = {}
-    meta_bytes = rng_bytes = None
+    meta_bytes: bytes | Callable[[], bytes] | None = None
+    rng_bytes = None
     try:
         specs, state_meta, objects, ents = _collect(model, optimizer)
         buf = io.BytesIO()
@@ -405,12 +310,19 @@ def save(
         acc_specs, acc_meta = _accumulator_specs(acc_state, rank, world)
         specs.update(acc_specs)
     if err is None and rank == 0:
-        try:
-            meta_bytes = _meta_bytes(
+
+        def make_meta() -> bytes:
+            return _meta_bytes(
                 model, optimizer, scheduler, extra, ents, state_meta, objects, acc_meta
             )
-        except Exception as exc:  # noqa: BLE001
-            err = describe(exc)
+
+        if async_:  # training goes on after save returns: pickled now
+            try:
+                meta_bytes = make_meta()
+            except Exception as exc:  # noqa: BLE001
+                err = describe(exc)
+        else:  # pickled by the small-files thread while DCP plans and writes (the caller waits)
+            meta_bytes = make_meta
     if err is not None:
         specs = {}
     job = dict(
@@ -428,12 +340,24 @@ def save(
         _write_and_commit(tensors=_materialize(specs), group=None, own_crc_only=True, **job)
         return path
 
-    group = _async_group()  # collective the first time
-    staged = _stage(specs)  # the only copy; everything else runs in the background
-    pending = _Pending(path)
+    group = _async.async_group()  # collective the first time
+    # the snapshot: the accumulator's gradient sum (backward adds into it) is copied now; the
+    # rest, when every later write goes through a guarded optimizer step, in the background
+    deferred: list[Any] | None = [] if _async.copies_in_background(optimizer) else None
+    staged = _async.stage(specs, deferred, now=("acc/",))
+    pending = _async._Pending(path)
+    if deferred:
+        _async.install_step_guard()
+    else:
+        pending.staged.set()
 
     def run() -> None:
         try:
+            try:
+                if deferred:
+                    _async.run_deferred(deferred)
+            finally:
+                pending.staged.set()
             _write_and_commit(tensors=_materialize(staged), group=group, **job)
         except CheckpointError as exc:
             pending.error = str(exc)
@@ -441,10 +365,7 @@ def save(
             pending.error = f"asynchronous save of {path} failed: {describe(exc)}"
 
     pending.thread = threading.Thread(target=run, name="distopt-async-save", daemon=False)
-    _PENDING = pending
-    if not _ATEXIT:
-        atexit.register(_wait_at_exit)
-        _ATEXIT = True
+    _async.start(pending)
     pending.thread.start()
     return path
 
@@ -467,7 +388,7 @@ def _write_and_commit(
     tmp: Path,
     tensors: dict[str, Any],
     rng_bytes: bytes | None,
-    meta_bytes: bytes | None,
+    meta_bytes: bytes | Callable[[], bytes] | None,
     needs: int,
     group: Any,
     on_commit: Callable[[Path], None] | None,

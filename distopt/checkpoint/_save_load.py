@@ -396,8 +396,10 @@ def load(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import CheckpointException
 
+    from distopt.checkpoint._async import wait_snapshot
     from distopt.checkpoint._storage import ChecksumReader
 
+    wait_snapshot()  # an asynchronous save in flight copies the tensors this load overwrites
     path = resolve(path)
     rank, world = _rank(), _world()
     pre: tuple[str, bool] | None = None

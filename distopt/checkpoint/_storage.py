@@ -207,7 +207,8 @@ class ChecksumWriter(FileSystemWriter):
         prepare_error: this rank's error from before the write, in words: raised inside DCP's
             planning step, so that every rank learns of it there.
         small: ``(name, bytes)`` files this rank writes beside DCP's (RNG streams, metadata):
-            written and synced in a helper thread while DCP writes the tensors.
+            written and synced in a helper thread while DCP writes the tensors (``bytes`` may
+            be a callable making them there).
         commit: rank 0's commit, ``commit(files)`` with every file's marker entry; runs inside
             DCP's ``finish`` after ``.metadata`` is written, so that its failure is raised on
             every rank by DCP's own broadcast.
@@ -220,7 +221,7 @@ class ChecksumWriter(FileSystemWriter):
         path: str | os.PathLike,
         *,
         prepare_error: str | None = None,
-        small: list[tuple[str, bytes]] | None = None,
+        small: list[tuple[str, Any]] | None = None,
         commit: Callable[[dict[str, Any]], None] | None = None,
         needs: int | None = None,
         free0: int | None = None,
@@ -252,15 +253,26 @@ class ChecksumWriter(FileSystemWriter):
             raise self._error(exc) from exc
 
     def _write_small(self, errors: list[BaseException]) -> None:
+        # every file written first, then each synced: the first sync commits the file system's
+        # journal for all of them, so the others cost little more (one sync after each write
+        # would commit it once per file)
+        p = Path(self.path)
+        files: list[tuple[Path, Any]] = []
         try:
             dirs = set()
-            for name, data in self._small:
+            for i, (name, data) in enumerate(self._small):
                 p = Path(self.path) / name
-                with open(p, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                if callable(data):  # made here, off the caller's path
+                    data = data()
+                    self._small[i] = (name, data)
+                f = open(p, "wb")  # noqa: SIM115 - closed below
+                files.append((p, f))
+                f.write(data)
+                f.flush()
                 dirs.add(p.parent)
+            for q, f in files:
+                p = q  # named in the error
+                os.fsync(f.fileno())
             # sub-folders (rng/) synced here, off the commit's path; the folder itself is synced
             # by the commit, after the marker
             for d in dirs - {Path(self.path)}:
@@ -269,6 +281,15 @@ class ChecksumWriter(FileSystemWriter):
             if exc.filename is None:
                 exc = OSError(exc.errno, exc.strerror, str(p))
             errors.append(exc)
+        except Exception as exc:  # noqa: BLE001 - making a file's bytes failed: raised in write_data
+            errors.append(exc)
+        finally:
+            for p, f in files:
+                try:
+                    f.close()
+                except OSError as exc:  # a full disk may show only here
+                    if not errors:
+                        errors.append(OSError(exc.errno, exc.strerror, str(p)))
 
     def write_data(self, plan: Any, planner: Any) -> Future:
         errors: list[BaseException] = []
