@@ -94,10 +94,17 @@ def _kernel(key: tuple, phase: str, compiled: bool) -> Callable[..., Any]:
     return fn
 
 
-def _as_rows(t: Tensor, rows: int, cols: int) -> Tensor:
-    """``t`` as (rows, cols); detached so that ``torch.compile`` does not guard on the base's
-    rank (a view of a 4-d weight would otherwise compile the kernel again)."""
-    return t.reshape(rows, cols).detach()
+def _as_rows(t: Tensor, rows: int, cols: int, copies: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``t`` as (rows, cols), sharing its memory; detached so that ``torch.compile`` does not
+    guard on the base's rank (a view of a 4-d weight would otherwise compile the kernel again).
+    A layout no view can express (a permuted, non-contiguous >2-d tensor) is copied; the copy
+    is written back after the update (``copies``)."""
+    try:
+        return t.view(rows, cols).detach()
+    except RuntimeError:
+        c = t.reshape(rows, cols).contiguous()
+        copies.append((t, c))
+        return c
 
 
 def _run(
@@ -135,27 +142,36 @@ def _run(
             fi = None if found_inf is None or phase == "rows" else found_inf.to(dev, torch.float32)
             aux[dev] = (inv, fi)
         rows, cols = local_rows(v), math.prod(v.shape[1:])
+        copies: list[tuple[Tensor, Tensor]] = []
         args = [
-            _as_rows(v.data, rows, cols),
-            _as_rows(v.grad, rows, cols),
-            tuple(_as_rows(v.state[n], rows, cols) for n in states),
+            _as_rows(v.data, rows, cols, copies),
+            _as_rows(v.grad, rows, cols, []),
+            tuple(_as_rows(v.state[n], rows, cols, copies) for n in states),
             sc,
             None if factor is None else factor.reshape(rows, 1).to(v.data.dtype),
             *aux[dev],
         ]
-        if K.mode() == "compile" and key not in _failed and rows > 0 and K._can_compile(dev):
-            try:
-                out.append(_kernel(key, phase, True)(*args))
-                continue
-            except Exception as exc:  # noqa: BLE001 - any compile failure: the same maths eagerly
-                _failed.add(key)
-                log.warning(
-                    "distopt: compiling the %s %s kernel failed (%s: %s); running it eagerly "
-                    "(set %s=eager to skip compiling)",
-                    rule.__name__, phase, type(exc).__name__, exc, K.ENV,
-                )  # fmt: skip
-        out.append(_eager(_kernel(key, phase, False), phase, rows, cols, len(sums), *args))
+        out.append(_call(key, phase, rows, cols, len(sums), dev, args))
+        if phase == "update":
+            for t, c in copies:
+                t.copy_(c.view(t.shape))
     return out
+
+
+def _call(
+    key: tuple, phase: str, rows: int, cols: int, k: int, dev: torch.device, args: list
+) -> Any:
+    if K.mode() == "compile" and key not in _failed and rows > 0 and K._can_compile(dev):
+        try:
+            return _kernel(key, phase, True)(*args)
+        except Exception as exc:  # noqa: BLE001 - any compile failure: the same maths eagerly
+            _failed.add(key)
+            log.warning(
+                "distopt: compiling the %s %s kernel failed (%s: %s); running it eagerly "
+                "(set %s=eager to skip compiling)",
+                key[0].__name__, phase, type(exc).__name__, exc, K.ENV,
+            )  # fmt: skip
+    return _eager(_kernel(key, phase, False), phase, rows, cols, k, *args)
 
 
 def _eager(fn: Callable[..., Any], phase: str, rows: int, cols: int, k: int, *args: Any) -> Any:

@@ -1,0 +1,129 @@
+"""The per-channel rule runner (distopt/optim/_rule_rows.py) and the projection's channel factors.
+
+AdamP/SGDP run as: channel sums (``row_sums``), the projection decided on the device
+(``channel_factors``), the element-wise update on ``w * factor`` (``update_rows``).  The maths
+against the published rule is in test_optim (references and timm); here: the factors' decisions
+against a direct float64 computation, eager chunking, layouts no view can express, and (with
+``DISTOPT_TEST_COMPILED`` set: cold compiles take minutes on a loaded machine) compiled equals
+eager.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import distopt.optim as do
+from distopt.optim import _kernel as K
+from distopt.optim._core import ParamView, StepContext
+from distopt.optim._projection import channel_factors
+from tests.optim_cases import CASES
+from tests.problems import make_params, run_quadratic
+
+IDS = ["adamp", "adamp-project-nesterov", "sgdp"]
+
+
+@pytest.fixture
+def kernel_mode():
+    yield K.set_mode
+    K.set_mode(None)
+
+
+def _view(w, g):
+    return ParamView(param=w, data=w, grad=g, shape=w.shape, sharded=False, state={})
+
+
+def test_channel_factors_decide_channel_layer_or_none():
+    gen = torch.Generator().manual_seed(0)
+    w = [torch.randn(6, 40, generator=gen, dtype=torch.float64) for _ in range(3)]
+    g = [torch.randn(6, 40, generator=gen, dtype=torch.float64) for _ in range(3)]
+    # 0: every channel of g orthogonal to w's; 1: only the whole tensor; 2: neither
+    g[0] = g[0] - w[0] * (g[0] * w[0]).sum(1, keepdim=True) / (w[0] * w[0]).sum(1, keepdim=True)
+    g[1] = g[1] - w[1] * (g[1] * w[1]).sum() / (w[1] * w[1]).sum()
+    g[1][0] += 0.5 * w[1][0]  # channel 0 far from orthogonal: the channel view fails
+    g[1] = g[1] - w[1] * (g[1] * w[1]).sum() / (w[1] * w[1]).sum()
+    u = [torch.randn(6, 40, generator=gen, dtype=torch.float64) for _ in range(3)]
+    stats = [
+        torch.stack([(a * a).sum(1), (b * b).sum(1), (a * b).sum(1), (a * c).sum(1)]).float()
+        for a, b, c in zip(w, g, u)
+    ]
+    eps, rate, step, wd_ratio = 1e-8, 0.01, 0.5, 0.1
+    views = [_view(a.float(), b.float()) for a, b in zip(w, g)]
+    out = channel_factors(
+        StepContext([], None), views, stats, delta=0.1, wd_ratio=wd_ratio, eps=eps,
+        rates=[rate] * 3, steps=[step] * 3,
+    )  # fmt: skip
+    ch = (w[0] * u[0]).sum(1) / (w[0].norm(dim=1) + eps) ** 2
+    ly = (w[1] * u[1]).sum() / (w[1].norm() + eps) ** 2
+    expected = [
+        1 - rate * wd_ratio + step * ch,
+        (1 - rate * wd_ratio + step * ly).expand(6),
+        torch.full((6,), 1 - rate, dtype=torch.float64),
+    ]
+    for i, (a, b) in enumerate(zip(out, expected)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-9, msg=f"view {i}")
+    assert not torch.allclose(out[0], out[0][0].expand(6))  # per-channel values, not one
+
+
+@pytest.mark.parametrize("cid", IDS)
+def test_eager_chunks_give_the_same_numbers(cid, kernel_mode, monkeypatch):
+    case = next(c for c in CASES if c.id == cid)
+    out = []
+    for chunk in (K.EAGER_CHUNK, 4):
+        monkeypatch.setattr(K, "EAGER_CHUNK", chunk)
+        kernel_mode("eager")
+        p = make_params()
+        run_quadratic(case.make(p), p, 4, False)
+        out.append(p)
+    for a, b in zip(*out):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+
+
+def _twins(make):
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(3, 4, 5, 6).permute(0, 2, 1, 3))  # no (3, 120) view
+    b = torch.nn.Parameter(a.detach().contiguous().clone())
+    for p in (a, b):
+        p.grad = 0.3 + torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) * 0.01
+    oa, ob = make([a]), make([b])
+    for _ in range(2):
+        oa.step()
+        ob.step()
+    return a, b
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: do.AdamP(p, lr=0.1, weight_decay=0.1, delta=5.0),
+        lambda p: do.SGDP(p, lr=0.1, momentum=0.9, weight_decay=0.1, delta=5.0),
+    ],
+    ids=["adamp", "sgdp"],
+)
+def test_a_layout_no_view_expresses_is_updated(make, kernel_mode):
+    kernel_mode("eager")
+    a, b = _twins(make)
+    assert not a.is_contiguous()
+    moved = float((b.detach() - torch.randn(b.shape)).abs().sum())
+    assert moved > 0 and not math.isnan(moved)
+    torch.testing.assert_close(a.detach().contiguous(), b.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DISTOPT_TEST_COMPILED") or not K._can_compile(torch.device("cpu")),
+    reason="compiled runs only with DISTOPT_TEST_COMPILED set (cold compiles take minutes)",
+)
+@pytest.mark.parametrize("cid", IDS)
+def test_compiled_equals_eager(cid, kernel_mode):
+    case = next(c for c in CASES if c.id == cid)
+    res = {}
+    for mode in ("eager", "compile"):
+        kernel_mode(mode)
+        p = make_params()
+        run_quadratic(case.make(p), p, 4, False)
+        res[mode] = p
+    for a, b in zip(res["eager"], res["compile"]):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=case.tol, atol=case.tol)
