@@ -8,8 +8,10 @@ In one run per (model size, world size), on the same model (GPT-like, AdamW afte
 * ``distopt``       ``distopt.shard(stage=1)`` + ``distopt.checkpoint.save`` / ``load`` (the same
                     DCP write plus RNG streams, metadata, CRC32 of every byte written and read,
                     and the commit protocol);
-* ``distopt-async`` ``save(..., async_=True)``: "save s" is the time training is blocked (the
-                    snapshot); the time until the files are committed is reported beside it;
+* ``distopt-async`` ``save(..., async_=True)``: "save s" is the time training is blocked: until
+                    ``save`` returns, plus what the next optimizer step waits for the snapshot
+                    (copied in the background) after one forward/backward of the bench's
+                    batch; the time until the files are committed is reported beside it;
 * ``torch-save``    ``torch.save`` of the consolidated state (full model + torch AdamW state
                     dict, already on rank 0) by rank 0; load = ``torch.load`` + ``load_state_dict``
                     on every rank — the cost of the bytes alone, without any consolidation;
@@ -19,6 +21,7 @@ In one run per (model size, world size), on the same model (GPT-like, AdamW afte
                     installed.
 
 ``dcp``, ``distopt`` and ``distopt-async`` share one model and alternate within every repeat,
+each repeat starting with the next of them (no mode always runs first or after the same one),
 so their ratios come from the same conditions.  Every mode runs one untimed warm-up save and
 load first.  Times are the slowest rank's, median over repeats.  Peak memory is the rise of the
 process's resident-set high-water mark during the operation (``VmHWM`` after resetting it
@@ -124,7 +127,11 @@ def _trained(mode: str, cfg: dict[str, Any], device: torch.device):
             loss.backward()
             opt.step()
     dist.barrier()
-    return model, opt, engine
+
+    def forward_backward() -> None:  # training work that does not write parameters or state
+        lm_loss(model, idx).backward()
+
+    return model, opt, engine, forward_backward
 
 
 def _dcp_state(model: Any, opt: Any) -> dict[str, Any]:
@@ -135,8 +142,10 @@ def _dcp_state(model: Any, opt: Any) -> dict[str, Any]:
     return _materialize(specs, copy=False)
 
 
-def _ops(mode: str, model: Any, opt: Any, engine: Any, rank: int) -> dict[str, Any]:
-    """{"save": fn(path), "load": fn(path), ["wait": fn()]} for one mode."""
+def _ops(
+    mode: str, model: Any, opt: Any, engine: Any, rank: int, forward_backward: Any = None
+) -> dict[str, Any]:
+    """{"save": fn(path), "load": fn(path), ["wait": fn(), "next_step_wait": fn() -> s]}."""
     import torch.distributed.checkpoint as dcp
 
     import distopt.checkpoint as ckpt
@@ -148,7 +157,17 @@ def _ops(mode: str, model: Any, opt: Any, engine: Any, rank: int) -> dict[str, A
         return {"save": lambda p: ckpt.save(p, model=model, optimizer=opt),
                 "load": lambda p: ckpt.load(p, model=model, optimizer=opt, restore_rng=False)}  # fmt: skip
     if mode == "distopt-async":
+
+        def next_step_wait() -> float:
+            # what the next optimizer step's pre-hook waits for the snapshot, after the
+            # forward/backward that precedes it (neither writes parameters or state)
+            forward_backward()
+            t0 = time.perf_counter()
+            ckpt.wait_snapshot()
+            return time.perf_counter() - t0
+
         return {"save": lambda p: ckpt.save(p, model=model, optimizer=opt, async_=True), "wait": ckpt.wait,
+                "next_step_wait": next_step_wait,
                 "load": lambda p: ckpt.load(p, model=model, optimizer=opt, restore_rng=False)}  # fmt: skip
     if mode == "torch-save":
 
@@ -192,24 +211,30 @@ def _run_group(
 ) -> dict:
     import torch.distributed as dist
 
-    model, opt, engine = _trained(group[0], cfg, device)
-    ops = {m: _ops(m, model, opt, engine, rank) for m in group}
-    out = {m: {"save": [], "load": [], "save_mem": [], "load_mem": [], "done": []} for m in group}
+    model, opt, engine, fwd_bwd = _trained(group[0], cfg, device)
+    ops = {m: _ops(m, model, opt, engine, rank, fwd_bwd) for m in group}
+    keys = ("save", "load", "save_mem", "load_mem", "done", "returned", "step_wait")
+    out = {m: {k: [] for k in keys} for m in group}
     for rep in range(-cfg["warmup"], cfg["repeats"]):
         paths = {m: os.path.join(root, f"{m}-{rep}") for m in group}
-        for m in group:  # saves, alternating between the modes that share the model
+        k = rep % len(group)
+        order = group[k:] + group[:k]  # each repeat starts with the next mode
+        for m in order:  # saves, alternating between the modes that share the model
             dt, mem = _measure(lambda m=m, paths=paths: ops[m]["save"](paths[m]))
-            done = dt
+            returned, step_wait, done = dt, 0.0, dt
             if "wait" in ops[m]:
                 t0 = time.perf_counter()
+                step_wait = ops[m]["next_step_wait"]()
                 ops[m]["wait"]()
                 dist.barrier()
                 done = dt + time.perf_counter() - t0
             if rep >= 0:
-                out[m]["save"].append(dt)
+                out[m]["save"].append(returned + step_wait)
+                out[m]["returned"].append(returned)
+                out[m]["step_wait"].append(step_wait)
                 out[m]["save_mem"].append(mem)
                 out[m]["done"].append(done)
-        for m in group:
+        for m in order:
             dt, mem = _measure(lambda m=m, paths=paths: ops[m]["load"](paths[m]))
             if rep >= 0:
                 out[m]["load"].append(dt)
@@ -290,7 +315,8 @@ def run(
             vals = [max((r[m][key][i] or 0) for r in ranks) for i in range(repeats)]
             return statistics.median(vals)
 
-        res["modes"][m] = {k: worst(k) for k in ("save", "load", "save_mem", "load_mem", "done")}
+        keys = ("save", "load", "save_mem", "load_mem", "done", "returned", "step_wait")
+        res["modes"][m] = {k: worst(k) for k in keys}
     return res
 
 
@@ -326,8 +352,10 @@ def format_table(res: dict[str, Any], fmt: str = "text") -> str:
     if "distopt-async" in modes and "distopt" in modes:
         a, s = modes["distopt-async"], modes["distopt"]
         notes.append(f"distopt-async: training blocked {a['save']:.3f} s per save = "
-                     f"{a['save'] / s['save']:.1%} of a synchronous distopt save "
-                     f"(files committed after {a['done']:.3f} s)")  # fmt: skip
+                     f"{a['save'] / s['save']:.1%} of a synchronous distopt save (save returned "
+                     f"after {a['returned']:.3f} s, the next step waited {a['step_wait']:.3f} s "
+                     f"for the snapshot after one forward/backward; files committed after "
+                     f"{a['done']:.3f} s)")  # fmt: skip
     if "crc" in res and any(m.startswith("distopt") for m in modes):
         notes.append(f"distopt's CRC32: {res['crc']}")
     return render(title, head, rows, fmt, notes)
