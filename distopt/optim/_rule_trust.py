@@ -18,7 +18,7 @@ from torch import Tensor
 
 from distopt.optim import _kernel as K
 
-__all__ = ["trust_ratio", "grad_divided", "GradDivisor"]
+__all__ = ["trust_ratio", "grad_divided", "GradDivisor", "inv_grad_scale"]
 
 
 def trust_ratio(w_sq: Tensor, u_sq: Tensor, clip: bool) -> Tensor:
