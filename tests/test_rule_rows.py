@@ -10,6 +10,7 @@ eager.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -117,7 +118,7 @@ def test_a_layout_no_view_expresses_is_updated(make, kernel_mode):
     reason="compiled runs only with DISTOPT_TEST_COMPILED set (cold compiles take minutes)",
 )
 @pytest.mark.parametrize("cid", IDS)
-def test_compiled_equals_eager(cid, kernel_mode):
+def test_compiled_equals_eager(cid, kernel_mode, caplog):
     case = next(c for c in CASES if c.id == cid)
     res = {}
     for mode in ("eager", "compile"):
@@ -125,5 +126,8 @@ def test_compiled_equals_eager(cid, kernel_mode):
         p = make_params()
         run_quadratic(case.make(p), p, 4, False)
         res[mode] = p
+    assert not [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "compiling" in r.getMessage()
+    ], "a kernel fell back to eager"
     for a, b in zip(res["eager"], res["compile"]):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=case.tol, atol=case.tol)
