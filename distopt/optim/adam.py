@@ -28,7 +28,9 @@ class AdamFamily(DistOptimizer):
     decay is decoupled, whether Adam's bias corrections apply, and whether the legacy
     transformers order (``eps`` added to ``sqrt(v)`` before the bias correction; decay after
     the update) is used.  State per parameter: ``step`` (float32 scalar), ``exp_avg``,
-    ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``.
+    ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``.  The default arithmetic on one
+    fp32/fp64 CPU/CUDA dtype runs in torch's fused kernel (``torch._fused_adam(w)_``); every
+    other variant runs :func:`adam_rule` in one pass (:mod:`distopt.optim._kernel`).
     """
 
     elementwise = True  # never calls the reducer (see DistOptimizer.needs_whole_tensors)
