@@ -109,9 +109,9 @@ def madgrad_rule(
     if l2:
         g = g + s["wd"] * p
     nu, total = st["grad_sum_sq"], st["s"]
-    x0 = st["x0"] if momentum else p + total / (nu.pow(1.0 / 3.0) + s["eps"])
+    x0 = st["x0"] if momentum else p + total / (K.cbrt(nu) + s["eps"])
     nu = torch.addcmul(nu, s["lam"] * g, g)
     total = total + s["lam"] * g
-    z = x0 - total / (nu.pow(1.0 / 3.0) + s["eps"])
+    z = x0 - total / (K.cbrt(nu) + s["eps"])
     new_p = torch.lerp(p, z, s["keep"]) if momentum else z
     return new_p, {"grad_sum_sq": nu, "s": total}
