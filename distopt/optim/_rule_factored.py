@@ -122,12 +122,10 @@ def _keep(old: Tensor, new: Tensor, fi: Tensor | None) -> Tensor:
     return new if fi is None else torch.where(fi > 0, old, new)
 
 
-def _preconditioned(
-    g: Tensor, row: Tensor, col: Tensor, rnorm: Tensor, sc: Tensor, dc: int
-) -> Tensor:
-    """``g / sqrt((R / mean_dc(R)) outer C)`` (``rnorm``: the sum of ``R`` over ``dc``)."""
-    r_factor = torch.rsqrt(row / (rnorm / sc[SC["n_c"]]))
-    return (r_factor * torch.rsqrt(col)) * g
+def _factors(row: Tensor, col: Tensor, rnorm: Tensor, sc: Tensor) -> tuple[Tensor, Tensor]:
+    """The row and column factors of ``1 / sqrt((R / mean_dc(R)) outer C)`` (``rnorm``: the sum
+    of ``R`` over ``dc``); small tensors, realised once (not recomputed per element)."""
+    return torch.rsqrt(row / (rnorm / sc[SC["n_c"]])), torch.rsqrt(col)
 
 
 def _direction(
@@ -199,7 +197,8 @@ def precond_factored(
     g, row, col, rsum, csum, rnorm, sc, inv, fi, *, dc: int, row_local: bool, opt: Options
 ):
     """Phase 2 of a factored tensor (the partial sums now whole): the column statistic and, when
-    it needed the reduction, the row statistic; returns (row normaliser sum, sum of u^2 or None)."""
+    it needed the reduction, the row statistic; returns the row and column factors and the sum
+    of ``u^2`` (or None)."""
     new_col = _ema(col, csum / sc[SC["n_c"]] + sc[SC["eps"]], sc, opt.flavour)
     col.copy_(_keep(col, new_col, fi))
     if row_local:
@@ -208,20 +207,20 @@ def precond_factored(
         new_row = _ema(row, rsum / sc[SC["n_r"]] + sc[SC["eps"]], sc, opt.flavour)
         row.copy_(_keep(row, new_row, fi))
         rnorm = new_row.sum(dim=dc, keepdim=True)
+    r_factor, c_factor = _factors(new_row, new_col, rnorm, sc)
     if not opt.clip:
-        return rnorm, None
-    u = _preconditioned(_grad(g, inv), new_row, new_col, rnorm, sc, dc)
-    return rnorm, (u * u).sum()
+        return r_factor, c_factor, None
+    u = (r_factor * c_factor) * _grad(g, inv)
+    return r_factor, c_factor, (u * u).sum()
 
 
 def apply_factored(
-    p, g, m, row, col, rnorm, pre, decay, agree, sc, inv, fi, *, dc: int, opt: Options, phase: str
+    p, g, m, r_factor, c_factor, pre, decay, agree, sc, inv, fi, *, opt: Options, phase: str
 ):
     """Phase 3 of a factored tensor: writes p and the first moment (``phase="mask"``: returns the
     cautious mask's count instead)."""
     g = _grad(g, inv)
-    u = _preconditioned(g, row, col, rnorm, sc, dc)
-    return _finish(p, g, u, m, pre, decay, agree, sc, fi, opt, phase)
+    return _finish(p, g, (r_factor * c_factor) * g, m, pre, decay, agree, sc, fi, opt, phase)
 
 
 def stats_plain(p, g, v, sc, inv, fi, *, opt: Options):
@@ -298,6 +297,14 @@ def _as5(t: Tensor, shape: Sequence[int], back: list[tuple[Tensor, Tensor]]) -> 
     return c
 
 
+def _own(t: Any) -> Any:
+    """``t``, or a copy at storage offset 0 when it is a slice of a batched tensor (a compiled
+    kernel guards on its inputs' storage offsets: slices at varying offsets would recompile)."""
+    if isinstance(t, Tensor) and t.storage_offset() != 0:
+        return t.clone()
+    return t
+
+
 def _with(shape5: Sequence[int], **ones: int) -> tuple[int, ...]:
     out = list(shape5)
     for d in ones.values():
@@ -333,20 +340,21 @@ def run(
     compiled = K.mode() == "compile" and K._can_compile(views[0].data.device)
     kr, kc, kv = state_names
     n = len(views)
-    width = len(SC)
-    by_dev: dict[torch.device, list[int]] = {}
-    for i, v in enumerate(views):
-        by_dev.setdefault(v.data.device, []).append(i)
-    sc: list[Tensor] = [None] * n  # type: ignore[list-item]
+    # one scalar tensor per distinct set of values (tensors of one shape share theirs); each its
+    # own storage: a row of a shared pack would have a storage offset the kernels guard on
+    sc: list[Tensor] = []
+    made: dict[tuple, Tensor] = {}
     aux: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
-    for dev, idx in by_dev.items():
-        flat = [float(x) for i in idx for x in (list(packs[i]) + [0.0] * width)[:width]]
-        rows = device_tensor(flat, torch.float64, dev).view(len(idx), width).unbind(0)
-        for i, r in zip(idx, rows):
-            sc[i] = r
-        inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
-        fi = None if found_inf is None else found_inf.to(dev, torch.float32)
-        aux[dev] = (inv, fi)
+    for v, values in zip(views, packs):
+        dev = v.data.device
+        key = (tuple(float(x) for x in values), dev)
+        if key not in made:
+            made[key] = device_tensor(key[0], torch.float64, dev)  # no stream sync
+        sc.append(made[key])
+        if dev not in aux:
+            inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
+            fi = None if found_inf is None else found_inf.to(dev, torch.float32)
+            aux[dev] = (inv, fi)
 
     back: list[tuple[Tensor, Tensor]] = []
     ts: list[dict[str, Tensor | None]] = []
@@ -371,6 +379,8 @@ def run(
     rsum: list[Tensor] = [empty] * n
     csum: list[Tensor] = [empty] * n
     rnorm: list[Tensor] = [empty] * n
+    rf: list[Tensor] = [empty] * n
+    cf: list[Tensor] = [empty] * n
     psq: list[Tensor] = [empty] * n
     usq: list[Tensor] = [empty] * n
     for i, (v, lay, t) in enumerate(zip(views, lays, ts)):
@@ -408,9 +418,9 @@ def run(
         if lay is None:
             continue
         if not lay.row_local:
-            rsum[i] = red[0][i]
+            rsum[i] = _own(red[0][i])
         if not lay.col_local:
-            csum[i], rnorm[i] = red[1][i], red[2][i]
+            csum[i], rnorm[i] = _own(red[1][i]), _own(red[2][i])
     psq_red = red[3] if opt.psq else None
 
     # ---- phase 2: the factored statistics that needed the sums; the update's sum of squares
@@ -418,7 +428,7 @@ def run(
         if lay is None:
             continue
         inv, fi = aux[v.data.device]
-        rnorm[i], u2 = _call(
+        rf[i], cf[i], u2 = _call(
             precond_factored,
             compiled,
             t["g"],
@@ -438,6 +448,7 @@ def run(
             usq[i] = u2.reshape(1)
     usq_red = ctx.reduce([usq], list(views))[0] if opt.clip else None
     pre, decay = scales(psq_red, usq_red)
+    pre, decay = [_own(x) for x in pre], [_own(x) for x in decay]
 
     # ---- phase 3: the element-wise update (after the cautious mask's counts, with caution)
     agree: list[Tensor | None] = [None] * n
@@ -466,18 +477,17 @@ def run(
                     t["p"],
                     t["g"],
                     t["m"],
-                    t["r"],
-                    t["c"],
-                    rnorm[i],
+                    rf[i],
+                    cf[i],
                     *common,
-                    dc=lay.dc,
                     opt=opt,
                     phase=phase,
                 )
             counts.append(out)
         if phase == "mask":
             agree = [
-                c.reshape(()) for c in ctx.reduce([[c.reshape(1) for c in counts]], list(views))[0]
+                _own(c.reshape(()))
+                for c in ctx.reduce([[c.reshape(1) for c in counts]], list(views))[0]
             ]
     for dst, src in back:
         dst.copy_(src.view(dst.shape))

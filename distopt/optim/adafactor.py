@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from distopt.optim import _functional as F
+from distopt.optim import _kernel as K
 from distopt.optim import _rule_factored as _rf
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, check_nonneg, flag, integer, lr, nonneg, option
@@ -132,6 +133,7 @@ class _AdafactorKernel(DistOptimizer):
 
     #: the timm flavour writes the relative-step lr it used into ``group["lr"]``
     _writes_group_lr = False
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._rule_factored
 
     def _hyper(self, group: dict[str, Any]) -> _Hyper:  # pragma: no cover
         raise NotImplementedError
@@ -257,7 +259,13 @@ class _AdafactorKernel(DistOptimizer):
             dev = views[0].data.device
             rms = torch.cat(psq).float().clamp_min(0).sqrt()  # type: ignore[arg-type]
             rms = rms / F.device_tensor(root_n, rms.dtype, rms.device)
-            torch._foreach_copy_([v.state["RMS"] for v in views], list(rms.to(dev).unbind(0)))
+            found_inf = K.scaler_of(self)[1]
+            olds = [v.state["RMS"] for v in views]
+            news = list(rms.to(dev).unbind(0))
+            if found_inf is not None:  # a step GradScaler skips keeps the last RMS
+                fi = found_inf.to(dev) > 0
+                news = [torch.where(fi, o, x) for o, x in zip(olds, news)]
+            torch._foreach_copy_(olds, news)
             lrs = self._param_lrs(h, steps, rms)
             if self._writes_group_lr and h.relative_step:
                 group["lr"] = lrs[-1]  # a 0-dim tensor when it depends on the RMS (as in timm)

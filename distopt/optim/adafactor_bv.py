@@ -120,6 +120,8 @@ class AdafactorBigVision(DistOptimizer):
     ``exp_avg`` (in ``momentum_dtype``) with a momentum.  The same names and shapes as timm's.
     """
 
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._rule_factored
+
     hypers = HyperSpec(
         lr(1.0),
         integer("min_dim_size_to_factor", 16, minimum=0),

@@ -1,0 +1,103 @@
+"""Adafactor's and AdafactorBigVision's per-tensor phases (distopt/optim/_rule_factored.py).
+
+The optimizers' numbers are checked against their references in the case table
+(tests/test_optim.py, tests/test_shard_maths.py, ...); here: the 5-D layout, non-contiguous
+tensors (a contiguous copy written back), and, with ``DISTOPT_TEST_COMPILED=all`` (minutes of
+cold compiles), the compiled phases against the eager ones.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import distopt.optim as do
+from distopt.optim import _kernel as K
+from distopt.optim import _rule_factored as R
+from tests.problems import make_params, run_quadratic
+
+
+@pytest.mark.parametrize(
+    "shape,dims,want",
+    [
+        ((6, 5), (0, 1), ((1, 6, 1, 5, 1), 1, 3, True, False)),  # transformers: columns over dim 0
+        ((6, 5), (1, 0), ((1, 6, 1, 5, 1), 3, 1, False, True)),  # Big Vision: dim 0 the largest
+        ((4, 3, 5, 2), (0, 1), ((1, 4, 1, 3, 10), 1, 3, True, False)),  # timm: conv kernel
+        ((4, 3, 5, 2), (3, 2), ((12, 5, 1, 2, 1), 3, 1, True, True)),
+        ((2, 7, 3, 5), (1, 3), ((2, 7, 3, 5, 1), 1, 3, True, True)),
+    ],
+)
+def test_layout(shape, dims, want):
+    lay = R.layout(torch.Size(shape), dims)
+    assert (lay.shape5, lay.dc, lay.dr, lay.row_local, lay.col_local) == want
+    assert R.layout(torch.Size(shape), None) is None
+
+
+def test_pack_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown scalar names"):
+        R.pack(w2=0.1, beta=0.9)
+
+
+_MAKERS = {
+    "adafactor": lambda p: do.Adafactor(
+        p, lr=1e-2, relative_step=False, beta1=0.9, weight_decay=0.01
+    ),
+    "adafactor-timm-caution": lambda p: do.AdafactorTimm(
+        p, lr=1e-2, betas=(0.9, 0.999), min_dim_size_to_factor=2, caution=True
+    ),
+    "adafactorbv-clip": lambda p: do.AdafactorBigVision(
+        p, lr=1e-2, min_dim_size_to_factor=2, clipping_threshold=1.0, momentum_dtype=torch.float32
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MAKERS))
+def test_non_contiguous_parameter_equals_its_contiguous_copy(name):
+    """A transposed parameter (non-contiguous data and gradient) is updated through a contiguous
+    copy written back: the same numbers (up to the order of summation) as the same values stored
+    contiguously."""
+    torch.manual_seed(0)
+    base = torch.randn(9, 6)
+    a = torch.nn.Parameter(base.t().contiguous())  # (6, 9), contiguous
+    b = torch.nn.Parameter(base.clone().t())  # (6, 9), a transposed view
+    assert not b.is_contiguous()
+    opt_a, opt_b = _MAKERS[name]([a]), _MAKERS[name]([b])
+    for t in range(4):
+        g = torch.randn(9, 6, generator=torch.Generator().manual_seed(t))
+        a.grad = g.t().contiguous()
+        b.grad = g.t()  # non-contiguous too
+        opt_a.step()
+        opt_b.step()
+    torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
+    assert not b.is_contiguous()
+    for k, v in opt_a.state[a].items():
+        if isinstance(v, torch.Tensor):
+            torch.testing.assert_close(opt_b.state[b][k], v, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(
+    os.environ.get("DISTOPT_TEST_COMPILED") != "all" or not K._can_compile(torch.device("cpu")),
+    reason="compiled phases: set DISTOPT_TEST_COMPILED=all (minutes of cold compiles)",
+)
+@pytest.mark.parametrize("name", sorted(_MAKERS))
+def test_compiled_equals_eager(name):
+    out = {}
+    try:
+        for mode in ("eager", "compile"):
+            K.set_mode(mode)
+            params = make_params()
+            opt = _MAKERS[name](params)
+            run_quadratic(opt, params, 6, False)
+            out[mode] = (params, opt)
+    finally:
+        K.set_mode(None)
+    for i, (a, b) in enumerate(zip(out["eager"][0], out["compile"][0])):
+        torch.testing.assert_close(
+            b.detach(),
+            a.detach(),
+            rtol=1e-5,
+            atol=1e-6,
+            msg=lambda m, i=i: f"{name}: parameter {i}: {m}",
+        )
