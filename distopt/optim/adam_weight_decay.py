@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import math
 import re
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -126,6 +127,7 @@ class AdamWeightDecay(DistOptimizer):
     """
 
     elementwise = True  # unless clipnorm / global_clipnorm (see needs_whole_tensors)
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: see distopt.optim._kernel
 
     def needs_whole_tensors(self, group: dict[str, Any]) -> bool:
         """``clipnorm`` and ``global_clipnorm`` clip by norms of whole gradients."""
@@ -200,6 +202,15 @@ class AdamWeightDecay(DistOptimizer):
     _zero_state = ("exp_avg", "exp_avg_sq", ("max_exp_avg_sq", "amsgrad"))
 
     # ------------------------------------------------------------------ clipping
+    def _unscaled(self, views: list[ParamView]) -> list[Tensor]:
+        """The gradients of ``views`` divided by GradScaler's ``grad_scale`` when it set one
+        (``global_clipnorm`` clips before the rule, which unscales the others in the kernel)."""
+        grads = [v.grad for v in views]
+        grad_scale = K.scaler_of(self)[0]
+        if grad_scale is None or not grads:
+            return grads
+        return torch._foreach_mul(grads, grad_scale.to(grads[0].device, torch.float32).reciprocal())
+
     @staticmethod
     def _value_clipped(group: dict[str, Any], grads: list[Tensor]) -> list[Tensor]:
         cv = group["clipvalue"]
@@ -214,7 +225,9 @@ class AdamWeightDecay(DistOptimizer):
         ctx.extra["global_clip"] = None
         views = [v for _, vs in groups for v in vs]
         if clip is not None and views:
-            grads = [g for group, vs in groups for g in self._value_clipped(group, [v.grad for v in vs])]
+            grads = [
+                g for group, vs in groups for g in self._value_clipped(group, self._unscaled(vs))
+            ]
             norm = ctx.sum_over(F.local_sumsq(grads), views).sqrt()
             # a device tensor (no host read), in float64 where the device has it: the factor
             # the host computation would give; NaN for a non-finite norm (as Keras)
@@ -243,11 +256,14 @@ class AdamWeightDecay(DistOptimizer):
         beta1, beta2 = group["betas"]
         wd, cv, cn = group["weight_decay"], group["clipvalue"], group["clipnorm"]
         global_clip = ctx.extra.get("global_clip")
+        scaler: Any = self
         if global_clip is not None:  # value clip, then the optimizer-wide factor, before the rule
-            grads = self._value_clipped(group, [v.grad for v in views])
+            grads = self._value_clipped(group, self._unscaled(views))
             grads = torch._foreach_mul(grads, global_clip.to(grads[0].device))
             views = [dataclasses.replace(v, grad=g) for v, g in zip(views, grads)]
             cv = None
+            # the gradients are unscaled already: the rule keeps GradScaler's found_inf only
+            scaler = types.SimpleNamespace(found_inf=K.scaler_of(self)[1])
         scalars = [
             {"decay": 1.0 - lr * wd if d else 1.0, "beta1": beta1, "beta2": beta2, "eps": group["eps"],
              "size": -lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t),
@@ -255,7 +271,7 @@ class AdamWeightDecay(DistOptimizer):
             for t, d in zip(F.advance_steps(views), self._decay_mask(group, views))
         ]  # fmt: skip
         states = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
-        K.apply(self, adam_weight_decay_rule, views, states, scalars, ctx=ctx,
+        K.apply(scaler, adam_weight_decay_rule, views, states, scalars, ctx=ctx,
                 sums=CLIPNORM_SUMS if cn is not None else (), decay=wd != 0.0,
                 amsgrad=bool(group["amsgrad"]), clipvalue=cv is not None, clipnorm=cn is not None)  # fmt: skip
 
