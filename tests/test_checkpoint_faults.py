@@ -163,6 +163,29 @@ def _async_cases(root: str) -> dict:
     ckpt.load(f"{root}/fsdp2", model=fmodel2, optimizer=fopt2)
     got = full_params(fraw2)
     out["fsdp2_equal_to_snapshot"] = all(torch.equal(got[n], f_at_save[n]) for n in f_at_save)
+    # the background copy failing on one rank: every rank raises at wait (no hang, also not in
+    # the step that waits for the copy), nothing is left behind
+    from distopt.checkpoint import _async
+
+    real = _async.run_deferred
+
+    def boom(deferred):
+        raise RuntimeError("copy failed (injected)")
+
+    if rank() == 1:
+        _async.run_deferred = boom
+    try:
+        ckpt.save(f"{root}/copyfail", model=model, optimizer=opt, async_=True)
+        train_steps(model, opt, 4, 5)
+        try:
+            ckpt.wait()
+            out["copy_fail"] = None
+        except ckpt.CheckpointError as exc:
+            out["copy_fail"] = str(exc)
+    finally:
+        _async.run_deferred = real
+    dist.barrier()
+    out["copy_fail_left"] = sorted(os.listdir(root))
     return out
 
 
@@ -294,6 +317,9 @@ def test_async_save(results):
         )
         assert a["steps"] == [3, 4]
         assert a["fsdp2_equal_to_snapshot"]
+        assert a["copy_fail"] and "rank 1" in a["copy_fail"], a["copy_fail"]
+        assert "taking the snapshot" in a["copy_fail"] and "injected" in a["copy_fail"]
+        assert not [n for n in a["copy_fail_left"] if "copyfail" in n], a["copy_fail_left"]
     assert ckpt.read_meta(tmp / "async" / "step-4")["extra"] == {"step": 4}
 
 

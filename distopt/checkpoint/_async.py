@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ def stage(
         return buf
 
     out: dict[str, Spec] = {}
-    load = [0] * world  # bytes of complete tensors each rank writes (same on every rank)
+    load = [0] * world  # bytes of complete parameters each rank writes (same on every rank)
     for key, spec in specs.items():
         if spec[0] == "rows":
             out[key] = ("rows", snap(spec[1], key), *spec[2:])
@@ -89,12 +90,15 @@ def stage(
             )
         elif world > 1 and spec[1].dim() >= 1:
             # complete on every rank: one rank copies and writes it whole (DCP would write one
-            # rank's copy anyway), the ranks taking turns by bytes, so the snapshot costs about
+            # rank's copy anyway), the ranks taking turns, so the snapshot costs about
             # 1/world of these tensors per rank and the checkpoint holds one item per tensor,
             # as a synchronous save's (a load reads it in one piece, not world pieces)
             t = spec[1]
-            owner = min(range(world), key=lambda r: (load[r], r))
-            load[owner] += t.numel() * t.element_size()
+            if key.startswith("model/"):  # every rank lists every parameter, in one order
+                owner = min(range(world), key=lambda r: (load[r], r))
+                load[owner] += t.numel() * t.element_size()
+            else:  # state a rank may lack (no rows of that parameter): from the name alone
+                owner = zlib.crc32(key.encode()) % world
             bounds = [(0, t.shape[0]) if r == owner else (0, 0) for r in range(world)]
             local = snap(t, key) if rank == owner else t[:0]
             out[key] = ("rows", local, tuple(t.shape), bounds, rank, None)

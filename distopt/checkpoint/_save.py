@@ -353,12 +353,18 @@ def save(
 
     def run() -> None:
         try:
+            copy_error = None
             try:
                 if deferred:
                     _async.run_deferred(deferred)
+            except Exception as exc:  # noqa: BLE001 - every rank learns of it in DCP's planning
+                copy_error = f"taking the snapshot: {describe(exc)}"
             finally:
                 pending.staged.set()
-            _write_and_commit(tensors=_materialize(staged), group=group, **job)
+            if copy_error is not None:
+                job["prepare_error"] = job["prepare_error"] or copy_error
+            tensors = {} if copy_error else _materialize(staged)
+            _write_and_commit(tensors=tensors, group=group, **job)
         except CheckpointError as exc:
             pending.error = str(exc)
         except BaseException as exc:  # noqa: BLE001 - reported at the next save/wait
