@@ -15,7 +15,9 @@ under the same switch as :mod:`distopt.optim._kernel` (``DISTOPT_KERNELS`` / ``_
    ``g^2``, the row statistic when it is local, the sum over ``dc`` of the new row statistic; for
    an unfactored tensor the new ``V`` (written) and the sum of ``u^2``.
 2. ``precond`` (factored only): after the partial sums are added across ranks, the statistics
-   that needed them and the sum of ``u^2`` (one read of ``g``; none without clipping).
+   that needed them, the row and column factors of the preconditioner (small tensors, computed
+   once: the update does not recompute them per element) and the sum of ``u^2`` (one read of
+   ``g``; none without clipping).
 3. ``apply``: the element-wise update of ``p`` and the first moment (read ``p``, ``g``, ``m``;
    write ``p``, ``m``), with an extra ``mask`` phase before it for the cautious mask's count.
 
