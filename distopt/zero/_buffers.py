@@ -55,6 +55,8 @@ class BucketBuffers:
         self.a2a = a2a
         W, R = world, bucket.region
         self.flat = torch.zeros(W * R, dtype=bucket.dtype, device=bucket.device)
+        # this rank's reduced rows; the shards' .grad are views into it until the next reduction
+        self.out = torch.empty(R, dtype=bucket.dtype, device=bucket.device)
         self.recv = (
             torch.empty((W - 1) * R, dtype=bucket.dtype, device=bucket.device) if a2a else None
         )
@@ -88,6 +90,11 @@ class BucketBuffers:
                 [self._region_slice(self.regions, self.pos[r], s, r) for _, r in owners]
             )
         self._key: tuple[int, ...] | None = None
+
+    def nbytes(self) -> int:
+        """Bytes of this bucket's persistent buffers."""
+        ts = [self.flat, self.out] + ([self.recv] if self.recv is not None else [])
+        return sum(t.numel() * t.element_size() for t in ts)
 
     @staticmethod
     def _region_slice(regions: Tensor, pos: int, s: Slot, r: int) -> Tensor:

@@ -359,7 +359,11 @@ class ZeroEngine:
         low = inp.dtype in (torch.float16, torch.bfloat16)
         if low:  # average before the sum, as DDP does (a low-precision sum could overflow)
             inp.div_(W * self.replicas)
-        out = torch.empty(b.region, dtype=b.dtype, device=b.device)
+        # the reduced rows land in the bucket's persistent output, which the shards' .grad view
+        # until the next reduction (as DDP's gradient_as_bucket_view); gradients still held from
+        # an earlier reduction (accumulation without zero_grad) keep theirs: a fresh one here
+        held = any(self.shards[s.index].grad is not None for s in b.slots)
+        out = torch.empty(b.region, dtype=b.dtype, device=b.device) if held else buf.out
         if self._a2a:
             splits = buf.splits()
             self.stats.add("reduce_scatter", inp.numel() * inp.element_size())

@@ -40,5 +40,7 @@ def shard_info(engine: Any) -> dict[str, Any]:
             t.numel() * t.element_size() for t in engine._grad_out if t is not None
         ),
         "buckets": len(engine.buckets),
+        # the persistent flat communication buffers (allocated at a bucket's first reduction)
+        "comm_buffer_bytes": sum(b.nbytes() for b in engine._buffers if b is not None),
         "comm": engine.stats.as_dict(),
     }
