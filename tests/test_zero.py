@@ -247,3 +247,38 @@ def test_zero_all_to_all_and_generic_collectives_agree():
                         got[case.id][name], want, rtol=1e-5, atol=1e-6,
                         msg=lambda m, r=r, a2a=a2a, stage=stage, name=name: f"rank {r} a2a={a2a} stage {stage} {name}: {m}",
                     )  # fmt: skip
+
+
+def _alloc_worker(stage: int):
+    """Bytes of every allocation of at least ``big`` bytes made during two steady-state steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(16)])  # 4 KiB weights
+    opt = distopt.optim.AdamW(model.parameters(), lr=1e-2)
+    smodel, opt = distopt.shard(model, opt, stage=stage)  # one bucket of ~68 KiB
+    x = torch.randn(4, 32)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        smodel(x).pow(2).mean().backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    big = 16 * 1024  # above any one gradient, activation or row shard; under half the bucket
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+        step()
+    sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage >= big]
+    return sizes, sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.distributed
+def test_zero_steps_allocate_no_bucket_sized_buffers():
+    """The flat communication buffers are allocated once and reused: two steady-state steps
+    allocate nothing of bucket size (the engine used to allocate its flat buffers every step)."""
+    for stage in (1, 2):
+        for r, (sizes, model_bytes) in enumerate(run_distributed(_alloc_worker, 2, stage, timeout=300)):
+            assert model_bytes > 4 * 16 * 1024, model_bytes  # the bucket really is bigger
+            assert sizes == [], f"stage {stage} rank {r}: allocations of {sizes} bytes per 2 steps"
