@@ -88,8 +88,10 @@ def _kernel(key: tuple, phase: str, compiled: bool) -> Callable[..., Any]:
     fn = _kernels.get((key, phase, compiled))
     if fn is None:
         fn = _factory(key, phase)
-        if compiled:
-            fn = torch.compile(fn, dynamic=True, fullgraph=True)
+        if compiled:  # the backend and options of _kernel's kernels
+            backend = getattr(K, "BACKEND", "inductor")
+            options = getattr(K, "COMPILE_OPTIONS", None) if backend == "inductor" else None
+            fn = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend, options=options)
         _kernels[(key, phase, compiled)] = fn
     return fn
 
