@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from distopt.optim import _kernel as K
 from tests.optim_cases import CASES
 from tests.problems import make_params, run_quadratic
 
-_COMPILED_IDS = {"csgdw"}
+_COMPILED_IDS = {"csgdw", "madgrad"}  # madgrad: K.cbrt's bit casts
 
 
 def _amp_cases():
@@ -82,6 +83,109 @@ def test_compiled_equals_eager(case, kernel_mode, caplog):
         torch.testing.assert_close(a, b, rtol=case.tol, atol=case.tol)
     moved = [float((a - torch.randn(a.shape)).abs().sum()) for a in results["eager"]]
     assert all(m > 0 for m in moved)
+
+
+# one big 1-, 2- and 4-d tensor each (one kernel call each), small ones grouped into one call,
+# one at a storage offset (as ZeRO's row shards are), a 1-element one (eager)
+_TRACE_SHAPES = [(40000,), (300, 130), (8, 3, 40, 40), (7,), (5, 3), (1,)]
+
+
+def _offset_params():
+    flat = torch.randn(sum(torch.Size(s).numel() for s in _TRACE_SHAPES) + 3 * len(_TRACE_SHAPES))
+    params, at = [], 1
+    for s in _TRACE_SHAPES:
+        n = torch.Size(s).numel()
+        params.append(torch.nn.Parameter(flat[at : at + n].view(s)))
+        at += n + 3
+    return params
+
+
+def _rules_of(case) -> tuple:
+    """The rule functions ``case``'s optimizer runs through :func:`K.apply` (one eager step)."""
+    calls = []
+    real, previous = K.apply, K._mode
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    p = torch.nn.Parameter(torch.randn(4))
+    p.grad = torch.randn(4)
+    K.apply, K._mode = spy, "eager"
+    try:
+        case.make([p]).step()
+    finally:
+        K.apply, K._mode = real, previous
+    return tuple(dict.fromkeys(calls))
+
+
+def _trace_cases():
+    """CI: the first case of every rule function (tracing costs seconds of CPU per case);
+    ``DISTOPT_TEST_COMPILED=all``: every case that runs rules."""
+    every = os.environ.get("DISTOPT_TEST_COMPILED") == "all"
+    seen, out = set(), []
+    for c in CASES:
+        if c.create_graph:
+            continue
+        rules = _rules_of(c)
+        if rules and (every or not set(rules) <= seen):
+            out.append(c)
+        seen.update(rules)
+    return out
+
+
+class _CountingBackend:
+    """A ``torch.compile`` backend that runs the captured graph as it is and counts graphs."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.mark.parametrize("case", _trace_cases(), ids=lambda c: c.id)
+def test_every_rule_traces_once_and_equals_eager(case, kernel_mode, monkeypatch, caplog):
+    """Every case whose optimizer runs rules: each (rule, options, phase) traces as ONE
+    full graph (dynamo's ``aot_eager`` backend: the graphs inductor would get, without building
+    C++) that serves 1-, 2- and 4-d tensors, grouped small ones and views at storage offsets
+    without recompiling, and gives eager's numbers; in-place updates bump version counters."""
+    backend = _CountingBackend()
+    monkeypatch.setattr(K, "BACKEND", backend)
+    # every runner of rules (_kernel and the row-wise one, if loaded): fresh code objects
+    runners = [K] + [m for m in (sys.modules.get("distopt.optim._rule_rows"),) if m]
+    for mod in runners:
+        monkeypatch.setattr(mod, "_kernels", {})
+        monkeypatch.setattr(mod, "_failed", set())
+
+    def steps(params, opt):
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+
+    results = {}
+    for mode in ("eager", "compile"):
+        kernel_mode(mode)
+        torch.manual_seed(0)
+        params = _offset_params()
+        opt = case.make(params)
+        versions = [p._version for p in params]
+        steps(params, opt)
+        assert all(p._version > v for p, v in zip(params, versions)), "an update was invisible"
+        results[mode] = [p.detach().clone() for p in params]
+    failed = [r.getMessage() for r in caplog.records if "compiling" in r.getMessage()]
+    assert not failed, failed
+    kernels = [k for mod in runners for k in mod._kernels if k[2]]  # (key, phase, compiled)
+    assert kernels, f"{case.id}: nothing was compiled"
+    assert backend.graphs == len(kernels), (
+        f"{case.id}: {backend.graphs} graphs for {len(kernels)} (rule, options, phase) kernels: "
+        "a kernel recompiled for another shape, rank, offset or grouping"
+    )
+    for a, b in zip(results["eager"], results["compile"]):
+        torch.testing.assert_close(a, b, rtol=case.tol, atol=case.tol)
 
 
 class _HostReads(torch.overrides.TorchFunctionMode):

@@ -81,6 +81,9 @@ SMALL = 1 << 15
 #: compile being written into the C++ code (1 thread compiles a serial loop, and torch.compile
 #: does not recompile when the count changes: a kernel first run at 1 thread stayed serial)
 COMPILE_OPTIONS = {"cpp.dynamic_threads": True}
+#: the ``torch.compile`` backend, a name or a callable (tests count the graphs of every rule with
+#: a backend that runs them as traced, without building C++)
+BACKEND = "inductor"
 
 _mode: str | None = None
 _kernels: dict[Any, Callable[..., None]] = {}
@@ -186,7 +189,10 @@ class _Kernels:
         if fn is None:
             fn = _kernel_factory(rule, states, scalars, options, sums, phase)
             if compiled:
-                fn = torch.compile(fn, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
+                options = COMPILE_OPTIONS if BACKEND == "inductor" else None
+                fn = torch.compile(
+                    fn, dynamic=True, fullgraph=True, backend=BACKEND, options=options
+                )
             _kernels[k] = fn
         return fn
 
