@@ -9,7 +9,8 @@ Adahessian's Hessian-vector product (part of its backward pass) is not counted.
 
 Candidates are compared in groups (one distopt optimizer, its peers and the torch fused AdamW
 baseline), interleaved step by step over ``--repeats`` rounds in a rotating order; the table
-reports the first step separately (state allocation, one-off work), then, after ``--warmup``
+reports the first step separately (state allocation, the compile of distopt's rules: cold or warm
+cache, said above the table), then, after ``--warmup``
 untimed steps, the median of ``--repeats`` steps, and the ratio of that median to the baseline's median *in the same group* (ratios are
 what carries over between machines; absolute times on a shared machine are noise).  ``bytes/param``
 is the least memory traffic per parameter element the optimizer's maths needs (parameter and
@@ -24,6 +25,7 @@ import argparse
 import gc
 import importlib
 import importlib.util
+import os
 import platform
 import statistics
 import sys
@@ -38,7 +40,7 @@ import torch
 from distopt.bench._params import make_params, quick_shapes, vit_shapes
 from distopt.bench._traffic import traffic, whole_tensor_stats
 
-__all__ = ["add_parser", "run", "GROUPS"]
+__all__ = ["add_parser", "run", "GROUPS", "kernel_cache"]
 
 WEIGHT_DECAY = 0.01
 
@@ -318,6 +320,7 @@ def run(
         raise ValueError("--warmup must be >= 0")
     counts = _thread_counts(threads)
     dev = _device(device)
+    cache = kernel_cache()  # before anything compiles: cold or warm
     previous = torch.get_num_threads()
     per_count: list[list[dict[str, Any]]] = []
     try:
@@ -333,9 +336,34 @@ def run(
     # one table: each row followed by the same row at the other thread counts
     rows = [r for same in zip(*per_count) for r in same]
     label = ",".join(str(p[0]["threads"]) for p in per_count)
+    for r in rows:
+        r["kernel_cache"] = cache
     _print(rows, shapes, numel, repeats, warmup, fmt, skipped, out,
-           threads=label, by_threads=len(counts) > 1, device=dev)
+           threads=label, by_threads=len(counts) > 1, device=dev, cache=cache)
     return rows
+
+
+def kernel_cache() -> str:
+    """How distopt's single-pass rules will run, and whether their first step compiles cold.
+
+    ``eager`` (``DISTOPT_KERNELS=eager``: no compile), else ``cold`` (the inductor cache
+    directory holds no compiled graph yet: the first step of each optimizer includes a full
+    compile) or ``warm`` (compiled graphs on disk: the first step loads them).
+    """
+    from distopt.optim import _kernel as K
+
+    if K.mode() == "eager":
+        return "eager"
+    path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not path:
+        try:
+            from torch._inductor.runtime.cache_dir_utils import cache_dir  # no public getter
+            path = cache_dir()
+        except Exception:  # noqa: BLE001 - unknown layout: say nothing about the cache
+            return "compile (cache state unknown)"
+    graphs = os.path.join(path, "fxgraph")
+    warm = os.path.isdir(graphs) and any(os.scandir(graphs))
+    return f"{'warm' if warm else 'cold'} ({path})"
 
 
 def _run(optim: str | None, repeats: int, warmup: int, quick: bool, progress: bool,
@@ -415,8 +443,9 @@ def _where(device: torch.device | None, threads: str) -> str:
 
 
 def _print(rows, shapes, numel, repeats, warmup, fmt, skipped, out, threads: str | None = None,
-           by_threads: bool = False, device: torch.device | None = None) -> None:
-    header = ["optimizer", "implementation", "first step (ms)", "median step (ms)",
+           by_threads: bool = False, device: torch.device | None = None,
+           cache: str | None = None) -> None:
+    header = ["optimizer", "implementation", "first step incl. compile (ms)", "median step (ms)",
               "x torch fused AdamW", "note"]
     body = [[r["optimizer"], r["impl"], f"{r['first_ms']:.1f}", f"{r['median_ms']:.1f}",
              f"{r['ratio']:.2f}", r["note"]] for r in rows]
@@ -430,6 +459,13 @@ def _print(rows, shapes, numel, repeats, warmup, fmt, skipped, out, threads: str
     info = (f"{len(shapes)} fp32 tensors, {numel:,} parameters; median of {repeats} interleaved "
             f"steps after {warmup} untimed; torch {torch.__version__}, "
             f"{_where(device, threads or str(torch.get_num_threads()))}")
+    if cache is not None:
+        info += (f"\ndistopt kernels: {cache}; the first step includes compiling each rule "
+                 "(cold: a full compile, and the first compiling optimizer also pays inductor's one-off C++ ISA checks; warm: loading it from disk)"
+                 if cache != "eager" else "\ndistopt kernels: eager (DISTOPT_KERNELS=eager): nothing compiles")
+        if by_threads and cache != "eager":
+            info += ("; kernels compiled at the first thread count are reused, in this process, "
+                     "at the others (they read the thread count when they run)")
     if fmt == "md":
         print(info + "\n", file=out)
         print("| " + " | ".join(header) + " |", file=out)
