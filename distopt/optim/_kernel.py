@@ -14,7 +14,10 @@ An optimizer's update is a *rule*: a pure function of one tensor's values::
   tensors, Triton for CUDA): one ``torch.compile(dynamic=True, fullgraph=True)`` kernel per
   (rule, options) reads every input once and writes every output once, in place; tensors are
   flattened so one dynamic-shape kernel serves every size, and small tensors are concatenated
-  into one call (the per-call overhead, not the bytes, is their cost);
+  into one call (the per-call overhead, not the bytes, is their cost).  The flat inputs are
+  detached aliases (no view base for dynamo to guard on; same storage and version counter), so
+  each (rule, options, phase) compiles once; CPU kernels are built with
+  ``cpp.dynamic_threads`` and use ``torch.get_num_threads()`` at each call;
 * **eager** (``DISTOPT_KERNELS=eager``, :func:`set_mode("eager") <set_mode>`, or where
   compiling is not possible or fails): the *same function* called with ordinary torch ops, in
   cache-sized chunks of large tensors.
