@@ -83,7 +83,11 @@ SMALL = 1 << 15
 #: thread count when it runs (``torch.set_num_threads`` now), instead of the count at its first
 #: compile being written into the C++ code (1 thread compiles a serial loop, and torch.compile
 #: does not recompile when the count changes: a kernel first run at 1 thread stayed serial)
-COMPILE_OPTIONS = {"cpp.dynamic_threads": True}
+#: ``cpp.vec_isa_ok``: take the CPU's vector ISA from its cpuid flags instead of building and
+#: loading a probe library per ISA first (inductor's check: ~10 s of the first cold compile in
+#: a fresh cache, paid by whichever optimizer compiles first); should the compiler not support
+#: the ISA after all, the compile fails and the rule runs eagerly, with a warning
+COMPILE_OPTIONS = {"cpp.dynamic_threads": True, "cpp.vec_isa_ok": True}
 #: the ``torch.compile`` backend, a name or a callable (tests count the graphs of every rule with
 #: a backend that runs them as traced, without building C++)
 BACKEND = "inductor"
