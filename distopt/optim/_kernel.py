@@ -117,7 +117,21 @@ def mode() -> str:
     return env or "compile"
 
 
+_compilable: dict[tuple[str, str], bool] = {}
+
+
 def _can_compile(device: torch.device) -> bool:
+    """Whether rules on ``device`` can be compiled: a C++ compiler on ``PATH`` for CPU tensors,
+    Triton for CUDA.  Asked once per device type (and ``$CXX``), not at every step: the
+    ``PATH`` search costs tens of microseconds per call."""
+    key = (device.type, os.environ.get("CXX", ""))
+    ok = _compilable.get(key)
+    if ok is None:
+        ok = _compilable[key] = _probe_compiler(device)
+    return ok
+
+
+def _probe_compiler(device: torch.device) -> bool:
     if not hasattr(torch, "compile"):
         return False
     if device.type == "cpu":

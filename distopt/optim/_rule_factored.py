@@ -270,16 +270,6 @@ def _kernel(
     return k
 
 
-_compilable: dict[torch.device, bool] = {}
-
-
-def _can_compile(device: torch.device) -> bool:
-    """:func:`_kernel._can_compile`, asked once per device (it searches ``PATH`` for a compiler)."""
-    if device not in _compilable:
-        _compilable[device] = K._can_compile(device)
-    return _compilable[device]
-
-
 def _call(fn: Callable[..., Any], compiled: bool, *args: Any, **opts: Any) -> Any:
     """``fn(*args, **opts)`` compiled (when ``compiled`` and it compiles) or eagerly."""
     key = tuple(sorted(opts.items()))
@@ -349,7 +339,7 @@ def run(
     if not views:
         return
     grad_scale, found_inf = K.scaler_of(owner)
-    compiled = K.mode() == "compile" and _can_compile(views[0].data.device)
+    compiled = K.mode() == "compile" and K._can_compile(views[0].data.device)
     kr, kc, kv = state_names
     n = len(views)
     # one scalar tensor per distinct set of values (tensors of one shape share theirs); each its
