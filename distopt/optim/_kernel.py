@@ -46,7 +46,7 @@ import logging
 import os
 import shutil
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -182,19 +182,31 @@ def _kernel_factory(
             parts = rule(p, g, old, s, **opts)
             return tuple(parts[k].sum(dtype=torch.float32) for k in sums)
         new_p, new = rule(p, g, old, s, **opts)
-        outs = [(p, new_p)] + [(old[k], v) for k, v in new.items()]
-        for dst, val in outs:
-            if found_inf is not None:
-                val = torch.where(found_inf > 0, dst, val)
-            dst.copy_(val)
+        _store([(p, new_p)] + [(old[k], v) for k, v in new.items()], found_inf)
         return None
 
     # one code object per (rule, options, phase): torch.compile's cache and recompile limit are
     # per code object, so rules never evict each other's kernels
-    code = kernel.__code__.replace(co_name=f"distopt_{rule.__name__}_{phase}")
-    return types.FunctionType(
-        code, kernel.__globals__, code.co_name, kernel.__defaults__, kernel.__closure__
-    )
+    return _named(kernel, f"distopt_{rule.__name__}_{phase}")
+
+
+def _store(outs: Iterable[tuple[Tensor, Tensor]], found_inf: Tensor | None) -> None:
+    """``dst.copy_(val)`` for each ``(dst, val)`` of ``outs``; where ``found_inf`` (a device
+    tensor set by ``GradScaler``) is non-zero every ``dst`` keeps its old value (``torch.where``:
+    no host read).  The in-place store of every kernel (traceable by ``torch.compile``)."""
+    for dst, val in outs:
+        if found_inf is not None:
+            val = torch.where(found_inf > 0, dst, val)
+        dst.copy_(val)
+
+
+def _named(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """A copy of the function ``fn`` whose code object is named ``name`` (same globals,
+    defaults and closure).  ``torch.compile``'s cache and recompile limit are per code object:
+    a kernel factory gives each (rule, options, phase) its own, so kernels never evict each
+    other, and profiles show the name."""
+    code = fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 class _Kernels:
