@@ -53,7 +53,6 @@ import torch
 from torch import Tensor
 
 from distopt.optim._core import ParamView, StepContext
-from distopt.optim._functional import device_tensor
 
 __all__ = [
     "apply",
@@ -159,9 +158,13 @@ def _kernel_factory(
     sums: tuple[str, ...],
     phase: str,
 ) -> Callable[..., Any]:
+    """The kernel of one ``phase``: ``sums`` (returns the float64 whole-tensor sums), ``update``
+    (stores the rule's outputs in place) or ``fused`` (both in one call: the sums of an
+    unsharded tensor need no reduction in between).  ``*_rows``: the same over a 2-D stack of
+    equal-sized small tensors, one tensor per row (sums per row, ``stats`` one row each)."""
     opts = dict(options)
-    if sums:
-        opts["phase"] = phase
+    rows = phase.endswith("_rows")
+    base = phase.removesuffix("_rows")
 
     def kernel(
         p: Tensor,
@@ -175,19 +178,31 @@ def _kernel_factory(
         if inv_scale is not None:
             g = g * inv_scale
         s = dict(zip(scalars, sc.unbind(0)))
-        if stats is not None:
-            s.update(zip(sums, stats.unbind(0)))
         old = dict(zip(states, sts))
-        if phase == "sums":
-            parts = rule(p, g, old, s, **opts)
-            return tuple(parts[k].sum(dtype=torch.float32) for k in sums)
-        new_p, new = rule(p, g, old, s, **opts)
+        if base != "update":
+            parts = rule(p, g, old, s, phase="sums", **opts)
+            stats = _sum_parts([parts[k] for k in sums], rows)
+            if base == "sums":
+                return stats
+        if stats is not None:  # 0-dim per name, or one (n, 1) column per name for rows
+            s.update(zip(sums, stats.t().unsqueeze(-1).unbind(0) if rows else stats.unbind(0)))
+        kw = dict(opts, phase="update") if sums else opts
+        new_p, new = rule(p, g, old, s, **kw)
         _store([(p, new_p)] + [(old[k], v) for k, v in new.items()], found_inf)
         return None
 
     # one code object per (rule, options, phase): torch.compile's cache and recompile limit are
     # per code object, so rules never evict each other's kernels
     return _named(kernel, f"distopt_{rule.__name__}_{phase}")
+
+
+def _sum_parts(parts: list[Tensor], rows: bool) -> Tensor:
+    """Whole-tensor sums of ``parts`` (float64 accumulation: more exact than float32, and
+    inductor's CPU reduction to float64 vectorises without its cascade-sum helper), stacked:
+    ``(k,)``, or ``(n, k)`` per row when ``rows``."""
+    if rows:
+        return torch.stack([x.sum(dim=-1, dtype=torch.float64) for x in parts], -1)
+    return torch.stack([x.sum(dtype=torch.float64) for x in parts])
 
 
 def _store(outs: Iterable[tuple[Tensor, Tensor]], found_inf: Tensor | None) -> None:
@@ -238,9 +253,9 @@ class _Kernels:
                 _compile_failed(self.key, self.key[0], exc)
                 self.compiled = False
         fn = self.get(phase, False)
-        if phase == "sums" or not flat:
+        if phase != "update" or not flat:
             return fn(*args)
-        return _eager(fn, *args)
+        return _plan.eager_chunks(fn, *args)
 
 
 # --------------------------------------------------------------------------- the runner
@@ -280,115 +295,13 @@ def apply(
     key = (rule, states, names, tuple(sorted(options.items())), sums)
     dev0 = views[0].data.device
     kern = _Kernels(key, mode() == "compile" and key not in _failed and _can_compile(dev0))
-
-    packs: dict[tuple, Tensor] = {}
-    aux: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
-    args = []
-    for i, v in enumerate(views):
-        vals = tuple(float(per_view[i][n]) for n in names)
-        dev = v.data.device
-        sc = packs.get((vals, dev))
-        if sc is None:
-            sc = packs[(vals, dev)] = device_tensor(vals, torch.float64, dev)  # no stream sync
-        if dev not in aux:
-            inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
-            fi = None if found_inf is None else found_inf.to(dev, torch.float32)
-            aux[dev] = (inv, fi)
-        sts = tuple(v.state[n] for n in states)
-        flat = v.data.numel() >= 2 and _flat_ok(v.data, v.grad, sts)
-        args.append((vals, dev, flat, sc, sts))
-
-    stats: list[Tensor | None] = [None] * len(views)
-    if sums:
-        parts = []
-        for v, (_, dev, flat, sc, sts) in zip(views, args):
-            d, g, st = (
-                (_flat(v.data), _flat(v.grad), tuple(_flat(t) for t in sts))
-                if flat
-                else (v.data, v.grad, sts)
-            )
-            parts.append(kern.call("sums", flat, d, g, st, sc, None, aux[dev][0], None))
-        reduced = ctx.reduce(
-            [[p[k].reshape(1) for p in parts] for k in range(len(sums))], list(views)
-        )
-        stats = [
-            torch.cat([reduced[k][i].to(torch.float64) for k in range(len(sums))])
-            for i in range(len(views))
-        ]
-
-    small: dict[tuple, list[int]] = {}
-    for i, (v, (vals, dev, flat, sc, sts)) in enumerate(zip(views, args)):
-        inv, fi = aux[dev]
-        if kern.compiled and flat and not sums and v.data.numel() < SMALL:
-            small.setdefault((vals, dev, v.data.dtype), []).append(i)
-            continue
-        if flat:
-            kern.call(
-                "update",
-                True,
-                _flat(v.data),
-                _flat(v.grad),
-                tuple(_flat(t) for t in sts),
-                sc,
-                stats[i],
-                inv,
-                fi,
-            )
-        else:
-            kern.call("update", False, v.data, v.grad, sts, sc, stats[i], inv, fi)
-
-    for (vals, dev, _), idx in small.items():
-        sc, (inv, fi) = packs[(vals, dev)], aux[dev]
-        group = [views[i] for i in idx]
-        cols = [[_flat(v.data) for v in group], [_flat(v.grad) for v in group]]
-        cols += [[_flat(v.state[s]) for v in group] for s in states]
-        bufs = [c[0] for c in cols] if len(group) == 1 else [torch.cat(c) for c in cols]
-        kern.call("update", True, bufs[0], bufs[1], tuple(bufs[2:]), sc, None, inv, fi)
-        if len(group) > 1:
-            sizes = [t.numel() for t in cols[0]]
-            for k in (0, *range(2, len(cols))):
-                torch._foreach_copy_(cols[k], list(torch.split(bufs[k], sizes)))
+    _plan.run(kern, views, states, per_view, names, sums, ctx, grad_scale, found_inf)
 
     if found_inf is not None:  # a skipped step does not count
         for v in views:
             step = v.state.get("step")
             if isinstance(step, Tensor):
                 step.sub_(found_inf.to(step.device, step.dtype))
-
-
-def _flat(t: Tensor) -> Tensor:
-    """``t`` as one dimension, sharing its storage and version counter but not a view.
-
-    ``torch.compile`` guards on the base of a view (its rank and strides), so views of 1-, 2-,
-    3- and 4-d parameters would each compile the kernel again; ``detach()`` of the flat view
-    has no base (and still shares the version counter: in-place writes stay visible).
-    """
-    return t.view(-1).detach()
-
-
-def _flat_ok(data: Tensor, grad: Tensor, sts: tuple[Tensor, ...]) -> bool:
-    return all(t.is_contiguous() for t in (data, grad, *sts)) and all(
-        t.shape == data.shape for t in sts
-    )
-
-
-def _eager(
-    fn: Callable[..., None],
-    data: Tensor,
-    grad: Tensor,
-    sts: tuple[Tensor, ...],
-    sc: Tensor,
-    stats: Tensor | None,
-    inv: Tensor | None,
-    fi: Tensor | None,
-) -> None:
-    n = data.numel()
-    if n > 2 * EAGER_CHUNK:
-        for a in range(0, n, EAGER_CHUNK):
-            b = min(n, a + EAGER_CHUNK)
-            fn(data[a:b], grad[a:b], tuple(t[a:b] for t in sts), sc, stats, inv, fi)
-        return
-    fn(data, grad, sts, sc, stats, inv, fi)
 
 
 def _compile_failed(key: Any, rule: Rule, exc: Exception) -> None:
@@ -419,7 +332,9 @@ def cautious(u: Tensor, g: Tensor, s: Mapping[str, Tensor]) -> Tensor:
     """``u * 1[u g > 0] / max(mean over the whole tensor, 1e-3)`` (``s["agree"]``: the count,
     ``s["numel"]``: the parameter's size)."""
     mask = (u * g > 0).to(u.dtype)
-    return u * (mask / torch.clamp(s["agree"] / s["numel"], min=1e-3))
+    # the per-tensor mean cast first (what a 0-dim float64 becomes against ``u`` anyway), so a
+    # column of statistics (stacked small tensors, see _kernel_plan.rows_ok) gives the same numbers
+    return u * (mask / torch.clamp(s["agree"] / s["numel"], min=1e-3).to(u.dtype))
 
 
 def gradient_in(g: Tensor, p: Tensor, wd: Tensor | None, maximize: bool) -> Tensor:
@@ -461,3 +376,6 @@ def cbrt(x: Tensor) -> Tensor:
         y3 = y * y * y
         y = y * ((y3 + 2.0 * x) / (2.0 * y3 + x))
     return torch.where((x > 0) & (x < float("inf")), y, x)
+
+
+from distopt.optim import _kernel_plan as _plan  # noqa: E402 - the runner imports this module

@@ -1,0 +1,281 @@
+"""How :func:`distopt.optim._kernel.apply` covers a param group's tensors with kernel calls.
+
+Every compiled kernel call costs tens of microseconds of ``torch.compile`` bookkeeping (guards,
+wrappers) whatever the tensor's size, so the runner makes as few calls as the maths allows:
+
+* a large tensor: one call; with whole-tensor sums, one ``fused`` call (sums, then the update
+  in the same kernel) when nothing needs summing across ranks, else a ``sums`` call, one
+  reduction for the whole group (:meth:`StepContext.reduce`) and an ``update`` call;
+* small tensors (under ``_kernel.SMALL`` elements) of one scalar set: concatenated into one
+  call; with sums, equal-sized ones are stacked as the rows of a 2-D tensor (``*_rows``
+  kernels: the sums per row, the update with one column of statistics per sum), when the rule
+  takes statistics of shape ``(n, 1)`` exactly as it takes 0-dim ones (:func:`rows_ok`);
+* in eager mode, or for a tensor that cannot be flattened: one call per tensor, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_leaves
+
+from distopt.optim import _kernel as K
+from distopt.optim._core import ParamView, StepContext
+from distopt.optim._functional import device_tensor
+
+__all__ = ["run", "rows_ok"]
+
+
+def run(
+    kern: Any,
+    views: Sequence[ParamView],
+    states: tuple[str, ...],
+    per_view: Sequence[Mapping[str, float]],
+    names: tuple[str, ...],
+    sums: tuple[str, ...],
+    ctx: StepContext | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """Run ``kern`` (a ``_kernel._Kernels``) over ``views`` (see the module docstring)."""
+    packs: dict[tuple, Tensor] = {}
+    aux: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
+    compiled = kern.compiled
+    small = K.SMALL
+    one: list[tuple[int, bool]] = []  # (view index, flat)
+    groups: dict[tuple, list[int]] = {}
+    scs: list[Tensor] = []
+    last: tuple[Mapping[str, float] | None, Any] = (None, None)
+    for i, v in enumerate(views):
+        sv = per_view[i]
+        if sv is last[0]:  # the same mapping as the previous view (one mapping for all)
+            vals = last[1]
+        else:
+            vals = tuple([float(sv[n]) for n in names])
+            last = (sv, vals)
+        data = v.data
+        dev = data.device
+        sc = packs.get((vals, dev))
+        if sc is None:
+            sc = packs[(vals, dev)] = device_tensor(vals, torch.float64, dev)  # no stream sync
+        if dev not in aux:
+            inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
+            fi = None if found_inf is None else found_inf.to(dev, torch.float32)
+            aux[dev] = (inv, fi)
+        scs.append(sc)
+        n = data.numel()
+        flat = n >= 2 and _flat_ok(data, v.grad, v.state, states)
+        if compiled and flat and n < small:
+            gk = (vals, dev, data.dtype, n) if sums else (vals, dev, data.dtype)
+            groups.setdefault(gk, []).append(i)
+        else:
+            one.append((i, flat))
+
+    # units: (kind, view indices, flat); kind: "one", "cat" (1-D concatenation), "rows" (2-D)
+    units: list[tuple[str, list[int], bool]] = [("one", [i], flat) for i, flat in one]
+    for gk, idx in groups.items():
+        if len(idx) == 1:
+            units.append(("one", idx, True))
+        elif not sums:
+            units.append(("cat", idx, True))
+        elif rows_ok(kern, gk[2], scs[idx[0]]):
+            units.append(("rows", idx, True))
+        else:
+            units.extend(("one", [i], True) for i in idx)
+
+    local = not sums or not any(v.sharded for v in views)
+    prepared = [_tensors(kind, [views[i] for i in idx], states, flat) for kind, idx, flat in units]
+    if not sums:
+        for (_, idx, flat), ts in zip(units, prepared):
+            kern.call("update", flat, *ts, scs[idx[0]], None, *aux[views[idx[0]].data.device])
+    elif local and compiled:
+        for (kind, idx, flat), ts in zip(units, prepared):
+            phase = "fused_rows" if kind == "rows" else "fused"
+            kern.call(phase, flat, *ts, scs[idx[0]], None, *aux[views[idx[0]].data.device])
+    else:
+        stats = [
+            kern.call(
+                "sums_rows" if kind == "rows" else "sums",
+                flat,
+                *ts,
+                scs[idx[0]],
+                None,
+                aux[views[idx[0]].data.device][0],
+                None,
+            )
+            for (kind, idx, flat), ts in zip(units, prepared)
+        ]
+        if not local:
+            stats = _reduced(ctx, views, units, stats)
+        for (kind, idx, flat), ts, st in zip(units, prepared, stats):
+            phase = "update_rows" if kind == "rows" else "update"
+            kern.call(phase, flat, *ts, scs[idx[0]], st, *aux[views[idx[0]].data.device])
+    for (kind, idx, _), ts in zip(units, prepared):
+        if kind != "one":
+            _scatter(ts, [views[i] for i in idx], states)
+
+
+def _reduced(
+    ctx: StepContext | None,
+    views: Sequence[ParamView],
+    units: list[tuple[str, list[int], bool]],
+    stats: list[Tensor],
+) -> list[Tensor]:
+    """The units' local sums added across ranks: one :meth:`StepContext.reduce` for all."""
+    if ctx is None:
+        raise ValueError("apply: `sums` needs the StepContext (ctx=) to reduce them across ranks")
+    rows: list[Tensor | None] = [None] * len(views)
+    for (kind, idx, _), st in zip(units, stats):
+        if kind == "one":
+            rows[idx[0]] = st
+        else:
+            for j, i in enumerate(idx):
+                rows[i] = st[j]
+    (red,) = ctx.reduce([rows], list(views))
+    return [
+        red[idx[0]] if kind == "one" else torch.stack([red[i] for i in idx])
+        for kind, idx, _ in units
+    ]
+
+
+def _tensors(
+    kind: str, group: list[ParamView], states: tuple[str, ...], flat: bool
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """``(p, g, states)`` of a unit: flat aliases of one tensor, its own tensors (not flat), or
+    the concatenation of a group (``rows``: viewed as ``(tensors, elements)``)."""
+    if kind == "one":
+        v = group[0]
+        if not flat:
+            return v.data, v.grad, tuple(v.state[s] for s in states)
+        return _flat(v.data), _flat(v.grad), tuple(_flat(v.state[s]) for s in states)
+    cols = [[_flat(v.data) for v in group], [_flat(v.grad) for v in group]]
+    cols += [[_flat(v.state[s]) for v in group] for s in states]
+    bufs = [torch.cat(c) for c in cols]
+    if kind == "rows":
+        bufs = [b.view(len(group), -1) for b in bufs]
+    return bufs[0], bufs[1], tuple(bufs[2:])
+
+
+def _scatter(
+    ts: tuple[Tensor, Tensor, tuple[Tensor, ...]], group: list[ParamView], states: tuple[str, ...]
+) -> None:
+    """Copy a group's updated concatenation back into its parameters and states."""
+    sizes = [v.data.numel() for v in group]
+    dst = [_flat(v.data) for v in group]
+    src = list(torch.split(ts[0].view(-1), sizes))
+    for s, buf in zip(states, ts[2]):
+        dst += [_flat(v.state[s]) for v in group]
+        src += torch.split(buf.view(-1), sizes)
+    torch._foreach_copy_(dst, src)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """``t`` as one dimension, sharing its storage and version counter but not a view.
+
+    ``torch.compile`` guards on the base of a view (its rank and strides), so views of 1-, 2-,
+    3- and 4-d parameters would each compile the kernel again; ``detach()`` of the flat view
+    has no base (and still shares the version counter: in-place writes stay visible).
+    """
+    return t.view(-1).detach()
+
+
+def _flat_ok(
+    data: Tensor, grad: Tensor, state: Mapping[str, Tensor], states: tuple[str, ...]
+) -> bool:
+    if not (data.is_contiguous() and grad.is_contiguous()):
+        return False
+    shape = data.shape
+    for s in states:
+        t = state[s]
+        if not t.is_contiguous() or t.shape != shape:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- rows: the probe
+
+_rows: dict[Any, bool] = {}
+
+
+class _Mixing(torch.overrides.TorchFunctionMode):
+    """Notes any op that combines a float64 tensor of >= 1 dims with another floating dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mixed = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        ts = [
+            t
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, Tensor) and t.dim() > 0 and t.is_floating_point()
+        ]
+        if any(t.dtype == torch.float64 for t in ts) and any(t.dtype != torch.float64 for t in ts):
+            self.mixed = True
+        return func(*args, **kwargs)
+
+
+def rows_ok(kern: Any, dtype: torch.dtype, sc: Tensor) -> bool:
+    """Whether the rule's update gives the same numbers with each statistic as an ``(n, 1)``
+    float64 column as with a 0-dim one (what stacking small tensors as rows needs).
+
+    A 0-dim float64 tensor takes the dtype of the tensor it meets (float32 maths); an ``(n, 1)``
+    one promotes it to float64.  So rows are only used for a rule in which no statistic-derived
+    value meets a non-float64 tensor before an explicit ``.to(dtype)`` (as Lars' trust ratio
+    does): checked once per (rule, options, dtype) on a tiny eager run, ops watched by a
+    :class:`torch.overrides.TorchFunctionMode`.
+    """
+    key = (kern.key, dtype)
+    ok = _rows.get(key)
+    if ok is None:
+        ok = _rows[key] = _probe_rows(kern.key, dtype, sc)
+    return ok
+
+
+def _probe_rows(key: tuple, dtype: torch.dtype, sc: Tensor) -> bool:
+    rule, states, names, options, sums = key
+    if dtype == torch.float64:
+        return True
+    dev = sc.device
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape: int, dt: torch.dtype = dtype) -> Tensor:
+        return (torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5).to(dev, dt)
+
+    p, g = rand(2, 3), rand(2, 3)
+    old = {s: rand(2, 3) for s in states}
+    s = dict(zip(names, sc.unbind(0)))
+    s.update({k: rand(2, 1, dt=torch.float64) for k in sums})
+    mode = _Mixing()
+    try:
+        with torch.no_grad(), mode:
+            new_p, new = rule(p, g, old, s, phase="update", **dict(options))
+    except Exception:  # noqa: BLE001 - a rule that does not take columns: no rows
+        return False
+    outs = [new_p, *new.values()]
+    return not mode.mixed and all(isinstance(t, Tensor) and t.dtype == dtype for t in outs)
+
+
+def eager_chunks(
+    fn: Callable[..., None],
+    data: Tensor,
+    grad: Tensor,
+    sts: tuple[Tensor, ...],
+    sc: Tensor,
+    stats: Tensor | None,
+    inv: Tensor | None,
+    fi: Tensor | None,
+) -> None:
+    """``fn`` eagerly over a flat tensor, in ``_kernel.EAGER_CHUNK``-sized pieces when large
+    (cache-sized temporaries instead of fresh tensor-sized allocations per op)."""
+    n, chunk = data.numel(), K.EAGER_CHUNK
+    if n > 2 * chunk:
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            fn(data[a:b], grad[a:b], tuple(t[a:b] for t in sts), sc, stats, inv, fi)
+        return
+    fn(data, grad, sts, sc, stats, inv, fi)
