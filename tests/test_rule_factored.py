@@ -82,7 +82,8 @@ def test_non_contiguous_parameter_equals_its_contiguous_copy(name):
     reason="compiled phases: set DISTOPT_TEST_COMPILED=all (minutes of cold compiles)",
 )
 @pytest.mark.parametrize("name", sorted(_MAKERS))
-def test_compiled_equals_eager(name):
+def test_compiled_equals_eager(name, monkeypatch):
+    monkeypatch.setattr(R, "EAGER_BELOW", 0)  # the test's tensors are small: compile them all
     out = {}
     try:
         for mode in ("eager", "compile"):
@@ -104,3 +105,36 @@ def test_compiled_equals_eager(name):
             atol=1e-6,
             msg=lambda m, i=i: f"{name}: parameter {i}: {m}",
         )
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adafactorbv-clip"])
+def test_stacked_vectors_equal_one_optimizer_per_tensor(name, monkeypatch):
+    """Unfactored tensors of one shape run as one stacked call per phase: the same numbers
+    as each tensor in an optimizer of its own (nothing stacked), with the per-tensor RMS and clip
+    kept apart; a tensor that skips a step (a different step count) is not stacked with the rest."""
+    torch.manual_seed(0)
+    shapes = [(7,), (7,), (7,), (3, 7), (5,)]
+    base = [torch.randn(s) for s in shapes]
+    together = [torch.nn.Parameter(b.clone()) for b in base]
+    apart = [torch.nn.Parameter(b.clone()) for b in base]
+    opt = _MAKERS[name](together)
+    opts = [_MAKERS[name]([p]) for p in apart]
+    calls = []
+    stats_plain = R.stats_plain
+    monkeypatch.setattr(
+        R, "stats_plain", lambda p, *a, **k: calls.append(p.shape) or stats_plain(p, *a, **k)
+    )
+    for t in range(4):
+        gen = torch.Generator().manual_seed(t)
+        grads = [torch.randn(s, generator=gen) * (i + 1) for i, s in enumerate(shapes)]
+        for i, (a, b) in enumerate(zip(together, apart)):
+            skip = t == 1 and i == 0  # parameter 0 gets no gradient at step 1
+            a.grad = None if skip else grads[i].clone()
+            b.grad = None if skip else grads[i].clone()
+        opt.step()
+        for o in opts:
+            o.step()
+    for a, b in zip(together, apart):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.Size([3, 7]) in calls, "the three (7,) vectors were not stacked"
+    assert torch.Size([2, 7]) in calls, "vectors at a different step were stacked together"

@@ -151,6 +151,13 @@ def _direction(
     return m_new, m_new
 
 
+def _total(x: Tensor) -> Tensor:
+    """The sum of a 5-D ``x``: over its trailing (contiguous) dims first, then the rest; the
+    first sum shares its loop with the row or column sums over dim 3 (a whole-tensor sum is a
+    pass of its own, with a slower compensated accumulator)."""
+    return x.sum(dim=(3, 4)).sum()
+
+
 def _mask(d: Tensor, g: Tensor) -> Tensor:
     """The cautious mask (arXiv:2411.16085): where the direction and the gradient agree in sign."""
     return (d * g > 0).to(d.dtype)
@@ -187,7 +194,7 @@ def stats_factored(p, g, row, sc, inv, fi, *, dc: int, dr: int, row_local: bool,
     gsq = g * g
     csum = gsq.sum(dim=dc, keepdim=True)
     rsum = gsq.sum(dim=dr, keepdim=True)
-    psq = (p * p).sum() if opt.psq else None
+    psq = _total(p * p) if opt.psq else None
     if not row_local:
         return rsum, csum, None, psq
     new_row = _ema(row, rsum / sc[SC["n_r"]] + sc[SC["eps"]], sc, opt.flavour)
@@ -213,7 +220,7 @@ def precond_factored(
     if not opt.clip:
         return r_factor, c_factor, None
     u = (r_factor * c_factor) * _grad(g, inv)
-    return r_factor, c_factor, (u * u).sum()
+    return r_factor, c_factor, _total(u * u)
 
 
 def apply_factored(
@@ -226,24 +233,31 @@ def apply_factored(
 
 
 def stats_plain(p, g, v, sc, inv, fi, *, opt: Options):
-    """Phase 1 of an unfactored tensor: writes ``V``; returns (sum of p^2 or None, sum of u^2 or None)."""
+    """Phase 1 of unfactored tensors, seen as ``(rows, cols)`` (one tensor's rows, or equal
+    tensors stacked): writes ``V``; returns the row sums of p^2 and of u^2 (or None)."""
     g = _grad(g, inv)
     new_v = _ema(v, g * g + sc[SC["eps"]], sc, opt.flavour)
     v.copy_(_keep(v, new_v, fi))
-    psq = (p * p).sum() if opt.psq else None
+    psq = (p * p).sum(dim=-1) if opt.psq else None
     if not opt.clip:
         return psq, None
     u = torch.rsqrt(new_v) * g
-    return psq, (u * u).sum()
+    return psq, (u * u).sum(dim=-1)
 
 
 def apply_plain(p, g, m, v, pre, decay, agree, sc, inv, fi, *, opt: Options, phase: str):
-    """Phase 3 of an unfactored tensor (as :func:`apply_factored`)."""
+    """Phase 3 of unfactored tensors (as :func:`apply_factored`; ``(rows, cols)`` as
+    :func:`stats_plain`, a stack only without the cautious mask, whose count is per tensor)."""
     g = _grad(g, inv)
     return _finish(p, g, torch.rsqrt(v) * g, m, pre, decay, agree, sc, fi, opt, phase)
 
 
 # --------------------------------------------------------------------------- the runner
+
+#: in compile mode, a call on fewer elements runs eagerly: a compiled call's fixed cost (guards,
+#: wrappers: ~50-100 us on a CPU) is more than the eager ops on it, and small tensors' degenerate
+#: shapes (size-1 dims, which dynamic shapes specialise) would each compile a phase again
+EAGER_BELOW = 1 << 14
 
 _kernels: dict[Any, Callable[..., Any]] = {}
 _failed: set[Any] = set()
@@ -264,8 +278,10 @@ def _kernel(
         # per code object, so the kernels never evict each other
         code = kernel.__code__.replace(co_name=f"distopt_{fn.__name__}")
         k = types.FunctionType(code, kernel.__globals__, code.co_name, None, kernel.__closure__)
-        if compiled:
-            k = torch.compile(k, dynamic=True, fullgraph=True)
+        if compiled:  # the backend and inductor options of _kernel's kernels
+            backend = K.BACKEND
+            options = K.COMPILE_OPTIONS if backend == "inductor" else None
+            k = torch.compile(k, dynamic=True, fullgraph=True, backend=backend, options=options)
         _kernels[key] = k
     return k
 
@@ -290,10 +306,12 @@ def _call(fn: Callable[..., Any], compiled: bool, *args: Any, **opts: Any) -> An
 
 
 def _as5(t: Tensor, shape: Sequence[int], back: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """``t`` viewed with ``shape``; a non-contiguous ``t`` gets a contiguous copy written back
+    """``t`` viewed with ``shape``, detached (same storage and version counter, no view base:
+    ``torch.compile`` guards on a view's base, so the views of 2-, 3- and 4-d parameters would
+    each compile the phase again); a non-contiguous ``t`` gets a contiguous copy written back
     after the phase (recorded in ``back``)."""
     if t.is_contiguous():
-        return t.view(shape)
+        return t.view(shape).detach()
     c = t.reshape(shape).clone()
     back.append((t, c))
     return c
@@ -335,6 +353,10 @@ def run(
 
     ``state_names``: the names of the row, column and unfactored second moments; the first
     moment is ``exp_avg``.  ``owner``: the optimizer (its ``GradScaler`` attributes).
+
+    Unfactored tensors of one shape, dtype and scalar pack (the biases and norm weights of a
+    network) are stacked into one ``(rows, cols)`` call per phase (without the cautious mask);
+    in compile mode, calls on fewer than :data:`EAGER_BELOW` elements run eagerly.
     """
     if not views:
         return
@@ -359,22 +381,48 @@ def run(
             aux[dev] = (inv, fi)
 
     back: list[tuple[Tensor, Tensor]] = []
-    ts: list[dict[str, Tensor | None]] = []
-    for v, lay in zip(views, lays):
+    stacked: list[tuple[list[Tensor], Tensor]] = []
+    ts: dict[int, tuple[Layout, dict[str, Tensor | None]]] = {}
+    plain: dict[tuple, list[int]] = {}
+    for i, (v, lay) in enumerate(zip(views, lays)):
         m = v.state.get("exp_avg") if opt.momentum else None
         if lay is None:
-            ts.append({"p": v.data, "g": v.grad, "m": m, "v": v.state[kv]})
+            d = v.data
+            stackable = not opt.caution and d.dtype == torch.float32
+            key = (tuple(d.shape), d.device, id(sc[i]), None if m is None else m.dtype)
+            plain.setdefault(key if stackable else (i,), []).append(i)
             continue
         s5 = lay.shape5
-        ts.append(
+        ts[i] = (
+            lay,
             {
                 "p": _as5(v.data, s5, back),
                 "g": _as5(v.grad, s5, back),
                 "m": None if m is None else _as5(m, s5, back),
                 "r": _as5(v.state[kr], _with(s5, d=lay.dr), back),
                 "c": _as5(v.state[kc], _with(s5, d=lay.dc), back),
-            }
+            },
         )
+    # unfactored units: (view indices, rows per tensor, tensors as (rows, cols))
+    units: list[tuple[list[int], int, dict[str, Tensor | None]]] = []
+    for idx in plain.values():
+        shape = views[idx[0]].data.shape
+        numel = math.prod(shape)
+        cols = shape[-1] if shape and numel else 1
+        rows = numel // cols
+        group = [views[i] for i in idx]
+        tensors: dict[str, Tensor | None] = {
+            "p": _rows([v.data for v in group], rows, cols, back, stacked),
+            "g": _rows([v.grad for v in group], rows, cols, back, None),
+            "v": _rows([v.state[kv] for v in group], rows, cols, back, stacked),
+            "m": None,
+        }
+        if opt.momentum:
+            tensors["m"] = _rows([v.state["exp_avg"] for v in group], rows, cols, back, stacked)
+        units.append((idx, rows, tensors))
+
+    def runs_compiled(t: Tensor) -> bool:
+        return compiled and t.numel() >= EAGER_BELOW
 
     # ---- phase 1: statistics (one read of g, and of p for its RMS)
     empty = views[0].data.new_zeros(0, dtype=torch.float32)
@@ -385,15 +433,22 @@ def run(
     cf: list[Tensor] = [empty] * n
     psq: list[Tensor] = [empty] * n
     usq: list[Tensor] = [empty] * n
-    for i, (v, lay, t) in enumerate(zip(views, lays, ts)):
-        inv, fi = aux[v.data.device]
-        if lay is None:
-            a, b = _call(stats_plain, compiled, t["p"], t["g"], t["v"], sc[i], inv, fi, opt=opt)
-            psq[i], usq[i] = (empty if x is None else x.reshape(1) for x in (a, b))
-            continue
+    for idx, rows, t in units:
+        i = idx[0]
+        inv, fi = aux[views[i].data.device]
+        a, b = _call(
+            stats_plain, runs_compiled(t["p"]), t["p"], t["g"], t["v"], sc[i], inv, fi, opt=opt
+        )
+        for out, x in ((psq, a), (usq, b)):
+            if x is not None:
+                per = x.view(len(idx), rows).sum(dim=1) if rows != 1 else x.view(len(idx))
+                for j, y in zip(idx, per.view(len(idx), 1).unbind(0)):
+                    out[j] = y
+    for i, (lay, t) in ts.items():
+        inv, fi = aux[views[i].data.device]
         r, c, nrm, ps = _call(
             stats_factored,
-            compiled,
+            runs_compiled(t["p"]),
             t["p"],
             t["g"],
             t["r"],
@@ -426,13 +481,11 @@ def run(
     psq_red = red[3] if opt.psq else None
 
     # ---- phase 2: the factored statistics that needed the sums; the update's sum of squares
-    for i, (v, lay, t) in enumerate(zip(views, lays, ts)):
-        if lay is None:
-            continue
-        inv, fi = aux[v.data.device]
+    for i, (lay, t) in ts.items():
+        inv, fi = aux[views[i].data.device]
         rf[i], cf[i], u2 = _call(
             precond_factored,
-            compiled,
+            runs_compiled(t["g"]),
             t["g"],
             t["r"],
             t["c"],
@@ -456,36 +509,45 @@ def run(
     agree: list[Tensor | None] = [None] * n
     phases = ("mask", "update") if opt.caution and opt.momentum else ("update",)
     for phase in phases:
-        counts = []
-        for i, (v, lay, t) in enumerate(zip(views, lays, ts)):
-            inv, fi = aux[v.data.device]
-            common = (pre[i], decay[i], agree[i], sc[i], inv, fi)
-            if lay is None:
-                out = _call(
-                    apply_plain,
-                    compiled,
-                    t["p"],
-                    t["g"],
-                    t["m"],
-                    t["v"],
-                    *common,
-                    opt=opt,
-                    phase=phase,
-                )
-            else:
-                out = _call(
-                    apply_factored,
-                    compiled,
-                    t["p"],
-                    t["g"],
-                    t["m"],
-                    rf[i],
-                    cf[i],
-                    *common,
-                    opt=opt,
-                    phase=phase,
-                )
-            counts.append(out)
+        counts: list[Tensor] = [empty] * n
+        for idx, rows, t in units:
+            i = idx[0]
+            inv, fi = aux[views[i].data.device]
+            counts[i] = _call(
+                apply_plain,
+                runs_compiled(t["p"]),
+                t["p"],
+                t["g"],
+                t["m"],
+                t["v"],
+                _per_row([pre[j] for j in idx], rows),
+                _per_row([decay[j] for j in idx], rows),
+                agree[i],  # with the mask, every unit is one tensor
+                sc[i],
+                inv,
+                fi,
+                opt=opt,
+                phase=phase,
+            )
+        for i, (_, t) in ts.items():
+            inv, fi = aux[views[i].data.device]
+            counts[i] = _call(
+                apply_factored,
+                runs_compiled(t["p"]),
+                t["p"],
+                t["g"],
+                t["m"],
+                rf[i],
+                cf[i],
+                pre[i],
+                decay[i],
+                agree[i],
+                sc[i],
+                inv,
+                fi,
+                opt=opt,
+                phase=phase,
+            )
         if phase == "mask":
             agree = [
                 _own(c.reshape(()))
@@ -493,9 +555,39 @@ def run(
             ]
     for dst, src in back:
         dst.copy_(src.view(dst.shape))
+    for dsts, src in stacked:
+        torch._foreach_copy_(dsts, list(src.view(len(dsts), *dsts[0].shape).unbind(0)))
 
     if found_inf is not None:  # a skipped step does not count
         for v in views:
             step = v.state.get("step")
             if isinstance(step, Tensor):
                 step.sub_(found_inf.to(step.device, step.dtype))
+
+
+def _rows(
+    ts: list[Tensor],
+    rows: int,
+    cols: int,
+    back: list[tuple[Tensor, Tensor]],
+    stacked: list[tuple[list[Tensor], Tensor]] | None,
+) -> Tensor:
+    """Equal-shape tensors as one ``(len(ts) * rows, cols)`` tensor: a detached view of a single
+    contiguous one (as :func:`_as5`), else a stacked copy, written back after the step when
+    ``stacked`` is given (read-only inputs pass None)."""
+    if len(ts) == 1:
+        return _as5(ts[0], (rows, cols), back)
+    out = torch.stack(ts).view(len(ts) * rows, cols)
+    if stacked is not None:
+        stacked.append((ts, out))
+    return out
+
+
+def _per_row(xs: list[Any], rows: int) -> Tensor | None:
+    """Per-tensor factors (0-dim tensors, or None) of a unit: the one factor of a single tensor,
+    else one ``(len(xs) * rows, 1)`` float32 column (stacks are float32: the same arithmetic
+    as with each 0-dim factor)."""
+    if xs[0] is None or len(xs) == 1:
+        return xs[0]
+    col = torch.stack(xs).to(torch.float32).view(len(xs), 1)
+    return col if rows == 1 else col.expand(len(xs), rows).reshape(len(xs) * rows, 1)
