@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import types
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -119,11 +118,6 @@ def _grad(g: Tensor, inv: Tensor | None) -> Tensor:
     return g if inv is None else g * inv
 
 
-def _keep(old: Tensor, new: Tensor, fi: Tensor | None) -> Tensor:
-    """``new``, or ``old`` where ``GradScaler`` found an inf (the step is skipped)."""
-    return new if fi is None else torch.where(fi > 0, old, new)
-
-
 def _factors(row: Tensor, col: Tensor, rnorm: Tensor, sc: Tensor) -> tuple[Tensor, Tensor]:
     """The row and column factors of ``1 / sqrt((R / mean_dc(R)) outer C)`` (``rnorm``: the sum
     of ``R`` over ``dc``); small tensors, realised once (not recomputed per element)."""
@@ -180,9 +174,7 @@ def _finish(p, g, u, m, pre, decay, agree, sc, fi, opt: Options, phase: str):
             kept = p * sc[SC["decay"]]
     elif opt.decay:
         kept = p * decay
-    p.copy_(_keep(p, kept - d, fi))
-    if m_new is not None:
-        m.copy_(_keep(m, m_new, fi))
+    K._store([(p, kept - d)] + ([] if m_new is None else [(m, m_new)]), fi)
     return None
 
 
@@ -198,7 +190,7 @@ def stats_factored(p, g, row, sc, inv, fi, *, dc: int, dr: int, row_local: bool,
     if not row_local:
         return rsum, csum, None, psq
     new_row = _ema(row, rsum / sc[SC["n_r"]] + sc[SC["eps"]], sc, opt.flavour)
-    row.copy_(_keep(row, new_row, fi))
+    K._store([(row, new_row)], fi)
     return None, csum, new_row.sum(dim=dc, keepdim=True), psq
 
 
@@ -209,12 +201,12 @@ def precond_factored(
     it needed the reduction, the row statistic; returns the row and column factors and the sum
     of ``u^2`` (or None)."""
     new_col = _ema(col, csum / sc[SC["n_c"]] + sc[SC["eps"]], sc, opt.flavour)
-    col.copy_(_keep(col, new_col, fi))
+    K._store([(col, new_col)], fi)
     if row_local:
         new_row = row
     else:
         new_row = _ema(row, rsum / sc[SC["n_r"]] + sc[SC["eps"]], sc, opt.flavour)
-        row.copy_(_keep(row, new_row, fi))
+        K._store([(row, new_row)], fi)
         rnorm = new_row.sum(dim=dc, keepdim=True)
     r_factor, c_factor = _factors(new_row, new_col, rnorm, sc)
     if not opt.clip:
@@ -237,7 +229,7 @@ def stats_plain(p, g, v, sc, inv, fi, *, opt: Options):
     tensors stacked): writes ``V``; returns the row sums of p^2 and of u^2 (or None)."""
     g = _grad(g, inv)
     new_v = _ema(v, g * g + sc[SC["eps"]], sc, opt.flavour)
-    v.copy_(_keep(v, new_v, fi))
+    K._store([(v, new_v)], fi)
     psq = (p * p).sum(dim=-1) if opt.psq else None
     if not opt.clip:
         return psq, None
@@ -276,8 +268,7 @@ def _kernel(
 
         # one code object per (phase, options): torch.compile's cache and recompile limit are
         # per code object, so the kernels never evict each other
-        code = kernel.__code__.replace(co_name=f"distopt_{fn.__name__}")
-        k = types.FunctionType(code, kernel.__globals__, code.co_name, None, kernel.__closure__)
+        k = K._named(kernel, f"distopt_{fn.__name__}")
         if compiled:  # the backend and inductor options of _kernel's kernels
             backend = K.BACKEND
             options = K.COMPILE_OPTIONS if backend == "inductor" else None
