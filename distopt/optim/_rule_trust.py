@@ -7,6 +7,7 @@
   NvNovoGrad's per-tensor denominator): ``apply`` multiplies the gradient by ``1 / grad_scale``
   inside its kernels (both phases) and keeps ``GradScaler``'s ``found_inf``, so the divisor
   costs no pass over memory and no host read.
+* :func:`grad_norm`: the global gradient norm (Lamb's clip) from one ``_foreach_norm``.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ import torch
 from torch import Tensor
 
 from distopt.optim import _kernel as K
+from distopt.optim._core import ParamView, StepContext
 
-__all__ = ["trust_ratio", "grad_divided", "GradDivisor", "inv_grad_scale"]
+__all__ = ["trust_ratio", "grad_divided", "GradDivisor", "inv_grad_scale", "grad_norm"]
 
 
 def trust_ratio(w_sq: Tensor, u_sq: Tensor, clip: bool) -> Tensor:
-    """``sqrt(w_sq) / sqrt(u_sq)``; 1 where either sum of squares is 0; ``min(r, 1)`` if ``clip``."""
-    w, u = w_sq.clamp_min(0).sqrt(), u_sq.clamp_min(0).sqrt()
-    r = torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w))
+    """``sqrt(w_sq / u_sq)``; 1 where either sum of squares is not positive; ``min(r, 1)`` if
+    ``clip``.  One division and one square root (a compiled rule recomputes per-tensor scalars
+    for every vector of elements)."""
+    r = torch.where((w_sq > 0) & (u_sq > 0), (w_sq / u_sq).sqrt(), torch.ones_like(w_sq))
     return torch.clamp(r, max=1.0) if clip else r
 
 
@@ -51,3 +54,21 @@ def inv_grad_scale(opt: Any, device: torch.device) -> Tensor | None:
     """``1 / grad_scale`` (fp32, on ``device``) when ``GradScaler`` scaled this step's gradients."""
     scale, _ = K.scaler_of(opt)
     return None if scale is None else scale.to(device, torch.float32).reciprocal()
+
+
+def grad_norm(ctx: StepContext, views: list[ParamView]) -> Tensor:
+    """The L2 norm of all gradients of ``views`` together, a device tensor (Lamb's clip norm).
+
+    One ``torch._foreach_norm`` over every gradient and one sum per process group: the partial
+    sums of sharded tensors are added across their group's ranks (one reduction per group),
+    those of unsharded tensors counted once, as in
+    :func:`distopt.optim._functional.global_grad_norm` (which adds them one tensor at a time).
+    """
+    norms = torch._foreach_norm([v.grad for v in views])
+    if not any(v.sharded for v in views):
+        return torch.stack(norms).float().square().sum().sqrt()
+    parts: dict[Any, tuple[ParamView, list[Tensor]]] = {}
+    for n, v in zip(norms, views):
+        parts.setdefault(id(v.group) if v.sharded else None, (v, []))[1].append(n)
+    sums = [torch.stack(ns).float().square().sum() for _, ns in parts.values()]
+    return ctx.sum_over(sums, [v for v, _ in parts.values()]).sqrt()

@@ -22,7 +22,7 @@ from distopt.optim._hyper import (
     option,
     with_max_lr_snapshot,
 )
-from distopt.optim._rule_trust import grad_divided, inv_grad_scale, trust_ratio
+from distopt.optim._rule_trust import grad_divided, grad_norm, inv_grad_scale, trust_ratio
 
 __all__ = ["Lamb", "lamb_rule"]
 
@@ -102,7 +102,7 @@ class Lamb(DistOptimizer):
         ctx.extra["clip"] = None
         all_views = [v for _, vs in groups for v in vs]
         if max_norm is not None and all_views:
-            norm = F.global_grad_norm(ctx, all_views)
+            norm = grad_norm(ctx, all_views)
             inv = inv_grad_scale(self, norm.device)
             if inv is not None:  # GradScaler's scaled gradients: the norm of the true ones
                 norm = norm * inv
@@ -110,26 +110,32 @@ class Lamb(DistOptimizer):
             ctx.extra["clip"] = torch.clamp(norm / max_norm, min=1.0)
         super()._step_groups(groups, ctx)
 
+    @staticmethod
+    def _scalars(group: dict[str, Any], t: float, decay: float) -> dict[str, float]:
+        beta1, beta2 = group["betas"]
+        bc1, bc2 = (1.0 - beta1**t, 1.0 - beta2**t) if group["bias_correction"] else (1.0, 1.0)
+        # (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) = m / (sqrt(v) * k1 + k2): one division
+        # per element instead of three (a compiled rule divides per element, vector by vector)
+        return {"lr": float(group["lr"]), "beta1": beta1, "beta3": 1.0 - beta1, "beta2": beta2,
+                "wd": group["weight_decay"], "decay": decay, "k1": bc1 / math.sqrt(bc2),
+                "k2": bc1 * group["eps"]}  # fmt: skip
+
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:
             return
-        lr = float(group["lr"])
-        beta1, beta2 = group["betas"]
-        wd = group["weight_decay"]
+        lr, wd = float(group["lr"]), group["weight_decay"]
         caution, decoupled = bool(group.get("caution")), bool(group["decoupled_decay"])
         adapt = wd != 0.0 or bool(group["always_adapt"])
         if decoupled and group.get("corrected_weight_decay"):
             decay = 1.0 - lr * lr / group["max_lr_snapshot"] * wd
         else:
             decay = 1.0 - lr * wd
-        scalars = []
+        scalars, per_step = [], {}  # one scalar set per distinct step count (usually one)
         for v, t in zip(views, F.advance_steps(views)):
-            bc1, bc2 = (1.0 - beta1**t, 1.0 - beta2**t) if group["bias_correction"] else (1.0, 1.0)
-            sc = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": group["eps"], "wd": wd,
-                  "decay": decay, "bc1": bc1, "bc2_sqrt": math.sqrt(bc2)}  # fmt: skip
-            if caution:
-                sc["numel"] = float(v.numel)
-            scalars.append(sc)
+            sc = per_step.get(t)
+            if sc is None:
+                sc = per_step[t] = self._scalars(group, t, decay)
+            scalars.append({**sc, "numel": float(v.numel)} if caution else sc)
         sums: tuple[str, ...] = ()
         if adapt:
             sums = ("p_sq", "u_sq")
@@ -175,12 +181,11 @@ def lamb_rule(
     and ``um_p`` instead of ``u_sq``: the mask's scale is known only after the sums, and
     ``||u m / c + wd p||^2 = um_sq / c^2 + 2 wd um_p / c + wd^2 p_sq``.
     """
-    if averaging:
-        m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
-    else:
-        m = st["exp_avg"] * s["beta1"] + g
+    # beta1 * m + beta3 * g as a multiply-add (a lerp by a runtime weight compiles to both of
+    # its branches and a blend per element)
+    m = st["exp_avg"] * s["beta1"] + (g * s["beta3"] if averaging else g)
     v = K.ema_sq(st["exp_avg_sq"], g, s["beta2"])
-    u = m / (v.sqrt() / s["bc2_sqrt"] + s["eps"]) / s["bc1"]
+    u = m / (v.sqrt() * s["k1"] + s["k2"])  # (m / bc1) / (sqrt(v / bc2) + eps), see _scalars
     if decay == "decoupled":
         p = p * s["decay"]
     mask = (u * g > 0).to(u.dtype) if caution else None
@@ -201,7 +206,7 @@ def lamb_rule(
     # scalar maths per element (the eager result is the same: torch casts them so anyway)
     if caution:
         c = torch.clamp(s["agree"] / s["numel"], min=1e-3)
-        u = u * (mask / c.to(u.dtype))
+        u = u * mask * c.reciprocal().to(u.dtype)  # a multiply per element, not a division
     if decay == "l2":
         u = u + s["wd"] * p
     if adapt:
@@ -211,5 +216,8 @@ def lamb_rule(
                 u_sq = u_sq + 2.0 * s["wd"] * s["um_p"] / c + s["wd"] * s["wd"] * s["p_sq"]
         else:
             u_sq = s["u_sq"]
-        u = u * trust_ratio(s["p_sq"], u_sq, trust_clip).to(u.dtype)
+        # one per-tensor factor -lr * r (a compiled loop recomputes per-tensor scalars for
+        # every vector of elements: nothing is hoisted out of it)
+        step = (trust_ratio(s["p_sq"], u_sq, trust_clip) * -s["lr"]).to(u.dtype)
+        return torch.addcmul(p, u, step), new
     return torch.addcmul(p, u, -s["lr"]), new

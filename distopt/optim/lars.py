@@ -78,18 +78,18 @@ class Lars(DistOptimizer):
             return
         momentum, wd = group["momentum"], group["weight_decay"]
         adapt = wd != 0.0 or bool(group["always_adapt"])
+        base = {"lr": float(group["lr"]), "wd": wd, "trust_coeff": group["trust_coeff"],
+                "eps": group["eps"], "momentum": momentum, "dampening": group["dampening"]}  # fmt: skip
+        later, first = {**base, "first": 0.0}, {**base, "first": 1.0}
         scalars = []
         for v in views:
-            first = momentum != 0.0 and "momentum_buffer" not in v.state
-            if first:
+            if momentum != 0.0 and "momentum_buffer" not in v.state:
                 v.state["momentum_buffer"] = torch.zeros_like(
                     v.data, memory_format=torch.preserve_format
                 )
-            scalars.append({
-                "lr": float(group["lr"]), "wd": wd, "trust_coeff": group["trust_coeff"],
-                "eps": group["eps"], "momentum": momentum, "dampening": group["dampening"],
-                "first": float(first),
-            })  # fmt: skip
+                scalars.append(first)
+            else:
+                scalars.append(later)
         K.apply(
             self,
             lars_rule,
