@@ -54,15 +54,19 @@ class BucketBuffers:
         self.world = world
         self.a2a = a2a
         W, R = world, bucket.region
-        self.flat = torch.zeros(W * R, dtype=bucket.dtype, device=bucket.device)
+        # one allocation: the flat buffer, then (gloo) the all-to-all output right after this
+        # rank's own region, so that the own region and the regions received are one (W, R)
+        # block that a single reduction over dim 0 sums (see sum_received)
+        size = (2 * W - 1) * R if a2a else W * R
+        self._mem = torch.zeros(size, dtype=bucket.dtype, device=bucket.device)
+        self.flat = self._mem[: W * R]
         # this rank's reduced rows; the shards' .grad are views into it until the next reduction
         self.out = torch.empty(R, dtype=bucket.dtype, device=bucket.device)
-        self.recv = (
-            torch.empty((W - 1) * R, dtype=bucket.dtype, device=bucket.device) if a2a else None
-        )
+        self.recv = self._mem[W * R :] if a2a else None
         if a2a:  # the other ranks' regions in rank order, then this rank's own
             self.pos = [r if r < rank else r - 1 for r in range(W)]
             self.pos[rank] = W - 1
+            self._own_and_recv = self._mem[(W - 1) * R :].view(W, R)
         else:
             self.pos = list(range(W))
         self.regions = self.flat.view(W, R)  # row i: the region at position i
@@ -80,21 +84,29 @@ class BucketBuffers:
         n = len(bucket.slots)
         self.flags = self.regions[:, bucket.payload : bucket.payload + n]  # (W, slots)
         self.count = self.regions[:, -1]  # (W,): ranks with non-finite gradients
-        # per slot: the non-empty chunks of its rows in row order (numel) and where each goes
+        # per slot: the non-empty chunks of its rows in row order (numel), where each goes, and
+        # which region (position) takes it: a region is its ranks' chunks in slot order, so it
+        # is filled by one torch.cat over the chunks into its rows
         self.grad_sizes: list[list[int]] = []
         self.grad_dsts: list[list[Tensor]] = []
+        self._grad_pos: list[list[int]] = []
         for s in bucket.slots:
             owners = sorted((s.bounds[r][0], r) for r in range(W) if s.local_numel(r))
             self.grad_sizes.append([s.local_numel(r) for _, r in owners])
             self.grad_dsts.append(
                 [self._region_slice(self.regions, self.pos[r], s, r) for _, r in owners]
             )
+            self._grad_pos.append([self.pos[r] for _, r in owners])
+        rank_at = {self.pos[r]: r for r in range(W)}
+        self._rows_of_pos = [self.regions[i, : sizes[rank_at[i]]] for i in range(W)]
+        self._zeros: Tensor | None = None  # chunks of a missing gradient are copied from here
+        # per slot: this rank's reduced rows in ``out``, shaped as its row shard (built at first use)
+        self.out_views: list[Tensor] | None = None
         self._key: tuple[int, ...] | None = None
 
     def nbytes(self) -> int:
         """Bytes of this bucket's persistent buffers."""
-        ts = [self.flat, self.out] + ([self.recv] if self.recv is not None else [])
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(t.numel() * t.element_size() for t in (self._mem, self.out))
 
     @staticmethod
     def _region_slice(regions: Tensor, pos: int, s: Slot, r: int) -> Tensor:
@@ -139,34 +151,50 @@ class BucketBuffers:
                 self.out_srcs.append(
                     self._region_slice(gathered, self.pos[r], s, r).view(dst.shape)
                 )
+        # contiguous rows (the usual case) go into the own region in one torch.cat
+        self._in_cat = (
+            [t.view(-1) for t in self.in_srcs]
+            if self.in_srcs and all(t.is_contiguous() for t in self.in_srcs)
+            else None
+        )
 
     # ------------------------------------------------------------------ gradients in
     def fill(self, grads: list[Tensor | None]) -> None:
-        """Copy the slots' gradients (None: no gradient here) into the regions, flags set."""
-        dsts: list[Tensor] = []
-        srcs: list[Tensor] = []
+        """Copy the slots' gradients (None: no gradient here) into the regions, flags set.
+
+        Each region is one ``torch.cat`` of its chunks (the gradients' row chunks are views):
+        one copy kernel per region instead of one per chunk."""
+        parts: list[list[Tensor]] = [[] for _ in range(self.world)]
         missing: list[int] = []
+        dtype = self.flat.dtype
         for i, g in enumerate(grads):
+            sizes = self.grad_sizes[i]
             if g is None:
                 missing.append(i)
-                dsts_i = self.grad_dsts[i]
-                if dsts_i:
-                    torch._foreach_zero_(dsts_i)
+                chunks: Any = [self._zero_chunk(n) for n in sizes]
+            elif not sizes:
                 continue
-            if not self.grad_sizes[i]:
-                continue
-            if g.is_contiguous() and g.dtype == self.flat.dtype:
-                srcs.extend(g.view(-1).split(self.grad_sizes[i]))
+            elif g.dtype == dtype and g.is_contiguous():
+                chunks = g.view(-1).split(sizes)
             else:
-                srcs.extend(g.reshape(-1).to(self.flat.dtype).split(self.grad_sizes[i]))
-            dsts.extend(self.grad_dsts[i])
+                chunks = g.reshape(-1).to(dtype).split(sizes)
+            for pos, c in zip(self._grad_pos[i], chunks):
+                parts[pos].append(c)
+        for pos, ps in enumerate(parts):
+            if ps:
+                torch.cat(ps, out=self._rows_of_pos[pos])
         if self.pads:
             torch._foreach_zero_(self.pads)
-        if dsts:
-            torch._foreach_copy_(dsts, srcs)
         self.flags.fill_(1.0)
         for i in missing:
             self.flags[:, i].zero_()
+
+    def _zero_chunk(self, n: int) -> Tensor:
+        """``n`` zeros (a view of one persistent buffer as long as the largest chunk)."""
+        if self._zeros is None:
+            most = max((m for sizes in self.grad_sizes for m in sizes), default=0)
+            self._zeros = torch.zeros(most, dtype=self.flat.dtype, device=self.flat.device)
+        return self._zeros[:n]
 
     # ------------------------------------------------------------------ collectives
     def send_part(self) -> Tensor:
@@ -179,19 +207,21 @@ class BucketBuffers:
         return s
 
     def sum_received(self, out: Tensor) -> None:
-        """``out`` = this rank's own region plus the regions received (all-to-all reduction)."""
-        W, R = self.world, self.bucket.region
-        if W == 2:
+        """``out`` = this rank's own region plus the regions received (all-to-all reduction):
+        one reduction over the (W, R) block they form in memory (an add for two ranks, which a
+        CPU runs faster than a reduction over a dim of two)."""
+        if self.world == 2:
             torch.add(self.own, self.recv, out=out)
         else:
-            torch.sum(self.recv.view(W - 1, R), dim=0, out=out)
-            out.add_(self.own)
+            torch.sum(self._own_and_recv, dim=0, out=out)
 
     def gather_in(self) -> Tensor:
         """Copy this rank's updated rows into its region; the tensor to send in the all-gather."""
         for rows, master in self.masters:  # master copy -> model precision
             rows.copy_(master)
-        if self.in_dsts:
+        if self._in_cat is not None:
+            torch.cat(self._in_cat, out=self._rows_of_pos[self.pos[self.rank]])
+        elif self.in_dsts:
             torch._foreach_copy_(self.in_dsts, self.in_srcs)
         if not self.a2a:
             return self.own

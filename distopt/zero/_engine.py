@@ -330,11 +330,13 @@ class ZeroEngine:
             self._reduce_bucket(b)
         self._finish_reduction()
 
-    def _buffers_of(self, b: Bucket) -> BucketBuffers:
+    def _buffers_of(self, b: Bucket, bind: bool = True) -> BucketBuffers:
+        """Bucket ``b``'s persistent buffers; ``bind``: with their views into the parameters
+        current (the all-gather needs them; the reduction only copies gradients in)."""
         buf = self._buffers[b.index]
         if buf is None:
             buf = self._buffers[b.index] = BucketBuffers(b, self.rank, self.world, self._a2a)
-        if buf.stale(self.shards):
+        if bind and buf.stale(self.shards):
             buf.bind(self.shards)
         return buf
 
@@ -345,7 +347,7 @@ class ZeroEngine:
         end-of-backward callback (and every other place that needs the reduced rows) calls.
         """
         W = self.world
-        buf = self._buffers_of(b)
+        buf = self._buffers_of(b, bind=False)
         grads = []
         for s in b.slots:
             g = s.param.grad
@@ -396,9 +398,11 @@ class ZeroEngine:
                 dist.all_reduce(out, group=self.replicate_group)
             if divide:  # average over every rank, as DDP does
                 out.div_(self.world * self.replicas)
-            self._apply_rows(b, out, local)
+            self._apply_rows(b, out, local, buf)
 
-    def _apply_rows(self, b: Bucket, out: Tensor, local: set[int] | None) -> None:
+    def _apply_rows(
+        self, b: Bucket, out: Tensor, local: set[int] | None, buf: BucketBuffers
+    ) -> None:
         self._grad_out[b.index] = out
         # the count of ranks with non-finite gradients stays on the device (summed over buckets)
         count = out[-1:]
@@ -408,16 +412,26 @@ class ZeroEngine:
         else:  # some slot had no gradient here; whether another rank had one is on the device
             flags = out[b.payload : b.payload + len(b.slots)].tolist()
             got = {i: f > 0 for i, f in enumerate(flags)}
+        if out is buf.out:  # the persistent output: its row views are built once
+            if buf.out_views is None:
+                buf.out_views = [self._rows_in(out, s) for s in b.slots]
+            views = buf.out_views
+        else:
+            views = [self._rows_in(out, s) for s in b.slots]
         for s in b.slots:
             if not got[s.position]:
                 continue  # no rank had a gradient: the shard's .grad stays as it is (None or kept)
             shard = self.shards[s.index]
-            n = s.local_numel(self.rank)
-            rows = out[s.offsets[self.rank] : s.offsets[self.rank] + n].view(shard.shape)
+            rows = views[s.position]
             if shard.grad is None:
                 shard.grad = rows if rows.dtype == shard.dtype else rows.to(shard.dtype)
             else:
                 shard.grad.add_(rows.to(shard.grad.dtype))
+
+    def _rows_in(self, out: Tensor, s: Slot) -> Tensor:
+        """This rank's rows of slot ``s`` in a bucket's reduced output, shaped as its shard."""
+        start = s.offsets[self.rank]
+        return out[start : start + s.local_numel(self.rank)].view(self.shards[s.index].shape)
 
     def _poison_gradients(self) -> None:
         """If some rank had a non-finite gradient, make sure this rank's rows show one too.
@@ -434,9 +448,7 @@ class ZeroEngine:
             return
         for t in self.shards:
             if t.grad is not None and t.grad.numel():
-                first = t.grad.view(-1)[:1]
-                nan = torch.full_like(first, float("nan"))
-                first.copy_(torch.where(count.to(first.device) > 0, nan, first))
+                t.grad.view(-1)[:1].masked_fill_(count.to(t.grad.device) > 0, float("nan"))
                 return
 
     def holds_reduced_grads(self) -> bool:
