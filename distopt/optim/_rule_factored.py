@@ -11,13 +11,15 @@ A step is three per-tensor phases, each a pure function stated once here, run co
 (``torch.compile(dynamic=True, fullgraph=True)``, one kernel per phase and option set) or eagerly
 under the same switch as :mod:`distopt.optim._kernel` (``DISTOPT_KERNELS`` / ``_kernel.mode()``):
 
-1. ``stats``: one read of ``g`` (and ``p`` for the parameter RMS): the row and column sums of
-   ``g^2``, the row statistic when it is local, the sum over ``dc`` of the new row statistic; for
-   an unfactored tensor the new ``V`` (written) and the sum of ``u^2``.
+1. ``stats``: reads ``g`` (and ``p`` for the parameter RMS): the row and column sums of
+   ``g^2``, the row statistic when it is local, the sum over ``dc`` of the new row statistic and
+   then the column sums of ``g^2 / R`` (the update's RMS, see :func:`stats_factored`); for an
+   unfactored tensor the new ``V`` (written) and the sum of ``u^2``.
 2. ``precond`` (factored only): after the partial sums are added across ranks, the statistics
    that needed them, the row and column factors of the preconditioner (small tensors, computed
-   once: the update does not recompute them per element) and the sum of ``u^2`` (one read of
-   ``g``; none without clipping).
+   once: the update does not recompute them per element) and the sum of ``u^2``: from the
+   weighted column sums with a local row statistic (then only small tensors, run eagerly), else
+   one read of ``g`` (none without clipping).
 3. ``apply``: the element-wise update of ``p`` and the first moment (read ``p``, ``g``, ``m``;
    write ``p``, ``m``), with an extra ``mask`` phase before it for the cautious mask's count.
 
@@ -180,26 +182,33 @@ def _finish(p, g, u, m, pre, decay, agree, sc, fi, opt: Options, phase: str):
 
 def stats_factored(p, g, row, sc, inv, fi, *, dc: int, dr: int, row_local: bool, opt: Options):
     """Phase 1 of a factored tensor: returns (row sums of g^2 or None, column sums of g^2, sum
-    over dc of the new row statistic or None, sum of p^2 or None); writes the local row
-    statistic."""
+    over dc of the new row statistic or None, column sums of ``g^2 / R`` or None, sum of p^2 or
+    None); writes the local row statistic.
+
+    ``sum(u^2) = sum_ij g_ij^2 mean_dc(R) / (R_i C_j) = mean_dc(R) sum_j (sum_i g_ij^2 / R_i) / C_j``:
+    with a local row statistic ``R``, the column sums of ``g^2 / R`` (the same loop as those of
+    ``g^2``) give the update's RMS without another read of ``g`` (over local rows: the partial
+    sum of ``u^2`` that the reduction of the update sums completes)."""
     g = _grad(g, inv)
     gsq = g * g
     csum = gsq.sum(dim=dc, keepdim=True)
     rsum = gsq.sum(dim=dr, keepdim=True)
     psq = _total(p * p) if opt.psq else None
     if not row_local:
-        return rsum, csum, None, psq
+        return rsum, csum, None, None, psq
     new_row = _ema(row, rsum / sc[SC["n_r"]] + sc[SC["eps"]], sc, opt.flavour)
     K._store([(row, new_row)], fi)
-    return None, csum, new_row.sum(dim=dc, keepdim=True), psq
+    wsum = (gsq / new_row).sum(dim=dc, keepdim=True) if opt.clip else None
+    return None, csum, new_row.sum(dim=dc, keepdim=True), wsum, psq
 
 
 def precond_factored(
-    g, row, col, rsum, csum, rnorm, sc, inv, fi, *, dc: int, row_local: bool, opt: Options
+    g, row, col, rsum, csum, rnorm, wsum, sc, inv, fi, *, dc: int, row_local: bool, opt: Options
 ):
     """Phase 2 of a factored tensor (the partial sums now whole): the column statistic and, when
     it needed the reduction, the row statistic; returns the row and column factors and the sum
-    of ``u^2`` (or None)."""
+    of ``u^2`` (or None): from ``wsum`` (see :func:`stats_factored`) with a local row statistic,
+    else one read of ``g`` (``g`` is None with a local row statistic)."""
     new_col = _ema(col, csum / sc[SC["n_c"]] + sc[SC["eps"]], sc, opt.flavour)
     K._store([(col, new_col)], fi)
     if row_local:
@@ -211,6 +220,8 @@ def precond_factored(
     r_factor, c_factor = _factors(new_row, new_col, rnorm, sc)
     if not opt.clip:
         return r_factor, c_factor, None
+    if row_local:
+        return r_factor, c_factor, _total((rnorm / sc[SC["n_c"]]) * (wsum / new_col))
     u = (r_factor * c_factor) * _grad(g, inv)
     return r_factor, c_factor, _total(u * u)
 
@@ -420,6 +431,7 @@ def run(
     rsum: list[Tensor] = [empty] * n
     csum: list[Tensor] = [empty] * n
     rnorm: list[Tensor] = [empty] * n
+    wsum: list[Tensor] = [empty] * n
     rf: list[Tensor] = [empty] * n
     cf: list[Tensor] = [empty] * n
     psq: list[Tensor] = [empty] * n
@@ -437,7 +449,7 @@ def run(
                     out[j] = y
     for i, (lay, t) in ts.items():
         inv, fi = aux[views[i].data.device]
-        r, c, nrm, ps = _call(
+        r, c, nrm, w, ps = _call(
             stats_factored,
             runs_compiled(t["p"]),
             t["p"],
@@ -453,6 +465,7 @@ def run(
         )
         rsum[i], csum[i] = (empty if r is None else r), c
         rnorm[i] = empty if nrm is None else nrm
+        wsum[i] = empty if w is None else w
         psq[i] = empty if ps is None else ps.reshape(1)
     # only what is partial crosses ranks: local statistics stay out of the collective
     send = [
@@ -460,7 +473,7 @@ def run(
         [x if (lay is not None and not lay.col_local) else empty for x, lay in zip(csum, lays)],
         [x if (lay is not None and not lay.col_local) else empty for x, lay in zip(rnorm, lays)],
         psq,
-    ]
+    ]  # wsum stays local: its sum of u^2 is partial like the others (added with them)
     red = ctx.reduce(send, list(views))
     for i, lay in enumerate(lays):
         if lay is None:
@@ -474,15 +487,17 @@ def run(
     # ---- phase 2: the factored statistics that needed the sums; the update's sum of squares
     for i, (lay, t) in ts.items():
         inv, fi = aux[views[i].data.device]
+        # with a local row statistic only small tensors: eager (a compiled call costs more)
         rf[i], cf[i], u2 = _call(
             precond_factored,
-            runs_compiled(t["g"]),
-            t["g"],
+            runs_compiled(t["g"]) and not lay.row_local,
+            None if lay.row_local else t["g"],
             t["r"],
             t["c"],
             None if lay.row_local else rsum[i],
             csum[i],
             rnorm[i] if lay.row_local else None,
+            wsum[i] if lay.row_local and opt.clip else None,
             sc[i],
             inv,
             fi,
