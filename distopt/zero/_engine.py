@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from distopt._torch_private import queue_end_of_backward, version_of
+from distopt._torch_private import queue_end_of_backward
 from distopt.optim._core import ShardSpec
 from distopt.zero import _comm
 from distopt.zero._buffers import BucketBuffers, uses_all_to_all
+from distopt.zero._params import ParameterSync
 from distopt.zero._plan import Bucket, Slot, make_plan
 
 log = logging.getLogger("distopt.zero")
@@ -58,7 +59,7 @@ def engine_of(params: Iterable[Tensor]) -> ZeroEngine | None:
     return engines.pop()
 
 
-class ZeroEngine:
+class ZeroEngine(ParameterSync):
     """State shared by :class:`~distopt.zero.ShardedModule` and the sharded optimizer."""
 
     def __init__(
@@ -104,11 +105,15 @@ class ZeroEngine:
                 "distopt.shard: every optimizer parameter must be a parameter of the model; "
                 f"not found in the model: {', '.join(missing[:10])}"
             )
-        unmanaged = [n for n, p in module.named_parameters() if id(p) not in opt_params and p.requires_grad]
+        unmanaged = [
+            n for n, p in module.named_parameters() if id(p) not in opt_params and p.requires_grad
+        ]
         if unmanaged:
             log.warning(
                 "distopt.shard: %d trainable parameters are not in the optimizer and are not "
-                "synchronised: %s", len(unmanaged), ", ".join(unmanaged[:8])
+                "synchronised: %s",
+                len(unmanaged),
+                ", ".join(unmanaged[:8]),
             )
         self.slots, self.buckets = make_plan(named, self.world, int(bucket_mb * 2**20))
         self._slot_of = {id(s.param): s for s in self.slots}
@@ -176,7 +181,11 @@ class ZeroEngine:
         for t in tensors:
             by_kind.setdefault((t.dtype, t.device), []).append(t)
         for (dtype, device), ts in by_kind.items():
-            flat = torch.cat([t.reshape(-1) for t in ts]) if ts else torch.empty(0, dtype=dtype, device=device)
+            flat = (
+                torch.cat([t.reshape(-1) for t in ts])
+                if ts
+                else torch.empty(0, dtype=dtype, device=device)
+            )
             _comm.broadcast(flat, src, group, None)
             off = 0
             with torch.no_grad():
@@ -191,7 +200,12 @@ class ZeroEngine:
         for s in self.slots:
             ref = _OWNER.get(id(s.param))
             eng = ref() if ref is not None else None
-            if eng is not None and eng is not self and not eng.retired and id(s.param) in eng._slot_of:
+            if (
+                eng is not None
+                and eng is not self
+                and not eng.retired
+                and id(s.param) in eng._slot_of
+            ):
                 previous.add(eng)
         for eng in previous:
             log.info(
@@ -265,7 +279,9 @@ class ZeroEngine:
         while getattr(inner, "base_optimizer", None) is not None:  # Lookahead(<base>)
             inner = inner.base_optimizer
         if hasattr(inner, "register_zero_grad_post_hook"):
-            inner.register_zero_grad_post_hook(lambda _o, set_to_none: self.clear_full_grads(set_to_none))
+            inner.register_zero_grad_post_hook(
+                lambda _o, set_to_none: self.clear_full_grads(set_to_none)
+            )
         # Lookahead.sync_lookahead() outside step: every rank gets the synchronised rows
         if hasattr(opt, "register_sync_post_hook"):
             opt.register_sync_post_hook(lambda *_: self._after_external_update())
@@ -479,7 +495,10 @@ class ZeroEngine:
         self._check_live()
         known = {id(t) for t in self.shards}
         stray = [
-            tuple(p.shape) for g in self.optimizer.param_groups for p in g["params"] if id(p) not in known
+            tuple(p.shape)
+            for g in self.optimizer.param_groups
+            for p in g["params"]
+            if id(p) not in known
         ]
         if stray:
             raise ValueError(
@@ -498,89 +517,6 @@ class ZeroEngine:
         """The shards were changed outside ``step`` (``Lookahead.sync_lookahead``)."""
         self._check_live()
         self.all_gather_params()
-
-    # master rows follow writes to the parameters -----------------------------------------
-    def _record_versions(self) -> None:
-        # engine master rows, and bf16/fp16 row views whose fp32 master the optimizer keeps
-        self._versions = {
-            s.index: version_of(s.param)
-            for s in self.slots
-            if self._has_master(s) or s.param.dtype in (torch.float16, torch.bfloat16)
-        }
-
-    def _has_master(self, s: Slot) -> bool:
-        return self.shards[s.index].dtype != s.param.dtype
-
-    @torch.no_grad()
-    def _refresh_masters(self) -> None:
-        """Copy parameter rows written since the engine's last write into the master rows.
-
-        ``model.load_state_dict``, ``p.copy_`` and every other in-place write bump a tensor's
-        version counter; the all-gather after each step is the engine's own write.
-        """
-        if not self._versions:
-            return
-        stale = []
-        for s in self.slots:
-            v = self._versions.get(s.index)
-            if v is not None and version_of(s.param) != v:
-                if self._has_master(s):
-                    self.shards[s.index].copy_(s.rows_view(s.param.detach(), self.rank))
-                else:  # a bf16/fp16 row view: the optimizer keeps its fp32 master
-                    stale.append(self.shards[s.index])
-        inner = self.optimizer
-        while getattr(inner, "base_optimizer", None) is not None:  # Lookahead(<base>)
-            inner = inner.base_optimizer
-        if stale and hasattr(inner, "refresh_masters"):
-            inner.refresh_masters(stale)
-        self._record_versions()
-
-    @torch.no_grad()
-    def all_gather_params(self) -> None:
-        """All-gather the updated rows into every rank's full parameters, bucket by bucket.
-
-        Every bucket's all-gather is launched (into its persistent buffer) before the first one
-        is waited, and each bucket's rows are copied out as soon as it arrives, so copies
-        overlap communication.
-        """
-        pending: list[tuple[BucketBuffers, Any]] = []
-        for b in self.buckets:
-            buf = self._buffers_of(b)
-            send = buf.gather_in()
-            if self.world == 1:
-                continue
-            if self._a2a:
-                work = _comm.all_to_all(
-                    buf.recv, send, buf.splits(), self.group, None, async_op=True
-                )
-                self.stats.add("all_gather", buf.flat.numel() * buf.flat.element_size())
-            else:
-                work = _comm.all_gather(buf.flat, send, self.group, self.stats, async_op=True)
-            pending.append((buf, work))
-        for buf, work in pending:
-            work.wait()
-            buf.gather_out()
-        self._record_versions()
-
-    # ------------------------------------------------------------------ misc
-    @torch.no_grad()
-    def rebind_shards(self) -> None:
-        """Point the row views at the parameters' current storage (after ``module.to(...)``)."""
-        for s in self.slots:
-            shard = self.shards[s.index]
-            view = s.rows_view(s.param.detach(), self.rank)
-            if self.master_dtype is not None and self.master_dtype != s.param.dtype:
-                if shard.device != view.device:
-                    shard.data = shard.data.to(view.device)
-                continue
-            if shard.dtype != view.dtype:
-                raise ValueError(
-                    f"distopt.shard: {s.name} changed dtype to {view.dtype} after sharding; the "
-                    f"optimizer's rows are {shard.dtype} (use master_dtype= for mixed precision)"
-                )
-            shard.set_(view)
-        self._record_versions()
-
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -610,7 +546,9 @@ class ZeroEngine:
     def managed(self) -> list[tuple[str, Tensor, Tensor, torch.Size, list[tuple[int, int]]]]:
         """One ``(name, parameter, row shard, global shape, rows of every rank)`` per managed
         parameter, in plan order; the row shard is the tensor the optimizer updates."""
-        return [(s.name, s.param, self.shards[s.index], s.shape, list(s.bounds)) for s in self.slots]
+        return [
+            (s.name, s.param, self.shards[s.index], s.shape, list(s.bounds)) for s in self.slots
+        ]
 
     def shard_grads(self) -> list[Tensor]:
         """The reduced gradient rows this rank holds (reduce any pending full gradients first)."""
