@@ -24,8 +24,8 @@ def _read_all(path: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from distopt.checkpoint._common import describe
+    from distopt.checkpoint._reader import ChecksumReader
     from distopt.checkpoint._save_load import _segments, read_marker
-    from distopt.checkpoint._storage import ChecksumReader
 
     reader = ChecksumReader(path, _segments(read_marker(path)))
     md = reader.read_metadata()

@@ -13,12 +13,14 @@ shapes; ranks never appear.  This module asks the run's backend
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from distopt._dtensor import is_dtensor
+from distopt._torch_private import sharded_tensor_from_metadata
 from distopt.parallel import Entry, backend_for, unwrap
 from distopt.parallel import chunk_bounds as _chunk_bounds
 
@@ -28,6 +30,7 @@ __all__ = [
     "detect_mode",
     "entries",
     "local_of",
+    "row_sharded",
     "state_is_row_sharded",
     "unwrap",
 ]
@@ -59,3 +62,48 @@ def state_is_row_sharded(optimizer: Any, name: str, value: Any, shape: torch.Siz
     if fn is not None:
         return bool(fn(name, value, shape))
     return len(shape) > 0 or value.dim() > 0
+
+
+def row_sharded(
+    local: Tensor,
+    gshape: tuple[int, ...],
+    bounds: list[tuple[int, int]],
+    rank: int,
+    group: Any = None,
+) -> Any:
+    """A DCP-savable view of a tensor split by dim-0 rows (arbitrary, uneven bounds).
+
+    ``bounds`` and ``rank`` count the ranks of ``group`` (None: the world), the group the rows
+    are split over; under hybrid sharding and HSDP every replica holds the same rows and DCP
+    writes them once.
+    """
+    import torch.distributed as dist
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata
+        from torch.distributed._shard.sharded_tensor.metadata import (
+            ShardedTensorMetadata,
+            TensorProperties,
+        )
+
+        dev = local.device
+        metas, shards = [], []
+        for r, (s, e) in enumerate(bounds):
+            if e <= s:
+                continue
+            where = str(dev) if r == rank else dev.type
+            m = ShardMetadata(
+                [s] + [0] * (len(gshape) - 1),
+                [e - s] + list(gshape[1:]),
+                f"rank:{r if group is None else dist.get_global_rank(group, r)}/{where}",
+            )
+            metas.append(m)
+            if r == rank:
+                shards.append(Shard(local.contiguous(), m))
+        props = TensorProperties(
+            dtype=local.dtype, layout=torch.strided, requires_grad=False,
+            memory_format=torch.contiguous_format, pin_memory=False,
+        )  # fmt: skip
+        gm = ShardedTensorMetadata(metas, torch.Size(gshape), props)
+        return sharded_tensor_from_metadata(shards, gm, process_group=group)

@@ -56,6 +56,7 @@ from distopt.checkpoint._common import (
 from distopt.checkpoint._common import (
     world as _world,
 )
+from distopt.checkpoint._direct import SavePlanner
 from distopt.checkpoint._layout import (
     Entry,
     _chunk_bounds,
@@ -448,7 +449,8 @@ def _write_and_commit(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=FutureWarning)
             warnings.simplefilter("ignore", category=UserWarning)
-            dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=not dist_on())
+            dcp.save(tensors, storage_writer=writer, planner=SavePlanner(), process_group=group,
+                     no_dist=not dist_on())  # fmt: skip
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch's is a BaseException
         msg, _ = failure_message(exc)
         if rank == 0 and tmp.exists():

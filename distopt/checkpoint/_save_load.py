@@ -9,7 +9,9 @@ On disk, a checkpoint is a folder::
                                       was saved
     rng/rank-<r>.pt                   each rank's RNG streams
     COMMITTED                         JSON commit marker: written last, lists every file with its
-                                      size and CRC32 segments (format 1: one CRC32 per file)
+                                      size and CRC32 segments (format 1: one CRC32 per file) and
+                                      the items holding a contiguous tensor (``rowmajor``: read
+                                      directly into their targets on load, ``_direct.py``)
 
 Keys are logical: ``model/<fqn>``, ``optim/<fqn>/<state name>``, ``master/<fqn>``,
 ``acc/<fqn>``.  Row-sharded tensors (ZeRO, FSDP2) are written by their owners in parallel as DCP
@@ -33,7 +35,6 @@ import torch
 from torch import Tensor, nn
 
 from distopt._dtensor import is_dtensor
-from distopt._torch_private import sharded_tensor_from_metadata
 from distopt.checkpoint._common import (
     CheckpointError,
     describe,
@@ -46,7 +47,7 @@ from distopt.checkpoint._common import (
 from distopt.checkpoint._common import (
     world as _world,
 )
-from distopt.checkpoint._layout import Entry, entries, local_of
+from distopt.checkpoint._layout import Entry, entries, local_of, row_sharded
 
 log = logging.getLogger("distopt.checkpoint")
 
@@ -56,51 +57,6 @@ FORMAT_VERSION = 2  # 1: whole-file CRC32 in the marker; 2: CRC32 segments, accu
 
 
 # --------------------------------------------------------------------------- sharded tensors
-
-
-def row_sharded(
-    local: Tensor,
-    gshape: tuple[int, ...],
-    bounds: list[tuple[int, int]],
-    rank: int,
-    group: Any = None,
-) -> Any:
-    """A DCP-savable view of a tensor split by dim-0 rows (arbitrary, uneven bounds).
-
-    ``bounds`` and ``rank`` count the ranks of ``group`` (None: the world), the group the rows
-    are split over; under hybrid sharding and HSDP every replica holds the same rows and DCP
-    writes them once.
-    """
-    import torch.distributed as dist
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata
-        from torch.distributed._shard.sharded_tensor.metadata import (
-            ShardedTensorMetadata,
-            TensorProperties,
-        )
-
-        dev = local.device
-        metas, shards = [], []
-        for r, (s, e) in enumerate(bounds):
-            if e <= s:
-                continue
-            where = str(dev) if r == rank else dev.type
-            m = ShardMetadata(
-                [s] + [0] * (len(gshape) - 1),
-                [e - s] + list(gshape[1:]),
-                f"rank:{r if group is None else dist.get_global_rank(group, r)}/{where}",
-            )
-            metas.append(m)
-            if r == rank:
-                shards.append(Shard(local.contiguous(), m))
-        props = TensorProperties(
-            dtype=local.dtype, layout=torch.strided, requires_grad=False,
-            memory_format=torch.contiguous_format, pin_memory=False,
-        )  # fmt: skip
-        gm = ShardedTensorMetadata(metas, torch.Size(gshape), props)
-        return sharded_tensor_from_metadata(shards, gm, process_group=group)
 
 
 def has_master(e: Entry) -> bool:
@@ -298,7 +254,7 @@ def _check_sizes(path: Path, marker: dict[str, Any], names: list[str]) -> None:
 def verify(path: str | os.PathLike, files: list[str] | None = None) -> None:
     """Full check of the checkpoint's files against its commit marker: sizes and CRC32 of
     every byte (reads every file; :func:`load` checks what it reads on the way instead)."""
-    from distopt.checkpoint._storage import file_segments_ok
+    from distopt.checkpoint._reader import file_segments_ok
 
     path = Path(path)
     marker = read_marker(path)
@@ -397,7 +353,7 @@ def load(
     from torch.distributed.checkpoint import CheckpointException
 
     from distopt.checkpoint._async import wait_snapshot
-    from distopt.checkpoint._storage import ChecksumReader
+    from distopt.checkpoint._reader import ChecksumReader
 
     wait_snapshot()  # an asynchronous save in flight copies the tensors this load overwrites
     path = resolve(path)
@@ -435,6 +391,7 @@ def load(
             path,
             _segments(marker) if verify_files else None,
             metadata_entry=marker["files"].get(".metadata") if verify_files else None,
+            row_major=_row_major(marker),
         )
         saved_keys = set(reader.read_metadata().state_dict_metadata)
         _build_template(meta, ents, optimizer, saved_keys, template, installs, masters)
@@ -515,6 +472,13 @@ def _read_rng(path: Path, marker: dict[str, Any], meta: dict[str, Any], rank: in
 
 def _segments(marker: dict[str, Any]) -> dict[str, list[list[int]]]:
     return {n: info["segments"] for n, info in marker["files"].items() if isinstance(info, dict)}
+
+
+def _row_major(marker: dict[str, Any]) -> dict[str, set[int]]:
+    """Per file, the offsets of the items a load may read directly (see ``_direct.py``)."""
+    return {
+        n: set(i.get("rowmajor", ())) for n, i in marker["files"].items() if isinstance(i, dict)
+    }
 
 
 def _build_template(
