@@ -35,6 +35,12 @@ def test_layout(shape, dims, want):
     assert R.layout(torch.Size(shape), None) is None
 
 
+def test_layout_of_an_unsharded_tensor_has_every_statistic_local():
+    for dims in ((0, 1), (1, 0)):
+        lay = R.layout(torch.Size((6, 5)), dims, sharded=False)
+        assert (lay.row_local, lay.col_local) == (True, True)
+
+
 def test_pack_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown scalar names"):
         R.pack(w2=0.1, beta=0.9)

@@ -83,15 +83,20 @@ class Layout(NamedTuple):
     col_local: bool  # likewise the column statistic and the row normaliser (dc is not dim 0)
 
 
-def layout(local_shape: torch.Size, dims: tuple[int, int] | None) -> Layout | None:
-    """The :class:`Layout` of a tensor of ``local_shape`` factored over ``dims = (dc, dr)``."""
+def layout(
+    local_shape: torch.Size, dims: tuple[int, int] | None, sharded: bool = True
+) -> Layout | None:
+    """The :class:`Layout` of a tensor of ``local_shape`` factored over ``dims = (dc, dr)``;
+    ``sharded``: whether dim 0 holds this rank's rows of a larger tensor (else every statistic
+    is local)."""
     if dims is None:
         return None
     dc, dr = dims
     lo, hi = sorted(dims)
     s = tuple(local_shape)
     shape5 = (math.prod(s[:lo]), s[lo], math.prod(s[lo + 1 : hi]), s[hi], math.prod(s[hi + 1 :]))
-    return Layout(shape5, 1 if dc < dr else 3, 3 if dc < dr else 1, dr != 0, dc != 0)  # type: ignore[arg-type]
+    row_local, col_local = dr != 0 or not sharded, dc != 0 or not sharded
+    return Layout(shape5, 1 if dc < dr else 3, 3 if dc < dr else 1, row_local, col_local)  # type: ignore[arg-type]
 
 
 class Options(NamedTuple):
@@ -148,10 +153,10 @@ def _direction(
 
 
 def _total(x: Tensor) -> Tensor:
-    """The sum of a 5-D ``x``: over its trailing (contiguous) dims first, then the rest; the
-    first sum shares its loop with the row or column sums over dim 3 (a whole-tensor sum is a
-    pass of its own, with a slower compensated accumulator)."""
-    return x.sum(dim=(3, 4)).sum()
+    """The sum of a 5-D ``x``: over dim 3 first (kept), then the rest: the first sum has the
+    loop of the row or column sums over dim 3 (a whole-tensor sum is a loop with a slower
+    compensated accumulator: ~1.5x the time on a CPU)."""
+    return x.sum(dim=3, keepdim=True).sum()
 
 
 def _mask(d: Tensor, g: Tensor) -> Tensor:

@@ -289,7 +289,7 @@ class _AdafactorKernel(DistOptimizer):
             caution=h.caution and h.beta1 is not None,
             decay=h.weight_decay != 0.0,
         )
-        lays = [_rf.layout(v.data.shape, d) for v, d in zip(views, dims)]
+        lays = [_rf.layout(v.data.shape, d, v.sharded) for v, d in zip(views, dims)]
         _rf.run(
             self,
             views,

@@ -227,7 +227,7 @@ class AdafactorBigVision(DistOptimizer):
             caution=bool(group["caution"]) and momentum is not None,
             decay=wd != 0.0,
         )
-        lays = [_rf.layout(v.data.shape, d) for v, d in zip(views, dims)]
+        lays = [_rf.layout(v.data.shape, d, v.sharded) for v, d in zip(views, dims)]
         _rf.run(
             self,
             views,
