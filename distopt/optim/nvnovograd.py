@@ -6,6 +6,7 @@ Deep Networks" (2019), as in NVIDIA's Jasper example and timm.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -87,10 +88,12 @@ class NvNovoGrad(DistOptimizer):
         beta1, beta2 = group["betas"]
         wd = group["weight_decay"]
         F.advance_steps(views)
-        grads = [v.grad for v in views]
-        # the one extra read: ||g||^2 of each whole tensor (partial sums added across ranks)
-        (sumsq,) = ctx.reduce([F.local_sumsq(grads)], list(views))
-        n = torch.stack([x.reshape(()) for x in sumsq]).float()
+        # the one extra read: ||g||^2 of each whole tensor (partial sums added across ranks),
+        # one _foreach_norm and one stacked square for all of them
+        n = torch.stack(torch._foreach_norm([v.grad for v in views])).float().square()
+        if any(v.sharded for v in views):
+            (sumsq,) = ctx.reduce([list(n.unbind(0))], list(views))
+            n = torch.stack(sumsq)
         inv = inv_grad_scale(self, n.device)
         if inv is not None:  # GradScaler's scaled gradients: the norms of the true ones
             n = n * (inv * inv)
@@ -112,18 +115,29 @@ class NvNovoGrad(DistOptimizer):
         else:
             decay = 1.0 - lr * wd
         scalars = {"lr": lr, "beta1": beta1, "wd": wd, "decay": decay}
-        # the denominator is a device scalar per tensor: it divides the gradient inside the
-        # kernel (apply's gradient divisor), so each tensor is its own call
-        for v, d in zip(views, denom.unbind(0)):
+        opts = {
+            "decay": ("decoupled" if decoupled else "l2") if wd != 0.0 else "none",
+            "averaging": bool(group["grad_averaging"]),
+        }
+        # The denominator is a device scalar per tensor.  A large tensor is its own kernel call
+        # anyway: the denominator divides its gradient inside the kernel (apply's gradient
+        # divisor).  The small ones (under the runner's grouping size) get their gradients
+        # divided first, by the same float32 reciprocal (a few KiB: nothing to read twice), and
+        # share one call instead of one apply each (whose per-call overhead is their cost);
+        # that call's divisor is 1, so both kinds of call run the same compiled kernel.
+        small = [i for i, v in enumerate(views) if v.data.numel() < K.SMALL]
+        if len(small) > 1:
+            inv = denom.reciprocal().unbind(0)
+            grads = torch._foreach_mul([views[i].grad for i in small], [inv[i] for i in small])
+            views_small = [replace(views[i], grad=g) for i, g in zip(small, grads)]
+            one = torch.ones((), dtype=denom.dtype, device=denom.device)
             K.apply(
-                grad_divided(self, d),
-                nvnovograd_rule,
-                [v],
-                ("exp_avg",),
-                scalars,
-                decay=("decoupled" if decoupled else "l2") if wd != 0.0 else "none",
-                averaging=bool(group["grad_averaging"]),
+                grad_divided(self, one), nvnovograd_rule, views_small, ("exp_avg",), scalars, **opts
             )
+        done = set(small) if len(small) > 1 else set()
+        for i, (v, d) in enumerate(zip(views, denom.unbind(0))):
+            if i not in done:
+                K.apply(grad_divided(self, d), nvnovograd_rule, [v], ("exp_avg",), scalars, **opts)
 
 
 def _kept(skip: Tensor | None, old: Tensor, new: Tensor) -> Tensor:
