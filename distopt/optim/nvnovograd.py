@@ -39,8 +39,9 @@ class NvNovoGrad(DistOptimizer):
 
     Under ZeRO or FSDP2 the squared gradient norms of a param group are summed across ranks in
     one reduction.  The step reads the gradients once for those norms, updates the scalar
-    second moments on the device, then runs :func:`nvnovograd_rule` (one fused pass per tensor,
-    the tensor's denominator dividing the gradient inside the kernel).
+    second moments on the device, then runs :func:`nvnovograd_rule`: one fused pass per large
+    tensor, its denominator dividing the gradient inside the kernel, and one for all the small
+    ones together, their gradients divided first.
 
     Args:
         params: parameters or param groups.
