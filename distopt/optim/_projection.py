@@ -33,15 +33,25 @@ through :func:`distopt.optim._kernel.apply`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from distopt.optim import _rule_rows as RR
 from distopt.optim._core import ParamView, StepContext
 from distopt.optim._functional import device_tensor
 
-__all__ = ["project_", "projection_parts", "channel_factors", "ROW_STATS"]
+__all__ = [
+    "project_",
+    "projection_parts",
+    "channel_factors",
+    "local_factors",
+    "factor_scalars",
+    "projected_update",
+    "ROW_STATS",
+]
 
 #: the per-channel sums of the projection, in :func:`row_sums`' order
 ROW_STATS = ("pp", "gg", "pg", "pu")
@@ -212,7 +222,8 @@ def channel_factors(
     ``views`` have more than one dimension; ``rates[i]`` is the decay per unit ratio
     (``lr * weight_decay`` for AdamP, 0 without decay), ``steps[i]`` the multiplier of ``u`` in
     the update.  The decisions stay on the device (one :meth:`StepContext.reduce` for the
-    layer sums and the count of failing channels).
+    layer sums and the count of failing channels).  :func:`local_factors` is the same decision
+    for one unsharded tensor inside a compiled kernel.
     """
     if not views:
         return []
@@ -229,23 +240,120 @@ def channel_factors(
     ]
     thr_c, thr_l, rate, step = device_tensor(sum(per_view, []), wide, dev).view(4, -1).unbind(0)
     s_rows = torch.cat(list(stats), dim=1) if len(stats) > 1 else stats[0]
-    pp, gg, pg, pu = s_rows.unbind(0)
-    cos = pg.abs() / (gg.sqrt().clamp_min(eps) * pp.sqrt().clamp_min(eps))
-    # a channel "fails" unless cos < threshold (a NaN fails, as max() would propagate it)
-    fails = ~(cos < thr_c.to(cos.dtype)[seg])
-    parts = torch.stack([fails.to(s_rows.dtype), pg, gg, pp, pu], dim=1).to(wide)
+    parts = _channel_parts(s_rows, thr_c.to(s_rows.dtype)[seg], eps, wide)
     partial = torch.zeros(len(views), 5, dtype=wide, device=dev).index_add_(0, seg, parts)
     (totals,) = ctx.reduce([list(partial.unbind(0))], list(views))
-    n_fail, pg_l, gg_l, pp_l, pu_l = torch.stack(totals).unbind(1)
+    ch, coef_l, decay = _view_decision(torch.stack(totals), thr_l, rate, wd_ratio, eps)
+    factors = _row_factors(s_rows, wide, ch[seg], coef_l[seg], decay[seg], step[seg], eps)
+    return list(factors.split(rows))
+
+
+def projected_update(
+    opt: Any,
+    ctx: StepContext,
+    rule: Callable[..., Any],
+    views: Sequence[ParamView],
+    states: Sequence[str],
+    scalars: Sequence[dict[str, float]],
+    *,
+    delta: float,
+    wd_ratio: float,
+    eps: float,
+    rates: Sequence[float],
+    steps: Sequence[float],
+    **options: Any,
+) -> None:
+    """The projected step of ``views`` (more than one dimension) with ``rule`` (AdamP's or
+    SGDP's, see :func:`channel_factors` for ``rates`` / ``steps``): unsharded views under
+    compiled kernels in one kernel per tensor (:func:`~distopt.optim._rule_rows.fused_update`
+    with :func:`local_factors`), the others in three steps: channel sums
+    (:func:`~distopt.optim._rule_rows.row_sums`), :func:`channel_factors` (one reduction
+    across ranks) and :func:`~distopt.optim._rule_rows.update_rows`."""
+    views, scalars = list(views), list(scalars)
+    if RR.fusable(views):
+        fused = [
+            {**sc, **factor_scalars(v, delta=delta, wd_ratio=wd_ratio, eps=eps, rate=r, step=t)}
+            for v, sc, r, t in zip(views, scalars, rates, steps)
+        ]
+        rest = RR.fused_update(opt, rule, views, states, fused, local_factors, ROW_STATS, **options)
+        if not rest:
+            return
+        views, scalars = [views[i] for i in rest], [scalars[i] for i in rest]
+        rates, steps = [rates[i] for i in rest], [steps[i] for i in rest]
+    stats = RR.row_sums(opt, rule, views, states, scalars, ROW_STATS, **options)
+    factors = channel_factors(
+        ctx, views, stats, delta=delta, wd_ratio=wd_ratio, eps=eps, rates=rates, steps=steps
+    )
+    RR.update_rows(opt, rule, views, states, scalars, factors, **options)
+
+
+def local_factors(stats: Tensor, s: dict[str, Tensor]) -> Tensor:
+    """:func:`channel_factors` for one unsharded tensor, from its channel sums ``stats``
+    (:data:`ROW_STATS` by local row) and the scalars of :func:`factor_scalars` in ``s``: the
+    same decision, written as tensor ops for a compiled kernel (no segments, no reduction
+    across ranks: the tensor's rows are all here)."""
+    wide = s["p_eps"].dtype
+    parts = _channel_parts(stats, s["p_thr_c"].to(stats.dtype), s["p_eps"], wide)
+    ch, coef_l, decay = _view_decision(
+        parts.sum(0), s["p_thr_l"], s["p_rate"], s["p_wd_ratio"], s["p_eps"]
+    )
+    return _row_factors(stats, wide, ch, coef_l, decay, s["p_step"], s["p_eps"])
+
+
+def factor_scalars(
+    view: ParamView, *, delta: float, wd_ratio: float, eps: float, rate: float, step: float
+) -> dict[str, float]:
+    """The host scalars :func:`local_factors` reads for ``view`` (its thresholds, decay and
+    step, the projection's ``wd_ratio`` and ``eps``)."""
+    return {
+        "p_thr_c": delta / math.sqrt(math.prod(view.shape[1:])),
+        "p_thr_l": delta / math.sqrt(view.numel),
+        "p_rate": rate,
+        "p_step": step,
+        "p_wd_ratio": wd_ratio,
+        "p_eps": eps,
+    }
+
+
+def _channel_parts(stats: Tensor, thr_c: Tensor, eps: float | Tensor, wide: torch.dtype) -> Tensor:
+    """Per row ``[fails, <p,g>, <g,g>, <p,p>, <p,u>]`` (``wide``): a channel "fails" unless
+    ``|cos(g, w)| < thr_c`` (a NaN fails, as ``max()`` would propagate it)."""
+    pp, gg, pg, pu = stats.unbind(0)
+    cos = pg.abs() / (gg.sqrt().clamp_min(eps) * pp.sqrt().clamp_min(eps))
+    fails = ~(cos < thr_c)
+    return torch.stack([fails.to(stats.dtype), pg, gg, pp, pu], dim=1).to(wide)
+
+
+def _view_decision(
+    totals: Tensor, thr_l: Tensor, rate: Tensor, wd_ratio: float | Tensor, eps: float | Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """From a view's summed ``[fails, <p,g>, <g,g>, <p,p>, <p,u>]`` (last dim): projected by
+    channel (no channel fails), the layer coefficient (0 unless projected as one vector) and
+    the weight-decay factor ``1 - rate * r``."""
+    n_fail, pg_l, gg_l, pp_l, pu_l = totals.unbind(-1)
     ch = n_fail == 0
     cos_l = pg_l.abs() / (gg_l.sqrt().clamp_min(eps) * pp_l.sqrt().clamp_min(eps))
     ly = ~ch & (cos_l < thr_l)
     dl = pp_l.sqrt() + eps
     coef_l = torch.where(ly, pu_l / (dl * dl), 0.0)
     decay = 1.0 - rate * torch.where(ch | ly, wd_ratio, 1.0)
-    d = pp.to(wide).sqrt() + eps
-    coef = torch.where(ch[seg], pu.to(wide) / (d * d), coef_l[seg])
-    return list((decay[seg] + step[seg] * coef).split(rows))
+    return ch, coef_l, decay
+
+
+def _row_factors(
+    stats: Tensor,
+    wide: torch.dtype,
+    ch: Tensor,
+    coef_l: Tensor,
+    decay: Tensor,
+    step: Tensor,
+    eps: float | Tensor,
+) -> Tensor:
+    """Per row ``decay + step * coef`` (``coef``: the channel's ``<w_c, u_c> / (||w_c|| +
+    eps)^2`` where projected by channel, else the layer coefficient)."""
+    pp, pu = stats[0].to(wide), stats[3].to(wide)
+    d = pp.sqrt() + eps
+    return decay + step * torch.where(ch, pu / (d * d), coef_l)
 
 
 _SEGMENTS: dict[tuple, Tensor] = {}

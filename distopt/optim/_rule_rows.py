@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,7 +35,7 @@ from distopt.optim import _kernel as K
 from distopt.optim._core import ParamView
 from distopt.optim._functional import device_tensor
 
-__all__ = ["row_sums", "update_rows", "local_rows"]
+__all__ = ["row_sums", "update_rows", "fused_update", "fusable", "local_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,8 @@ def local_rows(view: ParamView) -> int:
 
 
 def _factory(key: tuple, phase: str) -> Callable[..., Any]:
-    rule, states, names, options, sums = key
+    rule, states, names, options, sums = key[:5]
+    decide = key[5] if len(key) > 5 else None
     opts = dict(options)
 
     def kernel(
@@ -66,22 +66,21 @@ def _factory(key: tuple, phase: str) -> Callable[..., Any]:
             g = g * inv
         s = dict(zip(names, sc.unbind(0)))
         old = dict(zip(states, sts))
-        if phase == "rows":
+        if phase != "update":
             parts = rule(p, g, old, s, phase="rows", **opts)
-            return torch.stack([parts[k].sum(dim=1, dtype=torch.float32) for k in sums])
+            stats = torch.stack([parts[k].sum(dim=1, dtype=torch.float32) for k in sums])
+            if phase == "rows":
+                return stats
+            factor = decide(stats, s).to(p.dtype).unsqueeze(1)  # phase "fused"
         new_p, new = rule(p * factor, g, old, s, **opts)
-        for dst, val in [(p, new_p)] + [(old[k], v) for k, v in new.items()]:
-            if found_inf is not None:
-                val = torch.where(found_inf > 0, dst, val)
-            dst.copy_(val)
-        return None
+        K._store([(p, new_p)] + [(old[k], v) for k, v in new.items()], found_inf)
+        # "fused": the factors are an output, so inductor stores them once per row instead of
+        # computing them again (float64 square roots and divisions) for every element
+        return factor if phase == "fused" else None
 
     # one code object per (rule, phase): torch.compile's caches and recompile limit are per code
     # object, so rules never evict each other's kernels
-    code = kernel.__code__.replace(co_name=f"distopt_{rule.__name__}_{phase}_rows")
-    return types.FunctionType(
-        code, kernel.__globals__, code.co_name, kernel.__defaults__, kernel.__closure__
-    )
+    return K._named(kernel, f"distopt_{rule.__name__}_{phase}_rows")
 
 
 def _kernel(key: tuple, phase: str, compiled: bool) -> Callable[..., Any]:
@@ -226,7 +225,86 @@ def update_rows(
     _run(opt, "update", rule, views, states, scalars, factors, (), options)
     _, found_inf = K.scaler_of(opt)
     if found_inf is not None:
-        for v in views:
-            step = v.state.get("step")
-            if isinstance(step, Tensor):
-                step.sub_(found_inf.to(step.device, step.dtype))
+        _take_back(views, found_inf)
+
+
+def fusable(views: Sequence[ParamView]) -> bool:
+    """Whether :func:`fused_update` can run ``views``: compiled kernels are on and no view is
+    sharded (the decision needs no sum across ranks)."""
+    if not views or K.mode() != "compile" or any(v.sharded for v in views):
+        return False
+    return K._can_compile(views[0].data.device)
+
+
+def fused_update(
+    opt: Any,
+    rule: Callable[..., Any],
+    views: Sequence[ParamView],
+    states: Sequence[str],
+    scalars: Sequence[Mapping[str, float]],
+    decide: Callable[[Tensor, dict[str, Tensor]], Tensor],
+    sums: Sequence[str],
+    **options: Any,
+) -> list[int]:
+    """:func:`row_sums`, the per-row factors and :func:`update_rows` of each unsharded view in
+    ONE compiled kernel: ``factor = decide(channel sums, s)`` (``(rows,)``, from the sums of
+    ``rule(..., phase="rows")``'s values named ``sums``), then ``rule(p * factor, g, st, s)``
+    in place.  One call per tensor instead of two plus the batched decision, and the second
+    read of each tensor finds it in cache.
+
+    Returns the indices of the views it did not update (all from the first whose kernel could
+    not be compiled): the caller runs those through the three-step form.  Takes a step
+    ``GradScaler`` skips back from the updated views' ``step`` counters.
+    """
+    if len(scalars) != len(views):
+        raise ValueError(
+            f"_rule_rows: {len(views)} views need as many scalar sets ({len(scalars)})"
+        )
+    grad_scale, found_inf = K.scaler_of(opt)
+    names = tuple(scalars[0])
+    key = (rule, tuple(states), names, tuple(sorted(options.items())), tuple(sums), decide)
+    if key in _failed:
+        return list(range(len(views)))
+    dev = views[0].data.device
+    inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
+    fi = None if found_inf is None else found_inf.to(dev, torch.float32)
+    fn = _kernel(key, "fused", True)
+    packs: dict[tuple, Tensor] = {}
+    for i, (v, vals) in enumerate(zip(views, scalars)):
+        values = tuple([float(vals[n]) for n in names])
+        sc = packs.get(values)
+        if sc is None:
+            sc = packs[values] = device_tensor(values, torch.float64, dev)  # no stream sync
+        rows = local_rows(v)
+        if rows == 0:
+            continue
+        cols = v.data.numel() // rows
+        copies: list[tuple[Tensor, Tensor]] = []
+        p = _as_rows(v.data, rows, cols, copies)
+        g = _as_rows(v.grad, rows, cols, [])
+        sts = tuple([_as_rows(v.state[n], rows, cols, copies) for n in states])
+        try:
+            fn(p, g, sts, sc, None, inv, fi)
+        except Exception as exc:  # noqa: BLE001 - any compile failure: the three-step form
+            _failed.add(key)
+            log.warning(
+                "distopt: compiling the %s fused per-channel kernel failed (%s: %s); running "
+                "the three-step form (set %s=eager to skip compiling)",
+                rule.__name__, type(exc).__name__, exc, K.ENV,
+            )  # fmt: skip
+            if found_inf is not None:
+                _take_back(views[:i], found_inf)
+            return list(range(i, len(views)))
+        for t, c in copies:
+            t.copy_(c.view(t.shape))
+    if found_inf is not None:
+        _take_back(views, found_inf)
+    return []
+
+
+def _take_back(views: Sequence[ParamView], found_inf: Tensor) -> None:
+    """A step ``GradScaler`` skipped does not count: ``step -= found_inf``."""
+    for v in views:
+        step = v.state.get("step")
+        if isinstance(step, Tensor):
+            step.sub_(found_inf.to(step.device, step.dtype))

@@ -16,9 +16,8 @@ from distopt.optim import _functional as F
 from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, adam_hypers, flag, nonneg
-from distopt.optim._projection import ROW_STATS, channel_factors, project_, projection_parts
+from distopt.optim._projection import project_, projected_update, projection_parts
 from distopt.optim._rule_guard import scaled_update
-from distopt.optim._rule_rows import row_sums, update_rows
 
 
 class AdamP(DistOptimizer):
@@ -100,12 +99,11 @@ class AdamP(DistOptimizer):
             K.apply(self, adamp_rule, list(vs), states, list(scs), nesterov=nesterov)
         if mats:
             ms, scs = (list(x) for x in zip(*mats))
-            stats = row_sums(self, adamp_rule, ms, states, scs, ROW_STATS, nesterov=nesterov)
-            factors = channel_factors(
-                ctx, ms, stats, delta=group["delta"], wd_ratio=group["wd_ratio"], eps=eps,
-                rates=[rate] * len(ms), steps=[-sc["neg_step"] for sc in scs],
+            projected_update(
+                self, ctx, adamp_rule, ms, states, scs, delta=group["delta"],
+                wd_ratio=group["wd_ratio"], eps=eps, rates=[rate] * len(ms),
+                steps=[-sc["neg_step"] for sc in scs], nesterov=nesterov,
             )  # fmt: skip
-            update_rows(self, adamp_rule, ms, states, scs, factors, nesterov=nesterov)
 
     def _update_cautious(
         self, group: dict[str, Any], views: list[ParamView], ctx: StepContext

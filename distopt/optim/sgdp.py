@@ -11,9 +11,8 @@ from distopt.optim import _functional as F
 from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import REQUIRED, HyperSpec, flag, lr, nonneg
-from distopt.optim._projection import ROW_STATS, channel_factors, project_, projection_parts
+from distopt.optim._projection import project_, projected_update, projection_parts
 from distopt.optim._rule_guard import scaled_update
-from distopt.optim._rule_rows import row_sums, update_rows
 
 
 class SGDP(DistOptimizer):
@@ -88,14 +87,11 @@ class SGDP(DistOptimizer):
             K.apply(self, sgdp_rule, vecs, ("momentum",), scalars, nesterov=nesterov)
         if mats:
             scalars = [{**base, "decay": 1.0}] * len(mats)  # the decay is in the factors
-            stats = row_sums(
-                self, sgdp_rule, mats, ("momentum",), scalars, ROW_STATS, nesterov=nesterov
-            )
-            factors = channel_factors(
-                ctx, mats, stats, delta=group["delta"], wd_ratio=group["wd_ratio"],
-                eps=group["eps"], rates=[rate] * len(mats), steps=[lr] * len(mats),
+            projected_update(
+                self, ctx, sgdp_rule, mats, ("momentum",), scalars, delta=group["delta"],
+                wd_ratio=group["wd_ratio"], eps=group["eps"], rates=[rate] * len(mats),
+                steps=[lr] * len(mats), nesterov=nesterov,
             )  # fmt: skip
-            update_rows(self, sgdp_rule, mats, ("momentum",), scalars, factors, nesterov=nesterov)
 
     def _update_cautious(
         self, group: dict[str, Any], views: list[ParamView], ctx: StepContext
