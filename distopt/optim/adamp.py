@@ -87,7 +87,8 @@ class AdamP(DistOptimizer):
         for v, t in zip(views, F.advance_steps(views)):
             projected = len(v.shape) > 1  # its decay is in the channel factors
             scalars.append({
-                "beta1": beta1, "beta2": beta2, "eps": eps, "bc2_sqrt": math.sqrt(1.0 - beta2**t),
+                "beta1": beta1, "one_m_beta1": 1.0 - beta1, "beta2": beta2, "eps": eps,
+                "inv_bc2_sqrt": 1.0 / math.sqrt(1.0 - beta2**t),
                 "neg_step": -lr / (1.0 - beta1**t), "decay": 1.0 if projected else 1.0 - rate,
             })  # fmt: skip
         nesterov = bool(group["nesterov"])
@@ -143,10 +144,13 @@ def adamp_rule(
     """AdamP's update of one tensor (see :class:`AdamP`) without the projection, which
     the channel factors fold into ``p`` (:func:`~distopt.optim._projection.channel_factors`;
     ``phase="rows"``: the products the projection's channel statistics sum)."""
-    m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
+    # timm's arithmetic (beta1 m + (1 - beta1) g, sqrt(v) / sqrt(bc2) + eps) with the bias
+    # correction multiplied by its host reciprocal: one division per element (compiled loops
+    # divide at a fraction of the memory rate, and the statistics pass computes u too)
+    m = st["exp_avg"] * s["beta1"] + g * s["one_m_beta1"]
     v = K.ema_sq(st["exp_avg_sq"], g, s["beta2"])
-    denom = v.sqrt() / s["bc2_sqrt"] + s["eps"]
-    u = (m * s["beta1"] + g * (1.0 - s["beta1"])) / denom if nesterov else m / denom
+    denom = v.sqrt() * s["inv_bc2_sqrt"] + s["eps"]
+    u = (m * s["beta1"] + g * s["one_m_beta1"]) / denom if nesterov else m / denom
     if phase == "rows":
         return projection_parts(p, g, u)
     return p * s["decay"] + u * s["neg_step"], {"exp_avg": m, "exp_avg_sq": v}
