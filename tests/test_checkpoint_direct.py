@@ -130,3 +130,30 @@ def test_data_start_finds_the_tensor_bytes_of_a_saved_tensor():
     assert start is not None and blob[start : start + t.numel() * 8] == t.numpy().tobytes()
     assert _direct._data_start(blob, t.numel() * 4) is None  # another size: not this layout
     assert _direct._data_start(b"not a zip", 8) is None
+
+
+def test_collector_paused_during_sync_save_and_load_only(tmp_path, monkeypatch):
+    import gc
+
+    seen: list = []
+    torch.manual_seed(0)
+    net = _Net()
+    opt = distopt.optim.AdamW(net.parameters(), lr=1e-2)
+    stage = lambda s: seen.append((s, gc.isenabled()))  # noqa: E731
+    ckpt.save(tmp_path / "c", model=net, optimizer=opt, _on_stage=stage)
+    assert ("start", True) in seen and ("marker_written", False) in seen, seen
+    assert gc.isenabled()
+    seen.clear()
+    ckpt.save(tmp_path / "d", model=net, optimizer=opt, async_=True, _on_stage=stage)
+    ckpt.wait()
+    assert ("marker_written", True) in seen, seen  # training goes on beside it: left alone
+    orig = _reader.ChecksumReader.read_data
+    monkeypatch.setattr(_reader.ChecksumReader, "read_data",
+                        lambda self, *a: seen.append(("read", gc.isenabled())) or orig(self, *a))  # fmt: skip
+    ckpt.load(tmp_path / "c", model=net, optimizer=opt)
+    assert seen[-1] == ("read", False) and gc.isenabled()
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load(tmp_path / "nothing", model=net, optimizer=opt)
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.save(tmp_path / "c", model=net, optimizer=opt, overwrite=False)
+    assert gc.isenabled()

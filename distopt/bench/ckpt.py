@@ -23,7 +23,10 @@ In one run per (model size, world size), on the same model (GPT-like, AdamW afte
 ``dcp``, ``distopt`` and ``distopt-async`` share one model and alternate within every repeat,
 each repeat starting with the next of them (no mode always runs first or after the same one),
 so their ratios come from the same conditions.  Every mode runs one untimed warm-up save and
-load first.  Times are the slowest rank's, median over repeats.  Peak memory is the rise of the
+load first, and every operation starts from a collected heap (``gc.collect()`` before it, so
+that no mode pays a full collection of the others' garbage in its timed window; distopt pauses
+the collector during a synchronous save or load, plain DCP leaves it on).  Times are the slowest
+rank's, median over repeats.  Peak memory is the rise of the
 process's resident-set high-water mark during the operation (``VmHWM`` after resetting it
 through ``/proc/self/clear_refs``; Linux only, else "n/a").
 """
@@ -31,6 +34,7 @@ through ``/proc/self/clear_refs``; Linux only, else "n/a").
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import statistics
@@ -70,7 +74,8 @@ def _reset_peak() -> bool:
 def _measure(fn) -> tuple[float, float | None]:
     import torch.distributed as dist
 
-    dist.barrier()
+    gc.collect()  # every operation starts from a collected heap: no mode inherits another's
+    dist.barrier()  # garbage and pays a full collection in its timed window by luck
     ok = _reset_peak()
     before = _rss_kib("VmRSS")
     t0 = time.perf_counter()

@@ -48,6 +48,7 @@ from distopt.checkpoint._common import (
     failure_message,
     free_bytes,
     fsync_dir,
+    gc_paused,
     write_atomic_bytes,
 )
 from distopt.checkpoint._common import (
@@ -338,7 +339,8 @@ def save(
         overwrite=overwrite,
     )
     if not async_:
-        _write_and_commit(tensors=_materialize(specs), group=None, own_crc_only=True, **job)
+        with gc_paused():
+            _write_and_commit(tensors=_materialize(specs), group=None, own_crc_only=True, **job)
         return path
 
     group = _async.async_group()  # collective the first time

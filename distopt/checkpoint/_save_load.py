@@ -40,6 +40,7 @@ from distopt.checkpoint._common import (
     describe,
     dist_on,
     failure_message,
+    gc_paused,
 )
 from distopt.checkpoint._common import (
     rank as _rank,
@@ -349,6 +350,13 @@ def load(
     before the tensors are read leave the model and optimizer untouched; after a failure while
     reading the tensors they hold a mix of old and loaded values.
     """
+    with gc_paused():
+        return _load(path, model, optimizer, scheduler, accumulator, strict, verify_files,
+                     restore_rng)  # fmt: skip
+
+
+def _load(path: str | os.PathLike, model: nn.Module, optimizer: Any, scheduler: Any,
+          accumulator: Any, strict: bool, verify_files: bool, restore_rng: bool) -> Any:  # fmt: skip
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import CheckpointException
 
