@@ -116,7 +116,7 @@ class Mars(DistOptimizer):
         scalars = [
             {
                 "beta1": beta1, "beta2": beta2, "eps": group["eps"], "wd": wd, "neg_lr": -lr,
-                "bc1": 1.0 - beta1**t, "bc2_sqrt": math.sqrt(1.0 - beta2**t),
+                "inv_bc1": 1.0 / (1.0 - beta1**t), "inv_bc2_sqrt": 1.0 / math.sqrt(1.0 - beta2**t),
                 "vr": 0.0 if t == 1.0 else vr, "numel": float(v.numel),
             }
             for v, t in zip(views, F.advance_steps(views))
@@ -188,7 +188,7 @@ def mars_rule(
         c = (g - st["last_grad"]) * s["vr"] + g  # s["vr"] = 0 at the first step: c = g
         if phase == "sums":
             return {"c_sq": c * c}
-        c = c / torch.clamp(torch.sqrt(s["c_sq"]), min=1.0)
+        c = c * (1.0 / torch.clamp(torch.sqrt(s["c_sq"]), min=1.0))  # one per-tensor division
     m = st["exp_avg"] * s["beta1"] + c * (1.0 - s["beta1"])
     num = m
     if caution:
@@ -201,7 +201,9 @@ def mars_rule(
     else:
         v = K.ema_sq(st["exp_avg_sq"], c, s["beta2"])
         new["exp_avg_sq"] = v
-        u = (num / s["bc1"]) / (v.sqrt() / s["bc2_sqrt"] + s["eps"])
+        # the bias corrections as host reciprocals: one division per element (compiled loops
+        # divide at a fraction of the memory rate)
+        u = (num * s["inv_bc1"]) / (v.sqrt() * s["inv_bc2_sqrt"] + s["eps"])
     if decay:
         u = u + p * s["wd"]
     return p + u * s["neg_lr"], new
