@@ -5,9 +5,11 @@ In one run per (model size, world size), on the same model (GPT-like, AdamW afte
 * ``dcp``           plain ``torch.distributed.checkpoint.save`` / ``load`` of the same state dict
                     distopt writes (model, ZeRO-1 row-sharded AdamW state), built and loaded in
                     place — the yardstick: every ratio is "x dcp";
-* ``distopt``       ``distopt.shard(stage=1)`` + ``distopt.checkpoint.save`` / ``load`` (the same
-                    DCP write plus RNG streams, metadata, CRC32 of every byte written and read,
-                    and the commit protocol);
+* ``distopt``       ``distopt.shard(stage=1)`` + ``distopt.checkpoint.save`` / ``load`` (DCP
+                    files of the same state, each replicated tensor written by one rank with the
+                    bytes balanced over the ranks, plus RNG streams, metadata, CRC32 of every
+                    byte written and read, and the commit protocol; the load reads contiguous
+                    tensors' bytes straight into them instead of a ``torch.load`` per item);
 * ``distopt-async`` ``save(..., async_=True)``: "save s" is the time training is blocked: until
                     ``save`` returns, plus what the next optimizer step waits for the snapshot
                     (copied in the background) after one forward/backward of the bench's
