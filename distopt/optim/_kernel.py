@@ -250,6 +250,8 @@ class _Kernels:
             try:
                 return self.get(phase, True)(*args)
             except Exception as exc:  # noqa: BLE001 - any compile failure: the same maths eagerly
+                if phase.endswith("_rows"):  # the runner takes those tensors one by one instead
+                    raise _plan.RowsFailed(phase) from exc
                 _compile_failed(self.key, self.key[0], exc)
                 self.compiled = False
         fn = self.get(phase, False)

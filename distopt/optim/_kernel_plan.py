@@ -15,6 +15,8 @@ wrappers) whatever the tensor's size, so the runner makes as few calls as the ma
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +28,9 @@ from distopt.optim import _kernel as K
 from distopt.optim._core import ParamView, StepContext
 from distopt.optim._functional import device_tensor
 
-__all__ = ["run", "rows_ok"]
+__all__ = ["run", "rows_ok", "RowsFailed"]
+
+log = logging.getLogger(__name__)
 
 
 def run(
@@ -88,34 +92,47 @@ def run(
 
     local = not sums or not any(v.sharded for v in views)
     prepared = [_tensors(kind, [views[i] for i in idx], states, flat) for kind, idx, flat in units]
-    if not sums:
-        for (_, idx, flat), ts in zip(units, prepared):
-            kern.call("update", flat, *ts, scs[idx[0]], None, *aux[views[idx[0]].data.device])
-    elif local and compiled:
-        for (kind, idx, flat), ts in zip(units, prepared):
-            phase = "fused_rows" if kind == "rows" else "fused"
-            kern.call(phase, flat, *ts, scs[idx[0]], None, *aux[views[idx[0]].data.device])
-    else:
-        stats = [
-            kern.call(
-                "sums_rows" if kind == "rows" else "sums",
-                flat,
-                *ts,
-                scs[idx[0]],
-                None,
-                aux[views[idx[0]].data.device][0],
-                None,
-            )
-            for (kind, idx, flat), ts in zip(units, prepared)
+    broken: set[int] = set()  # rows units whose kernel did not compile: run tensor by tensor
+
+    def call(u: int, phase: str, st: Tensor | None) -> Any:
+        kind, idx, flat = units[u]
+        sc, (inv, fi) = scs[idx[0]], aux[views[idx[0]].data.device]
+        if phase == "sums":
+            fi = None
+        if kind != "rows":
+            return kern.call(phase, flat, *prepared[u], sc, st, inv, fi)
+        if u not in broken:
+            try:
+                return kern.call(phase + "_rows", True, *prepared[u], sc, st, inv, fi)
+            except RowsFailed as exc:
+                log.debug("distopt: %s: %s", kern.key[0].__name__, exc.__cause__)
+                broken.add(u)
+                _rows[(kern.key, views[idx[0]].data.dtype)] = False
+        out = [
+            kern.call(phase, True, *_tensors("one", [views[i]], states, True), sc, s_, inv, fi)
+            for i, s_ in zip(idx, [None] * len(idx) if st is None else st.unbind(0))
         ]
+        return torch.stack(out) if phase == "sums" else None
+
+    if not sums:
+        for u in range(len(units)):
+            call(u, "update", None)
+    elif local and compiled:
+        for u in range(len(units)):
+            call(u, "fused", None)
+    else:
+        stats = [call(u, "sums", None) for u in range(len(units))]
         if not local:
             stats = _reduced(ctx, views, units, stats)
-        for (kind, idx, flat), ts, st in zip(units, prepared, stats):
-            phase = "update_rows" if kind == "rows" else "update"
-            kern.call(phase, flat, *ts, scs[idx[0]], st, *aux[views[idx[0]].data.device])
-    for (kind, idx, _), ts in zip(units, prepared):
-        if kind != "one":
-            _scatter(ts, [views[i] for i in idx], states)
+        for u, st in enumerate(stats):
+            call(u, "update", st)
+    for u, (kind, idx, _) in enumerate(units):
+        if kind != "one" and u not in broken:
+            _scatter(prepared[u], [views[i] for i in idx], states)
+
+
+class RowsFailed(Exception):
+    """A ``*_rows`` kernel did not compile (the runner then takes its tensors one by one)."""
 
 
 def _reduced(
@@ -150,9 +167,9 @@ def _tensors(
         v = group[0]
         if not flat:
             return v.data, v.grad, tuple(v.state[s] for s in states)
-        return _flat(v.data), _flat(v.grad), tuple(_flat(v.state[s]) for s in states)
-    cols = [[_flat(v.data) for v in group], [_flat(v.grad) for v in group]]
-    cols += [[_flat(v.state[s]) for v in group] for s in states]
+        return _alias(v.param, v.data), _flat(v.grad), tuple(_alias_of(v.state[s]) for s in states)
+    cols = [[_alias(v.param, v.data) for v in group], [_flat(v.grad) for v in group]]
+    cols += [[_alias_of(v.state[s]) for v in group] for s in states]
     bufs = [torch.cat(c) for c in cols]
     if kind == "rows":
         bufs = [b.view(len(group), -1) for b in bufs]
@@ -164,12 +181,46 @@ def _scatter(
 ) -> None:
     """Copy a group's updated concatenation back into its parameters and states."""
     sizes = [v.data.numel() for v in group]
-    dst = [_flat(v.data) for v in group]
+    dst = [_alias(v.param, v.data) for v in group]
     src = list(torch.split(ts[0].view(-1), sizes))
     for s, buf in zip(states, ts[2]):
-        dst += [_flat(v.state[s]) for v in group]
+        dst += [_alias_of(v.state[s]) for v in group]
         src += torch.split(buf.view(-1), sizes)
     torch._foreach_copy_(dst, src)
+
+
+#: id(owner) -> (weak reference to owner, data_ptr, shape, dtype, flat alias): the flat aliases
+#: of parameters and states, kept across steps (two tensor ops per tensor and step otherwise);
+#: an entry goes with its owner (weakref callback) and is rebuilt when the tensor's memory,
+#: shape or dtype changed
+_aliases: dict[int, tuple[Any, int, torch.Size, torch.dtype, Tensor]] = {}
+
+
+def _alias(owner: Any, t: Tensor) -> Tensor:
+    """:func:`_flat` of ``t`` (the values of ``owner``: a parameter, or ``t`` itself), cached."""
+    key = id(owner)
+    e = _aliases.get(key)
+    if (
+        e is not None
+        and e[0]() is owner
+        and e[1] == t.data_ptr()
+        and e[2] == t.shape
+        and e[3] == t.dtype
+    ):
+        return e[4]
+    a = _flat(t)
+    _aliases[key] = (
+        weakref.ref(owner, lambda _, k=key: _aliases.pop(k, None)),
+        t.data_ptr(),
+        t.shape,
+        t.dtype,
+        a,
+    )
+    return a
+
+
+def _alias_of(t: Tensor) -> Tensor:
+    return _alias(t, t)
 
 
 def _flat(t: Tensor) -> Tensor:

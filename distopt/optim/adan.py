@@ -71,22 +71,28 @@ class Adan(DistOptimizer):
         lr = float(group["lr"])
         beta1, beta2, beta3 = group["betas"]
         wd = group["weight_decay"]
-        scalars = [
-            {
-                "beta1": beta1,
-                "beta2": beta2,
-                "beta3": beta3,
-                "eps": group["eps"],
-                "bc3_sqrt": (1.0 - beta3**t) ** 0.5,
-                "size1": lr / (1.0 - beta1**t),
-                "size2": lr * beta2 / (1.0 - beta2**t),
-                "first": float(t == 1.0),
-                "prox": 1.0 + lr * wd,
-                "decay": 1.0 - lr * wd,
-                "numel": float(v.numel),
-            }
-            for v, t in zip(views, F.advance_steps(views))
-        ]
+        no_prox = bool(group["no_prox"])
+        # one division per element: u = (k1 m + k2 e) / (sqrt(v) + eps bc3), the bias corrections,
+        # the learning rate and the proximal 1 / (1 + lr wd) folded into host scalars k1, k2
+        shrink = 1.0 if wd == 0.0 or no_prox else 1.0 / (1.0 + lr * wd)
+        keep = (1.0 - lr * wd) if no_prox else shrink
+        per_step: dict[float, dict[str, float]] = {}  # one scalar set per distinct step count
+        scalars = []
+        for v, t in zip(views, F.advance_steps(views)):
+            sc = per_step.get(t)
+            if sc is None:
+                bc3 = (1.0 - beta3**t) ** 0.5
+                sc = per_step[t] = {
+                    "beta1": beta1,
+                    "beta2": beta2,
+                    "beta3": beta3,
+                    "eps_bc3": group["eps"] * bc3,
+                    "k1": lr / (1.0 - beta1**t) * bc3 * shrink,
+                    "k2": lr * beta2 / (1.0 - beta2**t) * bc3 * shrink,
+                    "first": float(t == 1.0),
+                    "keep": keep,
+                }
+            scalars.append({**sc, "numel": float(v.numel)} if group["caution"] else sc)
         caution = bool(group["caution"])
         K.apply(
             self,
@@ -97,7 +103,6 @@ class Adan(DistOptimizer):
             ctx=ctx,
             sums=K.CAUTION_SUMS if caution else (),
             caution=caution,
-            no_prox=bool(group["no_prox"]),
             decay=wd != 0.0,
         )
 
@@ -109,27 +114,23 @@ def adan_rule(
     s: dict[str, Tensor],
     *,
     caution: bool,
-    no_prox: bool,
     decay: bool,
     phase: str = "update",
 ) -> Any:
     """Adan's update of one tensor (see :class:`Adan`; ``s["first"]``: the previous gradient is
-    this one at the first step)."""
+    this one at the first step; ``k1``, ``k2``, ``eps_bc3``, ``keep``: see :meth:`Adan._update`)."""
     diff = torch.where(s["first"] > 0, torch.zeros_like(g), st["neg_pre_grad"] + g)  # g - g_prev
     m = torch.lerp(st["exp_avg"], g, 1.0 - s["beta1"])
     e = torch.lerp(st["exp_avg_diff"], diff, 1.0 - s["beta2"])
     n = diff * s["beta2"] + g
     sq = K.ema_sq(st["exp_avg_sq"], n, s["beta3"])
-    denom = sq.sqrt() / s["bc3_sqrt"] + s["eps"]
     num = m
     if caution:
         if phase == "sums":
             return K.agreement(m, g)
         num = K.cautious(m, g, s)
-    if decay and no_prox:
-        p = p * s["decay"]
-    p = p - (s["size1"] * num) / denom
-    p = p - (s["size2"] * e) / denom
-    if decay and not no_prox:
-        p = p / s["prox"]
-    return p, {"exp_avg": m, "exp_avg_diff": e, "exp_avg_sq": sq, "neg_pre_grad": -g}
+    # lr m / (bc1 D) + lr beta2 e / (bc2 D) with D = sqrt(v) / bc3 + eps: one division
+    u = (s["k1"] * num + s["k2"] * e) / (sq.sqrt() + s["eps_bc3"])
+    if decay:  # no_prox: p (1 - lr wd) - u;  else (p - u) / (1 + lr wd), 1 / (1 + lr wd) in k1, k2
+        p = p * s["keep"]
+    return p - u, {"exp_avg": m, "exp_avg_diff": e, "exp_avg_sq": sq, "neg_pre_grad": -g}
