@@ -113,15 +113,24 @@ class Mars(DistOptimizer):
         beta1, beta2 = group["betas"] if normed else group["betas_1d"]
         lr = float(group["lr"]) * (1.0 if normed else group["lr_1d_factor"])
         wd, vr = group["weight_decay"], group["gamma"] * beta1 / (1.0 - beta1)
-        scalars = [
-            {
+        caution = bool(group["caution"]) and not normed
+
+        def at(t: float) -> dict[str, float]:
+            return {
                 "beta1": beta1, "beta2": beta2, "eps": group["eps"], "wd": wd, "neg_lr": -lr,
                 "inv_bc1": 1.0 / (1.0 - beta1**t), "inv_bc2_sqrt": 1.0 / math.sqrt(1.0 - beta2**t),
-                "vr": 0.0 if t == 1.0 else vr, "numel": float(v.numel),
-            }
+                "vr": 0.0 if t == 1.0 else vr,
+            }  # fmt: skip
+
+        # one mapping per distinct step (views of equal scalars share kernel calls); the
+        # cautious mask's mean needs each tensor's size
+        shared: dict[float, dict[str, float]] = {}
+        scalars = [
+            {**at(t), "numel": float(v.numel)}
+            if caution
+            else shared.get(t) or shared.setdefault(t, at(t))
             for v, t in zip(views, F.advance_steps(views))
-        ]  # fmt: skip
-        caution = bool(group["caution"]) and not normed
+        ]
         states = ("exp_avg", "last_grad", "exp_avg_sq")
         K.apply(
             self, mars_rule, views, states, scalars, ctx=ctx,
