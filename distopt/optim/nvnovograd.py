@@ -128,8 +128,8 @@ class NvNovoGrad(DistOptimizer):
         # that call's divisor is 1, so both kinds of call run the same compiled kernel.
         small = [i for i, v in enumerate(views) if v.data.numel() < K.SMALL]
         if len(small) > 1:
-            inv = denom.reciprocal().unbind(0)
-            grads = torch._foreach_mul([views[i].grad for i in small], [inv[i] for i in small])
+            inv_d = denom.reciprocal().unbind(0)
+            grads = torch._foreach_mul([views[i].grad for i in small], [inv_d[i] for i in small])
             views_small = [replace(views[i], grad=g) for i, g in zip(small, grads)]
             one = torch.ones((), dtype=denom.dtype, device=denom.device)
             K.apply(
