@@ -3,7 +3,9 @@
 AdamP/SGDP run as: channel sums (``row_sums``), the projection decided on the device
 (``channel_factors``), the element-wise update on ``w * factor`` (``update_rows``).  The maths
 against the published rule is in test_optim (references and timm); here: the factors' decisions
-against a direct float64 computation, eager chunking, layouts no view can express, and (with
+against a direct float64 computation, eager chunking, layouts no view can express, the
+one-kernel-per-tensor form of unsharded tensors against the three-step form (traced, no C++
+build), and (with
 ``DISTOPT_TEST_COMPILED`` set: cold compiles take minutes on a loaded machine) compiled equals
 eager.
 """
@@ -131,3 +133,40 @@ def test_compiled_equals_eager(cid, kernel_mode, caplog):
     ], "a kernel fell back to eager"
     for a, b in zip(res["eager"], res["compile"]):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=case.tol, atol=case.tol)
+
+
+class _Traced:
+    """A ``torch.compile`` backend that runs dynamo's graphs as traced (no C++ build)."""
+
+    def __call__(self, gm, example_inputs):
+        return gm.forward
+
+
+@pytest.mark.skipif(not K._can_compile(torch.device("cpu")), reason="no C++ compiler")
+@pytest.mark.parametrize("cid", ["adamp-project-nesterov", "sgdp"])
+def test_fused_kernel_equals_the_three_step_form(cid, kernel_mode, monkeypatch):
+    """Unsharded tensors under compiled kernels take ONE kernel per tensor (channel sums,
+    :func:`local_factors`, the update); traced, it gives the numbers of the three-step form
+    (``row_sums``, ``channel_factors``, ``update_rows``, as sharded tensors take) and of eager."""
+    from distopt.optim import _rule_rows as RR
+
+    monkeypatch.setattr(K, "BACKEND", _Traced())
+    for mod in (K, RR):
+        monkeypatch.setattr(mod, "_kernels", {})
+        monkeypatch.setattr(mod, "_failed", set())
+    case = next(c for c in CASES if c.id == cid)
+    res, phases = {}, {}
+    for name, mode in (("eager", "eager"), ("fused", "compile"), ("three", "compile")):
+        if name == "three":
+            monkeypatch.setattr(RR, "fusable", lambda views: False)
+        kernel_mode(mode)
+        before = set(RR._kernels)
+        p = make_params()
+        run_quadratic(case.make(p), p, 4, False)
+        res[name] = p
+        phases[name] = {k[1] for k in set(RR._kernels) - before if k[2]}
+    assert phases["fused"] == {"fused"}, phases
+    assert phases["three"] == {"rows", "update"}, phases
+    for other in ("eager", "three"):
+        for a, b in zip(res[other], res["fused"]):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=case.tol, atol=case.tol)
