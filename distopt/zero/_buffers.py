@@ -175,9 +175,9 @@ class BucketBuffers:
             elif not sizes:
                 continue
             elif g.dtype == dtype and g.is_contiguous():
-                chunks = g.view(-1).split(sizes)
+                chunks = g.view(-1).split_with_sizes(sizes)
             else:
-                chunks = g.reshape(-1).to(dtype).split(sizes)
+                chunks = g.reshape(-1).to(dtype).split_with_sizes(sizes)
             for pos, c in zip(self._grad_pos[i], chunks):
                 parts[pos].append(c)
         for pos, ps in enumerate(parts):
