@@ -297,3 +297,155 @@ def test_bench_bytes_per_parameter_follow_the_state():
     assert step_bytes(opt, params) == 4 * (2 * (2 + 2) + 1 + 2)
     row = traffic(opt, params, 1e-3)
     assert row["gbps"] == pytest.approx(row["bytes_per_param"] * 35 / 1e-3 / 1e9)
+
+
+# --------------------------------------------------------------------------- grouping (_kernel_plan)
+
+from distopt.optim import _kernel_plan as P  # noqa: E402
+from distopt.optim._core import ParamView, StepContext  # noqa: E402
+from distopt.optim.lars import lars_rule  # noqa: E402
+
+# a large tensor (alone), three equal-sized small ones and two more (stacked as rows when the
+# rule has sums), one of another size (alone or concatenated), a 1-element one (eager)
+_GROUP_SHAPES = [(40000,), (384,), (384,), (3, 128), (5, 3), (15,), (7,), (1,)]
+_LARS = dict(lr=0.1, wd=0.01, trust_coeff=0.001, eps=1e-8, momentum=0.9, dampening=0.0)
+
+
+def mixing_rule(p, g, st, s, *, phase="update"):
+    """Lars-like, but the trust factor (float64) meets the float32 gradient uncast: with an
+    (n, 1) column of statistics the product would be float64 maths, so no rows for it."""
+    if phase == "sums":
+        return {"w_sq": p * p, "g_sq": g * g}
+    r = (s["w_sq"] / (s["g_sq"] + 1.0)).sqrt()
+    return p - s["lr"] * g * r, {"momentum_buffer": st["momentum_buffer"] * s["momentum"] + g}
+
+
+def _lars_steps(rule, compile_mode, sharded, steps=3):
+    """``steps`` steps of ``rule`` through K.apply, every tensor's sums "reduced" by a fake
+    reducer (doubled, as two ranks holding the same shard would give) when ``sharded``."""
+    K.set_mode(compile_mode)
+    torch.manual_seed(0)
+    params = [torch.randn(s) for s in _GROUP_SHAPES]
+    states = [{"momentum_buffer": torch.zeros(s)} for s in _GROUP_SHAPES]
+    reductions = []
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(step)
+        views = [
+            ParamView(p, p, torch.randn(p.shape, generator=gen), p.shape, sharded, st)
+            for p, st in zip(params, states)
+        ]
+        ctx = StepContext([None] if sharded else [], lambda flat, grp: flat.mul_(2.0))
+        scalars = [dict(_LARS, first=float(step == 0)) for _ in views]
+        K.apply(None, rule, views, ("momentum_buffer",), scalars, ctx=ctx, sums=("w_sq", "g_sq"),
+                **({} if rule is mixing_rule else dict(adapt=True, trust_clip=False, momentum=True,
+                                                       nesterov=False)))  # fmt: skip
+        reductions.append(ctx.num_reductions)
+    return params + [st["momentum_buffer"] for st in states], reductions
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["local", "sharded"])
+@pytest.mark.parametrize("rule", [lars_rule, mixing_rule], ids=["rows", "no-rows"])
+def test_grouped_small_tensors_and_fused_sums_equal_eager(rule, sharded, kernel_mode, monkeypatch):
+    """Small tensors with whole-tensor sums: equal-sized ones stacked as rows (when the probe
+    allows: Lars casts its trust ratio, ``mixing_rule`` does not), the rest alone; unsharded, one
+    ``fused`` call per unit, sharded, sums / one reduction / update.  Eager's numbers either way,
+    one graph per kernel (no recompiles over steps, sizes or offsets)."""
+    backend = _CountingBackend()
+    monkeypatch.setattr(K, "BACKEND", backend)
+    monkeypatch.setattr(K, "_kernels", {})
+    monkeypatch.setattr(K, "_failed", set())
+    monkeypatch.setattr(P, "_rows", {})
+    eager, red_eager = _lars_steps(rule, "eager", sharded)
+    compiled, red_compiled = _lars_steps(rule, "compile", sharded)
+    assert red_eager == red_compiled == ([1, 1, 1] if sharded else [0, 0, 0])
+    phases = sorted({k[1] for k in K._kernels if k[2]})
+    rows = rule is lars_rule
+    assert P._rows == {(K._kernels and next(iter(K._kernels))[0], torch.float32): rows}
+    want = ["sums", "update"] if sharded else ["fused"]
+    assert phases == sorted(want + ([w + "_rows" for w in want] if rows else []))
+    assert backend.graphs == len([k for k in K._kernels if k[2]])
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_rows_probe_watches_float64_columns():
+    """The probe: a rule whose statistics meet float32 tensors only after ``.to(dtype)`` gives
+    the same numbers with (n, 1) columns; one that mixes them does not get rows."""
+    sc = torch.tensor([_LARS[k] for k in _LARS] + [0.0], dtype=torch.float64)
+    names = (*_LARS, "first")
+    opts = dict(adapt=True, trust_clip=False, momentum=True, nesterov=False)
+    lars = K._Kernels((lars_rule, ("momentum_buffer",), names, tuple(sorted(opts.items())),
+                       ("w_sq", "g_sq")), True)  # fmt: skip
+    mixing = K._Kernels((mixing_rule, ("momentum_buffer",), names, (), ("w_sq", "g_sq")), True)
+    assert P._probe_rows(lars.key, torch.float32, sc)
+    assert not P._probe_rows(mixing.key, torch.float32, sc)
+    assert P._probe_rows(mixing.key, torch.float64, sc)  # float64 data: nothing to promote
+
+
+class _NoRowsBackend(_CountingBackend):
+    """Fails every graph with a 2-D input (the ``*_rows`` kernels), as inductor's CPU
+    outer-loop fusion did on the cautious mask."""
+
+    def __call__(self, gm, example_inputs):
+        if any(isinstance(t, torch.Tensor) and t.dim() == 2 for t in example_inputs):
+            raise RuntimeError("no rows here")
+        return super().__call__(gm, example_inputs)
+
+
+def test_rows_kernel_that_fails_to_compile_runs_tensor_by_tensor(kernel_mode, monkeypatch, caplog):
+    """A rows kernel that does not compile: its tensors run one by one (compiled), the rule
+    stays compiled for every other tensor, nothing is logged as a failed compile."""
+    monkeypatch.setattr(K, "BACKEND", _NoRowsBackend())
+    monkeypatch.setattr(K, "_kernels", {})
+    monkeypatch.setattr(K, "_failed", set())
+    monkeypatch.setattr(P, "_rows", {})
+    eager, _ = _lars_steps(lars_rule, "eager", False)
+    compiled, _ = _lars_steps(lars_rule, "compile", False)
+    assert not K._failed and not [r for r in caplog.records if "compiling" in r.getMessage()]
+    assert list(P._rows.values()) == [False]
+    assert any(k[1] == "fused" and k[2] for k in K._kernels)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_cached_flat_aliases_follow_replaced_tensors(kernel_mode, monkeypatch):
+    """The runner keeps flat aliases of parameters and states across steps: a state replaced
+    by a new tensor, a parameter given new memory (``p.data = ...``), are updated (not their
+    old memory), and the cache lets go of an optimizer's tensors with the optimizer."""
+    import gc
+
+    import distopt.optim as do
+
+    backend = _CountingBackend()
+    monkeypatch.setattr(K, "BACKEND", backend)
+    monkeypatch.setattr(K, "_kernels", {})
+    gc.collect()
+    cached = len(P._aliases)
+    out = {}
+    for mode in ("eager", "compile"):
+        kernel_mode(mode)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(300, 130), (5, 3), (15,)]]
+        opt = do.Adan(params, lr=1e-2, weight_decay=0.05)
+        for step in range(4):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            before = [t.clone() for p in params for t in (p, opt.state[p].get("exp_avg", p))]
+            opt.step()
+            after = [t for p in params for t in (p, opt.state[p]["exp_avg"])]
+            assert all((a != b).any() for a, b in zip(after, before)), f"{mode}: not updated"
+            if step == 1:
+                for p in params:
+                    st = opt.state[p]
+                    st["exp_avg"] = st["exp_avg"].clone()  # a new state tensor
+                    p.data = p.data.clone()  # new memory for the parameter
+        out[mode] = [p.detach().clone() for p in params] + [
+            opt.state[p]["exp_avg"].clone() for p in params
+        ]
+    for a, b in zip(out["eager"], out["compile"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(st[0]() is params[0] for st in P._aliases.values())
+    del opt, params, p, st, before, after
+    gc.collect()
+    assert len(P._aliases) == cached, "flat aliases outlived their tensors"
