@@ -4,8 +4,10 @@ A bucket's flat buffer (``world`` regions of ``region`` elements, see ``_plan``)
 once and reused by every reduction and every all-gather: no per-step allocation (on a CPU a
 fresh multi-MiB buffer costs its page faults every step) and no zero fill (only the few
 padding elements are cleared).  Every view the copies need into the buffer and into the
-parameters is built once, so filling a bucket from the gradients, the all-gather input from the
-rows and the parameters from the all-gather output are one ``torch._foreach_copy_`` each.
+parameters is built once: filling a region from the gradients (their row chunks) and the
+all-gather input from the updated rows are one ``torch.cat`` into the region each (a copy kernel
+per region, not per chunk), the parameters from the all-gather output one
+``torch._foreach_copy_``; the reduced rows the shards' ``.grad`` view are built once too.
 
 How the collectives run depends on the backend:
 
@@ -84,18 +86,14 @@ class BucketBuffers:
         n = len(bucket.slots)
         self.flags = self.regions[:, bucket.payload : bucket.payload + n]  # (W, slots)
         self.count = self.regions[:, -1]  # (W,): ranks with non-finite gradients
-        # per slot: the non-empty chunks of its rows in row order (numel), where each goes, and
-        # which region (position) takes it: a region is its ranks' chunks in slot order, so it
-        # is filled by one torch.cat over the chunks into its rows
+        # per slot: the non-empty chunks of its rows in row order (numel) and which region
+        # (position) takes each: a region is its rank's chunks in slot order, so it is filled
+        # by one torch.cat over the chunks into its rows
         self.grad_sizes: list[list[int]] = []
-        self.grad_dsts: list[list[Tensor]] = []
         self._grad_pos: list[list[int]] = []
         for s in bucket.slots:
             owners = sorted((s.bounds[r][0], r) for r in range(W) if s.local_numel(r))
             self.grad_sizes.append([s.local_numel(r) for _, r in owners])
-            self.grad_dsts.append(
-                [self._region_slice(self.regions, self.pos[r], s, r) for _, r in owners]
-            )
             self._grad_pos.append([self.pos[r] for _, r in owners])
         rank_at = {self.pos[r]: r for r in range(W)}
         self._rows_of_pos = [self.regions[i, : sizes[rank_at[i]]] for i in range(W)]
