@@ -265,7 +265,7 @@ def apply_plain(p, g, m, v, pre, decay, agree, sc, inv, fi, *, opt: Options, pha
 #: in compile mode, a call on fewer elements runs eagerly: a compiled call's fixed cost (guards,
 #: wrappers: ~50-100 us on a CPU) is more than the eager ops on it, and small tensors' degenerate
 #: shapes (size-1 dims, which dynamic shapes specialise) would each compile a phase again
-EAGER_BELOW = 1 << 14
+EAGER_BELOW = 1 << 15  # ViT-S: the stacks of its biases and norms (75 x 384, 12 x 1536) too
 
 _kernels: dict[Any, Callable[..., Any]] = {}
 _failed: set[Any] = set()
