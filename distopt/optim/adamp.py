@@ -84,13 +84,17 @@ class AdamP(DistOptimizer):
         eps, wd = group["eps"], group["weight_decay"]
         rate = lr * wd if wd > 0.0 and lr != 0.0 else 0.0
         scalars = []
+        shared: dict[tuple[float, bool], dict[str, float]] = {}  # one mapping per distinct set
         for v, t in zip(views, F.advance_steps(views)):
             projected = len(v.shape) > 1  # its decay is in the channel factors
-            scalars.append({
-                "beta1": beta1, "one_m_beta1": 1.0 - beta1, "beta2": beta2, "eps": eps,
-                "inv_bc2_sqrt": 1.0 / math.sqrt(1.0 - beta2**t),
-                "neg_step": -lr / (1.0 - beta1**t), "decay": 1.0 if projected else 1.0 - rate,
-            })  # fmt: skip
+            sc = shared.get((t, projected))
+            if sc is None:
+                sc = shared[(t, projected)] = {
+                    "beta1": beta1, "one_m_beta1": 1.0 - beta1, "beta2": beta2, "eps": eps,
+                    "inv_bc2_sqrt": 1.0 / math.sqrt(1.0 - beta2**t),
+                    "neg_step": -lr / (1.0 - beta1**t), "decay": 1.0 if projected else 1.0 - rate,
+                }  # fmt: skip
+            scalars.append(sc)
         nesterov = bool(group["nesterov"])
         states = ("exp_avg", "exp_avg_sq")
         vecs = [(v, sc) for v, sc in zip(views, scalars) if len(v.shape) <= 1]
