@@ -297,6 +297,12 @@ def test_bench_bytes_per_parameter_follow_the_state():
     assert step_bytes(opt, params) == 4 * (2 * (2 + 2) + 1 + 2)
     row = traffic(opt, params, 1e-3)
     assert row["gbps"] == pytest.approx(row["bytes_per_param"] * 35 / 1e-3 / 1e9)
+    # MARS's norm reads only g and last_grad (p, g, m, last_grad, v read; p, m, last_grad, v
+    # written); with the cautious mask its statistics need the whole update
+    opt, params = after_one_step(lambda p: do.Mars(p))
+    assert step_bytes(opt, params) == 4 * (5 + 4 + 2)
+    opt, params = after_one_step(lambda p: do.Mars(p, caution=True))
+    assert step_bytes(opt, params) == 4 * (2 * 5 + 4)
 
 
 # --------------------------------------------------------------------------- grouping (_kernel_plan)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from distopt.bench._params import make_params, quick_shapes, vit_shapes
-from distopt.bench._traffic import traffic, whole_tensor_stats
+from distopt.bench._traffic import statistics_reads, traffic, whole_tensor_stats
 
 __all__ = ["add_parser", "run", "GROUPS", "kernel_cache"]
 
@@ -412,13 +412,14 @@ def _run(optim: str | None, repeats: int, warmup: int, quick: bool, progress: bo
                 (base_times if c is baseline else c.times).append(t)
         base_med = statistics.median(base_times)
         base_all.extend(base_times)
-        whole = whole_tensor_stats(cands[0].opt)  # peers move what distopt's maths needs
+        # peers move what distopt's maths needs
+        whole, reads = whole_tensor_stats(cands[0].opt), statistics_reads(cands[0].opt)
         for c in cands:
             med = statistics.median(c.times)
             rows.append({"optimizer": c.label, "impl": c.impl, "first_ms": 1e3 * c.first,
                          "median_ms": 1e3 * med, "ratio": med / base_med, "note": group.note
                          if c.impl == "distopt" else ""})
-            rows[-1].update(traffic(c.opt, c.params, med, stats=whole))
+            rows[-1].update(traffic(c.opt, c.params, med, stats=whole, reads=reads))
             if progress:
                 print(f"[bench step] {c.label} / {c.impl}: first {1e3 * c.first:.1f} ms, median "
                       f"{1e3 * med:.1f} ms, x{med / base_med:.2f} (baseline {1e3 * base_med:.1f} ms)",

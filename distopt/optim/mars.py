@@ -90,6 +90,12 @@ class Mars(DistOptimizer):
         view.state["last_grad"] = self._zeros(view)
         view.state["exp_avg_sq"] = self._zeros(view)
 
+    def statistics_reads(self, group: dict[str, Any]) -> frozenset[str] | None:
+        """What the whole-tensor statistics of ``group`` read (for ``distopt bench step``'s
+        bytes per parameter): the norm of ``c`` needs only the gradient and ``last_grad``;
+        with ``caution`` the mask's mean needs the update, so everything (``None``)."""
+        return None if group["caution"] else frozenset({"grad", "last_grad"})
+
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:
             return
