@@ -220,8 +220,8 @@ def test_hybrid_zero2_halves_the_bytes_across_the_link(make_nodes, tmp_path):
     # crosses the link each way; hybrid sends only its node shard's replica all-reduce across:
     # exactly half of flat's payload.  What the veth counts on top does not halve and varies
     # from run to run: packet headers (~0.5% here: GSO packets), the small messages of gloo's
-    # and the store's own protocol, and TCP retransmissions when the capped link drops packets:
-    # measured 0.503 to 0.521 over five runs, so the bound is 0.55.  (Before the all-to-all
+    # and the store's own protocol, and (not verified) TCP retransmissions when the capped link
+    # drops packets: measured 0.503 to 0.521 over five runs, so the bound is 0.55.  (Before the all-to-all
     # path flat ZeRO-2 all-reduced the whole buffer, and the ratio was 0.44.)
     assert ratio <= 0.55, (
         f"hybrid ZeRO-2 sent {hybrid['bytes_per_step']:.0f} B/step over the link, flat ZeRO-2 "
