@@ -24,14 +24,19 @@ __all__ = ["step_bytes", "traffic", "whole_tensor_stats", "statistics_reads"]
 READ_ONLY_STATE = frozenset({"x0"})
 
 
-def _state_of(opt: Any) -> dict:
+def _base(opt: Any) -> Any:
+    """The optimizer whose state and maths a step runs (Lookahead's wrapped one, else ``opt``)."""
     base = getattr(opt, "base_optimizer", None)
-    return getattr(base if base is not None else opt, "state", {})
+    return base if base is not None else opt
+
+
+def _state_of(opt: Any) -> dict:
+    return getattr(_base(opt), "state", {})
 
 
 def whole_tensor_stats(opt: Any) -> bool:
     """Whether a step of ``opt`` (or of the optimizer it wraps) needs whole-tensor statistics."""
-    base = getattr(opt, "base_optimizer", None) or opt
+    base = _base(opt)
     fn = getattr(base, "needs_whole_tensors", None)
     if fn is None:
         return False
@@ -41,7 +46,7 @@ def whole_tensor_stats(opt: Any) -> bool:
 def statistics_reads(opt: Any) -> frozenset[str] | None:
     """What the statistics pass of ``opt`` (or of the optimizer it wraps) reads, for its first
     param group; ``None``: everything the update reads."""
-    base = getattr(opt, "base_optimizer", None) or opt
+    base = _base(opt)
     fn = getattr(base, "statistics_reads", None)
     groups = getattr(base, "param_groups", None)
     return fn(groups[0]) if fn is not None and groups else None
