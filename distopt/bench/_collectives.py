@@ -9,6 +9,7 @@ by what they request, not by a formula.
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 from collections.abc import Iterator
 
@@ -65,3 +66,17 @@ def counting() -> Iterator[CollectiveCounter]:
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
+
+
+def close_group() -> None:
+    """End a benchmark worker's process group without a teardown race.
+
+    Objects that still hold the group (DDP reducers, sharded engines, their cycles) are
+    collected first, while the interpreter is fully alive: left to interpreter shutdown, gloo's
+    worker threads and the tensors of their finished work are destroyed in no fixed order, and a
+    rank now and then aborts with "terminate called without an active exception".  The barrier
+    lets every rank finish its last collective before any rank closes its connections.
+    """
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

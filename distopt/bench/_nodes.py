@@ -78,6 +78,7 @@ def worker_main(cfg_path: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from distopt.bench._collectives import close_group
     from distopt.bench._gpt import lm_loss
 
     cfg = json.loads(Path(cfg_path).read_text())
@@ -130,8 +131,9 @@ def worker_main(cfg_path: str) -> None:
     dist.all_gather_object(gathered, mine)
     if rank == 0:
         Path(cfg["out"]).write_text(json.dumps(gathered))
-    dist.barrier()
-    dist.destroy_process_group()
+    runs.clear()
+    model = opt = None  # the loops' last pair: nothing may hold the group past close_group()
+    close_group()
 
 
 # ------------------------------------------------------------------------------ driver side

@@ -85,8 +85,7 @@ def _build(mode: str, optim: str, device: torch.device, seed: int) -> tuple[Any,
 def _worker(rank: int, world: int, store_dir: str, cfg: dict[str, Any]) -> None:
     import torch.distributed as dist
 
-    from distopt.bench._collectives import counting
-    from distopt.bench._gpt import lm_loss
+    from distopt.bench._collectives import close_group
 
     torch.set_num_threads(cfg["threads"])
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
@@ -95,8 +94,24 @@ def _worker(rank: int, world: int, store_dir: str, cfg: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     store = dist.FileStore(os.path.join(store_dir, "store"), world)
     dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world)
+    mine = _measure(rank, world, device, cfg)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        torch.save({"ranks": gathered, "params": mine["params"]}, os.path.join(store_dir, "result.pt"))
+    close_group()
+
+
+def _measure(rank: int, world: int, device: torch.device, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Build every mode, time it in rounds; only plain results leave this function, so the
+    models, optimizers and DDP reducers (and the process group they hold) are freed on return."""
+    import torch.distributed as dist
+
+    from distopt.bench._collectives import counting
+    from distopt.bench._gpt import lm_loss
     from distopt.optim import _whole
 
+    use_cuda = device.type == "cuda"
     with counting() as counter, _whole.counting() as whole:
         runs = {m: _build(m, cfg["optim"], device, 0) for m in cfg["modes"]}
         g = torch.Generator().manual_seed(1 + rank)
@@ -136,12 +151,7 @@ def _worker(rank: int, world: int, store_dir: str, cfg: dict[str, Any]) -> None:
                 ns[m].append((whole.local_seconds / cfg["steps"], share))
         state = {m: _state_bytes(opt) for m, (_, opt) in runs.items()}
         total_params = sum(p.numel() for p in runs[cfg["modes"][0]][0].parameters())
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, {"times": times, "traffic": traffic, "state": state, "ns": ns})
-    if rank == 0:
-        torch.save({"ranks": gathered, "params": total_params}, os.path.join(store_dir, "result.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    return {"times": times, "traffic": traffic, "state": state, "ns": ns, "params": total_params}
 
 
 def run(world: int, optim: str = "adamw", modes: tuple[str, ...] = MODES, rounds: int = 5, steps: int = 3,
