@@ -455,3 +455,59 @@ def test_cached_flat_aliases_follow_replaced_tensors(kernel_mode, monkeypatch):
     del opt, params, p, st, before, after
     gc.collect()
     assert len(P._aliases) == cached, "flat aliases outlived their tensors"
+
+
+# --------------------------------------------------------------------------- direct calls
+
+
+def _axpy(p, g, sts, sc, stats, inv, fi):
+    """A kernel-shaped function: in-place update of ``p`` and one state, returns a sum."""
+    a, b = sc.unbind(0)
+    new = p * a + g * b
+    sts[0].copy_(sts[0] + g)
+    p.copy_(new)
+    return (new * new).sum(dtype=torch.float64) if stats is None else None
+
+
+def test_compiled_calls_skip_dynamo_after_the_first_call_per_signature(monkeypatch):
+    """:class:`K.Compiled`: the first call with each signature (shapes, dtypes, None-ness)
+    goes through dynamo; later ones call the noted graph with the caller's tensors and give
+    the same numbers and outputs as eager; a call whose inputs share memory keeps dynamo."""
+    backend = _CountingBackend()
+    c = K.Compiled(_axpy, backend, None)
+    entries = []
+    real = c._dynamo
+
+    def counted(*args):
+        entries.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(c, "_dynamo", counted)
+    sc = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for n, dtype, stats, calls in [(100, torch.float32, None, 3), (37, torch.float32, None, 2),
+                                   (100, torch.float64, None, 2), (100, torch.float32, sc.clone(), 2)]:  # fmt: skip
+        before = len(entries)
+        for _ in range(calls):
+            p, g, m = (torch.randn(n, generator=gen, dtype=dtype) for _ in range(3))
+            want_p, want_m = p * 0.5 + g * 2.0, m + g
+            want_out = _axpy(p.clone(), g, (m.clone(),), sc, stats, None, None)
+            version = p._version
+            out = c(p, g, (m,), sc, stats, None, None)
+            torch.testing.assert_close(p, want_p)
+            torch.testing.assert_close(m, want_m)
+            assert p._version > version
+            if stats is None:
+                assert out is not None and out.dtype == torch.float64
+                torch.testing.assert_close(out, want_out)
+            else:
+                assert out is None
+        assert len(entries) == before + 1, f"n={n} {dtype}: dynamo entered again"
+    assert backend.graphs == 3  # 100 and 37 share the dynamic-shape graph; float64; stats
+    # inputs that share memory: dynamo's aliasing guard decides, every time
+    buf = torch.randn(300, generator=gen)
+    p, g, m = buf[:100], buf[100:200], buf[200:]
+    before = len(entries)
+    for _ in range(2):
+        c(p, g, (m,), sc, None, None, None)
+    assert len(entries) == before + 2
