@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from distopt.optim import _functional as F
-from distopt.optim import _kernel as K
 from distopt.optim import _rule_factored as _rf
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, check_nonneg, flag, integer, lr, nonneg, option
@@ -149,22 +148,6 @@ class _AdafactorKernel(DistOptimizer):
             scale = h.scale_parameter and h.scale_external
         return lr * max(h.eps_scale, rms) if scale else lr
 
-    @staticmethod
-    def _param_lrs(h: _Hyper, steps: list[float], rms: Tensor) -> list[float] | Tensor:
-        """:meth:`_param_lr` of every parameter without reading ``rms`` back to the host:
-        floats when the lr does not depend on the RMS, else a tensor on ``rms``'s device (in
-        float64 where the device has it, so the values equal the host computation's)."""
-        if h.relative_step:
-            base = [relative_step_lr(t, h.warmup_init) for t in steps]
-            scale = h.scale_parameter
-        else:
-            base = [float(h.lr)] * len(steps)  # type: ignore[arg-type]
-            scale = h.scale_parameter and h.scale_external
-        if not scale:
-            return base
-        wide = torch.float32 if rms.device.type == "mps" else torch.float64
-        return F.device_tensor(base, wide, rms.device) * rms.to(wide).clamp_min(h.eps_scale)
-
     def relative_step_lrs(self) -> list[float | None]:
         """The learning rate each param group used at its last step (one entry per group).
 
@@ -236,10 +219,15 @@ class _AdafactorKernel(DistOptimizer):
         steps = F.advance_steps(views)
         dims = [_factor_dims(v.shape, h.min_dim) for v in views]
         b1 = 0.0 if h.beta1 is None else h.beta1
+        if h.relative_step:
+            scale = h.scale_parameter
+        else:
+            scale = h.scale_parameter and h.scale_external
         packs = []
         for v, t, d in zip(views, steps, dims):
             beta2t = 1.0 - math.pow(t, h.decay_rate)
             n_c, n_r = (v.shape[d[0]], v.shape[d[1]]) if d is not None else (1, 1)
+            base = relative_step_lr(t, h.warmup_init) if h.relative_step else float(h.lr)  # type: ignore[arg-type]
             packs.append(
                 _rf.pack(
                     w2=1.0 - beta2t,
@@ -249,57 +237,37 @@ class _AdafactorKernel(DistOptimizer):
                     n_c=n_c,
                     b1=b1,
                     w1=1.0 - b1,
+                    lr=base,
                     numel=max(v.numel, 1),
+                    root_n=math.sqrt(max(v.numel, 1)),
+                    clip=h.clip_threshold,
+                    wd=h.weight_decay,
+                    eps_scale=h.eps_scale,
                 )
             )
-        root_n = [math.sqrt(max(v.numel, 1)) for v in views]
-
-        def scales(psq: list[Tensor] | None, usq: list[Tensor] | None) -> tuple[list, list]:
-            """Per-tensor ``lr / clip`` and decay factor from the whole-tensor sums (on the device)."""
-            dev = views[0].data.device
-            rms = torch.cat(psq).float().clamp_min(0).sqrt()  # type: ignore[arg-type]
-            rms = rms / F.device_tensor(root_n, rms.dtype, rms.device)
-            found_inf = K.scaler_of(self)[1]
-            olds = [v.state["RMS"] for v in views]
-            news = list(rms.to(dev).unbind(0))
-            if found_inf is not None:  # a step GradScaler skips keeps the last RMS
-                fi = found_inf.to(dev) > 0
-                news = [torch.where(fi, o, x) for o, x in zip(olds, news)]
-            torch._foreach_copy_(olds, news)
-            lrs = self._param_lrs(h, steps, rms)
-            if self._writes_group_lr and h.relative_step:
-                group["lr"] = lrs[-1]  # a 0-dim tensor when it depends on the RMS (as in timm)
-            u_rms = torch.cat(usq).float().clamp_min(0).sqrt()  # type: ignore[arg-type]
-            u_rms = u_rms / F.device_tensor(root_n, u_rms.dtype, u_rms.device)
-            clip = (u_rms / h.clip_threshold).clamp_(min=1.0)
-            lr_t = (
-                lrs if isinstance(lrs, Tensor) else F.device_tensor(lrs, torch.float64, clip.device)
-            )
-            pre = list((lr_t.to(clip.dtype) / clip).to(dev).unbind(0))
-            if h.weight_decay == 0.0:
-                return pre, [None] * len(views)
-            decay = (1.0 - h.weight_decay * lr_t).to(torch.float32).to(dev)
-            return pre, list(decay.unbind(0))
-
         opts = _rf.Options(
             flavour="hf",
             psq=True,
+            scale=scale,
             clip=True,
             momentum=h.beta1 is not None,
             caution=h.caution and h.beta1 is not None,
             decay=h.weight_decay != 0.0,
         )
         lays = [_rf.layout(v.data.shape, d, v.sharded) for v, d in zip(views, dims)]
-        _rf.run(
+        lrs = _rf.run(
             self,
             views,
             lays,
             packs,
             ctx,
             opts,
-            scales,
             state_names=("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"),
         )
+        if self._writes_group_lr and h.relative_step:
+            # as timm: the lr of the group's last parameter (a 0-dim tensor when it depends on
+            # the parameter RMS)
+            group["lr"] = lrs[-1] if scale else relative_step_lr(steps[-1], h.warmup_init)
 
 
 class Adafactor(_AdafactorKernel):

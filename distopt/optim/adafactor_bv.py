@@ -27,7 +27,6 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from distopt.optim import _functional as F
 from distopt.optim import _rule_factored as _rf
@@ -205,23 +204,14 @@ class AdafactorBigVision(DistOptimizer):
                     lr=lr,
                     decay=decay,
                     numel=max(v.numel, 1),
+                    root_n=math.sqrt(max(v.numel, 1)),
+                    clip=0.0 if threshold is None else threshold,
                 )
             )
-        root_n = [math.sqrt(max(v.numel, 1)) for v in views]
-
-        def scales(psq: list[Tensor] | None, usq: list[Tensor] | None) -> tuple[list, list]:
-            """The clip divisor ``max(1, RMS(u) / clipping_threshold)`` of each tensor (or None)."""
-            none = [None] * len(views)
-            if usq is None:
-                return none, none
-            dev = views[0].data.device
-            u_rms = torch.cat(usq).float().clamp_min(0).sqrt()
-            u_rms = u_rms / F.device_tensor(root_n, u_rms.dtype, u_rms.device)
-            return list((u_rms / threshold).clamp_(min=1.0).to(dev).unbind(0)), none
-
         opts = _rf.Options(
             flavour="bv",
             psq=False,
+            scale=False,
             clip=threshold is not None,
             momentum=momentum is not None,
             caution=bool(group["caution"]) and momentum is not None,
@@ -235,7 +225,6 @@ class AdafactorBigVision(DistOptimizer):
             packs,
             ctx,
             opts,
-            scales,
             state_names=("exp_avg_sq_r", "exp_avg_sq_c", "exp_avg_sq"),
         )
 
