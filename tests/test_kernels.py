@@ -511,3 +511,61 @@ def test_compiled_calls_skip_dynamo_after_the_first_call_per_signature(monkeypat
     for _ in range(2):
         c(p, g, (m,), sc, None, None, None)
     assert len(entries) == before + 2
+
+
+# --------------------------------------------------------------------------- caller-given stats
+
+
+def _lars_given_steps(compile_mode, steps=3):
+    """:func:`_lars_steps` (unsharded) with ``w_sq`` / ``g_sq`` given by the caller: no sums
+    pass, no reduction."""
+    K.set_mode(compile_mode)
+    torch.manual_seed(0)
+    params = [torch.randn(s) for s in _GROUP_SHAPES]
+    states = [{"momentum_buffer": torch.zeros(s)} for s in _GROUP_SHAPES]
+    opts = dict(adapt=True, trust_clip=False, momentum=True, nesterov=False)
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(step)
+        views = [
+            ParamView(p, p, torch.randn(p.shape, generator=gen), p.shape, False, st)
+            for p, st in zip(params, states)
+        ]
+        stats = [
+            torch.stack([(v.data * v.data).sum(dtype=torch.float64),
+                         (v.grad * v.grad).sum(dtype=torch.float64)])
+            for v in views
+        ]  # fmt: skip
+        scalars = [dict(_LARS, first=float(step == 0)) for _ in views]
+        K.apply(None, lars_rule, views, ("momentum_buffer",), scalars, sums=("w_sq", "g_sq"),
+                stats=stats, **opts)  # fmt: skip
+    return params + [st["momentum_buffer"] for st in states]
+
+
+def test_caller_given_stats_equal_the_sums_pass(kernel_mode, monkeypatch):
+    """``apply(..., sums=names, stats=[per view])``: the update with the caller's statistics
+    equals the one after the runner's own sums pass (eager and compiled: update kernels only,
+    small equal-sized tensors still as rows); malformed ``stats`` are refused."""
+    backend = _CountingBackend()
+    monkeypatch.setattr(K, "BACKEND", backend)
+    monkeypatch.setattr(K, "_kernels", {})
+    monkeypatch.setattr(K, "_failed", set())
+    monkeypatch.setattr(P, "_rows", {})
+    want, _ = _lars_steps(lars_rule, "eager", False)
+    for mode in ("eager", "compile"):
+        got = _lars_given_steps(mode)
+        for a, b in zip(want, got):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert sorted({k[1] for k in K._kernels if k[2]}) == ["update", "update_rows"]
+    p = torch.randn(4)
+    views = [ParamView(p, p, torch.randn(4), p.shape, False, {"momentum_buffer": torch.zeros(4)})]
+    args = (None, lars_rule, views, ("momentum_buffer",), dict(_LARS, first=1.0))
+    opts = dict(adapt=True, trust_clip=False, momentum=True, nesterov=False)
+    good = [torch.ones(2, dtype=torch.float64)]
+    with pytest.raises(ValueError, match="sums="):
+        K.apply(*args, stats=good, **opts)
+    with pytest.raises(ValueError, match="2 stats tensors for 1 views"):
+        K.apply(*args, sums=("w_sq", "g_sq"), stats=good * 2, **opts)
+    with pytest.raises(ValueError, match=r"stats\[0\] must be a float64 tensor of shape \(2,\)"):
+        K.apply(*args, sums=("w_sq", "g_sq"), stats=[torch.ones(2)], **opts)
+    with pytest.raises(ValueError, match=r"stats\[0\] must be a float64 tensor of shape \(2,\)"):
+        K.apply(*args, sums=("w_sq", "g_sq"), stats=[torch.ones(3, dtype=torch.float64)], **opts)

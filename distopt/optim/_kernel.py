@@ -395,6 +395,7 @@ def apply(
     *,
     ctx: StepContext | None = None,
     sums: Sequence[str] = (),
+    stats: Sequence[Tensor] | None = None,
     **options: Any,
 ) -> None:
     """Update ``views`` in place with ``rule`` (see the module docstring).
@@ -403,6 +404,11 @@ def apply(
     ``scalars``: host floats, one mapping for every view or one per view; ``options``: static
     Python values passed to the rule as keywords (each distinct set gets its own kernel);
     ``sums``: whole-tensor sums the update needs (then ``ctx`` reduces them across ranks).
+    ``stats``: the caller's values of ``sums`` instead, one float64 tensor of shape
+    ``(len(sums),)`` per view on its device, already whole-tensor (added across ranks): no
+    sums pass and no reduction here, the rule's ``phase="update"`` only (``ctx`` not needed).
+    Under ``GradScaler`` the rule sees the unscaled gradient: statistics of the gradient must
+    be of the unscaled one too.
     ``opt`` is the optimizer (its ``grad_scale`` / ``found_inf``, set by ``GradScaler``).
     Call it once per param group and step: a step skipped by ``found_inf`` is taken back from
     each view's ``step`` counter here.
@@ -410,7 +416,9 @@ def apply(
     if not views:
         return
     states, sums = tuple(states), tuple(sums)
-    if sums and ctx is None:
+    if stats is not None:
+        _check_stats(stats, views, sums)
+    elif sums and ctx is None:
         raise ValueError("apply: `sums` needs the StepContext (ctx=) to reduce them across ranks")
     per_view = [scalars] * len(views) if isinstance(scalars, Mapping) else list(scalars)
     if len(per_view) != len(views):
@@ -420,13 +428,37 @@ def apply(
     key = (rule, states, names, tuple(sorted(options.items())), sums)
     dev0 = views[0].data.device
     kern = _Kernels(key, mode() == "compile" and key not in _failed and _can_compile(dev0))
-    _plan.run(kern, views, states, per_view, names, sums, ctx, grad_scale, found_inf)
+    _plan.run(kern, views, states, per_view, names, sums, ctx, grad_scale, found_inf, stats)
 
     if found_inf is not None:  # a skipped step does not count
         for v in views:
             step = v.state.get("step")
             if isinstance(step, Tensor):
                 step.sub_(found_inf.to(step.device, step.dtype))
+
+
+def _check_stats(stats: Sequence[Tensor], views: Sequence[ParamView], sums: tuple) -> None:
+    if not sums:
+        raise ValueError("apply: `stats` are the values of `sums`; give the names as sums=(...)")
+    if len(stats) != len(views):
+        raise ValueError(f"apply: {len(stats)} stats tensors for {len(views)} views (one per view)")
+    shape = (len(sums),)
+    for i, (st, v) in enumerate(zip(stats, views)):
+        if not (
+            isinstance(st, Tensor)
+            and st.shape == shape
+            and st.dtype == torch.float64
+            and st.device == v.data.device
+        ):
+            got = (
+                f"{tuple(st.shape)} {st.dtype} on {st.device}"
+                if isinstance(st, Tensor)
+                else type(st).__name__
+            )
+            raise ValueError(
+                f"apply: stats[{i}] must be a float64 tensor of shape {shape} (one value per "
+                f"name in sums={sums}) on {v.data.device}, got {got}"
+            )
 
 
 def _compile_failed(key: Any, rule: Rule, exc: Exception) -> None:

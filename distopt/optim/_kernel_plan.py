@@ -43,8 +43,11 @@ def run(
     ctx: StepContext | None,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    given: Sequence[Tensor] | None = None,
 ) -> None:
-    """Run ``kern`` (a ``_kernel._Kernels``) over ``views`` (see the module docstring)."""
+    """Run ``kern`` (a ``_kernel._Kernels``) over ``views`` (see the module docstring);
+    ``given``: the caller's whole-tensor values of ``sums``, one ``(len(sums),)`` tensor per
+    view (then only update calls, units grouped as with sums)."""
     packs: dict[tuple, Tensor] = {}
     aux: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
     compiled = kern.compiled
@@ -90,7 +93,7 @@ def run(
         else:
             units.extend(("one", [i], True) for i in idx)
 
-    local = not sums or not any(v.sharded for v in views)
+    local = not sums or given is not None or not any(v.sharded for v in views)
     prepared = [_tensors(kind, [views[i] for i in idx], states, flat) for kind, idx, flat in units]
     broken: set[int] = set()  # rows units whose kernel did not compile: run tensor by tensor
 
@@ -114,7 +117,11 @@ def run(
         ]
         return torch.stack(out) if phase == "sums" else None
 
-    if not sums:
+    if given is not None:
+        for u, (kind, idx, _) in enumerate(units):
+            st = given[idx[0]] if kind == "one" else torch.stack([given[i] for i in idx])
+            call(u, "update", st)
+    elif not sums:
         for u in range(len(units)):
             call(u, "update", None)
     elif local and compiled:
