@@ -94,7 +94,12 @@ def run(
             units.extend(("one", [i], True) for i in idx)
 
     local = not sums or given is not None or not any(v.sharded for v in views)
-    prepared = [_tensors(kind, [views[i] for i in idx], states, flat) for kind, idx, flat in units]
+    # the flat tensors each concatenated unit is copied back into (after its kernel call)
+    dsts: dict[int, list[list[Tensor]]] = {}
+    prepared = [
+        _tensors(kind, [views[i] for i in idx], states, flat, dsts, u)
+        for u, (kind, idx, flat) in enumerate(units)
+    ]
     broken: set[int] = set()  # rows units whose kernel did not compile: run tensor by tensor
 
     def call(u: int, phase: str, st: Tensor | None) -> Any:
@@ -112,7 +117,9 @@ def run(
                 broken.add(u)
                 _rows[(kern.key, views[idx[0]].data.dtype)] = False
         out = [
-            kern.call(phase, True, *_tensors("one", [views[i]], states, True), sc, s_, inv, fi)
+            kern.call(
+                phase, True, *_tensors("one", [views[i]], states, True, {}, 0), sc, s_, inv, fi
+            )
             for i, s_ in zip(idx, [None] * len(idx) if st is None else st.unbind(0))
         ]
         return torch.stack(out) if phase == "sums" else None
@@ -133,9 +140,9 @@ def run(
             stats = _reduced(ctx, views, units, stats)
         for u, st in enumerate(stats):
             call(u, "update", st)
-    for u, (kind, idx, _) in enumerate(units):
-        if kind != "one" and u not in broken:
-            _scatter(prepared[u], [views[i] for i in idx], states)
+    for u, dst in dsts.items():
+        if u not in broken:
+            _scatter(prepared[u], dst)
 
 
 class RowsFailed(Exception):
@@ -166,34 +173,40 @@ def _reduced(
 
 
 def _tensors(
-    kind: str, group: list[ParamView], states: tuple[str, ...], flat: bool
+    kind: str,
+    group: list[ParamView],
+    states: tuple[str, ...],
+    flat: bool,
+    dsts: dict[int, list[list[Tensor]]],
+    u: int,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """``(p, g, states)`` of a unit: flat aliases of one tensor, its own tensors (not flat), or
-    the concatenation of a group (``rows``: viewed as ``(tensors, elements)``)."""
+    the concatenation of a group (``rows``: viewed as ``(tensors, elements)``), whose flat
+    parameters and states go to ``dsts[u]`` (where :func:`_scatter` copies the results)."""
     if kind == "one":
         v = group[0]
         if not flat:
             return v.data, v.grad, tuple(v.state[s] for s in states)
         return _alias(v.param, v.data), _flat(v.grad), tuple(_alias_of(v.state[s]) for s in states)
-    cols = [[_alias(v.param, v.data) for v in group], [_flat(v.grad) for v in group]]
-    cols += [[_alias_of(v.state[s]) for v in group] for s in states]
-    bufs = [torch.cat(c) for c in cols]
+    # plain flat views (no cached alias: the concatenation copies them, and the copy back
+    # writes through them in place, within this step)
+    dst = [[v.data.view(-1) for v in group]]
+    dst += [[v.state[s].view(-1) for v in group] for s in states]
+    dsts[u] = dst
+    bufs = [torch.cat(c) for c in (dst[0], [v.grad.view(-1) for v in group], *dst[1:])]
     if kind == "rows":
         bufs = [b.view(len(group), -1) for b in bufs]
     return bufs[0], bufs[1], tuple(bufs[2:])
 
 
-def _scatter(
-    ts: tuple[Tensor, Tensor, tuple[Tensor, ...]], group: list[ParamView], states: tuple[str, ...]
-) -> None:
-    """Copy a group's updated concatenation back into its parameters and states."""
-    sizes = [v.data.numel() for v in group]
-    dst = [_alias(v.param, v.data) for v in group]
-    src = list(torch.split(ts[0].view(-1), sizes))
-    for s, buf in zip(states, ts[2]):
-        dst += [_alias_of(v.state[s]) for v in group]
+def _scatter(ts: tuple[Tensor, Tensor, tuple[Tensor, ...]], dst: list[list[Tensor]]) -> None:
+    """Copy a group's updated concatenation back into its parameters and states (``dst``:
+    their flat views, as :func:`_tensors` made them)."""
+    sizes = [t.numel() for t in dst[0]]
+    src: list[Tensor] = []
+    for buf in (ts[0], *ts[2]):
         src += torch.split(buf.view(-1), sizes)
-    torch._foreach_copy_(dst, src)
+    torch._foreach_copy_([t for d in dst for t in d], src)
 
 
 #: id(owner) -> (weak reference to owner, data_ptr, shape, dtype, flat alias): the flat aliases
