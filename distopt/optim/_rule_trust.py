@@ -8,6 +8,11 @@
   inside its kernels (both phases) and keeps ``GradScaler``'s ``found_inf``, so the divisor
   costs no pass over memory and no host read.
 * :func:`grad_norm`: the global gradient norm (Lamb's clip) from one ``_foreach_norm``.
+* :func:`squared_norms`: whole-tensor sums of squares per tensor, for
+  :func:`~distopt.optim._kernel.apply`'s ``stats=`` (Lars' ``||w||^2``, ``||g||^2``;
+  NvNovoGrad's ``||g||^2``): ATen's ``_foreach_norm`` reads at memory speed where a compiled
+  sums pass does not (inductor's CPU sum loops are several times slower), and the update kernel
+  then runs without a sums phase.
 """
 
 from __future__ import annotations
@@ -20,7 +25,14 @@ from torch import Tensor
 from distopt.optim import _kernel as K
 from distopt.optim._core import ParamView, StepContext
 
-__all__ = ["trust_ratio", "grad_divided", "GradDivisor", "inv_grad_scale", "grad_norm"]
+__all__ = [
+    "trust_ratio",
+    "grad_divided",
+    "GradDivisor",
+    "inv_grad_scale",
+    "grad_norm",
+    "squared_norms",
+]
 
 
 def trust_ratio(w_sq: Tensor, u_sq: Tensor, clip: bool) -> Tensor:
@@ -72,3 +84,26 @@ def grad_norm(ctx: StepContext, views: list[ParamView]) -> Tensor:
         parts.setdefault(id(v.group) if v.sharded else None, (v, []))[1].append(n)
     sums = [torch.stack(ns).float().square().sum() for _, ns in parts.values()]
     return ctx.sum_over(sums, [v for v, _ in parts.values()]).sqrt()
+
+
+def squared_norms(
+    ctx: StepContext | None, views: list[ParamView], *columns: list[Tensor]
+) -> Tensor:
+    """``out[i, k] = ||columns[k][i]||^2`` over the whole tensor of ``views[i]`` (float64: the
+    exact square of ``_foreach_norm``'s float32 norm).
+
+    ``columns[k][i]``: view ``i``'s local values of statistic ``k`` (its parameter rows, its
+    gradient rows, ...).  One ``torch._foreach_norm`` per column; the partial sums of sharded
+    views are added across their ranks in one :meth:`StepContext.reduce` (unsharded ones are
+    counted once), so the result is the whole tensor's on every rank.
+    """
+    sq = torch.stack([torch.stack(torch._foreach_norm(list(c))) for c in columns], 1)
+    sq = sq.double().square()
+    if any(v.sharded for v in views):
+        if ctx is None:
+            raise ValueError(
+                "squared_norms: sharded views need the StepContext to add partial sums"
+            )
+        (rows,) = ctx.reduce([list(sq.unbind(0))], list(views))
+        sq = torch.stack(rows)
+    return sq

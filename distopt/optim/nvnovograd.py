@@ -6,7 +6,6 @@ Deep Networks" (2019), as in NVIDIA's Jasper example and timm.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ from distopt.optim import _functional as F
 from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, adam_hypers, flag, with_max_lr_snapshot
-from distopt.optim._rule_trust import grad_divided, inv_grad_scale
+from distopt.optim._rule_trust import inv_grad_scale, squared_norms
 
 __all__ = ["NvNovoGrad", "nvnovograd_rule"]
 
@@ -39,9 +38,9 @@ class NvNovoGrad(DistOptimizer):
 
     Under ZeRO or FSDP2 the squared gradient norms of a param group are summed across ranks in
     one reduction.  The step reads the gradients once for those norms, updates the scalar
-    second moments on the device, then runs :func:`nvnovograd_rule`: one fused pass per large
-    tensor, its denominator dividing the gradient inside the kernel, and one for all the small
-    ones together, their gradients divided first.
+    second moments on the device, then runs :func:`nvnovograd_rule` over the group in one
+    :func:`~distopt.optim._kernel.apply`: one fused pass, each tensor's denominator a statistic
+    given to the kernel (no host read).
 
     Args:
         params: parameters or param groups.
@@ -90,11 +89,8 @@ class NvNovoGrad(DistOptimizer):
         wd = group["weight_decay"]
         F.advance_steps(views)
         # the one extra read: ||g||^2 of each whole tensor (partial sums added across ranks),
-        # one _foreach_norm and one stacked square for all of them
-        n = torch.stack(torch._foreach_norm([v.grad for v in views])).float().square()
-        if any(v.sharded for v in views):
-            (sumsq,) = ctx.reduce([list(n.unbind(0))], list(views))
-            n = torch.stack(sumsq)
+        # one _foreach_norm for all of them
+        n = squared_norms(ctx, views, [v.grad for v in views])[:, 0].float()
         inv = inv_grad_scale(self, n.device)
         if inv is not None:  # GradScaler's scaled gradients: the norms of the true ones
             n = n * (inv * inv)
@@ -120,25 +116,19 @@ class NvNovoGrad(DistOptimizer):
             "decay": ("decoupled" if decoupled else "l2") if wd != 0.0 else "none",
             "averaging": bool(group["grad_averaging"]),
         }
-        # The denominator is a device scalar per tensor.  A large tensor is its own kernel call
-        # anyway: the denominator divides its gradient inside the kernel (apply's gradient
-        # divisor).  The small ones (under the runner's grouping size) get their gradients
-        # divided first, by the same float32 reciprocal (a few KiB: nothing to read twice), and
-        # share one call instead of one apply each (whose per-call overhead is their cost);
-        # that call's divisor is 1, so both kinds of call run the same compiled kernel.
-        small = [i for i, v in enumerate(views) if v.data.numel() < K.SMALL]
-        if len(small) > 1:
-            inv_d = denom.reciprocal().unbind(0)
-            grads = torch._foreach_mul([views[i].grad for i in small], [inv_d[i] for i in small])
-            views_small = [replace(views[i], grad=g) for i, g in zip(small, grads)]
-            one = torch.ones((), dtype=denom.dtype, device=denom.device)
-            K.apply(
-                grad_divided(self, one), nvnovograd_rule, views_small, ("exp_avg",), scalars, **opts
-            )
-        done = set(small) if len(small) > 1 else set()
-        for i, (v, d) in enumerate(zip(views, denom.unbind(0))):
-            if i not in done:
-                K.apply(grad_divided(self, d), nvnovograd_rule, [v], ("exp_avg",), scalars, **opts)
+        # The denominator is a device scalar per tensor: its float32 reciprocal goes to the kernels
+        # as a caller-given statistic (one apply for the group, small tensors stacked as rows).
+        inv_d = denom.reciprocal().double().unsqueeze(1)
+        K.apply(
+            self,
+            nvnovograd_rule,
+            views,
+            ("exp_avg",),
+            scalars,
+            sums=("inv_d",),
+            stats=list(inv_d.unbind(0)),
+            **opts,
+        )
 
 
 def _kept(skip: Tensor | None, old: Tensor, new: Tensor) -> Tensor:
@@ -154,10 +144,16 @@ def nvnovograd_rule(
     *,
     decay: str,
     averaging: bool,
+    phase: str = "update",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """NvNovoGrad's element-wise update of one tensor (see :class:`NvNovoGrad`): ``g`` arrives
-    divided by ``sqrt(v') + eps``, the tensor's denominator."""
-    u = g
+    """NvNovoGrad's element-wise update of one tensor (see :class:`NvNovoGrad`);
+    ``s["inv_d"]``: the tensor's ``1 / (sqrt(v') + eps)`` (float32, carried as float64), cast
+    before it meets ``g`` (so a column of them, for stacked small tensors, gives the same
+    numbers).  The statistic is always the caller's (``apply(..., stats=)``): there is no
+    ``phase="sums"``."""
+    if phase != "update":
+        raise ValueError(f"nvnovograd_rule: inv_d is given by the caller, no {phase!r} phase")
+    u = g * s["inv_d"].to(g.dtype)
     if decay == "decoupled":
         p = p * s["decay"]
     elif decay == "l2":
