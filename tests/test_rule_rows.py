@@ -170,3 +170,59 @@ def test_fused_kernel_equals_the_three_step_form(cid, kernel_mode, monkeypatch):
     for other in ("eager", "three"):
         for a, b in zip(res[other], res["fused"]):
             torch.testing.assert_close(a.detach(), b.detach(), rtol=case.tol, atol=case.tol)
+
+
+class _Counting(_Traced):
+    """:class:`_Traced`, counting the graphs dynamo hands over (one per compile)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.mark.skipif(not K._can_compile(torch.device("cpu")), reason="no C++ compiler")
+@pytest.mark.parametrize("name", ["AdamP", "SGDP"])
+def test_single_row_tensors_share_the_kernel_and_project_as_one_vector(
+    name, kernel_mode, monkeypatch
+):
+    """Single-row tensors (class token, position embedding) are regrouped into several rows
+    in the one-kernel form, with the channel test off: ONE compiled kernel serves them and the
+    matrices (no graph specialised to one row), and the numbers are eager's, where the single
+    channel is the whole tensor (projected with the layer's threshold)."""
+    from distopt.optim import _rule_rows as RR
+
+    backend = _Counting()
+    monkeypatch.setattr(K, "BACKEND", backend)
+    for mod in (K, RR):
+        monkeypatch.setattr(mod, "_kernels", {})
+        monkeypatch.setattr(mod, "_failed", set())
+    shapes = [(1, 6, 8), (1, 1, 48), (1, 5, 9), (7, 5)]
+    kw = dict(lr=1e-2, weight_decay=0.1) if name == "AdamP" else dict(lr=1e-2, weight_decay=0.01)
+
+    def run(mode, delta):
+        kernel_mode(mode)
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        opt = getattr(do, name)(ps, delta=delta, **kw)
+        for _ in range(3):
+            for i, p in enumerate(ps):
+                r = torch.randn(p.shape, generator=gen).view(2 if i == 0 else 1, -1)
+                w = p.detach().view(r.shape)
+                # orthogonal to the whole tensor: the layer projection applies; tensor 0 in each
+                # half (its regrouped rows): a channel test on those rows would pass too
+                r = r - (r * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True) * w
+                p.grad = r.view(p.shape) if i < 2 else torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach().clone() for p in ps]
+
+    fused = run("compile", 0.1)
+    assert backend.graphs == 1, f"{backend.graphs} graphs: a tensor was not regrouped"
+    eager = run("eager", 0.1)
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    unprojected = run("eager", 0.0)  # delta 0: nothing is projected
+    assert not torch.allclose(eager[0], unprojected[0], rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(eager[1], unprojected[1], rtol=1e-6, atol=1e-7)

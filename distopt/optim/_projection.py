@@ -32,6 +32,7 @@ through :func:`distopt.optim._kernel.apply`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -271,11 +272,18 @@ def projected_update(
     across ranks) and :func:`~distopt.optim._rule_rows.update_rows`."""
     views, scalars = list(views), list(scalars)
     if RR.fusable(views):
+        layout = [_layer_rows(v) for v in views]
         fused = [
-            {**sc, **factor_scalars(v, delta=delta, wd_ratio=wd_ratio, eps=eps, rate=r, step=t)}
-            for v, sc, r, t in zip(views, scalars, rates, steps)
+            {
+                **sc,
+                **factor_scalars(v, delta=delta, wd_ratio=wd_ratio, eps=eps, rate=r, step=t),
+                **({} if rows is None else {"p_thr_c": -1.0}),  # no channel passes: layer only
+            }
+            for v, sc, r, t, rows in zip(views, scalars, rates, steps, layout)
         ]
-        rest = RR.fused_update(opt, rule, views, states, fused, local_factors, ROW_STATS, **options)
+        rest = RR.fused_update(
+            opt, rule, views, states, fused, local_factors, ROW_STATS, layout=layout, **options
+        )
         if not rest:
             return
         views, scalars = [views[i] for i in rest], [scalars[i] for i in rest]
@@ -285,6 +293,38 @@ def projected_update(
         ctx, views, stats, delta=delta, wd_ratio=wd_ratio, eps=eps, rates=rates, steps=steps
     )
     RR.update_rows(opt, rule, views, states, scalars, factors, **options)
+
+
+def _layer_rows(view: ParamView) -> int | None:
+    """For an unsharded tensor of one row (a class token, a position embedding): a row count
+    ``r >= 2`` to regroup its elements by in the one-kernel form, else ``None``.
+
+    Its one channel is the whole tensor, with the layer's threshold, so "projected by channel"
+    and "projected as one vector" are the same decision and coefficient: regrouped into ``r``
+    rows, with the channel test made to fail (``p_thr_c = -1``), the layer projection (from the
+    rows' sums added) gives its step.  So one compiled kernel serves every tensor:
+    ``torch.compile`` specialises a dimension of size 1 (a second kernel, seconds of the first
+    step) and inductor's float32 row sums over more than 4096 columns take another form (a
+    third), which the chosen ``r`` avoids where a divisor allows.
+    """
+    if view.sharded or RR.local_rows(view) != 1:
+        return None
+    return _split(view.data.numel())
+
+
+@functools.lru_cache(maxsize=256)
+def _split(n: int) -> int | None:
+    """The least ``r >= 2`` dividing ``n`` with ``n / r <= 4096`` (else the least dividing
+    ``r >= 2``) that leaves at least 2 columns; ``None`` when there is none (``n`` prime or
+    under 4).  Tried over a bounded range (a cached answer per size)."""
+    lo = max(2, -(-n // 4096))
+    for r in range(lo, min(n // 2, lo + 4096) + 1):
+        if n % r == 0:
+            return r
+    for r in range(2, min(lo, n // 2 + 1)):
+        if n % r == 0:
+            return r
+    return None
 
 
 def local_factors(stats: Tensor, s: dict[str, Tensor]) -> Tensor:

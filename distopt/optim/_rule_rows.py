@@ -244,6 +244,8 @@ def fused_update(
     scalars: Sequence[Mapping[str, float]],
     decide: Callable[[Tensor, dict[str, Tensor]], Tensor],
     sums: Sequence[str],
+    *,
+    layout: Sequence[int | None] | None = None,
     **options: Any,
 ) -> list[int]:
     """:func:`row_sums`, the per-row factors and :func:`update_rows` of each unsharded view in
@@ -252,13 +254,18 @@ def fused_update(
     in place.  One call per tensor instead of two plus the batched decision, and the second
     read of each tensor finds it in cache.
 
+    ``layout[i]``: the row count of view ``i``'s ``(rows, cols)`` form (``None``: its local
+    rows); a caller that regroups a tensor's elements into other rows gives ``decide`` scalars
+    under which the rows need not be channels.
+
     Returns the indices of the views it did not update (all from the first whose kernel could
     not be compiled): the caller runs those through the three-step form.  Takes a step
     ``GradScaler`` skips back from the updated views' ``step`` counters.
     """
-    if len(scalars) != len(views):
+    if len(scalars) != len(views) or (layout is not None and len(layout) != len(views)):
         raise ValueError(
             f"_rule_rows: {len(views)} views need as many scalar sets ({len(scalars)})"
+            + ("" if layout is None else f" and row counts ({len(layout)})")
         )
     grad_scale, found_inf = K.scaler_of(opt)
     names = tuple(scalars[0])
@@ -275,7 +282,7 @@ def fused_update(
         sc = packs.get(values)
         if sc is None:
             sc = packs[values] = device_tensor(values, torch.float64, dev)  # no stream sync
-        rows = local_rows(v)
+        rows = (layout[i] if layout is not None else None) or local_rows(v)
         if rows == 0:
             continue
         cols = v.data.numel() // rows
