@@ -76,7 +76,9 @@ def grad_norm(ctx: StepContext, views: list[ParamView]) -> Tensor:
     those of unsharded tensors counted once, as in
     :func:`distopt.optim._functional.global_grad_norm` (which adds them one tensor at a time).
     """
-    norms = torch._foreach_norm([v.grad for v in views])
+    # last to first: the optimizer then updates first the tensors whose gradients were read
+    # last (still in the caches)
+    norms = torch._foreach_norm([v.grad for v in reversed(views)])[::-1]
     if not any(v.sharded for v in views):
         return torch.stack(norms).float().square().sum().sqrt()
     parts: dict[Any, tuple[ParamView, list[Tensor]]] = {}
