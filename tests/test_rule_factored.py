@@ -17,6 +17,7 @@ import distopt.optim as do
 from distopt.optim import _kernel as K
 from distopt.optim import _rule_factored as R
 from tests.problems import make_params, run_quadratic
+from tests.references_shape import RefAdafactor
 
 
 @pytest.mark.parametrize(
@@ -144,3 +145,36 @@ def test_stacked_vectors_equal_one_optimizer_per_tensor(name, monkeypatch):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
     assert torch.Size([3, 7]) in calls, "the three (7,) vectors were not stacked"
     assert torch.Size([2, 7]) in calls, "vectors at a different step were stacked together"
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_parameter_written_between_steps_is_seen(mode, monkeypatch):
+    """The parameter RMS (``scale_parameter``) of an unsharded factored tensor is carried from
+    the previous step's update loop; a write to the parameter between steps (in place: a new
+    version; a new ``.data``: a new address) makes it summed again: the numbers of the
+    reference (transformers' maths), which reads the parameter every step."""
+    if mode == "compile" and not K._can_compile(torch.device("cpu")):
+        pytest.skip("no compiler")
+    monkeypatch.setattr(R, "EAGER_BELOW", 0)
+    torch.manual_seed(0)
+    base = torch.randn(6, 5)
+    p, q = torch.nn.Parameter(base.clone()), torch.nn.Parameter(base.clone())
+    try:
+        K.set_mode(mode)
+        opt = do.Adafactor([p], weight_decay=0.01)
+        ref = RefAdafactor([q], weight_decay=0.01)
+        for t in range(5):
+            g = torch.randn(6, 5, generator=torch.Generator().manual_seed(t))
+            p.grad, q.grad = g.clone(), g.clone()
+            opt.step()
+            ref.step()
+            with torch.no_grad():
+                if t == 1:  # in place
+                    p.mul_(3.0)
+                    q.mul_(3.0)
+                if t == 2:  # new storage
+                    p.data = p.data * 0.25
+                    q.data = q.data * 0.25
+    finally:
+        K.set_mode(None)
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from distopt._torch_private import version_of
 from distopt.optim import _kernel as K
 from distopt.optim._core import ParamView, StepContext
 from distopt.optim._factored import (  # the runner calls the phases by these module names
@@ -165,7 +167,7 @@ def run(
     aux: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
     for v, values in zip(views, packs):
         dev = v.data.device
-        key = (tuple(float(x) for x in values), dev)
+        key = (tuple(values), dev)  # floats (pack)
         if key not in made:
             made[key] = device_tensor(key[0], torch.float64, dev)  # no stream sync
         sc.append(made[key])
@@ -182,6 +184,7 @@ def run(
     ts: dict[int, tuple[Layout, dict[str, Tensor | None]]] = {}
     plain: dict[tuple, list[int]] = {}
     lrs: list[Tensor | None] = [None] * n
+    carry: list[tuple[ParamView, Tensor]] = []
     for i, (v, lay) in enumerate(zip(views, lays)):
         m = v.state.get("exp_avg") if opt.momentum else None
         if lay is None:
@@ -203,7 +206,7 @@ def run(
             continue
         # every statistic local: the whole step in one call
         inv, fi = aux[v.data.device]
-        lrs[i] = _call(
+        lrs[i], psq_next, *_ = _call(
             step_factored,
             runs_compiled(t["p"]),
             t["p"],
@@ -212,13 +215,16 @@ def run(
             t["r"],
             t["c"],
             v.state["RMS"] if opt.psq else None,
+            _carried_psq(v, t["p"]) if opt.psq else None,
             sc[i],
             inv,
             fi,
             dc=lay.dc,
             dr=lay.dr,
             opt=opt,
-        )[0]
+        )
+        if psq_next is not None:
+            carry.append((v, psq_next))
     # unfactored units: (view indices, rows per tensor, tensors as (rows, cols))
     units: list[tuple[list[int], int, dict[str, Tensor | None]]] = []
     for idx in plain.values():
@@ -321,6 +327,10 @@ def run(
     decay: list[Any] = [None] * n
     if rest:
         pre, decay = _scales(views, rest, sc, red[3] if opt.psq else None, usq_red, opt, lrs, aux)
+        # a compiled call guards on its inputs' storage offsets: the factors it reads are copies
+        own = list(ts) + [u[0][0] for u in units if len(u[0]) == 1 and runs_compiled(u[2]["p"])]
+        for i in own:
+            pre[i], decay[i] = _own(pre[i]), _own(decay[i])
 
     # ---- phase 3: the element-wise update (after the cautious mask's counts, with caution)
     agree: list[Tensor | None] = [None] * n
@@ -374,6 +384,9 @@ def run(
         dst.copy_(src.view(dst.shape))
     for dsts, src in stacked:
         torch._foreach_copy_(dsts, list(src.view(len(dsts), *dsts[0].shape).unbind(0)))
+    for v, x in carry:  # after every write of this step
+        key = id(v.param)
+        _carry[key] = (weakref.ref(v.param, _forget(key)), version_of(v.data), v.data.data_ptr(), x)
 
     if found_inf is not None:  # a skipped step does not count
         for v in views:
@@ -381,6 +394,31 @@ def run(
             if isinstance(step, Tensor):
                 step.sub_(found_inf.to(step.device, step.dtype))
     return lrs
+
+
+#: per parameter: (the parameter, the version and address of its values after the last step,
+#: the sum of their squares that step's update loop computed)
+_carry: dict[int, tuple[weakref.ref, int, int, Tensor]] = {}
+
+
+def _forget(key: int) -> Callable[[Any], None]:
+    return lambda _: _carry.pop(key, None)
+
+
+def _carried_psq(v: ParamView, p5: Tensor) -> Tensor:
+    """The sum of the squares of ``v``'s current values: carried from its last step while nothing
+    wrote to them since (same version counter and address), else summed now (``p5``: the
+    contiguous values being updated)."""
+    e = _carry.get(id(v.param))
+    if (
+        e is not None
+        and e[0]() is v.param
+        and e[1] == version_of(v.data)
+        and e[2] == v.data.data_ptr()
+    ):
+        return e[3]
+    flat = p5.reshape(-1)
+    return torch.dot(flat, flat)
 
 
 def _scales(
@@ -395,7 +433,8 @@ def _scales(
 ) -> tuple[list[Any], list[Any]]:
     """:func:`~distopt.optim._factored.scales` of the phased tensors ``rest`` at once (their
     whole sums ``psq``/``usq`` indexed by view); writes their ``RMS`` state (kept where
-    ``found_inf`` is set) and their lr into ``lrs``; returns per-view ``pre`` and ``decay``."""
+    ``found_inf`` is set) and their lr into ``lrs``; returns per-view ``pre`` and ``decay``
+    (0-dim views of one tensor: :func:`_own` them before a compiled call reads them)."""
     n = len(views)
     dev = views[0].data.device
     packs = torch.stack([sc[i] for i in rest])
@@ -414,7 +453,7 @@ def _scales(
     for out, x in ((pre, pre_t), (decay, decay_t), (lrs, lr)):
         if x is not None:
             for i, y in zip(rest, x.unbind(0)):
-                out[i] = _own(y)
+                out[i] = y
     return pre, decay
 
 
