@@ -13,8 +13,9 @@ express.  This module runs the same kind of rule over each parameter viewed as
   ``(rows, 1)`` tensor, broadcast inside the kernel), the results written in place as
   :func:`~distopt.optim._kernel.apply` does: one read and one write of each tensor.
 
-Both compile with ``torch.compile(dynamic=True, fullgraph=True)`` under the same mode switch
-as :mod:`distopt.optim._kernel` (``DISTOPT_KERNELS``), fall back to the same function run
+Both compile with ``torch.compile(dynamic=True, fullgraph=True)`` (through
+:func:`distopt.optim._kernel.compiled_kernel`: repeated calls skip dynamo) under the same mode
+switch as :mod:`distopt.optim._kernel` (``DISTOPT_KERNELS``), fall back to the same function run
 eagerly (in row chunks) where compiling is not possible or fails, and honour
 ``torch.amp.GradScaler`` the same way: the gradient is multiplied by ``1 / grad_scale`` inside
 the kernel, every output keeps its old value where ``found_inf`` is set (``torch.where``, no
@@ -87,10 +88,8 @@ def _kernel(key: tuple, phase: str, compiled: bool) -> Callable[..., Any]:
     fn = _kernels.get((key, phase, compiled))
     if fn is None:
         fn = _factory(key, phase)
-        if compiled:  # the backend and options of _kernel's kernels
-            backend = getattr(K, "BACKEND", "inductor")
-            options = getattr(K, "COMPILE_OPTIONS", None) if backend == "inductor" else None
-            fn = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend, options=options)
+        if compiled:  # _kernel's backend and options; repeated calls skip dynamo
+            fn = K.compiled_kernel(fn)
         _kernels[(key, phase, compiled)] = fn
     return fn
 
