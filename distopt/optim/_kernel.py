@@ -255,9 +255,10 @@ class Compiled:
     notes the compiled graph and the arguments dynamo gave it.  Later calls with the same
     signature call that graph directly: its tensor arguments are the caller's (matched by
     identity at the noted call), every other argument (sizes) is a function of the signature.
-    Dynamo's guards test only what the signature holds, plus the global state (grad mode is in
-    the signature; the thread count is read by the kernels when they run, see
-    ``COMPILE_OPTIONS``) and aliasing between inputs (calls whose tensors share memory always
+    Dynamo's guards test only what the signature holds, plus the global state (grad and
+    inference mode are in the signature; the thread count is read by the kernels when they run,
+    see ``COMPILE_OPTIONS``; autocast and the default dtype do not change element-wise maths)
+    and aliasing between inputs (calls whose tensors share memory always
     go through dynamo).  Signatures whose call cannot be mapped so (a graph argument that is no
     caller tensor, an output that is none of the graph's) keep going through dynamo.
     """
@@ -311,12 +312,15 @@ def _signature(args: tuple, tensors: list[Tensor]) -> tuple | None:
     """What dynamo's guards test of ``args`` (tensors appended to ``tensors`` in order), or
     ``None`` when two tensors share memory (dynamo guards on aliasing; such calls keep its
     guards)."""
-    key: list[Any] = [torch.is_grad_enabled()]
+    key: list[Any] = [torch.is_grad_enabled(), torch.is_inference_mode_enabled()]
     for a in args:
         for x in a if isinstance(a, tuple) else (a,):
             if isinstance(x, Tensor):
                 tensors.append(x)
-                key.append((x.shape, x.stride(), x.dtype, x.device, x.requires_grad))
+                key.append(
+                    (type(x), x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
+                     x.is_inference())
+                )  # fmt: skip
             elif x is None or isinstance(x, (bool, int, float, str)):
                 key.append((type(x), x))
             else:
