@@ -3,8 +3,10 @@
 torch offers no public way to run code once at the end of a backward pass (DDP, FSDP and
 FSDP2 all use the autograd engine's ``queue_callback``), to tell that a tensor was written in
 place since a given moment (the version counter that autograd's saved-tensor checks use), to make
-FSDP2 reduce its accumulated gradients outside a backward pass, or to build a ``ShardedTensor``
-of uneven row shards from metadata every rank already has (without a collective per tensor).
+FSDP2 reduce its accumulated gradients outside a backward pass, to build a ``ShardedTensor``
+of uneven row shards from metadata every rank already has (without a collective per tensor), or
+to compile a graph with inductor from a ``torch.compile`` backend of one's own (the optimizer
+kernels note the compiled graph so that repeated calls skip dynamo's frame evaluation).
 Everything else in distopt uses public torch APIs.  ``tests/test_private_apis.py`` fails loudly
 when a torch release removes or changes one of these (see docs/architecture.md, "Private APIs").
 """
@@ -18,6 +20,7 @@ from torch import Tensor
 
 __all__ = [
     "fsdp2_reduce_now",
+    "inductor_compiler",
     "queue_end_of_backward",
     "sharded_tensor_from_metadata",
     "version_of",
@@ -90,3 +93,29 @@ def sharded_tensor_from_metadata(
             "uneven row shards without a collective; please report this with your torch version"
         )
     return fn(local_shards, global_metadata, process_group=process_group)
+
+
+def inductor_compiler(options: dict | None) -> Callable[[object, list], Callable] | None:
+    """A ``torch.compile`` backend function ``(graph_module, example_inputs) -> compiled`` that
+    compiles with inductor under the config patches ``options`` (what ``backend="inductor",
+    options=options`` does), or ``None`` where this torch has no
+    ``torch._inductor.compile_fx.compile_fx`` taking ``config_patches`` (the caller then uses
+    plain ``torch.compile(backend="inductor")``).
+
+    torch has no public entry to inductor for a backend of one's own; ``distopt.optim._kernel``
+    needs one to keep the compiled graph it then calls directly (see ``_kernel.Compiled``).
+    """
+    try:
+        import inspect
+
+        from torch._inductor.compile_fx import compile_fx
+    except ImportError:
+        return None
+    if "config_patches" not in inspect.signature(compile_fx).parameters:
+        return None
+    patches = dict(options or {})
+
+    def compile_inductor(gm: object, example_inputs: list) -> Callable:
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+    return compile_inductor

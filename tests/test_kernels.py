@@ -569,3 +569,24 @@ def test_caller_given_stats_equal_the_sums_pass(kernel_mode, monkeypatch):
         K.apply(*args, sums=("w_sq", "g_sq"), stats=[torch.ones(2)], **opts)
     with pytest.raises(ValueError, match=r"stats\[0\] must be a float64 tensor of shape \(2,\)"):
         K.apply(*args, sums=("w_sq", "g_sq"), stats=[torch.ones(3, dtype=torch.float64)], **opts)
+
+
+def test_compiled_without_the_private_inductor_entry_goes_through_dynamo(monkeypatch):
+    """Where this torch has no inductor entry for a backend of one's own
+    (``_torch_private.inductor_compiler`` gives ``None``), or the backend is another name,
+    :class:`K.Compiled` is plain ``torch.compile``: every call through dynamo, same numbers."""
+    from distopt import _torch_private
+
+    monkeypatch.setattr(_torch_private, "inductor_compiler", lambda options: None)
+    assert not K.Compiled(_axpy, "inductor", K.COMPILE_OPTIONS).direct
+    c = K.Compiled(_axpy, "aot_eager", None)
+    assert not c.direct
+    sc = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    for _ in range(2):
+        p, g, m = torch.randn(50), torch.randn(50), torch.randn(50)
+        want_p, want_m = p * 0.5 + g * 2.0, m + g
+        out = c(p, g, (m,), sc, None, None, None)
+        torch.testing.assert_close(p, want_p)
+        torch.testing.assert_close(m, want_m)
+        torch.testing.assert_close(out, (want_p * want_p).sum(dtype=torch.float64))
+    assert not c._direct

@@ -113,3 +113,14 @@ def test_deepspeed_loss_scale_attributes():
     with dp.gradients_scaled_by(opt, 2.0):
         assert opt.custom_loss_scaler is True and opt.external_loss_scale == 4.0
     assert opt.custom_loss_scaler is False and opt.external_loss_scale is None
+
+
+def test_torch_inductor_compiler_for_an_own_backend():
+    """distopt.optim._kernel.Compiled compiles through inductor from its own backend (to call
+    the compiled graph directly later): ``torch._inductor.compile_fx.compile_fx`` with
+    ``config_patches``.  Without it the kernels still compile, but every call enters dynamo."""
+    fn = tp.inductor_compiler({"cpp.dynamic_threads": True})
+    assert callable(fn), (
+        "torch._inductor.compile_fx.compile_fx(gm, example_inputs, config_patches=) is gone: "
+        "distopt's optimizer kernels lose their direct calls (see _kernel.Compiled)"
+    )

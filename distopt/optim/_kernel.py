@@ -61,6 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from distopt import _torch_private
 from distopt.optim._core import ParamView, StepContext
 
 __all__ = [
@@ -265,23 +266,26 @@ class Compiled:
 
     def __init__(self, fn: Callable[..., Any], backend: Any, options: dict[str, Any] | None):
         self.__name__ = getattr(fn, "__name__", "kernel")
-        self._backend, self._options = backend, options
+        # the backend as a function of (graph, example inputs): a callable as it is, inductor
+        # through distopt._torch_private; other names, or no inductor entry in this torch:
+        # plain torch.compile, every call through dynamo
+        inner = backend if callable(backend) else None
+        if backend == "inductor":
+            inner = _torch_private.inductor_compiler(options)
+        self._inner = inner
+        self.direct = inner is not None
         self._dynamo = torch.compile(
-            fn, dynamic=True, fullgraph=True, backend=self._compile, options=None
+            fn,
+            dynamic=True,
+            fullgraph=True,
+            backend=self._compile if inner is not None else backend,
+            options=options if inner is None else None,
         )
         self._direct: dict[tuple, Any] = {}
         self._noted: list[tuple[Any, tuple]] = []
 
     def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        backend = self._backend
-        if backend == "inductor":
-            from torch._inductor.compile_fx import compile_fx
-
-            graph = compile_fx(gm, example_inputs, config_patches=self._options or {})
-        else:
-            if isinstance(backend, str):
-                backend = torch._dynamo.lookup_backend(backend)
-            graph = backend(gm, example_inputs)
+        graph = self._inner(gm, example_inputs)  # type: ignore[misc]
         noted = self._noted
 
         def graph_call(*args: Any) -> Any:
@@ -293,7 +297,7 @@ class Compiled:
 
     def __call__(self, *args: Any) -> Any:
         tensors: list[Tensor] = []
-        key = _signature(args, tensors) if DIRECT else None
+        key = _signature(args, tensors) if DIRECT and self.direct else None
         if key is not None:
             direct = self._direct.get(key)
             if direct:
