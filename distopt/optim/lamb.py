@@ -22,7 +22,13 @@ from distopt.optim._hyper import (
     option,
     with_max_lr_snapshot,
 )
-from distopt.optim._rule_trust import grad_divided, grad_norm, inv_grad_scale, trust_ratio
+from distopt.optim._rule_trust import (
+    grad_divided,
+    grad_norm,
+    inv_grad_scale,
+    once,
+    trust_ratio,
+)
 
 __all__ = ["Lamb", "lamb_rule"]
 
@@ -223,7 +229,7 @@ def lamb_rule(
     # scalar maths per element (the eager result is the same: torch casts them so anyway)
     if caution:
         c = torch.clamp(s["agree"] / s["numel"], min=1e-3)
-        u = u * mask * c.reciprocal().to(u.dtype)  # a multiply per element, not a division
+        u = u * mask * once(c.reciprocal().to(u.dtype))  # a multiply per element
     if decay == "l2":
         u = u + s["wd"] * p
     if adapt:
@@ -233,8 +239,7 @@ def lamb_rule(
                 u_sq = u_sq + 2.0 * s["wd"] * s["um_p"] / c + s["wd"] * s["wd"] * s["p_sq"]
         else:
             u_sq = s["u_sq"]
-        # one per-tensor factor -lr * r (a compiled loop recomputes per-tensor scalars for
-        # every vector of elements: nothing is hoisted out of it)
-        step = (trust_ratio(s["p_sq"], u_sq, trust_clip) * -s["lr"]).to(u.dtype)
+        # one per-tensor factor -lr * r, computed once per call (see _rule_trust.once)
+        step = once((trust_ratio(s["p_sq"], u_sq, trust_clip) * -s["lr"]).to(u.dtype))
         return torch.addcmul(p, u, step), new
     return torch.addcmul(p, u, -s["lr"]), new

@@ -10,6 +10,7 @@ from torch import Tensor
 from distopt.optim import _kernel as K
 from distopt.optim._core import DistOptimizer, ParamView, StepContext
 from distopt.optim._hyper import HyperSpec, check_nesterov, flag, lr, nonneg
+from distopt.optim._rule_trust import once
 
 __all__ = ["Lars", "lars_rule"]
 
@@ -127,8 +128,8 @@ def lars_rule(
         r = torch.where((w > 0) & (gn > 0), r, torch.ones_like(r))
         if trust_clip:
             r = torch.clamp(r / s["lr"], max=1.0)
-        # one fp32 factor per tensor: the compiled loop does no float64 scalar maths per element
-        g = (g + s["wd"] * p) * r.to(g.dtype)
+        # one fp32 factor per tensor, computed once per kernel call (see _rule_trust.once)
+        g = (g + s["wd"] * p) * once(r.to(g.dtype))
     new = {}
     if momentum:
         b = torch.where(
