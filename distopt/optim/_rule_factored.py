@@ -7,7 +7,9 @@ phase and option set) or eagerly under the same switch as :mod:`distopt.optim._k
 
 * a factored tensor whose statistics are all local (not sharded) and without the cautious mask
   takes ONE call (:func:`~distopt.optim._factored.step_factored`): statistics, factors, the
-  per-tensor scales and the update, with no reduction in between;
+  per-tensor scales and the update, with no reduction in between; the sum of ``p^2`` for the
+  parameter RMS comes from the previous step's update loop, carried while nothing wrote to the
+  parameter (:func:`_carried_psq`: same version counter and address), so ``p`` is read once;
 * the other tensors take the phases: ``stats`` (one read of ``g``, and of ``p`` for the
   parameter RMS), one :meth:`StepContext.reduce` of the partial sums, ``precond`` (factored
   only: the statistics that needed the sums, the row and column factors and the sum of ``u^2``),
