@@ -590,3 +590,41 @@ def test_compiled_without_the_private_inductor_entry_goes_through_dynamo(monkeyp
         torch.testing.assert_close(m, want_m)
         torch.testing.assert_close(out, (want_p * want_p).sum(dtype=torch.float64))
     assert not c._direct
+
+
+def _scalar_heavy(p, g, sts, sc, stats, inv, fi):
+    """Scalar maths of the pack (float32 and float64 uses) and of an in-kernel sum."""
+    b1, b2, lr = sc.unbind(0)
+    m = torch.lerp(sts[0], g, 1.0 - b1)  # float32 use of a float64 scalar
+    big = (g.double() * (1.0 - b2).sqrt()).sum()  # float64 use: stays float64
+    r = (p * p).sum().sqrt() / ((1.0 - b2) * 3.0 + 1.0)  # a value of the kernel's own sum
+    p.copy_(p - (lr / (1.0 - b1)) * m * r + big.float() * 1e-9)
+    sts[0].copy_(m)
+
+
+def test_scalar_maths_is_hoisted_out_of_the_element_loop(monkeypatch):
+    """:func:`K._hoist_scalars`: every 0-dim value computed from the scalar pack (or from the
+    kernel's own sums) that meets the elements becomes one stacked max over 16 copies (a value
+    inductor stores once per call); the kernel gives eager's numbers bit for bit."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append([n for n in gm.graph.nodes if n.op == "call_method" and n.target == "amax"])
+        return gm.forward
+
+    monkeypatch.setattr(K, "HOIST", True)
+    c = K.Compiled(_scalar_heavy, backend, None)
+    sc = torch.tensor([0.9, 0.999, 1e-3], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    p, g, m = (torch.randn(1000, generator=gen) for _ in range(3))
+    want = [p.clone(), m.clone()]
+    _scalar_heavy(want[0], g, (want[1],), sc, None, None, None)
+    for _ in range(2):  # the dynamo call, then the direct one
+        got = [p.clone(), m.clone()]
+        c(got[0], g, (got[1],), sc, None, None, None)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    (amax,) = seen  # one graph
+    # one stacked max for the pack's two float32-used values (1 - b1, lr / (1 - b1)), one for
+    # its float64-used value, one each for the two values of the kernel's own sums
+    assert len(amax) == 4, [str(n) for n in amax]
+    assert sorted(n.args[0].args[0].args[0].args[0].__len__() for n in amax) == [1, 1, 1, 2]

@@ -52,6 +52,7 @@ which holds the runner).  The flat aliases of parameters and states are kept acr
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import shutil
 import types
@@ -60,6 +61,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from distopt import _torch_private
 from distopt.optim._core import ParamView, StepContext
@@ -105,6 +107,8 @@ BACKEND = "inductor"
 #: call compiled kernels directly after the first call with each argument signature (see
 #: :class:`Compiled`); ``False``: every call through dynamo (for comparisons)
 DIRECT = True
+#: compute a kernel's scalar maths once per call (see :func:`_hoist_scalars`)
+HOIST = True
 
 _mode: str | None = None
 _kernels: dict[Any, Callable[..., None]] = {}
@@ -285,6 +289,8 @@ class Compiled:
         self._noted: list[tuple[Any, tuple]] = []
 
     def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        if HOIST:
+            _hoist_scalars(gm)
         graph = self._inner(gm, example_inputs)  # type: ignore[misc]
         noted = self._noted
 
@@ -310,6 +316,99 @@ class Compiled:
             self._direct[key] = _direct_plan(self._noted, tensors, out)
         self._noted.clear()
         return out
+
+
+def _scalar_value(node: torch.fx.Node) -> Any:
+    ev = node.meta.get("example_value")
+    return ev if isinstance(ev, Tensor) and ev.dim() == 0 else None
+
+
+def _hoist_scalars(gm: torch.fx.GraphModule) -> int:
+    """Compute each per-call scalar of a kernel graph once per call, not once per vector.
+
+    A rule's scalar maths (``1 - s["beta1"]``, a trust ratio from the kernel's sums) is 0-dim;
+    inductor inlines it into the element loop that uses it and the C++ compiler does not hoist
+    it, so it ran (float64 arithmetic, branches, conversions) for every 16 elements.  A
+    reduction's result is stored once instead: every 0-dim value computed from 0-dim values
+    only (the scalar pack's entries, the sums) that meets a larger tensor is replaced, for those
+    uses, by the maximum over 16 copies of itself (exactly itself, NaN included), cast first to
+    float32 where every such use computes in float32 (what the use would cast it to anyway).
+    Returns how many values were hoisted.
+    """
+    graph = gm.graph
+    scalar: set[torch.fx.Node] = set()  # 0-dim values and the small static inputs they come from
+    for n in graph.nodes:
+        ev = n.meta.get("example_value")
+        if n.op == "placeholder":
+            if isinstance(ev, Tensor) and all(is_concrete_int(d) for d in ev.shape):
+                if ev.numel() <= 64:
+                    scalar.add(n)
+        elif n.op in ("call_function", "call_method") and (
+            _scalar_value(n) is not None
+            or (isinstance(ev, (tuple, list)) and n.all_input_nodes
+                and all(a in scalar for a in n.all_input_nodes))
+        ):  # fmt: skip
+            scalar.add(n)
+    found: dict[torch.dtype, list[tuple[torch.fx.Node, list[torch.fx.Node]]]] = {}
+    for n in graph.nodes:
+        ev = _scalar_value(n)
+        if ev is None or n not in scalar or not ev.dtype.is_floating_point:
+            continue
+        inputs = n.all_input_nodes
+        if not inputs or not all(a in scalar for a in inputs):
+            continue  # a reduction over the elements (stored once already) or a constant
+        if n.op == "call_function" and n.target is operator.getitem:
+            continue  # a plain entry of the scalar pack: a load, nothing to hoist
+        outside = [u for u in n.users if u not in scalar]
+        if not outside:
+            continue
+        uses = [u.meta.get("example_value") for u in outside]
+        to32 = ev.dtype == torch.float64 and all(
+            isinstance(x, Tensor) and x.dtype == torch.float32 for x in uses
+        )
+        found.setdefault(torch.float32 if to32 else ev.dtype, []).append((n, outside))
+    if not found:
+        return 0
+    # values of the scalar inputs only: moved (in order) right after the placeholders, then one
+    # stacked reduction per dtype computes them all (one loop, one parallel region); values of
+    # the kernel's own sums: each reduced on its own, right before its first use
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    pure = {n for n in placeholders if n in scalar}
+    anchor = placeholders[-1]
+    for n in list(graph.nodes):
+        if n.op != "placeholder" and n in scalar and n.all_input_nodes:
+            if all(a in pure for a in n.all_input_nodes):
+                pure.add(n)
+                anchor.append(n)
+                anchor = n
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for dtype, items in found.items():
+        batches = [[it for it in items if it[0] in pure]]
+        batches += [[it] for it in items if it[0] not in pure]
+        for batch in batches:
+            if not batch:
+                continue
+            if batch[0][0] in pure:
+                where = anchor.next
+            else:
+                where = min((u for u in batch[0][1]), key=order.__getitem__)
+            with graph.inserting_before(where):
+                vals = [
+                    n if n.meta["example_value"].dtype == dtype
+                    else graph.call_method("to", (n, dtype))
+                    for n, _ in batch
+                ]  # fmt: skip
+                x = graph.call_function(torch.stack, (vals,))
+                x = graph.call_method("unsqueeze", (x, -1))
+                x = graph.call_method("expand", (x, len(vals), 16))
+                x = graph.call_method("amax", (x, -1))
+                once = [graph.call_function(operator.getitem, (x, i)) for i in range(len(vals))]
+            for (n, outside), o in zip(batch, once):
+                for u in outside:
+                    u.replace_input_with(n, o)
+    graph.lint()
+    gm.recompile()
+    return sum(len(v) for v in found.values())
 
 
 def _signature(args: tuple, tensors: list[Tensor]) -> tuple | None:
