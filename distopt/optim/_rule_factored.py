@@ -1,8 +1,9 @@
 """Factored second moments in few passes: the runner of Adafactor's and AdafactorBigVision's step.
 
 The maths (the per-tensor phases, stated once) is :mod:`distopt.optim._factored`; this module runs
-it over a param group, compiled (``torch.compile(dynamic=True, fullgraph=True)``, one kernel per
-phase and option set) or eagerly under the same switch as :mod:`distopt.optim._kernel`
+it over a param group, compiled (``torch.compile(dynamic=True, fullgraph=True)`` through
+:func:`distopt.optim._kernel.compiled_kernel`: repeated calls skip dynamo; one kernel per phase
+and option set) or eagerly under the same switch as :mod:`distopt.optim._kernel`
 (``DISTOPT_KERNELS`` / ``_kernel.mode()``):
 
 * a factored tensor whose statistics are all local (not sharded) and without the cautious mask
@@ -83,10 +84,8 @@ def _kernel(
         # one code object per (phase, options): torch.compile's cache and recompile limit are
         # per code object, so the kernels never evict each other
         k = K._named(kernel, f"distopt_{fn.__name__}")
-        if compiled:  # the backend and inductor options of _kernel's kernels
-            backend = K.BACKEND
-            options = K.COMPILE_OPTIONS if backend == "inductor" else None
-            k = torch.compile(k, dynamic=True, fullgraph=True, backend=backend, options=options)
+        if compiled:  # _kernel's backend and options; repeated calls skip dynamo
+            k = K.compiled_kernel(k)
         _kernels[key] = k
     return k
 
