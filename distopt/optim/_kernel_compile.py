@@ -1,0 +1,234 @@
+"""Compiled kernels of :mod:`distopt.optim._kernel` (and of the row-wise and factored runners).
+
+:class:`Compiled` is ``torch.compile(fn, dynamic=True, fullgraph=True)`` whose calls after the
+first with each argument signature call the compiled graph directly (no dynamo frame evaluation,
+guards or wrappers per call), and whose backend computes each per-call scalar of the graph once
+per call instead of once per vector of elements (:func:`_hoist_scalars`).  The switches
+``_kernel.DIRECT`` and ``_kernel.HOIST`` turn either off (for comparisons).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from distopt import _torch_private
+
+__all__ = ["Compiled"]
+
+
+class Compiled:
+    """``torch.compile(fn, dynamic=True, fullgraph=True)`` whose repeated calls skip dynamo.
+
+    Entering a compiled function costs ~50 us of frame evaluation, guards and wrappers, and
+    ~150-250 us when the call before it streamed megabytes through the caches (the guard and
+    wrapper code and data run cold): a step of 52 large tensors lost ~10 ms (a quarter of a
+    memory-bound step) to it.  So the first call with each *signature* (every tensor's shape,
+    stride, dtype and device, which arguments are ``None``, the values of the others) goes
+    through dynamo, which compiles or picks the graph its guards accept; the backend wrapper
+    notes the compiled graph and the arguments dynamo gave it.  Later calls with the same
+    signature call that graph directly: its tensor arguments are the caller's (matched by
+    identity at the noted call), every other argument (sizes) is a function of the signature.
+    Dynamo's guards test only what the signature holds, plus the global state (grad and
+    inference mode are in the signature; the thread count is read by the kernels when they run,
+    see ``COMPILE_OPTIONS``; autocast and the default dtype do not change element-wise maths)
+    and aliasing between inputs (calls whose tensors share memory always
+    go through dynamo).  Signatures whose call cannot be mapped so (a graph argument that is no
+    caller tensor, an output that is none of the graph's) keep going through dynamo.
+    """
+
+    def __init__(self, fn: Callable[..., Any], backend: Any, options: dict[str, Any] | None):
+        self.__name__ = getattr(fn, "__name__", "kernel")
+        # the backend as a function of (graph, example inputs): a callable as it is, inductor
+        # through distopt._torch_private; other names, or no inductor entry in this torch:
+        # plain torch.compile, every call through dynamo
+        inner = backend if callable(backend) else None
+        if backend == "inductor":
+            inner = _torch_private.inductor_compiler(options)
+        self._inner = inner
+        self.direct = inner is not None
+        self._dynamo = torch.compile(
+            fn,
+            dynamic=True,
+            fullgraph=True,
+            backend=self._compile if inner is not None else backend,
+            options=options if inner is None else None,
+        )
+        self._direct: dict[tuple, Any] = {}
+        self._noted: list[tuple[Any, tuple]] = []
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        if K.HOIST:
+            _hoist_scalars(gm)
+        graph = self._inner(gm, example_inputs)  # type: ignore[misc]
+        noted = self._noted
+
+        def graph_call(*args: Any) -> Any:
+            out = graph(*args)
+            noted.append((graph, args, out))
+            return out
+
+        return graph_call
+
+    def __call__(self, *args: Any) -> Any:
+        tensors: list[Tensor] = []
+        key = _signature(args, tensors) if K.DIRECT and self.direct else None
+        if key is not None:
+            direct = self._direct.get(key)
+            if direct:
+                graph, plan, ret = direct
+                res = graph(*[tensors[a] if a >= 0 else c for a, c in plan])
+                return None if ret is None else res[ret]
+        self._noted.clear()
+        out = self._dynamo(*args)
+        if key is not None and key not in self._direct:
+            self._direct[key] = _direct_plan(self._noted, tensors, out)
+        self._noted.clear()
+        return out
+
+
+def _scalar_value(node: torch.fx.Node) -> Any:
+    ev = node.meta.get("example_value")
+    return ev if isinstance(ev, Tensor) and ev.dim() == 0 else None
+
+
+def _hoist_scalars(gm: torch.fx.GraphModule) -> int:
+    """Compute each per-call scalar of a kernel graph once per call, not once per vector.
+
+    A rule's scalar maths (``1 - s["beta1"]``, a trust ratio from the kernel's sums) is 0-dim;
+    inductor inlines it into the element loop that uses it and the C++ compiler does not hoist
+    it, so it ran (float64 arithmetic, branches, conversions) for every 16 elements.  A
+    reduction's result is stored once instead: every 0-dim value computed from 0-dim values
+    only (the scalar pack's entries, the sums) that meets a larger tensor is replaced, for those
+    uses, by the maximum over 16 copies of itself (exactly itself, NaN included), cast first to
+    float32 where every such use computes in float32 (what the use would cast it to anyway).
+    Returns how many values were hoisted.
+    """
+    graph = gm.graph
+    scalar: set[torch.fx.Node] = set()  # 0-dim values and the small static inputs they come from
+    for n in graph.nodes:
+        ev = n.meta.get("example_value")
+        if n.op == "placeholder":
+            if isinstance(ev, Tensor) and all(is_concrete_int(d) for d in ev.shape):
+                if ev.numel() <= 64:
+                    scalar.add(n)
+        elif n.op in ("call_function", "call_method") and (
+            _scalar_value(n) is not None
+            or (isinstance(ev, (tuple, list)) and n.all_input_nodes
+                and all(a in scalar for a in n.all_input_nodes))
+        ):  # fmt: skip
+            scalar.add(n)
+    found: dict[torch.dtype, list[tuple[torch.fx.Node, list[torch.fx.Node]]]] = {}
+    for n in graph.nodes:
+        ev = _scalar_value(n)
+        if ev is None or n not in scalar or not ev.dtype.is_floating_point:
+            continue
+        inputs = n.all_input_nodes
+        if not inputs or not all(a in scalar for a in inputs):
+            continue  # a reduction over the elements (stored once already) or a constant
+        if n.op == "call_function" and n.target is operator.getitem:
+            continue  # a plain entry of the scalar pack: a load, nothing to hoist
+        outside = [u for u in n.users if u not in scalar]
+        if not outside:
+            continue
+        uses = [u.meta.get("example_value") for u in outside]
+        to32 = ev.dtype == torch.float64 and all(
+            isinstance(x, Tensor) and x.dtype == torch.float32 for x in uses
+        )
+        found.setdefault(torch.float32 if to32 else ev.dtype, []).append((n, outside))
+    if not found:
+        return 0
+    # values of the scalar inputs only: moved (in order) right after the placeholders, then one
+    # stacked reduction per dtype computes them all (one loop, one parallel region); values of
+    # the kernel's own sums: each reduced on its own, right before its first use
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    pure = {n for n in placeholders if n in scalar}
+    anchor = placeholders[-1]
+    for n in list(graph.nodes):
+        if n.op != "placeholder" and n in scalar and n.all_input_nodes:
+            if all(a in pure for a in n.all_input_nodes):
+                pure.add(n)
+                anchor.append(n)
+                anchor = n
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for dtype, items in found.items():
+        batches = [[it for it in items if it[0] in pure]]
+        batches += [[it] for it in items if it[0] not in pure]
+        for batch in batches:
+            if not batch:
+                continue
+            if batch[0][0] in pure:
+                where = anchor.next
+            else:
+                where = min((u for u in batch[0][1]), key=order.__getitem__)
+            with graph.inserting_before(where):
+                vals = [
+                    n if n.meta["example_value"].dtype == dtype
+                    else graph.call_method("to", (n, dtype))
+                    for n, _ in batch
+                ]  # fmt: skip
+                x = graph.call_function(torch.stack, (vals,))
+                x = graph.call_method("unsqueeze", (x, -1))
+                x = graph.call_method("expand", (x, len(vals), 16))
+                x = graph.call_method("amax", (x, -1))
+                once = [graph.call_function(operator.getitem, (x, i)) for i in range(len(vals))]
+            for (n, outside), o in zip(batch, once):
+                for u in outside:
+                    u.replace_input_with(n, o)
+    graph.lint()
+    gm.recompile()
+    return sum(len(v) for v in found.values())
+
+
+def _signature(args: tuple, tensors: list[Tensor]) -> tuple | None:
+    """What dynamo's guards test of ``args`` (tensors appended to ``tensors`` in order), or
+    ``None`` when two tensors share memory (dynamo guards on aliasing; such calls keep its
+    guards)."""
+    key: list[Any] = [torch.is_grad_enabled(), torch.is_inference_mode_enabled()]
+    for a in args:
+        for x in a if isinstance(a, tuple) else (a,):
+            if isinstance(x, Tensor):
+                tensors.append(x)
+                key.append(
+                    (type(x), x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
+                     x.is_inference())
+                )  # fmt: skip
+            elif x is None or isinstance(x, (bool, int, float, str)):
+                key.append((type(x), x))
+            else:
+                return None
+        if isinstance(a, tuple):
+            key.append(len(a))
+    ptrs = {t.untyped_storage().data_ptr() for t in tensors}
+    return tuple(key) if len(ptrs) == len(tensors) else None
+
+
+def _direct_plan(noted: list[tuple[Any, tuple, Any]], tensors: list[Tensor], out: Any) -> Any:
+    """``(graph, [(caller tensor index, -1) or (-1, constant)], output index or None)`` from
+    the one graph call dynamo made, or ``False`` (keep calling through dynamo)."""
+    if len(noted) != 1:
+        return False
+    graph, gargs, res = noted[0]
+    plan: list[tuple[int, Any]] = []
+    for x in gargs:
+        if isinstance(x, Tensor):
+            idx = [i for i, t in enumerate(tensors) if t is x]
+            if len(idx) != 1:
+                return False
+            plan.append((idx[0], None))
+        elif isinstance(x, (int, float, bool)):
+            plan.append((-1, x))
+        else:
+            return False
+    if out is None:
+        return graph, plan, None
+    idx = [i for i, r in enumerate(res) if r is out] if isinstance(res, (list, tuple)) else []
+    return (graph, plan, idx[0]) if len(idx) == 1 else False
+
+
+from distopt.optim import _kernel as K  # noqa: E402 - _kernel imports this module first
