@@ -628,3 +628,41 @@ def test_scalar_maths_is_hoisted_out_of_the_element_loop(monkeypatch):
     # its float64-used value, one each for the two values of the kernel's own sums
     assert len(amax) == 4, [str(n) for n in amax]
     assert sorted(n.args[0].args[0].args[0].args[0].__len__() for n in amax) == [1, 1, 1, 2]
+
+
+def _two_outputs(p, g, sts, sc, stats, inv, fi):
+    p.copy_(p + g)
+    return (p * 2.0).sum(dtype=torch.float64), None, g * 3.0
+
+
+def test_compiled_direct_calls_return_tuples_and_rules_may_keep_their_scalar_maths(monkeypatch):
+    """A kernel returning a tuple of graph outputs and Nones is called directly too (dynamo
+    entered once per signature); ``hoist=False`` (``rule.hoist_scalars = False`` for
+    :func:`K.apply`) leaves the scalar maths in place."""
+    backend = _CountingBackend()
+    c = K.Compiled(_two_outputs, backend, None)
+    entries = []
+    real = c._dynamo
+    monkeypatch.setattr(c, "_dynamo", lambda *a: entries.append(1) or real(*a))
+    sc = torch.tensor([1.0], dtype=torch.float64)
+    for _ in range(3):
+        p, g = torch.randn(40), torch.randn(40)
+        want = (p + g, ((p + g) * 2.0).sum(dtype=torch.float64), g * 3.0)
+        a, none, b = c(p, g, (), sc, None, None, None)
+        assert none is None
+        torch.testing.assert_close(p, want[0])
+        torch.testing.assert_close(a, want[1])
+        torch.testing.assert_close(b, want[2])
+    assert len(entries) == 1
+
+    seen = []
+
+    def counting(gm, example_inputs):
+        seen.append(sum(1 for n in gm.graph.nodes if n.target == "amax"))
+        return gm.forward
+
+    sc3 = torch.tensor([0.9, 0.999, 1e-3], dtype=torch.float64)
+    for hoist in (False, True):
+        k = K.Compiled(K._named(_scalar_heavy, f"scalar_heavy_{hoist}"), counting, None, hoist)
+        k(torch.randn(30), torch.randn(30), (torch.randn(30),), sc3, None, None, None)
+    assert seen == [0, 4]

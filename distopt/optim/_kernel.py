@@ -235,9 +235,11 @@ def _store(outs: Iterable[tuple[Tensor, Tensor]], found_inf: Tensor | None) -> N
         dst.copy_(val)
 
 
-def compiled_kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` compiled with the runner's backend and options (see :class:`Compiled`)."""
-    return Compiled(fn, BACKEND, COMPILE_OPTIONS if BACKEND == "inductor" else None)
+def compiled_kernel(fn: Callable[..., Any], hoist: bool = True) -> Callable[..., Any]:
+    """``fn`` compiled with the runner's backend and options (see :class:`Compiled`);
+    ``hoist=False``: its per-call scalar maths is left where the graph has it (no
+    ``_kernel_compile._hoist_scalars``)."""
+    return Compiled(fn, BACKEND, COMPILE_OPTIONS if BACKEND == "inductor" else None, hoist)
 
 
 def _named(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -262,7 +264,9 @@ class _Kernels:
         if fn is None:
             fn = _kernel_factory(rule, states, scalars, options, sums, phase)
             if compiled:
-                fn = compiled_kernel(fn)
+                # a rule may opt out of scalar hoisting (``rule.hoist_scalars = False``): Lamb's
+                # fused kernel stores its u once only when nothing else is reduced before it
+                fn = compiled_kernel(fn, hoist=getattr(rule, "hoist_scalars", True))
             _kernels[k] = fn
         return fn
 

@@ -42,8 +42,15 @@ class Compiled:
     caller tensor, an output that is none of the graph's) keep going through dynamo.
     """
 
-    def __init__(self, fn: Callable[..., Any], backend: Any, options: dict[str, Any] | None):
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        backend: Any,
+        options: dict[str, Any] | None,
+        hoist: bool = True,
+    ):
         self.__name__ = getattr(fn, "__name__", "kernel")
+        self.hoist = hoist  # False: this kernel's scalar maths stays where the graph has it
         # the backend as a function of (graph, example inputs): a callable as it is, inductor
         # through distopt._torch_private; other names, or no inductor entry in this torch:
         # plain torch.compile, every call through dynamo
@@ -63,7 +70,7 @@ class Compiled:
         self._noted: list[tuple[Any, tuple]] = []
 
     def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        if K.HOIST:
+        if K.HOIST and self.hoist:
             _hoist_scalars(gm)
         graph = self._inner(gm, example_inputs)  # type: ignore[misc]
         noted = self._noted
@@ -83,7 +90,9 @@ class Compiled:
             if direct:
                 graph, plan, ret = direct
                 res = graph(*[tensors[a] if a >= 0 else c for a, c in plan])
-                return None if ret is None else res[ret]
+                if ret is None or isinstance(ret, int):
+                    return None if ret is None else res[ret]
+                return tuple(None if j is None else res[j] for j in ret)
         self._noted.clear()
         out = self._dynamo(*args)
         if key is not None and key not in self._direct:
@@ -209,8 +218,9 @@ def _signature(args: tuple, tensors: list[Tensor]) -> tuple | None:
 
 
 def _direct_plan(noted: list[tuple[Any, tuple, Any]], tensors: list[Tensor], out: Any) -> Any:
-    """``(graph, [(caller tensor index, -1) or (-1, constant)], output index or None)`` from
-    the one graph call dynamo made, or ``False`` (keep calling through dynamo)."""
+    """``(graph, [(caller tensor index, -1) or (-1, constant)], output)`` from the one graph
+    call dynamo made (output: the index of the returned graph output, a tuple of such indices
+    and Nones, or None), or ``False`` (keep calling through dynamo)."""
     if len(noted) != 1:
         return False
     graph, gargs, res = noted[0]
@@ -227,8 +237,25 @@ def _direct_plan(noted: list[tuple[Any, tuple, Any]], tensors: list[Tensor], out
             return False
     if out is None:
         return graph, plan, None
-    idx = [i for i, r in enumerate(res) if r is out] if isinstance(res, (list, tuple)) else []
-    return (graph, plan, idx[0]) if len(idx) == 1 else False
+    if not isinstance(res, (list, tuple)):
+        return False
+
+    def position(o: Any) -> int | None:
+        idx = [i for i, r in enumerate(res) if r is o] if isinstance(o, Tensor) else []
+        return idx[0] if len(idx) == 1 else None
+
+    if isinstance(out, Tensor):
+        at = position(out)
+        return False if at is None else (graph, plan, at)
+    if type(out) is not tuple:
+        return False
+    ret: list[int | None] = []
+    for o in out:  # a tuple of graph outputs and Nones
+        at = position(o)
+        if at is None and o is not None:
+            return False
+        ret.append(at)
+    return graph, plan, tuple(ret)
 
 
 from distopt.optim import _kernel as K  # noqa: E402 - _kernel imports this module first
