@@ -149,10 +149,9 @@ def test_stacked_vectors_equal_one_optimizer_per_tensor(name, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_parameter_written_between_steps_is_seen(mode, monkeypatch):
-    """The parameter RMS (``scale_parameter``) of an unsharded factored tensor is carried from
-    the previous step's update loop; a write to the parameter between steps (in place: a new
-    version; a new ``.data``: a new address) makes it summed again: the numbers of the
-    reference (transformers' maths), which reads the parameter every step."""
+    """The parameter RMS (``scale_parameter``) of an unsharded factored tensor follows writes to
+    the parameter between steps (in place; a new ``.data``): the numbers of the reference
+    (transformers' maths), which reads the parameter every step."""
     if mode == "compile" and not K._can_compile(torch.device("cpu")):
         pytest.skip("no compiler")
     monkeypatch.setattr(R, "EAGER_BELOW", 0)

@@ -196,9 +196,7 @@ def _finish(p, g, u, m, pre, decay, agree, sc, fi, opt: Options, phase: str, one
     return None
 
 
-def stats_factored(
-    p, g, row, sc, inv, fi, *, dc: int, dr: int, row_local: bool, opt: Options, sum_p: bool = True
-):
+def stats_factored(p, g, row, sc, inv, fi, *, dc: int, dr: int, row_local: bool, opt: Options):
     """Phase 1 of a factored tensor: returns (row sums of g^2 or None, column sums of g^2, sum
     over dc of the new row statistic or None, column sums of ``g^2 / R`` or None, sum of p^2 or
     None); writes the local row statistic.
@@ -211,7 +209,7 @@ def stats_factored(
     gsq = g * g
     csum = gsq.sum(dim=dc, keepdim=True)
     rsum = gsq.sum(dim=dr, keepdim=True)
-    psq = _total(p * p) if opt.psq and sum_p else None
+    psq = _total(p * p) if opt.psq else None
     if not row_local:
         return rsum, csum, None, None, psq
     new_row = _ema(row, rsum / sc[SC["n_r"]] + sc[SC["eps"]], sc, opt.flavour)
@@ -314,18 +312,14 @@ def scales(psq: Tensor | None, usq: Tensor | None, sc: Tensor, opt: Options):
     return lr.to(clip.dtype) / clip, decay, rms, lr
 
 
-def step_factored(p, g, m, row, col, rms, psq, sc, inv, fi, *, dc: int, dr: int, opt: Options):
+def step_factored(p, g, m, row, col, rms, sc, inv, fi, *, dc: int, dr: int, opt: Options):
     """The whole step of a factored tensor whose statistics are all local (not sharded; without
     the cautious mask): :func:`stats_factored`, :func:`precond_factored`, :func:`scales` and
     :func:`apply_factored` in one call; writes the row and column statistics, ``rms`` (the
-    parameter RMS state, "hf"), ``p`` and the first moment.
-
-    ``psq`` ("hf"): the sum of ``p^2`` of the current ``p``, given (the runner carries it from
-    the previous step's call, whose update loop summed the squares of the values it wrote: no
-    read of ``p`` for its RMS).  Returns the lr and the sum of the new ``p^2`` ("hf"; None for
-    Big Vision), then the row and column factors and the per-tensor ``pre`` and ``decay``."""
-    _, csum, rnorm, wsum, _ = stats_factored(
-        p, g, row, sc, inv, fi, dc=dc, dr=dr, row_local=True, opt=opt, sum_p=False
+    parameter RMS state, "hf"), ``p`` and the first moment.  Returns the lr ("hf"; None for Big
+    Vision), then the row and column factors and the per-tensor ``pre`` and ``decay``."""
+    _, csum, rnorm, wsum, psq = stats_factored(
+        p, g, row, sc, inv, fi, dc=dc, dr=dr, row_local=True, opt=opt
     )
     r_factor, c_factor, usq = precond_factored(
         None, row, col, None, csum, rnorm, wsum, sc, inv, fi, dc=dc, row_local=True, opt=opt
@@ -336,8 +330,6 @@ def step_factored(p, g, m, row, col, rms, psq, sc, inv, fi, *, dc: int, dr: int,
     apply_factored(
         p, g, m, r_factor, c_factor, pre, decay, None, sc, inv, fi, opt=opt, phase="update"
     )
-    # the next step's sum of p^2 from the values just written (one loop with the update); the
-    # factors are returned so that a compiled kernel realises them once (small buffers) instead
-    # of recomputing them (rsqrt, divisions) for every element of the update
-    psq_next = _total(p * p) if opt.psq else None
-    return lr, psq_next, r_factor, c_factor, pre, decay
+    # the factors are returned so that a compiled kernel realises them once (small buffers)
+    # instead of recomputing them (rsqrt, divisions) for every element of the update
+    return lr, r_factor, c_factor, pre, decay

@@ -8,9 +8,10 @@ and option set) or eagerly under the same switch as :mod:`distopt.optim._kernel`
 
 * a factored tensor whose statistics are all local (not sharded) and without the cautious mask
   takes ONE call (:func:`~distopt.optim._factored.step_factored`): statistics, factors, the
-  per-tensor scales and the update, with no reduction in between; the sum of ``p^2`` for the
-  parameter RMS comes from the previous step's update loop, carried while nothing wrote to the
-  parameter (:func:`_carried_psq`: same version counter and address), so ``p`` is read once;
+  per-tensor scales and the update, with no reduction in between (the sum of ``p^2`` for the
+  parameter RMS is summed in the statistics loop from the current ``p`` every step: a sum
+  carried from the previous step's update loop saved a read of ``p`` but rounds differently
+  from a fresh sum, so a resumed run would not continue bit for bit);
 * the other tensors take the phases: ``stats`` (one read of ``g``, and of ``p`` for the
   parameter RMS), one :meth:`StepContext.reduce` of the partial sums, ``precond`` (factored
   only: the statistics that needed the sums, the row and column factors and the sum of ``u^2``),
@@ -29,14 +30,12 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from distopt._torch_private import version_of
 from distopt.optim import _kernel as K
 from distopt.optim._core import ParamView, StepContext
 from distopt.optim._factored import (  # the runner calls the phases by these module names
@@ -209,7 +208,6 @@ def run(
     ts: dict[int, tuple[Layout, dict[str, Tensor | None]]] = {}
     plain: dict[tuple, list[int]] = {}
     lrs: list[Tensor | None] = [None] * n
-    carry: list[tuple[ParamView, Tensor]] = []
     for i, (v, lay) in enumerate(zip(views, lays)):
         m = v.state.get("exp_avg") if opt.momentum else None
         if lay is None:
@@ -231,7 +229,7 @@ def run(
             continue
         # every statistic local: the whole step in one call
         inv, fi = aux[v.data.device]
-        lrs[i], psq_next, *_ = _call(
+        lrs[i], *_ = _call(
             step_factored,
             runs_compiled(t["p"]),
             t["p"],
@@ -240,7 +238,6 @@ def run(
             t["r"],
             t["c"],
             v.state["RMS"] if opt.psq else None,
-            _carried_psq(v, t["p"]) if opt.psq else None,
             sc[i],
             inv,
             fi,
@@ -248,8 +245,6 @@ def run(
             dr=lay.dr,
             opt=opt,
         )
-        if psq_next is not None:
-            carry.append((v, psq_next))
     # unfactored units: (view indices, rows per tensor, tensors as (rows, cols))
     units: list[tuple[list[int], int, dict[str, Tensor | None]]] = []
     for idx in plain.values():
@@ -409,9 +404,6 @@ def run(
         dst.copy_(src.view(dst.shape))
     for dsts, src in stacked:
         torch._foreach_copy_(dsts, list(src.view(len(dsts), *dsts[0].shape).unbind(0)))
-    for v, x in carry:  # after every write of this step
-        key = id(v.param)
-        _carry[key] = (weakref.ref(v.param, _forget(key)), version_of(v.data), v.data.data_ptr(), x)
 
     if found_inf is not None:  # a skipped step does not count
         for v in views:
@@ -419,31 +411,6 @@ def run(
             if isinstance(step, Tensor):
                 step.sub_(found_inf.to(step.device, step.dtype))
     return lrs
-
-
-#: per parameter: (the parameter, the version and address of its values after the last step,
-#: the sum of their squares that step's update loop computed)
-_carry: dict[int, tuple[weakref.ref, int, int, Tensor]] = {}
-
-
-def _forget(key: int) -> Callable[[Any], None]:
-    return lambda _: _carry.pop(key, None)
-
-
-def _carried_psq(v: ParamView, p5: Tensor) -> Tensor:
-    """The sum of the squares of ``v``'s current values: carried from its last step while nothing
-    wrote to them since (same version counter and address), else summed now (``p5``: the
-    contiguous values being updated)."""
-    e = _carry.get(id(v.param))
-    if (
-        e is not None
-        and e[0]() is v.param
-        and e[1] == version_of(v.data)
-        and e[2] == v.data.data_ptr()
-    ):
-        return e[3]
-    flat = p5.reshape(-1)
-    return torch.dot(flat, flat)
 
 
 def _scales(
