@@ -349,6 +349,15 @@ def _lars_steps(rule, compile_mode, sharded, steps=3):
     return params + [st["momentum_buffer"] for st in states], reductions
 
 
+def _fresh_runner(monkeypatch, backend):
+    """The runner with ``backend`` and empty caches (kernels, failed compiles, rows probes)."""
+    monkeypatch.setattr(K, "BACKEND", backend)
+    monkeypatch.setattr(K, "_kernels", {})
+    monkeypatch.setattr(K, "_failed", set())
+    monkeypatch.setattr(P, "_rows", {})
+    return backend
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["local", "sharded"])
 @pytest.mark.parametrize("rule", [lars_rule, mixing_rule], ids=["rows", "no-rows"])
 def test_grouped_small_tensors_and_fused_sums_equal_eager(rule, sharded, kernel_mode, monkeypatch):
@@ -356,11 +365,7 @@ def test_grouped_small_tensors_and_fused_sums_equal_eager(rule, sharded, kernel_
     allows: Lars casts its trust ratio, ``mixing_rule`` does not), the rest alone; unsharded, one
     ``fused`` call per unit, sharded, sums / one reduction / update.  Eager's numbers either way,
     one graph per kernel (no recompiles over steps, sizes or offsets)."""
-    backend = _CountingBackend()
-    monkeypatch.setattr(K, "BACKEND", backend)
-    monkeypatch.setattr(K, "_kernels", {})
-    monkeypatch.setattr(K, "_failed", set())
-    monkeypatch.setattr(P, "_rows", {})
+    backend = _fresh_runner(monkeypatch, _CountingBackend())
     eager, red_eager = _lars_steps(rule, "eager", sharded)
     compiled, red_compiled = _lars_steps(rule, "compile", sharded)
     assert red_eager == red_compiled == ([1, 1, 1] if sharded else [0, 0, 0])
@@ -401,10 +406,7 @@ class _NoRowsBackend(_CountingBackend):
 def test_rows_kernel_that_fails_to_compile_runs_tensor_by_tensor(kernel_mode, monkeypatch, caplog):
     """A rows kernel that does not compile: its tensors run one by one (compiled), the rule
     stays compiled for every other tensor, nothing is logged as a failed compile."""
-    monkeypatch.setattr(K, "BACKEND", _NoRowsBackend())
-    monkeypatch.setattr(K, "_kernels", {})
-    monkeypatch.setattr(K, "_failed", set())
-    monkeypatch.setattr(P, "_rows", {})
+    _fresh_runner(monkeypatch, _NoRowsBackend())
     eager, _ = _lars_steps(lars_rule, "eager", False)
     compiled, _ = _lars_steps(lars_rule, "compile", False)
     assert not K._failed and not [r for r in caplog.records if "compiling" in r.getMessage()]
@@ -545,11 +547,7 @@ def test_caller_given_stats_equal_the_sums_pass(kernel_mode, monkeypatch):
     """``apply(..., sums=names, stats=[per view])``: the update with the caller's statistics
     equals the one after the runner's own sums pass (eager and compiled: update kernels only,
     small equal-sized tensors still as rows); malformed ``stats`` are refused."""
-    backend = _CountingBackend()
-    monkeypatch.setattr(K, "BACKEND", backend)
-    monkeypatch.setattr(K, "_kernels", {})
-    monkeypatch.setattr(K, "_failed", set())
-    monkeypatch.setattr(P, "_rows", {})
+    _fresh_runner(monkeypatch, _CountingBackend())
     want, _ = _lars_steps(lars_rule, "eager", False)
     for mode in ("eager", "compile"):
         got = _lars_given_steps(mode)
