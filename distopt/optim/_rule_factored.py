@@ -84,33 +84,9 @@ def _kernel(
         # per code object, so the kernels never evict each other
         k = K._named(kernel, f"distopt_{fn.__name__}")
         if compiled:  # _kernel's backend and options; repeated calls skip dynamo
-            k = _compiled(k)
+            k = K.compiled_kernel(k)
         _kernels[key] = k
     return k
-
-
-def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` compiled as :func:`distopt.optim._kernel.compiled_kernel` does, with inductor's
-    ``emulate_precision_casts`` on where this torch has it: inductor otherwise drops a rounding
-    to a low-precision dtype that a fused kernel converts back (Big Vision's
-    ``u.to(bfloat16)`` before the momentum's lerp, as timm and the eager phases round it), so a
-    bfloat16 first moment differed from eager by a unit in the last place in ~40% of its
-    elements after 4 steps (with it: 0.02%, flipped by the float32 differences any compiled
-    kernel has, e.g. its sums' order)."""
-    if K.BACKEND != "inductor" or _EMULATE not in _inductor_options():
-        return K.compiled_kernel(fn)
-    return K.Compiled(fn, K.BACKEND, {**K.COMPILE_OPTIONS, _EMULATE: True})
-
-
-_EMULATE = "emulate_precision_casts"
-
-
-def _inductor_options() -> list[str]:
-    try:
-        from torch._inductor import list_options  # the list torch.compile's docstring names
-    except ImportError:  # pragma: no cover - no inductor in this torch
-        return []
-    return list_options()
 
 
 def _call(fn: Callable[..., Any], compiled: bool, *args: Any, **opts: Any) -> Any:
