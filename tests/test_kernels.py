@@ -459,6 +459,51 @@ def test_cached_flat_aliases_follow_replaced_tensors(kernel_mode, monkeypatch):
     assert len(P._aliases) == cached, "flat aliases outlived their tensors"
 
 
+def test_kept_concatenations_follow_replaced_tensors(kernel_mode, monkeypatch):
+    """Small tensors are concatenated into buffers kept across steps and written back through
+    flat views made once: a state replaced by a new tensor, a state given new memory in place
+    (``set_``), a parameter given new memory (``p.data = ...``) are updated (eager's numbers),
+    one graph serves every step, and the buffers go with the parameters."""
+    import gc
+
+    import distopt.optim as do
+
+    backend = _fresh_runner(monkeypatch, _CountingBackend())
+    gc.collect()
+    kept = len(P._concats)
+    shapes = [(5, 3), (15,), (4,), (2, 2, 3)]
+    out = {}
+    for mode in ("eager", "compile"):
+        kernel_mode(mode)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = do.Adan(params, lr=1e-2, weight_decay=0.05)
+        for step in range(5):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            before = [t.detach().clone() for p in params for t in (p, *opt.state[p].values())]
+            opt.step()
+            after = [t for p in params for t in (p, *opt.state[p].values())]
+            if step > 0:  # every parameter and parameter-sized state changed
+                changed = [(a != b).any() for a, b in zip(after, before) if a.dim() > 0]
+                assert all(changed), f"{mode} step {step}: a tensor was not updated"
+            if step == 1:
+                opt.state[params[0]]["exp_avg"] = opt.state[params[0]]["exp_avg"].clone()
+                params[1].data = params[1].data.clone()
+            if step == 2:
+                sq = opt.state[params[2]]["exp_avg_sq"]
+                sq.set_(sq.clone())  # same tensor object, new memory
+        out[mode] = [t.detach().clone() for p in params for t in (p, *opt.state[p].values())]
+    assert backend.graphs == 1, "the kept buffers changed the kernel's signature"
+    for a, b in zip(out["eager"], out["compile"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(P._concats) == kept + 1
+    del opt, params, p, before, after, sq
+    gc.collect()
+    assert len(P._concats) == kept, "kept concatenations outlived their parameters"
+
+
 # --------------------------------------------------------------------------- direct calls
 
 

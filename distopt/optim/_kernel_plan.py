@@ -95,7 +95,7 @@ def run(
 
     local = not sums or given is not None or not any(v.sharded for v in views)
     # the flat tensors each concatenated unit is copied back into (after its kernel call)
-    dsts: dict[int, list[list[Tensor]]] = {}
+    dsts: dict[int, _Concat] = {}
     prepared = [
         _tensors(kind, [views[i] for i in idx], states, flat, dsts, u)
         for u, (kind, idx, flat) in enumerate(units)
@@ -177,36 +177,98 @@ def _tensors(
     group: list[ParamView],
     states: tuple[str, ...],
     flat: bool,
-    dsts: dict[int, list[list[Tensor]]],
+    dsts: dict[int, Any],
     u: int,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """``(p, g, states)`` of a unit: flat aliases of one tensor, its own tensors (not flat), or
-    the concatenation of a group (``rows``: viewed as ``(tensors, elements)``), whose flat
-    parameters and states go to ``dsts[u]`` (where :func:`_scatter` copies the results)."""
+    the concatenation of a group (``rows``: viewed as ``(tensors, elements)``) into the group's
+    kept buffers (:class:`_Concat`), which go to ``dsts[u]`` (:func:`_scatter` copies the
+    results back into the parameters and states)."""
     if kind == "one":
         v = group[0]
         if not flat:
             return v.data, v.grad, tuple(v.state[s] for s in states)
         return _alias(v.param, v.data), _flat(v.grad), tuple(_alias_of(v.state[s]) for s in states)
-    # plain flat views (no cached alias: the concatenation copies them, and the copy back
-    # writes through them in place, within this step)
-    dst = [[v.data.view(-1) for v in group]]
-    dst += [[v.state[s].view(-1) for v in group] for s in states]
-    dsts[u] = dst
-    bufs = [torch.cat(c) for c in (dst[0], [v.grad.view(-1) for v in group], *dst[1:])]
-    if kind == "rows":
-        bufs = [b.view(len(group), -1) for b in bufs]
-    return bufs[0], bufs[1], tuple(bufs[2:])
+    key = (states, kind, tuple([id(v.param) for v in group]))
+    c = _concats.get(key)
+    if c is None or not c.holds(group, states):
+        c = _Concat(key, group, states, kind == "rows")
+    dsts[u] = c
+    return c.fill(group)
 
 
-def _scatter(ts: tuple[Tensor, Tensor, tuple[Tensor, ...]], dst: list[list[Tensor]]) -> None:
+def _scatter(ts: tuple[Tensor, Tensor, tuple[Tensor, ...]], dst: Any) -> None:
     """Copy a group's updated concatenation back into its parameters and states (``dst``:
-    their flat views, as :func:`_tensors` made them)."""
-    sizes = [t.numel() for t in dst[0]]
-    src: list[Tensor] = []
-    for buf in (ts[0], *ts[2]):
-        src += torch.split(buf.view(-1), sizes)
-    torch._foreach_copy_([t for d in dst for t in d], src)
+    the group's :class:`_Concat`): one multi-tensor copy."""
+    torch._foreach_copy_(dst.dst, dst.src)
+
+
+def _flat1(t: Tensor) -> Tensor:
+    """``t`` as one dimension (itself when it has one: no new view)."""
+    return t if t.dim() == 1 else t.view(-1)
+
+
+#: (states, kind, parameter ids) -> the kept concatenation buffers of a group of small tensors
+_concats: dict[tuple, _Concat] = {}
+#: more groups than this: the kept buffers are all dropped (a run whose small tensors change
+#: from step to step does not keep them without bound)
+_MAX_CONCATS = 512
+
+
+class _Concat:
+    """The concatenation of a group of small tensors, kept across steps.
+
+    Each step the group's parameter, gradient and state values are concatenated into buffers
+    (the parameter's and states' ones kept: the same tensors every step, so the kernel call
+    keeps its argument signature), the kernel updates them, and one ``_foreach_copy_`` writes
+    them back through flat views of the parameters and states made once.  Valid while every
+    view's parameter, its memory (address, shape, dtype) and its state tensors (identity and
+    address) are the ones it was made from (:meth:`holds`); rebuilt otherwise, dropped when a
+    parameter goes (weak references).
+    """
+
+    def __init__(
+        self, key: tuple, group: list[ParamView], states: tuple[str, ...], rows: bool
+    ) -> None:
+        if len(_concats) >= _MAX_CONCATS:
+            _concats.clear()
+        self.owners = [weakref.ref(v.param, lambda _, k=key: _concats.pop(k, None)) for v in group]
+        self.ptrs = [(v.data.data_ptr(), v.data.shape, v.data.dtype) for v in group]
+        self.states = [[v.state[s] for v in group] for s in states]
+        self.sptrs = [[t.data_ptr() for t in col] for col in self.states]
+        self.flats = [[_flat1(v.data) for v in group]] + [
+            [_flat1(t) for t in col] for col in self.states
+        ]
+        self.sizes = [t.numel() for t in self.flats[0]]
+        self.rows = len(group) if rows else 0
+        self.flatbufs = bufs = [torch.cat(col) for col in self.flats]
+        self.bufs = [b.view(self.rows, -1) if rows else b for b in bufs]
+        self.dst = [t for col in self.flats for t in col]
+        self.src = [x for b in bufs for x in torch.split(b, self.sizes)]
+        _concats[key] = self
+
+    def holds(self, group: list[ParamView], states: tuple[str, ...]) -> bool:
+        """Whether ``group`` still has the parameters, memory and states this was made from."""
+        for j, v in enumerate(group):
+            d = v.data
+            if self.owners[j]() is not v.param or self.ptrs[j] != (d.data_ptr(), d.shape, d.dtype):
+                return False
+        for s, col, ptrs in zip(states, self.states, self.sptrs):
+            for v, t, ptr in zip(group, col, ptrs):
+                t2 = v.state[s]
+                if t2 is not t or t2.data_ptr() != ptr:
+                    return False
+        return True
+
+    def fill(self, group: list[ParamView]) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """This step's values in the buffers: ``(p, g, states)`` (``g`` a fresh concatenation)."""
+        for b, col in zip(self.flatbufs, self.flats):
+            torch.cat(col, out=b)
+        g = torch.cat([_flat1(v.grad) for v in group])
+        if self.rows:
+            g = g.view(self.rows, -1)
+        bufs = self.bufs
+        return bufs[0], g, tuple(bufs[1:])
 
 
 #: id(owner) -> (weak reference to owner, data_ptr, shape, dtype, flat alias): the flat aliases
