@@ -88,3 +88,56 @@ def test_once_is_the_value(shape):
     assert torch.equal(y, x)
     nan = once(torch.tensor(float("nan")))
     assert torch.isnan(nan)
+
+
+def test_grad_sq_sums_are_the_squared_norms():
+    """Large float32 gradients (BLAS dots) and the rest (one _foreach_norm): each ||g||^2."""
+    from distopt.optim._rule_trust import DOT_MIN, grad_sq_sums
+
+    torch.manual_seed(0)
+    grads = [
+        torch.randn(DOT_MIN + 5),  # dot
+        torch.randn(300),  # foreach
+        torch.randn(2 * DOT_MIN, 2)[:, 0],  # large but strided: foreach
+        torch.randn(64, DOT_MIN // 32) * 3.0,  # 2-d, dot
+    ]
+    got = grad_sq_sums(grads)
+    assert len(got) == len(grads)
+    for g, s in zip(grads, got):
+        want = g.double().square().sum()
+        assert s.dim() == 0 and s.dtype == torch.float32
+        torch.testing.assert_close(s.double(), want, rtol=1e-5, atol=0.0)
+    # other dtypes: _foreach_norm's norm in that dtype, squared in float32 (as timm's clip norm)
+    low = torch.randn(DOT_MIN).to(torch.bfloat16)
+    (s,) = grad_sq_sums([low])
+    assert torch.equal(s, torch.linalg.vector_norm(low).float().square())
+
+
+def test_lamb_clip_norm_of_large_gradients_equals_timm():
+    """Lamb (eager, clipping active: ||g|| ~ 400 >> max_grad_norm) on a tensor whose clip-norm
+    share comes from a dot and one from _foreach_norm equals timm's Lamb.  A large eps makes the
+    update depend on the clip factor (with a tiny one Lamb is almost invariant to it)."""
+    from tests.references import load_timm_optim
+
+    mod = load_timm_optim("lamb")
+    if mod is None:
+        pytest.skip("timm not installed")
+    torch.manual_seed(0)
+    shapes = [(40000,), (30, 10)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    K.set_mode("eager")
+    try:
+        kw = dict(lr=1e-2, eps=1e-2, weight_decay=0.05, max_grad_norm=1.0)
+        a = do.Lamb(ours, **kw)
+        b = mod.Lamb(ref, **kw)
+        for _ in range(3):
+            for p, q in zip(ours, ref):
+                p.grad = torch.randn(p.shape) * 2.0
+                q.grad = p.grad.clone()
+            a.step()
+            b.step()
+    finally:
+        K.set_mode(None)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-5)
