@@ -50,6 +50,8 @@ def local_rows(view: ParamView) -> int:
 
 
 def _factory(key: tuple, phase: str) -> Callable[..., Any]:
+    if phase in ("store", "finish"):
+        return _fused_factory(key, phase)
     rule, states, names, options, sums = key[:5]
     decide = key[5] if len(key) > 5 else None
     opts = dict(options)
@@ -68,7 +70,7 @@ def _factory(key: tuple, phase: str) -> Callable[..., Any]:
         s = dict(zip(names, sc.unbind(0)))
         old = dict(zip(states, sts))
         if phase != "update":
-            parts = rule(p, g, old, s, phase="rows", **opts)
+            parts = rule(p, g, old, s, phase="rows", **opts)[0]
             stats = torch.stack([parts[k].sum(dim=1, dtype=torch.float32) for k in sums])
             if phase == "rows":
                 return stats
@@ -82,6 +84,53 @@ def _factory(key: tuple, phase: str) -> Callable[..., Any]:
     # one code object per (rule, phase): torch.compile's caches and recompile limit are per code
     # object, so rules never evict each other's kernels
     return K._named(kernel, f"distopt_{rule.__name__}_{phase}_rows")
+
+
+def _fused_factory(key: tuple, phase: str) -> Callable[..., Any]:
+    """The two kernels of :func:`fused_update`.
+
+    ``store``: ``rule(..., phase="rows")`` gives the channel products, ``u`` and the new
+    states; the states are stored in place, ``u`` into ``u_out``, and the channel sums are
+    returned.  Every store is multiplied by ``one`` (exact ones, one per row): the stores then
+    iterate like the row sums, and inductor writes them in the sums' loop (without it the flat
+    stores take a loop of their own, which reads the tensors again).
+    ``finish``: ``factor = decide(sums, s)`` per row, then ``p <- rule(p * factor, ...,
+    {"u": u}, phase="apply")``.  Reads ``p`` and ``u`` only: no second read of the gradient
+    and states, and ``u`` (a square root and a division per element for AdamP) is not
+    computed twice."""
+    rule, states, names, options, sums, decide = key[:6]
+    opts = dict(options)
+
+    def store(
+        p: Tensor,
+        g: Tensor,
+        sts: tuple[Tensor, ...],
+        sc: Tensor,
+        one: Tensor,
+        inv: Tensor | None,
+        found_inf: Tensor | None,
+        u_out: Tensor,
+    ) -> Tensor:
+        if inv is not None:
+            g = g * inv
+        s = dict(zip(names, sc.unbind(0)))
+        old = dict(zip(states, sts))
+        parts, u, new = rule(p, g, old, s, phase="rows", **opts)
+        K._store([(old[k], v * one) for k, v in new.items()], found_inf)
+        u_out.copy_(u * one)
+        return torch.stack([parts[k].sum(dim=1, dtype=torch.float32) for k in sums])
+
+    def finish(p: Tensor, u: Tensor, stats: Tensor, sc: Tensor, found_inf: Tensor | None) -> Tensor:
+        s = dict(zip(names, sc.unbind(0)))
+        factor = decide(stats, s).to(p.dtype).unsqueeze(1)
+        new_p = rule(p * factor, None, {"u": u}, s, phase="apply", **opts)
+        K._store([(p, new_p)], found_inf)
+        # the factors are an output, so inductor stores them once per row instead of computing
+        # them again (float64 square roots and divisions) for every element
+        return factor
+
+    fn = store if phase == "store" else finish
+    return K._named(fn, f"distopt_{rule.__name__}_{phase}_rows")
 
 
 def _kernel(key: tuple, phase: str, compiled: bool) -> Callable[..., Any]:
@@ -247,11 +296,16 @@ def fused_update(
     layout: Sequence[int | None] | None = None,
     **options: Any,
 ) -> list[int]:
-    """:func:`row_sums`, the per-row factors and :func:`update_rows` of each unsharded view in
-    ONE compiled kernel: ``factor = decide(channel sums, s)`` (``(rows,)``, from the sums of
-    ``rule(..., phase="rows")``'s values named ``sums``), then ``rule(p * factor, g, st, s)``
-    in place.  One call per tensor instead of two plus the batched decision, and the second
-    read of each tensor finds it in cache.
+    """:func:`row_sums`, the per-row factors and :func:`update_rows` of each unsharded view,
+    compiled, with no reduction in between: ``factor = decide(channel sums, s)`` (``(rows,)``,
+    from the sums of ``rule(..., phase="rows")``'s values named ``sums``), then ``rule(p *
+    factor, g, st, s)`` in place.
+
+    By default in ONE kernel per tensor (the second read of each tensor recomputes ``u``).  A
+    rule with ``rule.u_once = True`` (``u`` costly to recompute: AdamP's square root and
+    division) takes two kernels per tensor instead (see :func:`_fused_factory`): ``store``
+    writes the new states and ``u`` and returns the channel sums, ``finish`` reads ``p`` and
+    ``u`` only.
 
     ``layout[i]``: the row count of view ``i``'s ``(rows, cols)`` form (``None``: its local
     rows); a caller that regroups a tensor's elements into other rows gives ``decide`` scalars
@@ -274,7 +328,11 @@ def fused_update(
     dev = views[0].data.device
     inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
     fi = None if found_inf is None else found_inf.to(dev, torch.float32)
-    fn = _kernel(key, "fused", True)
+    once = getattr(rule, "u_once", False)
+    if once:
+        store, finish = _kernel(key, "store", True), _kernel(key, "finish", True)
+    else:
+        fused = _kernel(key, "fused", True)
     packs: dict[tuple, Tensor] = {}
     for i, (v, vals) in enumerate(zip(views, scalars)):
         values = tuple([float(vals[n]) for n in names])
@@ -290,22 +348,73 @@ def fused_update(
         g = _as_rows(v.grad, rows, cols, [])
         sts = tuple([_as_rows(v.state[n], rows, cols, copies) for n in states])
         try:
-            fn(p, g, sts, sc, None, inv, fi)
+            if not once:
+                fused(p, g, sts, sc, None, inv, fi)
+            else:
+                u = _scratch(rows * cols, p.dtype, dev).view(rows, cols)
+                stats = store(p, g, sts, sc, _ones(rows, p.dtype, dev), inv, fi, u)
         except Exception as exc:  # noqa: BLE001 - any compile failure: the three-step form
-            _failed.add(key)
-            log.warning(
-                "distopt: compiling the %s fused per-channel kernel failed (%s: %s); running "
-                "the three-step form (set %s=eager to skip compiling)",
-                rule.__name__, type(exc).__name__, exc, K.ENV,
-            )  # fmt: skip
-            if found_inf is not None:
-                _take_back(views[:i], found_inf)
-            return list(range(i, len(views)))
+            return _fall_back(key, rule, exc, views, i, found_inf)
+        if once:
+            try:
+                finish(p, u, stats, sc, fi)
+            except Exception as exc:  # noqa: BLE001 - the states are stored: finish it eagerly
+                _kernel(key, "finish", False)(p, u, stats, sc, fi)
+                for t, c in copies:
+                    t.copy_(c.view(t.shape))
+                return _fall_back(key, rule, exc, views, i + 1, found_inf)
         for t, c in copies:
             t.copy_(c.view(t.shape))
     if found_inf is not None:
         _take_back(views, found_inf)
     return []
+
+
+def _fall_back(
+    key: tuple,
+    rule: Callable[..., Any],
+    exc: Exception,
+    views: Sequence[ParamView],
+    i: int,
+    found_inf: Tensor | None,
+) -> list[int]:
+    """A kernel of :func:`fused_update` did not compile: views ``i:`` take the three-step form
+    (their indices are returned); the step of views ``:i`` is taken back if skipped."""
+    _failed.add(key)
+    log.warning(
+        "distopt: compiling the %s fused per-channel kernels failed (%s: %s); running the "
+        "three-step form (set %s=eager to skip compiling)",
+        rule.__name__, type(exc).__name__, exc, K.ENV,
+    )  # fmt: skip
+    if found_inf is not None:
+        _take_back(views[:i], found_inf)
+    return list(range(i, len(views)))
+
+
+_ONES: dict[tuple, Tensor] = {}
+_SCRATCH: dict[tuple, Tensor] = {}
+
+
+def _ones(rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A ``(rows, 1)`` column of ones (cached per row count, dtype and device)."""
+    k = (rows, dtype, device)
+    one = _ONES.get(k)
+    if one is None:
+        if len(_ONES) > 256:
+            _ONES.clear()
+        one = _ONES[k] = torch.ones(rows, 1, dtype=dtype, device=device)
+    return one
+
+
+def _scratch(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``n`` elements of the buffer that carries ``u`` from :func:`fused_update`'s ``store``
+    kernel to its ``finish`` kernel: one per dtype and device, as large as the largest tensor
+    it served (kept across steps: no allocation, no fresh pages, per call)."""
+    k = (dtype, device)
+    buf = _SCRATCH.get(k)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH[k] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n]
 
 
 def _take_back(views: Sequence[ParamView], found_inf: Tensor) -> None:

@@ -146,15 +146,26 @@ def adamp_rule(
     phase: str = "update",
 ) -> Any:
     """AdamP's update of one tensor (see :class:`AdamP`) without the projection, which
-    the channel factors fold into ``p`` (:func:`~distopt.optim._projection.channel_factors`;
-    ``phase="rows"``: the products the projection's channel statistics sum)."""
+    the channel factors fold into ``p`` (:func:`~distopt.optim._projection.channel_factors`).
+
+    ``phase="rows"``: ``(the products the projection's channel statistics sum, u, the new
+    states)``; ``phase="apply"``: the new ``p`` from ``st["u"]`` (a ``u`` the rows phase gave;
+    ``g`` unused)."""
+    if phase == "apply":
+        return p * s["decay"] + st["u"] * s["neg_step"]
     # timm's arithmetic (beta1 m + (1 - beta1) g, sqrt(v) / sqrt(bc2) + eps) with the bias
     # correction multiplied by its host reciprocal: one division per element (compiled loops
-    # divide at a fraction of the memory rate, and the statistics pass computes u too)
+    # divide at a fraction of the memory rate)
     m = st["exp_avg"] * s["beta1"] + g * s["one_m_beta1"]
     v = K.ema_sq(st["exp_avg_sq"], g, s["beta2"])
     denom = v.sqrt() * s["inv_bc2_sqrt"] + s["eps"]
     u = (m * s["beta1"] + g * s["one_m_beta1"]) / denom if nesterov else m / denom
+    new = {"exp_avg": m, "exp_avg_sq": v}
     if phase == "rows":
-        return projection_parts(p, g, u)
-    return p * s["decay"] + u * s["neg_step"], {"exp_avg": m, "exp_avg_sq": v}
+        return projection_parts(p, g, u), u, new
+    return adamp_rule(p, g, {"u": u}, s, nesterov=nesterov, phase="apply"), new
+
+
+#: u (a square root and a division per element) is stored once by the fused per-channel update
+#: instead of computed again in its second pass (see distopt.optim._rule_rows.fused_update)
+adamp_rule.u_once = True  # type: ignore[attr-defined]

@@ -124,10 +124,15 @@ def sgdp_rule(
     phase: str = "update",
 ) -> Any:
     """SGDP's update of one tensor (see :class:`SGDP`) without the projection, which
-    the channel factors fold into ``p`` (:func:`~distopt.optim._projection.channel_factors`;
-    ``phase="rows"``: the products the projection's channel statistics sum)."""
+    the channel factors fold into ``p`` (:func:`~distopt.optim._projection.channel_factors`).
+
+    ``phase="rows"``: ``(the products the projection's channel statistics sum, u, the new
+    states)``; ``phase="apply"``: the new ``p`` from ``st["u"]`` (a ``u`` the rows phase gave;
+    ``g`` unused)."""
+    if phase == "apply":
+        return p * s["decay"] + st["u"] * s["neg_lr"]
     b = st["momentum"] * s["momentum"] + g * s["damp"]
     u = g + b * s["momentum"] if nesterov else b
     if phase == "rows":
-        return projection_parts(p, g, u)
-    return p * s["decay"] + u * s["neg_lr"], {"momentum": b}
+        return projection_parts(p, g, u), u, {"momentum": b}
+    return sgdp_rule(p, g, {"u": u}, s, nesterov=nesterov, phase="apply"), {"momentum": b}
