@@ -4,6 +4,8 @@ What the graphs handed to ``torch.compile``'s backend contain, seen with a backe
 them as traced (no C++ build): Lamb's fused sums+update kernel computes ``sqrt(v)`` once per
 element (its update takes m, v and u from the sums phase), and per-tensor factors pass through
 ``once`` (a reduction, computed once per call).  Numbers against eager: tests/test_kernels.py.
+The gradient sums of squares (Lamb's clip norm, NvNovoGrad's norms: BLAS dots for large
+gradients) against the plain sums and against timm on a tensor large enough to take the dot.
 """
 
 from __future__ import annotations
@@ -134,6 +136,36 @@ def test_lamb_clip_norm_of_large_gradients_equals_timm():
         for _ in range(3):
             for p, q in zip(ours, ref):
                 p.grad = torch.randn(p.shape) * 2.0
+                q.grad = p.grad.clone()
+            a.step()
+            b.step()
+    finally:
+        K.set_mode(None)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_nvnovograd_norms_of_large_gradients_equal_timm():
+    """NvNovoGrad (eager) on a tensor whose ||g||^2 comes from a dot (squared_norms) and one from
+    _foreach_norm equals timm's NvNovoGrad (the update divides g by sqrt of that sum; gradients
+    with few non-zeros and a large lr make a wrong sum visible above the tolerance)."""
+    from tests.references import load_timm_optim
+
+    mod = load_timm_optim("nvnovograd")
+    if mod is None:
+        pytest.skip("timm not installed")
+    torch.manual_seed(0)
+    shapes = [(40000,), (30, 10)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    K.set_mode("eager")
+    try:
+        a = do.NvNovoGrad(ours, lr=0.1, weight_decay=0.05)
+        b = mod.NvNovoGrad(ref, lr=0.1, weight_decay=0.05)
+        for step in range(3):
+            for p, q in zip(ours, ref):
+                p.grad = torch.randn(p.shape) * (step + 1.0)
+                p.grad.view(-1)[100:] = 0.0
                 q.grad = p.grad.clone()
             a.step()
             b.step()

@@ -12,9 +12,9 @@
   (:func:`grad_sq_sums`: BLAS dots for large ones, one ``_foreach_norm`` for the rest).
 * :func:`squared_norms`: whole-tensor sums of squares per tensor, for
   :func:`~distopt.optim._kernel.apply`'s ``stats=`` (Lars' ``||w||^2``, ``||g||^2``;
-  NvNovoGrad's ``||g||^2``): ATen's ``_foreach_norm`` reads at memory speed where a compiled
-  sums pass does not (inductor's CPU sum loops are several times slower), and the update kernel
-  then runs without a sums phase.
+  NvNovoGrad's ``||g||^2``): BLAS dots and ATen's ``_foreach_norm`` read at memory speed where
+  a compiled sums pass does not (inductor's CPU sum loops are several times slower), and the
+  update kernel then runs without a sums phase.
 """
 
 from __future__ import annotations
@@ -90,27 +90,29 @@ def inv_grad_scale(opt: Any, device: torch.device) -> Tensor | None:
 DOT_MIN = 1 << 15
 
 
-def grad_sq_sums(grads: list[Tensor]) -> list[Tensor]:
-    """``||g||^2`` of each of ``grads`` (0-dim float32 device tensors, in order).
+def grad_sq_sums(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> list[Tensor]:
+    """``||g||^2`` of each of ``grads`` (0-dim ``dtype`` device tensors, in order).
 
     Large gradients through ``torch.dot(g, g)`` (a BLAS dot: at 1 thread it reads ViT-S's 51
     large gradients in ~7 ms where ``_foreach_norm``, whose CPU norm kernel runs AVX2 code, takes
     ~9 ms), small ones through one ``_foreach_norm`` (one call for all: a Python call per tiny
     tensor would cost more than its read), squared.  Both accumulate in float32, in different
-    orders: the sums agree to float32 rounding, not bit for bit.
+    orders: the sums agree to float32 rounding, not bit for bit.  A ``_foreach_norm`` norm is
+    squared in ``dtype`` (float64: its exact square).
     """
     out: list[Tensor | None] = [None] * len(grads)
     small: list[int] = []
     for i, g in enumerate(grads):
         if g.numel() >= DOT_MIN and g.is_contiguous() and g.dtype == torch.float32:
             flat = g.view(-1)
-            out[i] = torch.dot(flat, flat)
+            d = torch.dot(flat, flat)
+            out[i] = d if dtype == torch.float32 else d.to(dtype)
         else:
             small.append(i)
     if small:
         norms = torch._foreach_norm([grads[i] for i in small])
-        for i, n in zip(small, norms):
-            out[i] = n.float().square()
+        for i, sq in zip(small, torch.stack(norms).to(dtype).square().unbind(0)):
+            out[i] = sq
     return out  # type: ignore[return-value]
 
 
@@ -137,16 +139,15 @@ def grad_norm(ctx: StepContext, views: list[ParamView]) -> Tensor:
 def squared_norms(
     ctx: StepContext | None, views: list[ParamView], *columns: list[Tensor]
 ) -> Tensor:
-    """``out[i, k] = ||columns[k][i]||^2`` over the whole tensor of ``views[i]`` (float64: the
-    exact square of ``_foreach_norm``'s float32 norm).
+    """``out[i, k] = ||columns[k][i]||^2`` over the whole tensor of ``views[i]`` (float64).
 
     ``columns[k][i]``: view ``i``'s local values of statistic ``k`` (its parameter rows, its
-    gradient rows, ...).  One ``torch._foreach_norm`` per column; the partial sums of sharded
+    gradient rows, ...), summed by :func:`grad_sq_sums` (large float32 tensors: a float32 BLAS
+    dot; the others: the exact square of ``_foreach_norm``'s norm); the partial sums of sharded
     views are added across their ranks in one :meth:`StepContext.reduce` (unsharded ones are
     counted once), so the result is the whole tensor's on every rank.
     """
-    sq = torch.stack([torch.stack(torch._foreach_norm(list(c))) for c in columns], 1)
-    sq = sq.double().square()
+    sq = torch.stack([torch.stack(grad_sq_sums(list(c), torch.float64)) for c in columns], 1)
     if any(v.sharded for v in views):
         if ctx is None:
             raise ValueError(
