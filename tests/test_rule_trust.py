@@ -5,7 +5,7 @@ them as traced (no C++ build): Lamb's fused sums+update kernel computes ``sqrt(v
 element (its update takes m, v and u from the sums phase), and per-tensor factors pass through
 ``once`` (a reduction, computed once per call).  Numbers against eager: tests/test_kernels.py.
 The gradient sums of squares (Lamb's clip norm, NvNovoGrad's norms: BLAS dots for large
-gradients) against the plain sums and against timm on a tensor large enough to take the dot.
+gradients at 1 thread) against the plain sums and against timm on a tensor large enough to take the dot.
 """
 
 from __future__ import annotations
@@ -92,8 +92,19 @@ def test_once_is_the_value(shape):
     assert torch.isnan(nan)
 
 
-def test_grad_sq_sums_are_the_squared_norms():
-    """Large float32 gradients (BLAS dots) and the rest (one _foreach_norm): each ||g||^2."""
+@pytest.fixture
+def one_thread():
+    """torch at 1 thread (the dot path of grad_sq_sums), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grad_sq_sums_are_the_squared_norms(threads, monkeypatch):
+    """Large float32 gradients (BLAS dots at 1 thread only) and the rest (one _foreach_norm):
+    each ||g||^2."""
     from distopt.optim._rule_trust import DOT_MIN, grad_sq_sums
 
     torch.manual_seed(0)
@@ -103,7 +114,16 @@ def test_grad_sq_sums_are_the_squared_norms():
         torch.randn(2 * DOT_MIN, 2)[:, 0],  # large but strided: foreach
         torch.randn(64, DOT_MIN // 32) * 3.0,  # 2-d, dot
     ]
-    got = grad_sq_sums(grads)
+    dots = []
+    real_dot = torch.dot
+    monkeypatch.setattr(torch, "dot", lambda a, b: dots.append(a) or real_dot(a, b))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = grad_sq_sums(grads)
+    finally:
+        torch.set_num_threads(before)
+    assert len(dots) == (2 if threads == 1 else 0)  # MKL's threaded dot is avoided
     assert len(got) == len(grads)
     for g, s in zip(grads, got):
         want = g.double().square().sum()
@@ -115,7 +135,7 @@ def test_grad_sq_sums_are_the_squared_norms():
     assert torch.equal(s, torch.linalg.vector_norm(low).float().square())
 
 
-def test_lamb_clip_norm_of_large_gradients_equals_timm():
+def test_lamb_clip_norm_of_large_gradients_equals_timm(one_thread):
     """Lamb (eager, clipping active: ||g|| ~ 400 >> max_grad_norm) on a tensor whose clip-norm
     share comes from a dot and one from _foreach_norm equals timm's Lamb.  A large eps makes the
     update depend on the clip factor (with a tiny one Lamb is almost invariant to it)."""
@@ -145,7 +165,7 @@ def test_lamb_clip_norm_of_large_gradients_equals_timm():
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_nvnovograd_norms_of_large_gradients_equal_timm():
+def test_nvnovograd_norms_of_large_gradients_equal_timm(one_thread):
     """NvNovoGrad (eager) on a tensor whose ||g||^2 comes from a dot (squared_norms) and one from
     _foreach_norm equals timm's NvNovoGrad (the update divides g by sqrt of that sum; gradients
     with few non-zeros and a large lr make a wrong sum visible above the tolerance)."""

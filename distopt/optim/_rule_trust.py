@@ -9,7 +9,8 @@
   costs no pass over memory and no host read.
 * :func:`once`: a per-tensor value of a rule computed once per kernel call, not per vector.
 * :func:`grad_norm`: the global gradient norm (Lamb's clip): one read of every gradient
-  (:func:`grad_sq_sums`: BLAS dots for large ones, one ``_foreach_norm`` for the rest).
+  (:func:`grad_sq_sums`: BLAS dots for large ones at 1 thread, one ``_foreach_norm`` for
+  the rest).
 * :func:`squared_norms`: whole-tensor sums of squares per tensor, for
   :func:`~distopt.optim._kernel.apply`'s ``stats=`` (Lars' ``||w||^2``, ``||g||^2``;
   NvNovoGrad's ``||g||^2``): BLAS dots and ATen's ``_foreach_norm`` read at memory speed where
@@ -85,25 +86,34 @@ def inv_grad_scale(opt: Any, device: torch.device) -> Tensor | None:
     return None if scale is None else scale.to(device, torch.float32).reciprocal()
 
 
-#: gradients of at least this many elements get their sum of squares from ``torch.dot``
-#: (:func:`grad_sq_sums`), smaller ones from one ``torch._foreach_norm``
+#: CPU gradients of at least this many elements get their sum of squares from ``torch.dot`` at
+#: 1 thread (:func:`grad_sq_sums`), the others from one ``torch._foreach_norm``
 DOT_MIN = 1 << 15
 
 
 def grad_sq_sums(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> list[Tensor]:
     """``||g||^2`` of each of ``grads`` (0-dim ``dtype`` device tensors, in order).
 
-    Large gradients through ``torch.dot(g, g)`` (a BLAS dot: at 1 thread it reads ViT-S's 51
-    large gradients in ~7 ms where ``_foreach_norm``, whose CPU norm kernel runs AVX2 code, takes
-    ~9 ms), small ones through one ``_foreach_norm`` (one call for all: a Python call per tiny
-    tensor would cost more than its read), squared.  Both accumulate in float32, in different
-    orders: the sums agree to float32 rounding, not bit for bit.  A ``_foreach_norm`` norm is
-    squared in ``dtype`` (float64: its exact square).
+    At 1 thread, large float32 CPU gradients go through ``torch.dot(g, g)`` (a BLAS dot: it reads
+    ViT-S's 51 large gradients in ~7 ms where ``_foreach_norm``, whose CPU norm kernel runs AVX2
+    code, takes ~9 ms); everything else through one ``_foreach_norm``, its norms squared in
+    ``dtype`` (float64: their exact squares).  Not at more threads: MKL's threaded dot took
+    ~200 ms for the same 51 gradients at 2 threads on a loaded 2-core machine, where the norm
+    kernel stays at ~12 ms; not on CUDA, where ``_foreach_norm`` is one fused multi-tensor
+    kernel.  Dot and norm both accumulate in float32, in different orders: the sums agree to
+    float32 rounding, not bit for bit.
     """
+    dot_ok = torch.get_num_threads() == 1
     out: list[Tensor | None] = [None] * len(grads)
     small: list[int] = []
     for i, g in enumerate(grads):
-        if g.numel() >= DOT_MIN and g.is_contiguous() and g.dtype == torch.float32:
+        if (
+            dot_ok
+            and g.numel() >= DOT_MIN
+            and g.device.type == "cpu"
+            and g.dtype == torch.float32
+            and g.is_contiguous()
+        ):
             flat = g.view(-1)
             d = torch.dot(flat, flat)
             out[i] = d if dtype == torch.float32 else d.to(dtype)
