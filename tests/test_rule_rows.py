@@ -149,7 +149,8 @@ def test_fused_kernel_equals_the_three_step_form(cid, kernel_mode, monkeypatch):
     :func:`local_factors`, the update), or for AdamP (``u_once``) two: ``store`` (the states,
     ``u`` and the channel sums) and ``finish`` (the factors, ``p`` from ``u``); traced, they
     give the numbers of the three-step form (``row_sums``, ``channel_factors``,
-    ``update_rows``, as sharded tensors take) and of eager."""
+    ``update_rows``, as sharded tensors take) and of eager.  ``mixed``: tensors over
+    ``SCRATCH_MAX`` elements take the one kernel, the others two, in one step."""
     from distopt.optim import _rule_rows as RR
 
     monkeypatch.setattr(K, "BACKEND", _Traced())
@@ -158,7 +159,10 @@ def test_fused_kernel_equals_the_three_step_form(cid, kernel_mode, monkeypatch):
         monkeypatch.setattr(mod, "_failed", set())
     case = next(c for c in CASES if c.id == cid)
     res, phases = {}, {}
-    for name, mode in (("eager", "eager"), ("fused", "compile"), ("three", "compile")):
+    runs = (("eager", "eager"), ("fused", "compile"), ("mixed", "compile"), ("three", "compile"))
+    for name, mode in runs:
+        if name == "mixed":  # the 7x5 and 1x1 tensors under it, the 4x3x3x3 and 13x6 over
+            monkeypatch.setattr(RR, "SCRATCH_MAX", 50)
         if name == "three":
             monkeypatch.setattr(RR, "fusable", lambda views: False)
         kernel_mode(mode)
@@ -169,8 +173,9 @@ def test_fused_kernel_equals_the_three_step_form(cid, kernel_mode, monkeypatch):
         phases[name] = {k[1] for k in set(RR._kernels) - before if k[2]}
     two = cid.startswith("adamp")  # AdamP: u_once
     assert phases["fused"] == ({"store", "finish"} if two else {"fused"}), phases
+    assert phases["mixed"] == ({"fused"} if two else set()), phases
     assert phases["three"] == {"rows", "update"}, phases
-    for other in ("eager", "three"):
+    for other in ("eager", "mixed", "three"):
         for a, b in zip(res[other], res["fused"]):
             torch.testing.assert_close(a.detach(), b.detach(), rtol=case.tol, atol=case.tol)
 

@@ -305,7 +305,8 @@ def fused_update(
     rule with ``rule.u_once = True`` (``u`` costly to recompute: AdamP's square root and
     division) takes two kernels per tensor instead (see :func:`_fused_factory`): ``store``
     writes the new states and ``u`` and returns the channel sums, ``finish`` reads ``p`` and
-    ``u`` only.
+    ``u`` only.  Tensors over :data:`SCRATCH_MAX` elements take the one kernel (``u``'s buffer
+    stays bounded).
 
     ``layout[i]``: the row count of view ``i``'s ``(rows, cols)`` form (``None``: its local
     rows); a caller that regroups a tensor's elements into other rows gives ``decide`` scalars
@@ -328,11 +329,7 @@ def fused_update(
     dev = views[0].data.device
     inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
     fi = None if found_inf is None else found_inf.to(dev, torch.float32)
-    once = getattr(rule, "u_once", False)
-    if once:
-        store, finish = _kernel(key, "store", True), _kernel(key, "finish", True)
-    else:
-        fused = _kernel(key, "fused", True)
+    u_once = getattr(rule, "u_once", False)
     packs: dict[tuple, Tensor] = {}
     for i, (v, vals) in enumerate(zip(views, scalars)):
         values = tuple([float(vals[n]) for n in names])
@@ -347,17 +344,19 @@ def fused_update(
         p = _as_rows(v.data, rows, cols, copies)
         g = _as_rows(v.grad, rows, cols, [])
         sts = tuple([_as_rows(v.state[n], rows, cols, copies) for n in states])
+        once = u_once and rows * cols <= SCRATCH_MAX
         try:
             if not once:
-                fused(p, g, sts, sc, None, inv, fi)
+                _kernel(key, "fused", True)(p, g, sts, sc, None, inv, fi)
             else:
                 u = _scratch(rows * cols, p.dtype, dev).view(rows, cols)
+                store = _kernel(key, "store", True)
                 stats = store(p, g, sts, sc, _ones(rows, p.dtype, dev), inv, fi, u)
         except Exception as exc:  # noqa: BLE001 - any compile failure: the three-step form
             return _fall_back(key, rule, exc, views, i, found_inf)
         if once:
             try:
-                finish(p, u, stats, sc, fi)
+                _kernel(key, "finish", True)(p, u, stats, sc, fi)
             except Exception as exc:  # noqa: BLE001 - the states are stored: finish it eagerly
                 _kernel(key, "finish", False)(p, u, stats, sc, fi)
                 for t, c in copies:
@@ -391,6 +390,9 @@ def _fall_back(
     return list(range(i, len(views)))
 
 
+#: the largest tensor (elements) whose ``u`` :func:`fused_update` keeps in its scratch buffer
+#: (one per dtype and device, kept across steps); larger ones take the one-kernel form
+SCRATCH_MAX = 1 << 24
 _ONES: dict[tuple, Tensor] = {}
 _SCRATCH: dict[tuple, Tensor] = {}
 
