@@ -47,6 +47,41 @@ def test_pack_rejects_unknown_names():
         R.pack(w2=0.1, beta=0.9)
 
 
+@pytest.mark.parametrize("rows", [16, 17, 31, 32, 45])
+def test_blocked_sum_over_dim_1_is_the_sum(rows):
+    """The blocked sum over dim 1 (compiled calls on >= 16 rows) is the plain sum: every row
+    counted once (whole blocks and the rows past them, whatever ``rows % 16``), non-finite
+    values kept as they are (inf stays inf, NaN stays NaN)."""
+    from distopt.optim._factored import _sum
+
+    x = torch.randn(2, rows, 3, 5, 1, dtype=torch.float64)
+    torch.testing.assert_close(_sum(x, 1, True), x.sum(1, keepdim=True), rtol=1e-12, atol=0)
+    assert torch.equal(_sum(x, 3, True), x.sum(3, keepdim=True))
+    x[0, rows - 1, 0, 0, 0] = float("inf")  # a row past the last whole block (or in it)
+    x[1, 0, 2, 4, 0] = float("nan")
+    got, want = _sum(x, 1, True), x.sum(1, keepdim=True)
+    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got.isnan(), want.isnan())
+
+
+def test_blocked_sum_traces_once_for_every_row_count():
+    """One graph for 16..48 rows: the rows past the last whole block are taken as the last 16
+    rows with a mask, so nothing is specialised on ``rows % 16`` (a slice of that length was
+    specialised on being empty: a second compile of every Adafactor kernel)."""
+    from distopt.optim._factored import _sum
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    f = torch.compile(lambda x: _sum(x * x, 1, True), backend=backend, dynamic=True, fullgraph=True)
+    for rows in (16, 20, 32, 37, 48):
+        x = torch.randn(1, rows, 1, 24, 1)
+        torch.testing.assert_close(f(x), (x * x).sum(1, keepdim=True))
+    assert len(graphs) == 1
+
+
 _MAKERS = {
     "adafactor": lambda p: do.Adafactor(
         p, lr=1e-2, relative_step=False, beta1=0.9, weight_decay=0.01

@@ -39,6 +39,7 @@ from torch import Tensor
 from distopt.optim import _kernel as K
 from distopt.optim._core import ParamView, StepContext
 from distopt.optim._factored import (  # the runner calls the phases by these module names
+    BLOCK,
     SC,
     Layout,
     Options,
@@ -205,9 +206,10 @@ def run(
             continue
         # every statistic local: the whole step in one call
         inv, fi = aux[v.data.device]
+        on = runs_compiled(t["p"])
         lrs[i], *_ = _call(
             step_factored,
-            runs_compiled(t["p"]),
+            on,
             t["p"],
             t["g"],
             t["m"],
@@ -220,6 +222,7 @@ def run(
             dc=lay.dc,
             dr=lay.dr,
             opt=opt,
+            block=on and s5[1] >= BLOCK,  # compiled sums over dim 1 in blocks of rows
         )
     # unfactored units: (view indices, rows per tensor, tensors as (rows, cols))
     units: list[tuple[list[int], int, dict[str, Tensor | None]]] = []
@@ -263,9 +266,10 @@ def run(
                     out[j] = y
     for i, (lay, t) in ts.items():
         inv, fi = aux[views[i].data.device]
+        on = runs_compiled(t["p"])
         r, c, nrm, w, ps = _call(
             stats_factored,
-            runs_compiled(t["p"]),
+            on,
             t["p"],
             t["g"],
             t["r"],
@@ -276,6 +280,7 @@ def run(
             dr=lay.dr,
             row_local=lay.row_local,
             opt=opt,
+            block=on and lay.shape5[1] >= BLOCK,
         )
         rsum[i], csum[i] = (empty if r is None else r), c
         rnorm[i] = empty if nrm is None else nrm
