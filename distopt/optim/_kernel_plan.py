@@ -53,6 +53,7 @@ def run(
     compiled = kern.compiled
     small = K.SMALL
     one: list[tuple[int, bool]] = []  # (view index, flat)
+    flats: list[Any] = []  # per view: its kept flat aliases (see _kept), or None
     groups: dict[tuple, list[int]] = {}
     scs: list[Tensor] = []
     last: tuple[Mapping[str, float] | None, Any] = (None, None)
@@ -74,7 +75,13 @@ def run(
             aux[dev] = (inv, fi)
         scs.append(sc)
         n = data.numel()
-        flat = n >= 2 and _flat_ok(data, v.grad, v.state, states)
+        if compiled and n < small:  # concatenated with others, or its aliases made when alone
+            flat = n >= 2 and v.grad.is_contiguous() and _flat_ok(data, v.state, states)
+            flats.append(None)
+        else:
+            kept = _kept(v, states) if n >= 2 and v.grad.is_contiguous() else None
+            flat = kept is not None
+            flats.append(kept)
         if compiled and flat and n < small:
             gk = (vals, dev, data.dtype, n) if sums else (vals, dev, data.dtype)
             groups.setdefault(gk, []).append(i)
@@ -97,7 +104,7 @@ def run(
     # the flat tensors each concatenated unit is copied back into (after its kernel call)
     dsts: dict[int, _Concat] = {}
     prepared = [
-        _tensors(kind, [views[i] for i in idx], states, flat, dsts, u)
+        _tensors(kind, [views[i] for i in idx], states, flat, dsts, u, flats[idx[0]])
         for u, (kind, idx, flat) in enumerate(units)
     ]
     broken: set[int] = set()  # rows units whose kernel did not compile: run tensor by tensor
@@ -116,11 +123,10 @@ def run(
                 log.debug("distopt: %s: %s", kern.key[0].__name__, exc.__cause__)
                 broken.add(u)
                 _rows[(kern.key, views[idx[0]].data.dtype)] = False
+        alone = [_tensors("one", [views[i]], states, True, {}, 0, flats[i]) for i in idx]
         out = [
-            kern.call(
-                phase, True, *_tensors("one", [views[i]], states, True, {}, 0), sc, s_, inv, fi
-            )
-            for i, s_ in zip(idx, [None] * len(idx) if st is None else st.unbind(0))
+            kern.call(phase, True, *ts, sc, s_, inv, fi)
+            for ts, s_ in zip(alone, [None] * len(idx) if st is None else st.unbind(0))
         ]
         return torch.stack(out) if phase == "sums" else None
 
@@ -179,6 +185,7 @@ def _tensors(
     flat: bool,
     dsts: dict[int, Any],
     u: int,
+    kept: Any = None,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """``(p, g, states)`` of a unit: flat aliases of one tensor, its own tensors (not flat), or
     the concatenation of a group (``rows``: viewed as ``(tensors, elements)``) into the group's
@@ -188,7 +195,8 @@ def _tensors(
         v = group[0]
         if not flat:
             return v.data, v.grad, tuple(v.state[s] for s in states)
-        return _alias(v.param, v.data), _flat(v.grad), tuple(_alias_of(v.state[s]) for s in states)
+        p, sts = kept or _kept(v, states)  # type: ignore[misc]  # the caller checked it is flat
+        return p, _flat(v.grad), sts
     key = (states, kind, tuple([id(v.param) for v in group]))
     c = _concats.get(key)
     if c is None or not c.holds(group, states):
@@ -271,38 +279,57 @@ class _Concat:
         return bufs[0], g, tuple(bufs[1:])
 
 
-#: id(owner) -> (weak reference to owner, data_ptr, shape, dtype, flat alias): the flat aliases
-#: of parameters and states, kept across steps (two tensor ops per tensor and step otherwise);
-#: an entry goes with its owner (weakref callback) and is rebuilt when the tensor's memory,
-#: shape or dtype changed
-_aliases: dict[int, tuple[Any, int, torch.Size, torch.dtype, Tensor]] = {}
+#: (id(parameter), state names) -> (weak reference to the parameter, data_ptr, shape, dtype, flat
+#: alias of its values, its state tensors, their data_ptrs, their flat aliases): the flat aliases
+#: of parameters and states, kept across steps (two tensor ops per tensor and step otherwise,
+#: and the contiguity checks); an entry goes with its parameter (weakref callback) and is rebuilt
+#: when the values' memory, shape, dtype or layout changed or a state tensor was replaced
+_aliases: dict[tuple, tuple] = {}
 
 
-def _alias(owner: Any, t: Tensor) -> Tensor:
-    """:func:`_flat` of ``t`` (the values of ``owner``: a parameter, or ``t`` itself), cached."""
-    key = id(owner)
+def _kept(v: ParamView, states: tuple[str, ...]) -> tuple[Tensor, tuple[Tensor, ...]] | None:
+    """Flat aliases ``(values, states)`` of a view's parameter values and ``states``, kept
+    across steps (see ``_aliases``), or ``None`` where they cannot be flattened (a
+    non-contiguous tensor, a state not shaped like the values)."""
+    data, st, key = v.data, v.state, (id(v.param), states)
     e = _aliases.get(key)
     if (
         e is not None
-        and e[0]() is owner
-        and e[1] == t.data_ptr()
-        and e[2] == t.shape
-        and e[3] == t.dtype
+        and e[0]() is v.param
+        and e[1] == data.data_ptr()
+        and e[2] == data.shape
+        and e[3] == data.dtype
+        and data.is_contiguous()
     ):
-        return e[4]
-    a = _flat(t)
-    _aliases[key] = (
-        weakref.ref(owner, lambda _, k=key: _aliases.pop(k, None)),
-        t.data_ptr(),
-        t.shape,
-        t.dtype,
-        a,
-    )
-    return a
+        shape = e[2]
+        for s, t, ptr in zip(states, e[5], e[6]):
+            t2 = st[s]
+            if t2 is not t or t2.data_ptr() != ptr or t2.shape != shape or not t2.is_contiguous():
+                break
+        else:
+            return e[4], e[7]
+    if not data.is_contiguous():
+        return None
+    ts = tuple(st[s] for s in states)
+    if any(not t.is_contiguous() or t.shape != data.shape for t in ts):
+        return None
+    p, sts = _flat(data), tuple(_flat(t) for t in ts)
+    ref = weakref.ref(v.param, lambda _, k=key: _aliases.pop(k, None))
+    ptrs = tuple(t.data_ptr() for t in ts)
+    _aliases[key] = (ref, data.data_ptr(), data.shape, data.dtype, p, ts, ptrs, sts)
+    return p, sts
 
 
-def _alias_of(t: Tensor) -> Tensor:
-    return _alias(t, t)
+def _flat_ok(data: Tensor, state: Mapping[str, Tensor], states: tuple[str, ...]) -> bool:
+    """Whether ``data`` and its ``states`` can be flattened (what :func:`_kept` requires)."""
+    if not data.is_contiguous():
+        return False
+    shape = data.shape
+    for s in states:
+        t = state[s]
+        if not t.is_contiguous() or t.shape != shape:
+            return False
+    return True
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -312,20 +339,7 @@ def _flat(t: Tensor) -> Tensor:
     3- and 4-d parameters would each compile the kernel again; ``detach()`` of the flat view
     has no base (and still shares the version counter: in-place writes stay visible).
     """
-    return t.view(-1).detach()
-
-
-def _flat_ok(
-    data: Tensor, grad: Tensor, state: Mapping[str, Tensor], states: tuple[str, ...]
-) -> bool:
-    if not (data.is_contiguous() and grad.is_contiguous()):
-        return False
-    shape = data.shape
-    for s in states:
-        t = state[s]
-        if not t.is_contiguous() or t.shape != shape:
-            return False
-    return True
+    return t.detach() if t.dim() == 1 else t.view(-1).detach()
 
 
 # --------------------------------------------------------------------------- rows: the probe
