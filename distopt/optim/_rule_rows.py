@@ -11,9 +11,13 @@ express.  This module runs the same kind of rule over each parameter viewed as
   kernel per rule);
 * :func:`update_rows`: ``rule(p * factor, g, st, s)`` with one ``factor`` per row (a
   ``(rows, 1)`` tensor, broadcast inside the kernel), the results written in place as
-  :func:`~distopt.optim._kernel.apply` does: one read and one write of each tensor.
+  :func:`~distopt.optim._kernel.apply` does: one read and one write of each tensor;
+* :func:`fused_update` (unsharded tensors, compiled): both without the reduction across ranks
+  in between, in one kernel per tensor, or in two for a rule whose ``u`` is costly to
+  recompute (``rule.u_once``: AdamP): ``store`` (states and ``u`` written, channel sums
+  returned) and ``finish`` (``p`` from ``p`` and ``u``).
 
-Both compile with ``torch.compile(dynamic=True, fullgraph=True)`` (through
+All compile with ``torch.compile(dynamic=True, fullgraph=True)`` (through
 :func:`distopt.optim._kernel.compiled_kernel`: repeated calls skip dynamo) under the same mode
 switch as :mod:`distopt.optim._kernel` (``DISTOPT_KERNELS``), fall back to the same function run
 eagerly (in row chunks) where compiling is not possible or fails, and honour
