@@ -82,6 +82,35 @@ def test_blocked_sum_traces_once_for_every_row_count():
     assert len(graphs) == 1
 
 
+def test_parameter_rms_statistics_are_compiled_with_the_fusion_option(monkeypatch):
+    """transformers/timm Adafactor's statistics kernels (the sums of p^2 beside those of g^2)
+    are compiled with inductor's score_fusion_memory_threshold lowered, so the two loops fuse;
+    Big Vision's and the other phases keep the runner's options."""
+    from distopt.optim._factored import Options
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, fn, backend, options, hoist):
+            seen.append(dict(options or {}))
+
+    monkeypatch.setattr(K, "Compiled", Recorder)
+    monkeypatch.setattr(K, "BACKEND", "inductor")
+    monkeypatch.setattr(R, "_kernels", {})
+    flags = dict(scale=True, clip=True, momentum=False, caution=False, decay=True)
+    hf, bv = Options("hf", True, **flags), Options("bv", False, **flags)
+    for fn, opt, fused in (
+        (R.step_factored, hf, True),
+        (R.stats_factored, hf, True),
+        (R.apply_factored, hf, False),
+        (R.step_factored, bv, False),
+    ):
+        R._kernel(fn, True, (("dc", 1), ("dr", 3), ("opt", opt)))
+        got = seen[-1].get("score_fusion_memory_threshold")
+        assert got == (0 if fused else None), (fn.__name__, opt.flavour, got)
+        assert seen[-1]["cpp.dynamic_threads"] is True  # the runner's own options kept
+
+
 _MAKERS = {
     "adafactor": lambda p: do.Adafactor(
         p, lr=1e-2, relative_step=False, beta1=0.9, weight_decay=0.01

@@ -234,9 +234,17 @@ def stats_factored(
     in blocks of rows (see :func:`_sum`)."""
     g = _grad(g, inv)
     gsq = g * g
-    csum = _sum(gsq, dc, block)
-    rsum = _sum(gsq, dr, block)
-    psq = _total(p * p) if opt.psq else None
+    psq = g3 = None
+    if opt.psq:
+        # The sum of p^2 and the sums of g^2 over dim 3 have the same (rows, cols) loop, but
+        # inductor fuses two loops only when they share a read (the runner lowers the amount
+        # it asks for to any, see _rule_factored.fusion_options): both are multiplied by an
+        # exact 1.0 from the scalar pack (x * 1.0 == x for every float, -0, inf and NaN too),
+        # so p and g are read in one loop instead of two.
+        one = sc[SC["numel"]] / sc[SC["numel"]]  # numel >= 1
+        psq, g3 = _total(p * p * one), gsq * one
+    csum = _sum(g3 if g3 is not None and dc == 3 else gsq, dc, block)
+    rsum = _sum(g3 if g3 is not None and dr == 3 else gsq, dr, block)
     if not row_local:
         return rsum, csum, None, None, psq
     new_row = _ema(row, rsum / sc[SC["n_r"]] + sc[SC["eps"]], sc, opt.flavour)
