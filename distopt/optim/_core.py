@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from distopt._dtensor import is_dtensor, local_and_sharding, local_tensor
+from distopt._dtensor import dtensor_type, is_dtensor, local_and_sharding, local_tensor
 from distopt._torch_private import version_of
 from distopt.optim._hyper import HyperSpec, check_betas, check_lr, check_nonneg
 
@@ -338,39 +338,54 @@ class DistOptimizer(Optimizer):
 
     def _views(self, group: dict[str, Any]) -> list[ParamView]:
         views: list[ParamView] = []
+        # looked up once per group, not per parameter (the loop runs for every parameter and
+        # step: a few microseconds each of host time that a memory-bound step pays in full)
+        dt = dtensor_type()
+        specs, state_of, sparse_ok = self._shard_specs, self.state, self._sparse_ok
         for p in group["params"]:
-            if p.grad is None:
-                continue
             grad = p.grad
-            spec = self._shard_specs.get(id(p))
+            if grad is None:
+                continue
+            spec = specs.get(id(p))
             pg = None
-            if is_dtensor(p):
+            # ``detached``: ``data`` is a fresh detached alias already (what the view holds);
+            # attributes of a plain tensor also read faster than a Parameter's
+            detached = False
+            if dt is not None and isinstance(p, dt):
                 data, sharded, pg = local_and_sharding(p)
                 grad = local_tensor(grad)
                 shape = p.shape
             elif spec is not None:
-                data, shape, sharded, pg = p, spec.shape, True, spec.group
+                data, detached = p.detach(), True
+                shape, sharded, pg = spec.shape, True, spec.group
             else:
-                data, shape, sharded = p, p.shape, False
-            if grad.is_sparse and not self._sparse_ok:
+                data, detached, sharded = p.detach(), True, False
+                shape = data.shape
+            sparse = grad.is_sparse
+            if sparse and not sparse_ok:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             if data.dim() == 0:
                 # A 0-dim parameter is seen as one row everywhere (as under ZeRO), so its
                 # parameter-shaped state is 1-D in every mode and checkpoints are mode-free.
-                data = data.view(1)
+                data, detached = data.view(1), False
                 grad = grad.reshape(1)
-            state = self.state[p]
+            state = state_of[p]
             write_back = None
             if data.dtype in _LOW_PRECISION:
                 write_back = data
                 data = self._master(p, data.detach(), state, managed=spec is not None)
+                detached = False
                 grad = grad.float()
-            if not grad.is_sparse and grad.shape == data.shape and grad.stride() != data.stride():
+            if not sparse and grad.shape == data.shape and grad.stride() != data.stride():
                 # Fused kernels (torch._fused_adamw_) walk parameter and gradient memory in one
                 # order and silently mix elements when the layouts differ (e.g. a transposed
                 # parameter's ZeRO shard with a gradient sliced from a contiguous flat bucket).
                 grad = torch.empty_like(data).copy_(grad)
-            views.append(ParamView(p, data.detach(), grad, torch.Size(shape), sharded, state, write_back, pg))
+            if type(shape) is not torch.Size:
+                shape = torch.Size(shape)
+            if not detached:
+                data = data.detach()
+            views.append(ParamView(p, data, grad, shape, sharded, state, write_back, pg))
         return views
 
     @torch.no_grad()
@@ -468,8 +483,11 @@ class DistOptimizer(Optimizer):
     def _step_groups(self, groups: list[tuple[dict[str, Any], list[ParamView]]], ctx: StepContext) -> None:
         """Update every group; optimizers with cross-group statistics override this."""
         for group, views in groups:
+            wrapped = len(WRAPPER_STATE_KEYS)
             for v in views:
-                if not v.state.keys() - WRAPPER_STATE_KEYS:
+                # a state with more keys than the wrapper keys has state of its own: no set
+                # difference per parameter and step
+                if len(v.state) <= wrapped and not v.state.keys() - WRAPPER_STATE_KEYS:
                     self._init_state(group, v)
             self._update(group, views, ctx)
 
