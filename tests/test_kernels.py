@@ -463,8 +463,10 @@ def test_kept_concatenations_follow_replaced_tensors(kernel_mode, monkeypatch):
     """Small tensors are concatenated into buffers kept across steps and written back through
     flat views made once: a state replaced by a new tensor, a state given new memory in place
     (``set_``), a parameter given new memory (``p.data = ...``) are updated (eager's numbers),
-    one graph serves every step, and the buffers go with the parameters."""
+    one graph serves every step, and the buffers go with the parameters or the states (an
+    optimizer dropped while its parameters live leaves none of its state behind)."""
     import gc
+    import weakref
 
     import distopt.optim as do
 
@@ -502,6 +504,18 @@ def test_kept_concatenations_follow_replaced_tensors(kernel_mode, monkeypatch):
     del opt, params, p, before, after, sq
     gc.collect()
     assert len(P._concats) == kept, "kept concatenations outlived their parameters"
+    # an optimizer dropped while its parameters live: its states are not kept by the caches
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [*shapes, (300, 130)]]
+    opt = do.Adan(params, lr=1e-2)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    states = [weakref.ref(t) for p in params for t in opt.state[p].values()]
+    del opt
+    gc.collect()
+    assert not [r for r in states if r() is not None], "the caches kept a dropped optimizer's state"
+    assert len(P._concats) == kept
 
 
 # --------------------------------------------------------------------------- direct calls

@@ -232,7 +232,8 @@ class _Concat:
     them back through flat views of the parameters and states made once.  Valid while every
     view's parameter, its memory (address, shape, dtype) and its state tensors (identity and
     address) are the ones it was made from (:meth:`holds`); rebuilt otherwise, dropped when a
-    parameter goes (weak references).
+    parameter or a state tensor goes (weak references: an optimizer's states are not kept alive
+    by this cache once the optimizer or its state is gone).
     """
 
     def __init__(
@@ -240,13 +241,14 @@ class _Concat:
     ) -> None:
         if len(_concats) >= _MAX_CONCATS:
             _concats.clear()
-        self.owners = [weakref.ref(v.param, lambda _, k=key: _concats.pop(k, None)) for v in group]
+        drop = _dropper(_concats, key)
+        self.owners = [weakref.ref(v.param, drop) for v in group]
         self.ptrs = [(v.data.data_ptr(), v.data.shape, v.data.dtype) for v in group]
-        self.states = [[v.state[s] for v in group] for s in states]
-        self.sptrs = [[t.data_ptr() for t in col] for col in self.states]
-        self.flats = [[_flat1(v.data) for v in group]] + [
-            [_flat1(t) for t in col] for col in self.states
-        ]
+        cols = [[v.state[s] for v in group] for s in states]
+        self.states = [[weakref.ref(t, drop) for t in col] for col in cols]
+        self.sptrs = [[t.data_ptr() for t in col] for col in cols]
+        # flat aliases without a base (a view would keep its base, the state, alive)
+        self.flats = [[_flat(v.data) for v in group]] + [[_flat(t) for t in col] for col in cols]
         self.sizes = [t.numel() for t in self.flats[0]]
         self.rows = len(group) if rows else 0
         self.flatbufs = bufs = [torch.cat(col) for col in self.flats]
@@ -264,7 +266,7 @@ class _Concat:
         for s, col, ptrs in zip(states, self.states, self.sptrs):
             for v, t, ptr in zip(group, col, ptrs):
                 t2 = v.state[s]
-                if t2 is not t or t2.data_ptr() != ptr:
+                if t() is not t2 or t2.data_ptr() != ptr:
                     return False
         return True
 
@@ -280,10 +282,11 @@ class _Concat:
 
 
 #: (id(parameter), state names) -> (weak reference to the parameter, data_ptr, shape, dtype, flat
-#: alias of its values, its state tensors, their data_ptrs, their flat aliases): the flat aliases
-#: of parameters and states, kept across steps (two tensor ops per tensor and step otherwise,
-#: and the contiguity checks); an entry goes with its parameter (weakref callback) and is rebuilt
-#: when the values' memory, shape, dtype or layout changed or a state tensor was replaced
+#: alias of its values, weak references to its state tensors, their data_ptrs, their flat
+#: aliases): the flat aliases of parameters and states, kept across steps (two tensor ops per
+#: tensor and step otherwise, and the contiguity checks); an entry goes with its parameter or
+#: any of its state tensors (weakref callbacks) and is rebuilt when the values' memory, shape,
+#: dtype or layout changed or a state tensor was replaced
 _aliases: dict[tuple, tuple] = {}
 
 
@@ -304,7 +307,7 @@ def _kept(v: ParamView, states: tuple[str, ...]) -> tuple[Tensor, tuple[Tensor, 
         shape = e[2]
         for s, t, ptr in zip(states, e[5], e[6]):
             t2 = st[s]
-            if t2 is not t or t2.data_ptr() != ptr or t2.shape != shape or not t2.is_contiguous():
+            if t() is not t2 or t2.data_ptr() != ptr or t2.shape != shape or not t2.is_contiguous():
                 break
         else:
             return e[4], e[7]
@@ -314,10 +317,17 @@ def _kept(v: ParamView, states: tuple[str, ...]) -> tuple[Tensor, tuple[Tensor, 
     if any(not t.is_contiguous() or t.shape != data.shape for t in ts):
         return None
     p, sts = _flat(data), tuple(_flat(t) for t in ts)
-    ref = weakref.ref(v.param, lambda _, k=key: _aliases.pop(k, None))
+    drop = _dropper(_aliases, key)
+    refs = tuple(weakref.ref(t, drop) for t in ts)
     ptrs = tuple(t.data_ptr() for t in ts)
-    _aliases[key] = (ref, data.data_ptr(), data.shape, data.dtype, p, ts, ptrs, sts)
+    ref = weakref.ref(v.param, drop)
+    _aliases[key] = (ref, data.data_ptr(), data.shape, data.dtype, p, refs, ptrs, sts)
     return p, sts
+
+
+def _dropper(cache: dict, key: Any) -> Callable[[Any], None]:
+    """A weakref callback that removes ``key`` from ``cache``."""
+    return lambda _: cache.pop(key, None)
 
 
 def _flat_ok(data: Tensor, state: Mapping[str, Tensor], states: tuple[str, ...]) -> bool:
