@@ -723,3 +723,23 @@ def test_compiled_direct_calls_return_tuples_and_rules_may_keep_their_scalar_mat
         k = K.Compiled(K._named(_scalar_heavy, f"scalar_heavy_{hoist}"), counting, None, hoist)
         k(torch.randn(30), torch.randn(30), (torch.randn(30),), sc3, None, None, None)
     assert seen == [0, 4]
+
+
+def test_compiled_kernel_merges_per_kernel_options(monkeypatch):
+    """``compiled_kernel(fn, options=...)``: the kernel's inductor options are the runner's
+    with the given ones merged over them (for that kernel only); not used with another
+    backend; anything but a mapping is refused with a clear error."""
+    got = []
+    monkeypatch.setattr(K, "Compiled", lambda fn, backend, options, hoist: got.append(options))
+    monkeypatch.setattr(K, "BACKEND", "inductor")
+    K.compiled_kernel(_axpy)
+    K.compiled_kernel(_axpy, options={"score_fusion_memory_threshold": 0, "cpp.vec_isa_ok": False})
+    base = {**K.COMPILE_OPTIONS, **K._precision_option()}
+    assert got[0] == base
+    assert got[1] == {**base, "score_fusion_memory_threshold": 0, "cpp.vec_isa_ok": False}
+    assert K.COMPILE_OPTIONS["cpp.vec_isa_ok"] is True  # the runner's own options untouched
+    monkeypatch.setattr(K, "BACKEND", _CountingBackend())
+    K.compiled_kernel(_axpy, options={"score_fusion_memory_threshold": 0})
+    assert got[2] is None
+    with pytest.raises(TypeError, match="options must be a mapping"):
+        K.compiled_kernel(_axpy, options=[("score_fusion_memory_threshold", 0)])

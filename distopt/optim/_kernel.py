@@ -236,12 +236,23 @@ def _store(outs: Iterable[tuple[Tensor, Tensor]], found_inf: Tensor | None) -> N
         dst.copy_(val)
 
 
-def compiled_kernel(fn: Callable[..., Any], hoist: bool = True) -> Callable[..., Any]:
+def compiled_kernel(
+    fn: Callable[..., Any], hoist: bool = True, options: Mapping[str, Any] | None = None
+) -> Callable[..., Any]:
     """``fn`` compiled with the runner's backend and options (see :class:`Compiled`);
     ``hoist=False``: its per-call scalar maths is left where the graph has it (no
-    ``_kernel_compile._hoist_scalars``)."""
-    options = {**COMPILE_OPTIONS, **_precision_option()} if BACKEND == "inductor" else None
-    return Compiled(fn, BACKEND, options, hoist)
+    ``_kernel_compile._hoist_scalars``); ``options``: inductor options for this kernel only,
+    merged over the runner's (``COMPILE_OPTIONS``, ``emulate_precision_casts``); not used with
+    another backend (``BACKEND`` a callable or another name)."""
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(
+            f"compiled_kernel: options must be a mapping of inductor option names to values "
+            f"or None, got {type(options).__name__}"
+        )
+    merged = None
+    if BACKEND == "inductor":
+        merged = {**COMPILE_OPTIONS, **_precision_option(), **(options or {})}
+    return Compiled(fn, BACKEND, merged, hoist)
 
 
 @functools.cache
