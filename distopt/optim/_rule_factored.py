@@ -92,6 +92,15 @@ def fusion_options(fn: Callable[..., Any], opts: dict[str, Any]) -> dict[str, An
     return {k: v for k, v in FUSION_OPTIONS.items() if k in known}
 
 
+def _blocks(compiled: bool, rows: int, opt: Options) -> bool:
+    """Whether a call's sums over dim 1 run in blocks of rows (``_factored._sum``): compiled
+    calls on at least :data:`~distopt.optim._factored.BLOCK` rows of transformers/timm
+    Adafactor.  Not Big Vision's: with blocks its ViT-S step took x0.87 the time but its cold
+    compile ~25% more CPU (first step 16.3 -> 20.4 s CPU under load), which would take its idle
+    cold first step (13.2 s) past the 15 s target."""
+    return compiled and rows >= BLOCK and opt.flavour == "hf"
+
+
 def _kernel(
     fn: Callable[..., Any], compiled: bool, opts: tuple[tuple[str, Any], ...]
 ) -> Callable[..., Any]:
@@ -249,7 +258,7 @@ def run(
             dc=lay.dc,
             dr=lay.dr,
             opt=opt,
-            block=on and s5[1] >= BLOCK,  # compiled sums over dim 1 in blocks of rows
+            block=_blocks(on, s5[1], opt),
         )
     # unfactored units: (view indices, rows per tensor, tensors as (rows, cols))
     units: list[tuple[list[int], int, dict[str, Tensor | None]]] = []
@@ -307,7 +316,7 @@ def run(
             dr=lay.dr,
             row_local=lay.row_local,
             opt=opt,
-            block=on and lay.shape5[1] >= BLOCK,
+            block=_blocks(on, lay.shape5[1], opt),
         )
         rsum[i], csum[i] = (empty if r is None else r), c
         rnorm[i] = empty if nrm is None else nrm
