@@ -116,12 +116,7 @@ def _kernel(
         # per code object, so the kernels never evict each other
         k = K._named(kernel, f"distopt_{fn.__name__}")
         if compiled:  # _kernel's backend and options; repeated calls skip dynamo
-            extra = fusion_options(fn, kw) if K.BACKEND == "inductor" else {}
-            if extra:  # _kernel's options and these (what compiled_kernel builds, plus extra)
-                options = {**K.COMPILE_OPTIONS, **K._precision_option(), **extra}
-                k = K.Compiled(k, K.BACKEND, options, True)
-            else:
-                k = K.compiled_kernel(k)
+            k = K.compiled_kernel(k, options=fusion_options(fn, kw) or None)
         _kernels[key] = k
     return k
 
