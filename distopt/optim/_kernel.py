@@ -256,6 +256,17 @@ def compiled_kernel(
 
 
 @functools.cache
+def inductor_options() -> frozenset[str]:
+    """The option names this torch's inductor lists (``torch._inductor.list_options``, the list
+    ``torch.compile``'s docstring names; empty without inductor), looked up once."""
+    try:
+        from torch._inductor import list_options
+    except ImportError:  # pragma: no cover - no inductor in this torch
+        return frozenset()
+    return frozenset(list_options())
+
+
+@functools.cache
 def _precision_option() -> dict[str, bool]:
     """Inductor's ``emulate_precision_casts``, where this torch lists it (looked up at the first
     compiled kernel, not at import).  Without it inductor drops a rounding to a low-precision
@@ -264,11 +275,9 @@ def _precision_option() -> dict[str, bool]:
     in the last place off eager's in ~40% of its elements after 4 steps (with it: 0.02%, the
     float32 differences any compiled kernel has).  The option acts only on casts to a
     low-precision dtype."""
-    try:
-        from torch._inductor import list_options  # the list torch.compile's docstring names
-    except ImportError:  # pragma: no cover - no inductor in this torch
-        return {}
-    return {"emulate_precision_casts": True} if "emulate_precision_casts" in list_options() else {}
+    return (
+        {"emulate_precision_casts": True} if "emulate_precision_casts" in inductor_options() else {}
+    )
 
 
 def _named(fn: Callable[..., Any], name: str) -> Callable[..., Any]:

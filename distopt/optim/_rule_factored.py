@@ -84,11 +84,7 @@ def fusion_options(fn: Callable[..., Any], opts: dict[str, Any]) -> dict[str, An
     opt = opts.get("opt")
     if fn not in (step_factored, stats_factored) or opt is None or not opt.psq:
         return {}
-    try:
-        from torch._inductor import list_options
-    except ImportError:  # pragma: no cover - no inductor in this torch
-        return {}
-    known = set(list_options())
+    known = K.inductor_options()
     return {k: v for k, v in FUSION_OPTIONS.items() if k in known}
 
 
