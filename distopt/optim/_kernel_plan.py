@@ -311,11 +311,9 @@ def _kept(v: ParamView, states: tuple[str, ...]) -> tuple[Tensor, tuple[Tensor, 
                 break
         else:
             return e[4], e[7]
-    if not data.is_contiguous():
+    if not _flat_ok(data, st, states):
         return None
     ts = tuple(st[s] for s in states)
-    if any(not t.is_contiguous() or t.shape != data.shape for t in ts):
-        return None
     p, sts = _flat(data), tuple(_flat(t) for t in ts)
     drop = _dropper(_aliases, key)
     refs = tuple(weakref.ref(t, drop) for t in ts)
