@@ -135,13 +135,13 @@ def test_grad_sq_sums_are_the_squared_norms(threads, monkeypatch):
     assert torch.equal(s, torch.linalg.vector_norm(low).float().square())
 
 
-def test_lamb_clip_norm_of_large_gradients_equals_timm(one_thread):
-    """Lamb (eager, clipping active: ||g|| ~ 400 >> max_grad_norm) on a tensor whose clip-norm
-    share comes from a dot and one from _foreach_norm equals timm's Lamb.  A large eps makes the
-    update depend on the clip factor (with a tiny one Lamb is almost invariant to it)."""
+def _equals_timm(name: str, ours_cls, timm_cls: str, kw: dict, grad_of) -> None:
+    """``ours_cls`` (eager) and timm's ``timm_cls`` from module ``name``, both built with ``kw``,
+    on a 40000-element tensor (its sums of squares from a dot) and a (30, 10) one (from
+    ``_foreach_norm``): equal after 3 steps whose gradients are ``grad_of(shape, step)``."""
     from tests.references import load_timm_optim
 
-    mod = load_timm_optim("lamb")
+    mod = load_timm_optim(name)
     if mod is None:
         pytest.skip("timm not installed")
     torch.manual_seed(0)
@@ -150,12 +150,11 @@ def test_lamb_clip_norm_of_large_gradients_equals_timm(one_thread):
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     K.set_mode("eager")
     try:
-        kw = dict(lr=1e-2, eps=1e-2, weight_decay=0.05, max_grad_norm=1.0)
-        a = do.Lamb(ours, **kw)
-        b = mod.Lamb(ref, **kw)
-        for _ in range(3):
+        a = ours_cls(ours, **kw)
+        b = getattr(mod, timm_cls)(ref, **kw)
+        for step in range(3):
             for p, q in zip(ours, ref):
-                p.grad = torch.randn(p.shape) * 2.0
+                p.grad = grad_of(p.shape, step)
                 q.grad = p.grad.clone()
             a.step()
             b.step()
@@ -163,33 +162,26 @@ def test_lamb_clip_norm_of_large_gradients_equals_timm(one_thread):
         K.set_mode(None)
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_lamb_clip_norm_of_large_gradients_equals_timm(one_thread):
+    """Lamb (eager, clipping active: ||g|| ~ 400 >> max_grad_norm) on a tensor whose clip-norm
+    share comes from a dot and one from _foreach_norm equals timm's Lamb.  A large eps makes the
+    update depend on the clip factor (with a tiny one Lamb is almost invariant to it)."""
+    kw = dict(lr=1e-2, eps=1e-2, weight_decay=0.05, max_grad_norm=1.0)
+    _equals_timm("lamb", do.Lamb, "Lamb", kw, lambda shape, step: torch.randn(shape) * 2.0)
 
 
 def test_nvnovograd_norms_of_large_gradients_equal_timm(one_thread):
     """NvNovoGrad (eager) on a tensor whose ||g||^2 comes from a dot (squared_norms) and one from
     _foreach_norm equals timm's NvNovoGrad (the update divides g by sqrt of that sum; gradients
     with few non-zeros and a large lr make a wrong sum visible above the tolerance)."""
-    from tests.references import load_timm_optim
 
-    mod = load_timm_optim("nvnovograd")
-    if mod is None:
-        pytest.skip("timm not installed")
-    torch.manual_seed(0)
-    shapes = [(40000,), (30, 10)]
-    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    K.set_mode("eager")
-    try:
-        a = do.NvNovoGrad(ours, lr=0.1, weight_decay=0.05)
-        b = mod.NvNovoGrad(ref, lr=0.1, weight_decay=0.05)
-        for step in range(3):
-            for p, q in zip(ours, ref):
-                p.grad = torch.randn(p.shape) * (step + 1.0)
-                p.grad.view(-1)[100:] = 0.0
-                q.grad = p.grad.clone()
-            a.step()
-            b.step()
-    finally:
-        K.set_mode(None)
-    for p, q in zip(ours, ref):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-5)
+    def grad_of(shape, step):
+        g = torch.randn(shape) * (step + 1.0)
+        g.view(-1)[100:] = 0.0
+        return g
+
+    _equals_timm(
+        "nvnovograd", do.NvNovoGrad, "NvNovoGrad", dict(lr=0.1, weight_decay=0.05), grad_of
+    )
