@@ -185,3 +185,112 @@ def test_nvnovograd_norms_of_large_gradients_equal_timm(one_thread):
     _equals_timm(
         "nvnovograd", do.NvNovoGrad, "NvNovoGrad", dict(lr=0.1, weight_decay=0.05), grad_of
     )
+
+
+@pytest.fixture
+def native(monkeypatch):
+    """The native sum-of-squares loop (distopt/optim/_sqsum.py) built (compiled mode) and then
+    used whatever the kernel mode; skipped where it cannot be built."""
+    from distopt.optim import _sqsum
+
+    K.set_mode("compile")
+    try:
+        ok = _sqsum.available()
+    finally:
+        K.set_mode(None)
+    if not ok:
+        pytest.skip("the native sum-of-squares loop cannot be built here")
+    monkeypatch.setattr(_sqsum, "available", lambda: True)
+    return _sqsum
+
+
+def test_native_sq_sums_are_the_float64_sums(native):
+    """Every size (empty, under one block, one block of 8 x 16, odd tails, large): the float64
+    sum of squares; what the loop cannot read (other dtypes, strided, not a tensor) is refused."""
+    torch.manual_seed(0)
+    xs = [torch.randn(n) * 3.0 for n in (0, 1, 5, 127, 128, 129, 1000, 40003)]
+    xs.append(torch.randn(64, 513))
+    xs.append(torch.randn(10, 20)[2:5])  # a contiguous slice: its own offset
+    got = native.sq_sums(xs)
+    assert got.dtype == torch.float64 and got.shape == (len(xs),)
+    want = torch.stack([x.double().square().sum() for x in xs])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+    for bad in (torch.randn(8).to(torch.bfloat16), torch.randn(8, 2)[:, 0], [1.0]):
+        with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
+            native.sq_sums([torch.randn(4), bad])
+
+
+def test_grad_sq_sums_take_the_native_loop_for_what_it_reads(native, monkeypatch):
+    """grad_sq_sums with the native loop: one call for the float32 contiguous gradients, the
+    others as before (here: a strided and a bfloat16 one), every sum in its place."""
+    from distopt.optim._rule_trust import grad_norm, grad_sq_sums
+
+    torch.manual_seed(1)
+    grads = [torch.randn(40000), torch.randn(600, 2)[:, 0], torch.randn(300) * 2.0]
+    grads.append(torch.randn(77).to(torch.bfloat16))
+    calls = []
+    real = native._sums
+    monkeypatch.setattr(native, "_sums", lambda ts: calls.append(len(ts)) or real(ts))
+    got = grad_sq_sums(grads, torch.float64)
+    assert calls == [2], "the two float32 contiguous gradients in one native call"
+    for i, (g, s) in enumerate(zip(grads, got)):
+        assert s.dim() == 0 and s.dtype == torch.float64
+        if i == 3:  # bfloat16: _foreach_norm's norm in bfloat16, squared (as before)
+            assert torch.equal(s, torch.linalg.vector_norm(g).double().square())
+            continue
+        # the native sums are float64 sums of the squares; the strided one a float32 norm
+        want = g.double().square().sum()
+        torch.testing.assert_close(s, want, rtol=1e-12 if i in (0, 2) else 1e-5, atol=0.0)
+
+    class _View:  # what grad_norm reads of a ParamView
+        def __init__(self, g):
+            self.grad, self.sharded = g, False
+
+    views = [_View(g) for g in grads[:1] + grads[2:3]]
+    calls.clear()
+    norm = grad_norm(None, views)
+    assert calls == [2] and norm.dtype == torch.float32
+    want = (grads[0].double().square().sum() + grads[2].double().square().sum()).sqrt()
+    torch.testing.assert_close(norm.double(), want, rtol=1e-6, atol=0.0)
+
+
+def test_lamb_with_the_native_clip_norm_equals_timm(native):
+    """As test_lamb_clip_norm_of_large_gradients_equals_timm, the clip norm from the native loop."""
+    kw = dict(lr=1e-2, eps=1e-2, weight_decay=0.05, max_grad_norm=1.0)
+    _equals_timm("lamb", do.Lamb, "Lamb", kw, lambda shape, step: torch.randn(shape) * 2.0)
+
+
+def test_nvnovograd_with_native_norms_equals_timm(native):
+    """As test_nvnovograd_norms_of_large_gradients_equal_timm, the norms from the native loop."""
+
+    def grad_of(shape, step):
+        g = torch.randn(shape) * (step + 1.0)
+        g.view(-1)[100:] = 0.0
+        return g
+
+    _equals_timm(
+        "nvnovograd", do.NvNovoGrad, "NvNovoGrad", dict(lr=0.1, weight_decay=0.05), grad_of
+    )
+
+
+def test_native_loop_that_cannot_be_built_leaves_the_torch_path(monkeypatch, caplog):
+    """A compiler that fails: one warning, available() False, the norms from torch ops."""
+    from distopt.optim import _sqsum
+    from distopt.optim._rule_trust import grad_sq_sums
+
+    monkeypatch.setattr(_sqsum, "_state", "")
+    monkeypatch.setattr(_sqsum, "_lib", None)
+    monkeypatch.setattr(_sqsum, "_compiler", lambda: "false")  # exits 1 on --version
+    K.set_mode("compile")
+    try:
+        with caplog.at_level("WARNING", logger="distopt.optim._sqsum"):
+            assert not _sqsum.available()
+            assert not _sqsum.available()
+        g = torch.randn(1000)
+        (s,) = grad_sq_sums([g])
+    finally:
+        K.set_mode(None)
+    assert sum("native sum-of-squares" in r.getMessage() for r in caplog.records) == 1
+    torch.testing.assert_close(s.double(), g.double().square().sum(), rtol=1e-5, atol=0.0)
+    with pytest.raises(RuntimeError, match="not available"):
+        _sqsum.sq_sums([g])

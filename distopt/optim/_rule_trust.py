@@ -9,8 +9,9 @@
   costs no pass over memory and no host read.
 * :func:`once`: a per-tensor value of a rule computed once per kernel call, not per vector.
 * :func:`grad_norm`: the global gradient norm (Lamb's clip): one read of every gradient
-  (:func:`grad_sq_sums`: BLAS dots for large ones at 1 thread, one ``_foreach_norm`` for
-  the rest).
+  (:func:`grad_sq_sums`: float32 CPU gradients in one native multi-stream call where it is
+  built (:mod:`distopt.optim._sqsum`), else BLAS dots for large ones at 1 thread, and one
+  ``_foreach_norm`` for the rest).
 * :func:`squared_norms`: whole-tensor sums of squares per tensor, for
   :func:`~distopt.optim._kernel.apply`'s ``stats=`` (Lars' ``||w||^2``, ``||g||^2``;
   NvNovoGrad's ``||g||^2``): BLAS dots and ATen's ``_foreach_norm`` read at memory speed where
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from distopt.optim import _kernel as K
+from distopt.optim import _sqsum
 from distopt.optim._core import ParamView, StepContext
 
 __all__ = [
@@ -94,19 +96,33 @@ DOT_MIN = 1 << 15
 def grad_sq_sums(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> list[Tensor]:
     """``||g||^2`` of each of ``grads`` (0-dim ``dtype`` device tensors, in order).
 
-    At 1 thread, large float32 CPU gradients go through ``torch.dot(g, g)`` (a BLAS dot: it reads
-    ViT-S's 51 large gradients in ~7 ms where ``_foreach_norm``, whose CPU norm kernel runs AVX2
-    code, takes ~9 ms); everything else through one ``_foreach_norm``, its norms squared in
-    ``dtype`` (float64: their exact squares).  Not at more threads: MKL's threaded dot took
-    ~200 ms for the same 51 gradients at 2 threads on a loaded 2-core machine, where the norm
-    kernel stays at ~12 ms; not on CUDA, where ``_foreach_norm`` is one fused multi-tensor
-    kernel.  Dot and norm both accumulate in float32, in different orders: the sums agree to
-    float32 rounding, not bit for bit.
+    Contiguous float32 CPU gradients, where the native loop is available (compiled mode, see
+    :mod:`distopt.optim._sqsum`): all in one call that reads each in 8 streams, summed in
+    float64 (~1.5x the speed of a dot).  Otherwise, at 1 thread, large float32 CPU gradients go
+    through ``torch.dot(g, g)`` (a BLAS dot: it reads ViT-S's 51 large gradients in ~7 ms where
+    ``_foreach_norm``, whose CPU norm kernel runs AVX2 code, takes ~9 ms); everything else
+    through one ``_foreach_norm``, its norms squared in ``dtype`` (float64: their exact
+    squares).  No dots at more threads: MKL's threaded dot took ~200 ms for the same 51
+    gradients at 2 threads on a loaded 2-core machine, where the norm kernel stays at ~12 ms;
+    not on CUDA, where ``_foreach_norm`` is one fused multi-tensor kernel.  The sums agree to
+    float32 rounding across these paths, not bit for bit.
     """
-    dot_ok = torch.get_num_threads() == 1
     out: list[Tensor | None] = [None] * len(grads)
+    rest = list(range(len(grads)))
+    if grads and _sqsum.available():
+        native = [i for i in rest if _sqsum.eligible(grads[i])]
+        if native:
+            sq = _sqsum._sums([grads[i] for i in native]).to(dtype)
+            for i, s in zip(native, sq.unbind(0)):
+                out[i] = s
+            if len(native) == len(grads):
+                return out  # type: ignore[return-value]
+            taken = set(native)
+            rest = [i for i in rest if i not in taken]
+    dot_ok = torch.get_num_threads() == 1
     small: list[int] = []
-    for i, g in enumerate(grads):
+    for i in rest:
+        g = grads[i]
         if (
             dot_ok
             and g.numel() >= DOT_MIN
@@ -127,7 +143,8 @@ def grad_sq_sums(grads: list[Tensor], dtype: torch.dtype = torch.float32) -> lis
 
 
 def grad_norm(ctx: StepContext, views: list[ParamView]) -> Tensor:
-    """The L2 norm of all gradients of ``views`` together, a device tensor (Lamb's clip norm).
+    """The L2 norm of all gradients of ``views`` together, a float32 device tensor (Lamb's clip
+    norm).
 
     One read of every gradient (:func:`grad_sq_sums`) and one sum per process group: the partial
     sums of sharded tensors are added across their group's ranks (one reduction per group),
@@ -136,8 +153,13 @@ def grad_norm(ctx: StepContext, views: list[ParamView]) -> Tensor:
     """
     # last to first: the optimizer then updates first the tensors whose gradients were read
     # last (still in the caches)
-    sq = grad_sq_sums([v.grad for v in reversed(views)])[::-1]
-    if not any(v.sharded for v in views):
+    grads = [v.grad for v in reversed(views)]
+    sharded = any(v.sharded for v in views)
+    if not sharded and _sqsum.available() and all(_sqsum.eligible(g) for g in grads):
+        # the common CPU case: one native call, float64 sums added in float64
+        return _sqsum._sums(grads).sum().sqrt().to(torch.float32)
+    sq = grad_sq_sums(grads)[::-1]
+    if not sharded:
         return torch.stack(sq).sum().sqrt()
     parts: dict[Any, tuple[ParamView, list[Tensor]]] = {}
     for s, v in zip(sq, views):
