@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from distopt.optim import _step_counts
 from distopt.optim._core import ParamView, StepContext
 
 # --------------------------------------------------------------------------- steps, moments
@@ -29,11 +30,11 @@ def columns(views: Sequence[ParamView], *state_names: str) -> tuple[list[Tensor]
 
 
 def advance_steps(views: Sequence[ParamView]) -> list[float]:
-    """Increment each parameter's ``step`` counter and return the new values as floats."""
-    steps = [v.state["step"] for v in views]
-    if steps:
-        torch._foreach_add_(steps, 1.0)
-    return [float(s) for s in steps]
+    """Increment each parameter's ``step`` counter and return the new values as floats.
+
+    The counters of views advanced together are kept as views of one buffer: one op per step
+    and no tensor read per counter (see :mod:`distopt.optim._step_counts`)."""
+    return _step_counts.advance(views)
 
 
 def bias_correction(beta: float, steps: Sequence[float]) -> list[float]:
