@@ -294,3 +294,18 @@ def test_native_loop_that_cannot_be_built_leaves_the_torch_path(monkeypatch, cap
     torch.testing.assert_close(s.double(), g.double().square().sum(), rtol=1e-5, atol=0.0)
     with pytest.raises(RuntimeError, match="not available"):
         _sqsum.sq_sums([g])
+
+
+def test_native_loop_cache_directory(monkeypatch, tmp_path):
+    """$DISTOPT_CACHE_DIR, else inside $TORCHINDUCTOR_CACHE_DIR (a cold inductor cache is a
+    cold native build too), else $XDG_CACHE_HOME/distopt."""
+    from distopt.optim import _sqsum
+
+    monkeypatch.setenv("DISTOPT_CACHE_DIR", str(tmp_path / "a"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "ind"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _sqsum._cache_dir() == str(tmp_path / "a")
+    monkeypatch.delenv("DISTOPT_CACHE_DIR")
+    assert _sqsum._cache_dir() == str(tmp_path / "ind" / "distopt")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert _sqsum._cache_dir() == str(tmp_path / "xdg" / "distopt")
