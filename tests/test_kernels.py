@@ -743,3 +743,47 @@ def test_compiled_kernel_merges_per_kernel_options(monkeypatch):
     assert got[2] is None
     with pytest.raises(TypeError, match="options must be a mapping"):
         K.compiled_kernel(_axpy, options=[("score_fusion_memory_threshold", 0)])
+
+
+def _omp_regions(c: K.Compiled, directs: dict) -> list[str]:
+    """The OpenMP pragma lines of the C++ source of the one graph in ``directs``."""
+    ((graph, _, _),) = directs.values()
+    src = getattr(graph, "source_code", None)
+    if not isinstance(src, str):
+        pytest.skip("this torch's compiled graphs carry no source_code")
+    return [ln.strip() for ln in src.splitlines() if "#pragma omp parallel" in ln]
+
+
+@pytest.mark.skipif(
+    not K._can_compile(torch.device("cpu")), reason="no C++ compiler for torch.compile"
+)
+def test_cpu_kernels_are_built_for_the_thread_count_they_run_at(monkeypatch):
+    """``THREADS_KEYED``: a runner kernel called at 1 and at 2 threads gets one build per count,
+    each on a code object of its own: serial C++ without OpenMP at 1 thread, ``num_threads(2)``
+    regions at 2, the same numbers as eager; with the switch off, the one ``dynamic_threads``
+    build (a bare ``#pragma omp parallel`` that asks OpenMP at every call)."""
+    options = {**K.COMPILE_OPTIONS, **K._precision_option()}
+    c = K.Compiled(K._named(_axpy, "axpy_threads"), "inductor", options)
+    torch.manual_seed(0)
+    p, g, m = torch.randn(5000), torch.randn(5000), torch.randn(5000)
+    sc = torch.tensor([0.5, -2.0], dtype=torch.float64)
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            want_p, want_m = p.clone(), m.clone()
+            want = _axpy(want_p, g, (want_m,), sc, None, None, None)
+            got = c(p, g, (m,), sc, None, None, None)
+            torch.testing.assert_close(got, want)
+            torch.testing.assert_close((p, m), (want_p, want_m))
+        assert sorted(c._per_threads) == [1, 2] and not c._direct
+        assert _omp_regions(c, c._per_threads[1][1]) == []
+        two = _omp_regions(c, c._per_threads[2][1])
+        assert two and all("num_threads(2)" in ln for ln in two)
+        monkeypatch.setattr(K, "THREADS_KEYED", False)
+        c(p, g, (m,), sc, None, None, None)
+        assert sorted(c._per_threads) == [1, 2]
+        dyn = _omp_regions(c, c._direct)
+        assert dyn and not any("num_threads" in ln for ln in dyn)
+    finally:
+        torch.set_num_threads(before)

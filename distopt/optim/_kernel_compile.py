@@ -3,13 +3,16 @@
 :class:`Compiled` is ``torch.compile(fn, dynamic=True, fullgraph=True)`` whose calls after the
 first with each argument signature call the compiled graph directly (no dynamo frame evaluation,
 guards or wrappers per call), and whose backend computes each per-call scalar of the graph once
-per call instead of once per vector of elements (:func:`_hoist_scalars`).  The switches
-``_kernel.DIRECT`` and ``_kernel.HOIST`` turn either off (for comparisons).
+per call instead of once per vector of elements (:func:`_hoist_scalars`), built for the thread
+count each CPU call runs at (:meth:`Compiled._for_threads`).  The switches ``_kernel.DIRECT``,
+``_kernel.HOIST`` and ``_kernel.THREADS_KEYED`` turn each off (for comparisons).
 """
 
 from __future__ import annotations
 
+import functools
 import operator
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -35,8 +38,8 @@ class Compiled:
     signature call that graph directly: its tensor arguments are the caller's (matched by
     identity at the noted call), every other argument (sizes) is a function of the signature.
     Dynamo's guards test only what the signature holds, plus the global state (grad and
-    inference mode are in the signature; the thread count is read by the kernels when they run,
-    see ``COMPILE_OPTIONS``; autocast and the default dtype do not change element-wise maths)
+    inference mode are in the signature; CPU kernels are built per thread count, see
+    ``_kernel.THREADS_KEYED``, or read it when they run, see ``COMPILE_OPTIONS``; autocast and the default dtype do not change element-wise maths)
     and aliasing between inputs (calls whose tensors share memory always
     go through dynamo).  Signatures whose call cannot be mapped so (a graph argument that is no
     caller tensor, an output that is none of the graph's) keep going through dynamo.
@@ -59,6 +62,7 @@ class Compiled:
             inner = _torch_private.inductor_compiler(options)
         self._inner = inner
         self.direct = inner is not None
+        self._fn, self._options = fn, options
         self._dynamo = torch.compile(
             fn,
             dynamic=True,
@@ -68,11 +72,40 @@ class Compiled:
         )
         self._direct: dict[tuple, Any] = {}
         self._noted: list[tuple[Any, tuple]] = []
+        # CPU kernels compiled for the thread count they run at (see ``_kernel.THREADS_KEYED``):
+        # only for inductor built with ``cpp.dynamic_threads`` (the runner's options)
+        self._keyed = (
+            inner is not None and backend == "inductor" and bool(
+                (options or {}).get("cpp.dynamic_threads"))
+        )  # fmt: skip
+        self._per_threads: dict[int, tuple[Any, dict[tuple, Any]]] = {}
 
-    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+    def _for_threads(self, n: int) -> tuple[Any, dict[tuple, Any]]:
+        """The compiled function and direct calls of the kernel built for ``n`` threads: inductor
+        writes ``n`` into the C++ code (no OpenMP at all for 1; ``num_threads(n)`` regions and
+        serial loops of under ``cpp.min_chunk_size`` elements per thread for more) instead of
+        asking OpenMP at every loop.  Its own code object (``<name>_t<n>``): dynamo's cache and
+        recompile limit are per code object, so thread counts never evict each other."""
+        got = self._per_threads.get(n)
+        if got is not None:
+            return got
+        opts = {**(self._options or {}), "cpp.dynamic_threads": False, "cpp.threads": n}
+        inner = _torch_private.inductor_compiler(opts)
+        fn = self._fn
+        if isinstance(fn, types.FunctionType):
+            fn = K._named(fn, f"{fn.__code__.co_name}_t{n}")
+        dynamo = torch.compile(
+            fn, dynamic=True, fullgraph=True, backend=functools.partial(self._compile, inner=inner)
+        )
+        got = self._per_threads[n] = (dynamo, {})
+        return got
+
+    def _compile(
+        self, gm: torch.fx.GraphModule, example_inputs: list[Any], inner: Any = None
+    ) -> Callable[..., Any]:
         if K.HOIST and self.hoist:
             _hoist_scalars(gm)
-        graph = self._inner(gm, example_inputs)  # type: ignore[misc]
+        graph = (inner or self._inner)(gm, example_inputs)  # type: ignore[misc]
         noted = self._noted
 
         def graph_call(*args: Any) -> Any:
@@ -85,8 +118,13 @@ class Compiled:
     def __call__(self, *args: Any) -> Any:
         tensors: list[Tensor] = []
         key = _signature(args, tensors) if K.DIRECT and self.direct else None
+        dynamo, directs = self._dynamo, self._direct
+        if self._keyed and K.THREADS_KEYED:
+            first = tensors[0] if tensors else _first_tensor(args)
+            if first is not None and first.device.type == "cpu":
+                dynamo, directs = self._for_threads(torch.get_num_threads())
         if key is not None:
-            direct = self._direct.get(key)
+            direct = directs.get(key)
             if direct:
                 graph, plan, ret = direct
                 res = graph(*[tensors[a] if a >= 0 else c for a, c in plan])
@@ -94,11 +132,19 @@ class Compiled:
                     return None if ret is None else res[ret]
                 return tuple(None if j is None else res[j] for j in ret)
         self._noted.clear()
-        out = self._dynamo(*args)
-        if key is not None and key not in self._direct:
-            self._direct[key] = _direct_plan(self._noted, tensors, out)
+        out = dynamo(*args)
+        if key is not None and key not in directs:
+            directs[key] = _direct_plan(self._noted, tensors, out)
         self._noted.clear()
         return out
+
+
+def _first_tensor(args: tuple) -> Tensor | None:
+    for a in args:
+        for x in a if isinstance(a, tuple) else (a,):
+            if isinstance(x, Tensor):
+                return x
+    return None
 
 
 def _scalar_value(node: torch.fx.Node) -> Any:
