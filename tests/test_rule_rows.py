@@ -146,11 +146,11 @@ class _Traced:
 @pytest.mark.parametrize("cid", ["adamp", "adamp-project-nesterov", "sgdp"])
 def test_fused_kernel_equals_the_three_step_form(cid, kernel_mode, monkeypatch):
     """Unsharded tensors under compiled kernels take ONE kernel per tensor (channel sums,
-    :func:`local_factors`, the update), or for AdamP (``u_once``) two: ``store`` (the states,
-    ``u`` and the channel sums) and ``finish`` (the factors, ``p`` from ``u``); traced, they
+    :func:`local_factors`, the update): ``fused`` (the update recomputes ``u``), or for AdamP
+    (``u_once``) ``once`` (``u`` computed once for the sums and the update); traced, they
     give the numbers of the three-step form (``row_sums``, ``channel_factors``,
     ``update_rows``, as sharded tensors take) and of eager.  ``mixed``: tensors over
-    ``SCRATCH_MAX`` elements take the one kernel, the others two, in one step."""
+    ``SCRATCH_MAX`` elements take ``fused``, the others ``once``, in one step."""
     from distopt.optim import _rule_rows as RR
 
     monkeypatch.setattr(K, "BACKEND", _Traced())
@@ -172,7 +172,7 @@ def test_fused_kernel_equals_the_three_step_form(cid, kernel_mode, monkeypatch):
         res[name] = p
         phases[name] = {k[1] for k in set(RR._kernels) - before if k[2]}
     two = cid.startswith("adamp")  # AdamP: u_once
-    assert phases["fused"] == ({"store", "finish"} if two else {"fused"}), phases
+    assert phases["fused"] == ({"once"} if two else {"fused"}), phases
     assert phases["mixed"] == ({"fused"} if two else set()), phases
     assert phases["three"] == {"rows", "update"}, phases
     for other in ("eager", "mixed", "three"):
@@ -227,7 +227,7 @@ def test_single_row_tensors_share_the_kernel_and_project_as_one_vector(
         return [p.detach().clone() for p in ps]
 
     fused = run("compile", 0.1)
-    kernels = 2 if name == "AdamP" else 1  # AdamP: store and finish (u_once)
+    kernels = 1  # AdamP's once kernel (u_once), SGDP's fused kernel
     assert backend.graphs == kernels, f"{backend.graphs} graphs: a tensor was not regrouped"
     eager = run("eager", 0.1)
     for a, b in zip(fused, eager):

@@ -266,8 +266,8 @@ def projected_update(
 ) -> None:
     """The projected step of ``views`` (more than one dimension) with ``rule`` (AdamP's or
     SGDP's, see :func:`channel_factors` for ``rates`` / ``steps``): unsharded views under
-    compiled kernels in one kernel per tensor, two for a rule with ``u_once``
-    (:func:`~distopt.optim._rule_rows.fused_update` with :func:`local_factors`), the others in
+    compiled kernels in one kernel per tensor (``u`` computed once for a rule with ``u_once``:
+    :func:`~distopt.optim._rule_rows.fused_update` with :func:`local_factors`), the others in
     three steps: channel sums
     (:func:`~distopt.optim._rule_rows.row_sums`), :func:`channel_factors` (one reduction
     across ranks) and :func:`~distopt.optim._rule_rows.update_rows`."""

@@ -13,9 +13,9 @@ express.  This module runs the same kind of rule over each parameter viewed as
   ``(rows, 1)`` tensor, broadcast inside the kernel), the results written in place as
   :func:`~distopt.optim._kernel.apply` does: one read and one write of each tensor;
 * :func:`fused_update` (unsharded tensors, compiled): both without the reduction across ranks
-  in between, in one kernel per tensor, or in two for a rule whose ``u`` is costly to
-  recompute (``rule.u_once``: AdamP): ``store`` (states and ``u`` written, channel sums
-  returned) and ``finish`` (``p`` from ``p`` and ``u``).
+  in between, in one kernel per tensor; for a rule whose ``u`` is costly to recompute
+  (``rule.u_once``: AdamP) that kernel computes ``u`` once: its first loop writes the states
+  and ``u`` and sums the channels, its last reads ``p`` and ``u`` only.
 
 All compile with ``torch.compile(dynamic=True, fullgraph=True)`` (through
 :func:`distopt.optim._kernel.compiled_kernel`: repeated calls skip dynamo) under the same mode
@@ -54,8 +54,8 @@ def local_rows(view: ParamView) -> int:
 
 
 def _factory(key: tuple, phase: str) -> Callable[..., Any]:
-    if phase in ("store", "finish"):
-        return _fused_factory(key, phase)
+    if phase == "once":
+        return _once_factory(key)
     rule, states, names, options, sums = key[:5]
     decide = key[5] if len(key) > 5 else None
     opts = dict(options)
@@ -90,22 +90,25 @@ def _factory(key: tuple, phase: str) -> Callable[..., Any]:
     return K._named(kernel, f"distopt_{rule.__name__}_{phase}_rows")
 
 
-def _fused_factory(key: tuple, phase: str) -> Callable[..., Any]:
-    """The two kernels of :func:`fused_update`.
+def _once_factory(key: tuple) -> Callable[..., Any]:
+    """:func:`fused_update`'s kernel for a rule with ``u_once``: ``rule(..., phase="rows")``
+    gives the channel products, ``u`` and the new states; the states are stored in place and
+    the channel sums give ``factor = decide(sums, s)`` per row, then ``p <- rule(p * factor,
+    ..., {"u": u}, phase="apply")``.
 
-    ``store``: ``rule(..., phase="rows")`` gives the channel products, ``u`` and the new
-    states; the states are stored in place, ``u`` into ``u_out``, and the channel sums are
-    returned.  Every store is multiplied by ``one`` (exact ones, one per row): the stores then
-    iterate like the row sums, and inductor writes them in the sums' loop (without it the flat
-    stores take a loop of their own, which reads the tensors again).
-    ``finish``: ``factor = decide(sums, s)`` per row, then ``p <- rule(p * factor, ...,
-    {"u": u}, phase="apply")``.  Reads ``p`` and ``u`` only: no second read of the gradient
-    and states, and ``u`` (a square root and a division per element for AdamP) is not
-    computed twice."""
+    The same ``u`` feeds the sums and the update, so inductor computes it once: the first loop
+    (over rows, then columns) reads ``p``, ``g`` and the states, writes the states and ``u``
+    (a buffer of the call) and sums the channels; the last reads ``p`` and ``u`` only and
+    writes ``p``.  One call per tensor (each costs ~0.1-0.2 ms of host work after a loop that
+    streamed megabytes), no second read of the gradient and states, and ``u`` (a square root
+    and a division per element for AdamP) is not computed twice.  Every state store is
+    multiplied by ``one`` (exact ones, one per row): the stores then iterate like the row sums,
+    and inductor writes them in the sums' loop (without it the flat stores take a loop of their
+    own, which reads the tensors again)."""
     rule, states, names, options, sums, decide = key[:6]
     opts = dict(options)
 
-    def store(
+    def kernel(
         p: Tensor,
         g: Tensor,
         sts: tuple[Tensor, ...],
@@ -113,7 +116,6 @@ def _fused_factory(key: tuple, phase: str) -> Callable[..., Any]:
         one: Tensor,
         inv: Tensor | None,
         found_inf: Tensor | None,
-        u_out: Tensor,
     ) -> Tensor:
         if inv is not None:
             g = g * inv
@@ -121,11 +123,7 @@ def _fused_factory(key: tuple, phase: str) -> Callable[..., Any]:
         old = dict(zip(states, sts))
         parts, u, new = rule(p, g, old, s, phase="rows", **opts)
         K._store([(old[k], v * one) for k, v in new.items()], found_inf)
-        u_out.copy_(u * one)
-        return torch.stack([parts[k].sum(dim=1, dtype=torch.float32) for k in sums])
-
-    def finish(p: Tensor, u: Tensor, stats: Tensor, sc: Tensor, found_inf: Tensor | None) -> Tensor:
-        s = dict(zip(names, sc.unbind(0)))
+        stats = torch.stack([parts[k].sum(dim=1, dtype=torch.float32) for k in sums])
         factor = decide(stats, s).to(p.dtype).unsqueeze(1)
         new_p = rule(p * factor, None, {"u": u}, s, phase="apply", **opts)
         K._store([(p, new_p)], found_inf)
@@ -133,8 +131,7 @@ def _fused_factory(key: tuple, phase: str) -> Callable[..., Any]:
         # them again (float64 square roots and divisions) for every element
         return factor
 
-    fn = store if phase == "store" else finish
-    return K._named(fn, f"distopt_{rule.__name__}_{phase}_rows")
+    return K._named(kernel, f"distopt_{rule.__name__}_once_rows")
 
 
 def _kernel(key: tuple, phase: str, compiled: bool) -> Callable[..., Any]:
@@ -305,12 +302,11 @@ def fused_update(
     from the sums of ``rule(..., phase="rows")``'s values named ``sums``), then ``rule(p *
     factor, g, st, s)`` in place.
 
-    By default in ONE kernel per tensor (the second read of each tensor recomputes ``u``).  A
-    rule with ``rule.u_once = True`` (``u`` costly to recompute: AdamP's square root and
-    division) takes two kernels per tensor instead (see :func:`_fused_factory`): ``store``
-    writes the new states and ``u`` and returns the channel sums, ``finish`` reads ``p`` and
-    ``u`` only.  Tensors over :data:`SCRATCH_MAX` elements take the one kernel (``u``'s buffer
-    stays bounded).
+    ONE kernel per tensor: by default its second loop reads each tensor again and recomputes
+    ``u``; for a rule with ``rule.u_once = True`` (``u`` costly to recompute: AdamP's square
+    root and division) the first loop writes ``u`` to a buffer of the call and the second reads
+    ``p`` and ``u`` only (see :func:`_once_factory`).  Tensors over :data:`SCRATCH_MAX` elements
+    take the recomputing form (the buffer for ``u`` stays bounded).
 
     ``layout[i]``: the row count of view ``i``'s ``(rows, cols)`` form (``None``: its local
     rows); a caller that regroups a tensor's elements into other rows gives ``decide`` scalars
@@ -350,22 +346,12 @@ def fused_update(
         sts = tuple([_as_rows(v.state[n], rows, cols, copies) for n in states])
         once = u_once and rows * cols <= SCRATCH_MAX
         try:
-            if not once:
-                _kernel(key, "fused", True)(p, g, sts, sc, None, inv, fi)
+            if once:
+                _kernel(key, "once", True)(p, g, sts, sc, _ones(rows, p.dtype, dev), inv, fi)
             else:
-                u = _scratch(rows * cols, p.dtype, dev).view(rows, cols)
-                store = _kernel(key, "store", True)
-                stats = store(p, g, sts, sc, _ones(rows, p.dtype, dev), inv, fi, u)
+                _kernel(key, "fused", True)(p, g, sts, sc, None, inv, fi)
         except Exception as exc:  # noqa: BLE001 - any compile failure: the three-step form
             return _fall_back(key, rule, exc, views, i, found_inf)
-        if once:
-            try:
-                _kernel(key, "finish", True)(p, u, stats, sc, fi)
-            except Exception as exc:  # noqa: BLE001 - the states are stored: finish it eagerly
-                _kernel(key, "finish", False)(p, u, stats, sc, fi)
-                for t, c in copies:
-                    t.copy_(c.view(t.shape))
-                return _fall_back(key, rule, exc, views, i + 1, found_inf)
         for t, c in copies:
             t.copy_(c.view(t.shape))
     if found_inf is not None:
@@ -394,11 +380,11 @@ def _fall_back(
     return list(range(i, len(views)))
 
 
-#: the largest tensor (elements) whose ``u`` :func:`fused_update` keeps in its scratch buffer
-#: (one per dtype and device, kept across steps); larger ones take the one-kernel form
+#: the largest tensor (elements) for which :func:`fused_update`'s ``u_once`` kernel keeps
+#: ``u`` in a buffer of the call; larger ones take the recomputing form (no tensor-sized
+#: temporary)
 SCRATCH_MAX = 1 << 24
 _ONES: dict[tuple, Tensor] = {}
-_SCRATCH: dict[tuple, Tensor] = {}
 
 
 def _ones(rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -410,17 +396,6 @@ def _ones(rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
             _ONES.clear()
         one = _ONES[k] = torch.ones(rows, 1, dtype=dtype, device=device)
     return one
-
-
-def _scratch(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``n`` elements of the buffer that carries ``u`` from :func:`fused_update`'s ``store``
-    kernel to its ``finish`` kernel: one per dtype and device, as large as the largest tensor
-    it served (kept across steps: no allocation, no fresh pages, per call)."""
-    k = (dtype, device)
-    buf = _SCRATCH.get(k)
-    if buf is None or buf.numel() < n:
-        buf = _SCRATCH[k] = torch.empty(n, dtype=dtype, device=device)
-    return buf[:n]
 
 
 def _take_back(views: Sequence[ParamView], found_inf: Tensor) -> None:

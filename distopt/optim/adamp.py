@@ -166,6 +166,6 @@ def adamp_rule(
     return adamp_rule(p, g, {"u": u}, s, nesterov=nesterov, phase="apply"), new
 
 
-#: u (a square root and a division per element) is stored once by the fused per-channel update
-#: instead of computed again in its second pass (see distopt.optim._rule_rows.fused_update)
+#: u (a square root and a division per element) is computed once by the fused per-channel
+#: update, for the channel sums and the update (see distopt.optim._rule_rows.fused_update)
 adamp_rule.u_once = True  # type: ignore[attr-defined]
