@@ -226,14 +226,23 @@ _MAX_CONCATS = 512
 class _Concat:
     """The concatenation of a group of small tensors, kept across steps.
 
-    Each step the group's parameter, gradient and state values are concatenated into buffers
-    (the parameter's and states' ones kept: the same tensors every step, so the kernel call
-    keeps its argument signature), the kernel updates them, and one ``_foreach_copy_`` writes
-    them back through flat views of the parameters and states made once.  Valid while every
-    view's parameter, its memory (address, shape, dtype) and its state tensors (identity and
-    address) are the ones it was made from (:meth:`holds`); rebuilt otherwise, dropped when a
-    parameter or a state tensor goes (weak references: an optimizer's states are not kept alive
-    by this cache once the optimizer or its state is gone).
+    The group's state tensors are **views of the kept buffers**: when the buffers are made, each
+    state's values are copied into its buffer and ``state[name]`` becomes a view of it (same
+    shape, dtype, device and values), so the kernel updates the states in place and nothing is
+    copied for them, before or after.  The parameters cannot be views of a buffer: each step
+    their values and the gradients are concatenated into the buffers (the parameters' buffer
+    kept: the same tensors every step, so the kernel call keeps its argument signature), and one
+    ``_foreach_copy_`` writes the parameters back through flat views made once.  A state column
+    whose tensors are not plain tensors of one dtype and device is copied like the parameters.
+
+    Valid while every view's parameter, its memory (address, shape, dtype) and its state tensors
+    (identity and address) are the ones it was made from (:meth:`holds`): a state replaced (a
+    ``load_state_dict``, a checkpoint loaded into new tensors) or given new memory makes a new
+    concatenation, which copies the current values; a write into a state in place (a checkpoint
+    read into it, ``copy_``) lands in the buffer.  Saved state views are ordinary tensors
+    (``torch.save`` writes a buffer once; DCP clones a tensor smaller than its storage).
+    Dropped when a parameter or a state tensor goes (weak references: an optimizer's states are
+    not kept alive by this cache once the optimizer or its state is gone).
     """
 
     def __init__(
@@ -244,17 +253,29 @@ class _Concat:
         drop = _dropper(_concats, key)
         self.owners = [weakref.ref(v.param, drop) for v in group]
         self.ptrs = [(v.data.data_ptr(), v.data.shape, v.data.dtype) for v in group]
+        # flat aliases without a base (a view would keep its base, the state, alive)
+        params = [_flat(v.data) for v in group]
+        self.sizes = sizes = [t.numel() for t in params]
+        self.rows = len(group) if rows else 0
+        bufs = [torch.cat(params)]
+        self.flats = [params]  # the columns copied into their buffer each step
+        self.flatbufs = [bufs[0]]
+        for s in states:
+            col = [v.state[s] for v in group]
+            buf = torch.cat([_flat(t) for t in col])
+            bufs.append(buf)
+            if _adoptable(col):
+                for v, t, new in zip(group, col, torch.split(buf, sizes)):
+                    v.state[s] = new.view(t.shape)
+            else:
+                self.flats.append([_flat(t) for t in col])
+                self.flatbufs.append(buf)
         cols = [[v.state[s] for v in group] for s in states]
         self.states = [[weakref.ref(t, drop) for t in col] for col in cols]
         self.sptrs = [[t.data_ptr() for t in col] for col in cols]
-        # flat aliases without a base (a view would keep its base, the state, alive)
-        self.flats = [[_flat(v.data) for v in group]] + [[_flat(t) for t in col] for col in cols]
-        self.sizes = [t.numel() for t in self.flats[0]]
-        self.rows = len(group) if rows else 0
-        self.flatbufs = bufs = [torch.cat(col) for col in self.flats]
         self.bufs = [b.view(self.rows, -1) if rows else b for b in bufs]
         self.dst = [t for col in self.flats for t in col]
-        self.src = [x for b in bufs for x in torch.split(b, self.sizes)]
+        self.src = [x for b in self.flatbufs for x in torch.split(b, sizes)]
         _concats[key] = self
 
     def holds(self, group: list[ParamView], states: tuple[str, ...]) -> bool:
@@ -279,6 +300,17 @@ class _Concat:
             g = g.view(self.rows, -1)
         bufs = self.bufs
         return bufs[0], g, tuple(bufs[1:])
+
+
+def _adoptable(col: list[Tensor]) -> bool:
+    """Whether a group's state tensors can become views of one buffer: plain tensors (no
+    subclass, no gradient) of one dtype and device, each its own tensor."""
+    t0 = col[0]
+    dtype, device = t0.dtype, t0.device
+    return len({id(t) for t in col}) == len(col) and all(
+        type(t) is Tensor and t.dtype == dtype and t.device == device and not t.requires_grad
+        for t in col
+    )
 
 
 #: (id(parameter), state names) -> (weak reference to the parameter, data_ptr, shape, dtype, flat
