@@ -358,6 +358,8 @@ class DistOptimizer(Optimizer):
             elif spec is not None:
                 data, detached = p.detach(), True
                 shape, sharded, pg = spec.shape, True, spec.group
+                if type(shape) is not torch.Size:
+                    shape = torch.Size(shape)
             else:
                 data, detached, sharded = p.detach(), True, False
                 shape = data.shape
@@ -371,18 +373,17 @@ class DistOptimizer(Optimizer):
                 grad = grad.reshape(1)
             state = state_of[p]
             write_back = None
-            if data.dtype in _LOW_PRECISION:
+            dtype = data.dtype
+            if dtype is torch.bfloat16 or dtype is torch.float16:  # _LOW_PRECISION, by identity
                 write_back = data
                 data = self._master(p, data.detach(), state, managed=spec is not None)
                 detached = False
                 grad = grad.float()
-            if not sparse and grad.shape == data.shape and grad.stride() != data.stride():
+            if not sparse and grad.stride() != data.stride() and grad.shape == data.shape:
                 # Fused kernels (torch._fused_adamw_) walk parameter and gradient memory in one
                 # order and silently mix elements when the layouts differ (e.g. a transposed
                 # parameter's ZeRO shard with a gradient sliced from a contiguous flat bucket).
                 grad = torch.empty_like(data).copy_(grad)
-            if type(shape) is not torch.Size:
-                shape = torch.Size(shape)
             if not detached:
                 data = data.detach()
             views.append(ParamView(p, data, grad, shape, sharded, state, write_back, pg))
