@@ -174,12 +174,18 @@ def squared_norms(
     """``out[i, k] = ||columns[k][i]||^2`` over the whole tensor of ``views[i]`` (float64).
 
     ``columns[k][i]``: view ``i``'s local values of statistic ``k`` (its parameter rows, its
-    gradient rows, ...), summed by :func:`grad_sq_sums` (large float32 tensors: a float32 BLAS
-    dot; the others: the exact square of ``_foreach_norm``'s norm); the partial sums of sharded
+    gradient rows, ...), summed in one native call per column when every tensor is a contiguous
+    float32 CPU one and :mod:`distopt.optim._sqsum` is built, else by :func:`grad_sq_sums`
+    (large float32 tensors: a float32 BLAS dot at 1 thread; the others: the exact square of
+    ``_foreach_norm``'s norm); the partial sums of sharded
     views are added across their ranks in one :meth:`StepContext.reduce` (unsharded ones are
     counted once), so the result is the whole tensor's on every rank.
     """
-    sq = torch.stack([torch.stack(grad_sq_sums(list(c), torch.float64)) for c in columns], 1)
+    cols = [list(c) for c in columns]
+    if _sqsum.available() and all(_sqsum.eligible(t) for c in cols for t in c):
+        sq = torch.stack([_sqsum._sums(c) for c in cols], 1)  # one native call per column
+    else:
+        sq = torch.stack([torch.stack(grad_sq_sums(c, torch.float64)) for c in cols], 1)
     if any(v.sharded for v in views):
         if ctx is None:
             raise ValueError(
