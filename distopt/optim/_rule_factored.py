@@ -88,13 +88,28 @@ def fusion_options(fn: Callable[..., Any], opts: dict[str, Any]) -> dict[str, An
     return {k: v for k, v in FUSION_OPTIONS.items() if k in known}
 
 
-def _blocks(compiled: bool, rows: int, opt: Options) -> bool:
+#: in compile mode, a factored tensor whose 5-D view is no plain matrix (``P``, ``M`` or ``S``
+#: above 1: a convolution kernel, a patch embedding) runs eagerly below this many elements:
+#: dynamic shapes specialise size-1 dims, so such a view compiles every kernel it calls again
+#: (ViT-S's patch embedding, 295k elements: the costliest of Big Vision's three step graphs,
+#: ~6 of ~16 s compile CPU under load) for a small share of the step
+EAGER_5D_BELOW = 1 << 20
+
+
+def _compiles(compiled: bool, lay: Layout, numel: int) -> bool:
+    """Whether a factored tensor's calls are compiled (see :data:`EAGER_BELOW` and
+    :data:`EAGER_5D_BELOW`)."""
+    if not compiled or numel < EAGER_BELOW:
+        return False
+    p, _, m, _, s = lay.shape5
+    return p == m == s == 1 or numel >= EAGER_5D_BELOW
+
+
+def _blocks(compiled: bool, rows: int) -> bool:
     """Whether a call's sums over dim 1 run in blocks of rows (``_factored._sum``): compiled
-    calls on at least :data:`~distopt.optim._factored.BLOCK` rows of transformers/timm
-    Adafactor.  Not Big Vision's: with blocks its ViT-S step took x0.87 the time but its cold
-    compile ~25% more CPU (first step 16.3 -> 20.4 s CPU under load), which would take its idle
-    cold first step (13.2 s) past the 15 s target."""
-    return compiled and rows >= BLOCK and opt.flavour == "hf"
+    calls on at least :data:`~distopt.optim._factored.BLOCK` rows (Big Vision's ViT-S step
+    x0.87, its compile ~25% more CPU per graph: room made by :data:`EAGER_5D_BELOW`)."""
+    return compiled and rows >= BLOCK
 
 
 def _kernel(
@@ -233,7 +248,7 @@ def run(
             continue
         # every statistic local: the whole step in one call
         inv, fi = aux[v.data.device]
-        on = runs_compiled(t["p"])
+        on = _compiles(compiled, lay, t["p"].numel())
         lrs[i], *_ = _call(
             step_factored,
             on,
@@ -249,7 +264,7 @@ def run(
             dc=lay.dc,
             dr=lay.dr,
             opt=opt,
-            block=_blocks(on, s5[1], opt),
+            block=_blocks(on, s5[1]),
         )
     # unfactored units: (view indices, rows per tensor, tensors as (rows, cols))
     units: list[tuple[list[int], int, dict[str, Tensor | None]]] = []
@@ -293,7 +308,7 @@ def run(
                     out[j] = y
     for i, (lay, t) in ts.items():
         inv, fi = aux[views[i].data.device]
-        on = runs_compiled(t["p"])
+        on = _compiles(compiled, lay, t["p"].numel())
         r, c, nrm, w, ps = _call(
             stats_factored,
             on,
@@ -307,7 +322,7 @@ def run(
             dr=lay.dr,
             row_local=lay.row_local,
             opt=opt,
-            block=_blocks(on, lay.shape5[1], opt),
+            block=_blocks(on, lay.shape5[1]),
         )
         rsum[i], csum[i] = (empty if r is None else r), c
         rnorm[i] = empty if nrm is None else nrm
@@ -333,7 +348,7 @@ def run(
         # with a local row statistic only small tensors: eager (a compiled call costs more)
         rf[i], cf[i], u2 = _call(
             precond_factored,
-            runs_compiled(t["g"]) and not lay.row_local,
+            _compiles(compiled, lay, t["g"].numel()) and not lay.row_local,
             None if lay.row_local else t["g"],
             t["r"],
             t["c"],
@@ -384,11 +399,11 @@ def run(
                 opt=opt,
                 phase=phase,
             )
-        for i, (_, t) in ts.items():
+        for i, (lay, t) in ts.items():
             inv, fi = aux[views[i].data.device]
             counts[i] = _call(
                 apply_factored,
-                runs_compiled(t["p"]),
+                _compiles(compiled, lay, t["p"].numel()),
                 t["p"],
                 t["g"],
                 t["m"],
