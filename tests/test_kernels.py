@@ -757,33 +757,35 @@ def _omp_regions(c: K.Compiled, directs: dict) -> list[str]:
 @pytest.mark.skipif(
     not K._can_compile(torch.device("cpu")), reason="no C++ compiler for torch.compile"
 )
-def test_cpu_kernels_are_built_for_the_thread_count_they_run_at(monkeypatch):
-    """``THREADS_KEYED``: a runner kernel called at 1 and at 2 threads gets one build per count,
-    each on a code object of its own: serial C++ without OpenMP at 1 thread, ``num_threads(2)``
-    regions at 2, the same numbers as eager; with the switch off, the one ``dynamic_threads``
-    build (a bare ``#pragma omp parallel`` that asks OpenMP at every call)."""
+def test_cpu_kernels_have_a_serial_build_and_one_without_extra_regions(monkeypatch):
+    """``THREADS_KEYED``: a runner kernel called at 1 thread runs a serial build (no OpenMP
+    region in its C++), at 2 threads a build whose regions read the thread count when they
+    run, without the hoisted scalars' regions (one region per loop over the elements); both
+    on code objects of their own, both the same numbers as eager.  With the switch off: the
+    one build with hoisting, regions more."""
     options = {**K.COMPILE_OPTIONS, **K._precision_option()}
-    c = K.Compiled(K._named(_axpy, "axpy_threads"), "inductor", options)
+    c = K.Compiled(K._named(_scalar_heavy, "scalar_heavy_threads"), "inductor", options)
     torch.manual_seed(0)
     p, g, m = torch.randn(5000), torch.randn(5000), torch.randn(5000)
-    sc = torch.tensor([0.5, -2.0], dtype=torch.float64)
+    sc = torch.tensor([0.9, 0.99, 1e-3], dtype=torch.float64)
     before = torch.get_num_threads()
     try:
-        for n in (1, 2):
+        for n in (1, 2, 2):
             torch.set_num_threads(n)
             want_p, want_m = p.clone(), m.clone()
-            want = _axpy(want_p, g, (want_m,), sc, None, None, None)
-            got = c(p, g, (m,), sc, None, None, None)
-            torch.testing.assert_close(got, want)
+            _scalar_heavy(want_p, g, (want_m,), sc, None, None, None)
+            c(p, g, (m,), sc, None, None, None)
             torch.testing.assert_close((p, m), (want_p, want_m))
-        assert sorted(c._per_threads) == [1, 2] and not c._direct
-        assert _omp_regions(c, c._per_threads[1][1]) == []
-        two = _omp_regions(c, c._per_threads[2][1])
-        assert two and all("num_threads(2)" in ln for ln in two)
+        assert sorted(c._per_threads) == [False, True] and not c._direct
+        assert _omp_regions(c, c._per_threads[True][1]) == []
+        two = _omp_regions(c, c._per_threads[False][1])
         monkeypatch.setattr(K, "THREADS_KEYED", False)
         c(p, g, (m,), sc, None, None, None)
-        assert sorted(c._per_threads) == [1, 2]
-        dyn = _omp_regions(c, c._direct)
-        assert dyn and not any("num_threads" in ln for ln in dyn)
+        assert sorted(c._per_threads) == [False, True]
+        hoisted = _omp_regions(c, c._direct)
+        # the sums of p*p and of g (2 loops) and the update, each one region; hoisted: one more
+        # per batch of hoisted values (4 here)
+        assert len(two) == 3 and len(hoisted) > 3, (two, hoisted)
+        assert not any("num_threads" in ln for ln in two + hoisted)
     finally:
         torch.set_num_threads(before)

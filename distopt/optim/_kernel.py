@@ -17,8 +17,8 @@ An optimizer's update is a *rule*: a pure function of one tensor's values::
   into one call (each call costs tens of microseconds of guards and wrappers, whatever its
   size).  The flat inputs are
   detached aliases (no view base for dynamo to guard on; same storage and version counter), so
-  each (rule, options, phase) compiles once per CPU thread count (``THREADS_KEYED``: serial
-  C++ at 1 thread, ``num_threads(n)`` regions around the loops worth sharing at ``n``).  After the first
+  each (rule, options, phase) compiles once, on CPU once for 1 thread (serial C++) and once
+  for more (``THREADS_KEYED``).  After the first
   call with each argument signature a kernel is called without entering dynamo
   (:class:`Compiled`: ~50-250 us per call saved, a quarter of a memory-bound step);
 * **eager** (``DISTOPT_KERNELS=eager``, :func:`set_mode("eager") <set_mode>`, or where
@@ -111,12 +111,12 @@ BACKEND = "inductor"
 DIRECT = True
 #: compute a kernel's scalar maths once per call (see :func:`_hoist_scalars`)
 HOIST = True
-#: compile each CPU kernel for the thread count it runs at (``torch.get_num_threads()`` at the
-#: call; one more compile for each new count): 1 thread gets serial C++ without OpenMP, more
-#: threads get ``num_threads(n)`` regions only around loops worth sharing, where
-#: ``cpp.dynamic_threads`` gives every loop of a kernel, even its 16-element scalar loop, an
-#: OpenMP region of its own at every call; ``False``: one ``cpp.dynamic_threads`` build for
-#: every count (for comparisons)
+#: build each CPU kernel twice at most, by ``torch.get_num_threads()`` at the call: for 1 thread
+#: serial C++ without OpenMP (``cpp.dynamic_threads`` gave every loop of every call an OpenMP
+#: region, even at 1 thread), for more ``COMPILE_OPTIONS``' build without scalar hoisting (each
+#: hoisted batch is a 16-element loop, one more OpenMP region per call: a fork and join of the
+#: workers for nothing); ``False``: one build with ``COMPILE_OPTIONS`` and hoisting for every
+#: count (for comparisons)
 THREADS_KEYED = True
 
 _mode: str | None = None

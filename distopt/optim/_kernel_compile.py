@@ -3,9 +3,10 @@
 :class:`Compiled` is ``torch.compile(fn, dynamic=True, fullgraph=True)`` whose calls after the
 first with each argument signature call the compiled graph directly (no dynamo frame evaluation,
 guards or wrappers per call), and whose backend computes each per-call scalar of the graph once
-per call instead of once per vector of elements (:func:`_hoist_scalars`), built for the thread
-count each CPU call runs at (:meth:`Compiled._for_threads`).  The switches ``_kernel.DIRECT``,
-``_kernel.HOIST`` and ``_kernel.THREADS_KEYED`` turn each off (for comparisons).
+per call instead of once per vector of elements (:func:`_hoist_scalars`), with CPU builds of
+their own for one thread and for more (:meth:`Compiled._for_threads`).  The switches
+``_kernel.DIRECT``, ``_kernel.HOIST`` and ``_kernel.THREADS_KEYED`` turn each off (for
+comparisons).
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ class Compiled:
     signature call that graph directly: its tensor arguments are the caller's (matched by
     identity at the noted call), every other argument (sizes) is a function of the signature.
     Dynamo's guards test only what the signature holds, plus the global state (grad and
-    inference mode are in the signature; CPU kernels are built per thread count, see
-    ``_kernel.THREADS_KEYED``, or read it when they run, see ``COMPILE_OPTIONS``; autocast and the default dtype do not change element-wise maths)
-    and aliasing between inputs (calls whose tensors share memory always
-    go through dynamo).  Signatures whose call cannot be mapped so (a graph argument that is no
+    inference mode are in the signature; CPU kernels have a build for one thread and one that
+    reads the thread count when it runs, see ``_kernel.THREADS_KEYED``; autocast and the
+    default dtype do not change element-wise maths) and aliasing between inputs (calls whose
+    tensors share memory always go through dynamo).  Signatures whose call cannot be mapped so (a graph argument that is no
     caller tensor, an output that is none of the graph's) keep going through dynamo.
     """
 
@@ -72,38 +73,45 @@ class Compiled:
         )
         self._direct: dict[tuple, Any] = {}
         self._noted: list[tuple[Any, tuple]] = []
-        # CPU kernels compiled for the thread count they run at (see ``_kernel.THREADS_KEYED``):
+        # CPU kernels built for one thread or more (see ``_kernel.THREADS_KEYED``):
         # only for inductor built with ``cpp.dynamic_threads`` (the runner's options)
         self._keyed = (
             inner is not None and backend == "inductor" and bool(
                 (options or {}).get("cpp.dynamic_threads"))
         )  # fmt: skip
-        self._per_threads: dict[int, tuple[Any, dict[tuple, Any]]] = {}
+        self._per_threads: dict[bool, tuple[Any, dict[tuple, Any]]] = {}
 
-    def _for_threads(self, n: int) -> tuple[Any, dict[tuple, Any]]:
-        """The compiled function and direct calls of the kernel built for ``n`` threads: inductor
-        writes ``n`` into the C++ code (no OpenMP at all for 1; ``num_threads(n)`` regions and
-        serial loops of under ``cpp.min_chunk_size`` elements per thread for more) instead of
-        asking OpenMP at every loop.  Its own code object (``<name>_t<n>``): dynamo's cache and
-        recompile limit are per code object, so thread counts never evict each other."""
-        got = self._per_threads.get(n)
+    def _for_threads(self, serial: bool) -> tuple[Any, dict[tuple, Any]]:
+        """The compiled function and direct calls of the kernel's CPU build for one thread
+        (``serial``: inductor writes 1 thread into the C++ code, which then has no OpenMP region
+        at all) or for more (``cpp.dynamic_threads``, every loop an OpenMP region that uses
+        the thread count at the call, and no scalar hoisting: each hoisted batch of values is a
+        16-element loop of its own, so one more region per call).  Each on a code object of its
+        own (``<name>_serial`` / ``<name>_parallel``): dynamo's cache and recompile limit are
+        per code object, so the two builds never evict each other."""
+        got = self._per_threads.get(serial)
         if got is not None:
             return got
-        opts = {**(self._options or {}), "cpp.dynamic_threads": False, "cpp.threads": n}
+        opts = dict(self._options or {})
+        if serial:
+            opts.update({"cpp.dynamic_threads": False, "cpp.threads": 1})
         inner = _torch_private.inductor_compiler(opts)
         fn = self._fn
         if isinstance(fn, types.FunctionType):
-            fn = K._named(fn, f"{fn.__code__.co_name}_t{n}")
-        dynamo = torch.compile(
-            fn, dynamic=True, fullgraph=True, backend=functools.partial(self._compile, inner=inner)
-        )
-        got = self._per_threads[n] = (dynamo, {})
+            fn = K._named(fn, f"{fn.__code__.co_name}_{'serial' if serial else 'parallel'}")
+        backend = functools.partial(self._compile, inner=inner, hoist=self.hoist and serial)
+        dynamo = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+        got = self._per_threads[serial] = (dynamo, {})
         return got
 
     def _compile(
-        self, gm: torch.fx.GraphModule, example_inputs: list[Any], inner: Any = None
+        self,
+        gm: torch.fx.GraphModule,
+        example_inputs: list[Any],
+        inner: Any = None,
+        hoist: bool | None = None,
     ) -> Callable[..., Any]:
-        if K.HOIST and self.hoist:
+        if K.HOIST and (self.hoist if hoist is None else hoist):
             _hoist_scalars(gm)
         graph = (inner or self._inner)(gm, example_inputs)  # type: ignore[misc]
         noted = self._noted
@@ -122,7 +130,7 @@ class Compiled:
         if self._keyed and K.THREADS_KEYED:
             first = tensors[0] if tensors else _first_tensor(args)
             if first is not None and first.device.type == "cpu":
-                dynamo, directs = self._for_threads(torch.get_num_threads())
+                dynamo, directs = self._for_threads(torch.get_num_threads() == 1)
         if key is not None:
             direct = directs.get(key)
             if direct:
