@@ -465,8 +465,8 @@ def _print(rows, shapes, numel, repeats, warmup, fmt, skipped, out, threads: str
                  "(cold: a full compile, and the first compiling optimizer also pays inductor's one-off C++ ISA checks; warm: loading it from disk)"
                  if cache != "eager" else "\ndistopt kernels: eager (DISTOPT_KERNELS=eager): nothing compiles")
         if by_threads and cache != "eager":
-            info += ("; CPU kernels are built for each thread count (serial C++ at 1 thread), so "
-                     "the first step at every count includes that count's compile")
+            info += ("; CPU kernels have one build for 1 thread (serial C++) and one for more "
+                     "threads, so the first step at the first count of each kind includes its compile")
     if fmt == "md":
         print(info + "\n", file=out)
         print("| " + " | ".join(header) + " |", file=out)
