@@ -295,3 +295,42 @@ def test_compiled_bf16_momentum_rounds_the_update_as_eager(monkeypatch):
     differ = (me != mc).sum().item()
     assert differ <= me.numel() // 100, f"{differ} of {me.numel()} bfloat16 moments differ"
     torch.testing.assert_close(pc, pe, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adafactorbv-clip"])
+def test_kept_5d_aliases_follow_replaced_tensors_and_free_dropped_state(name):
+    """A factored tensor's 5-D aliases are kept across steps: a new ``.data`` for the parameter
+    and a replaced state tensor (``load_state_dict``) are seen (the numbers of a fresh optimizer
+    given the same values), and an optimizer dropped while its parameters live leaves none of
+    its state alive in the cache."""
+    import copy
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    p, q = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(6, 5))
+    q.data.copy_(p.data)
+    opt_p, opt_q = _MAKERS[name]([p]), _MAKERS[name]([q])
+    for t in range(5):
+        g = torch.randn(6, 5, generator=torch.Generator().manual_seed(t))
+        p.grad, q.grad = g.clone(), g.clone()
+        opt_p.step()
+        opt_q.step()
+        with torch.no_grad():
+            if t == 1:  # new storage for both parameters
+                p.data = p.data * 0.5
+                q.data = q.data * 0.5
+        if t == 2:  # p's optimizer gets fresh state tensors with the same values
+            sd = copy.deepcopy(opt_q.state_dict())  # loaded as is, torch shares "step"
+            opt_p = _MAKERS[name]([p])
+            opt_p.load_state_dict(sd)
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    for k, v in opt_q.state[q].items():
+        if isinstance(v, torch.Tensor):
+            torch.testing.assert_close(opt_p.state[p][k], v, rtol=1e-6, atol=1e-7)
+    states = [weakref.ref(t) for t in opt_p.state[p].values() if isinstance(t, torch.Tensor)]
+    assert any(key[0] == id(p) for key in R._fives), "no 5-D aliases were kept"
+    del opt_p, sd  # the loaded states are the state dict's tensors
+    gc.collect()
+    assert not [r for r in states if r() is not None], "the cache kept a dropped optimizer's state"
+    assert not any(key[0] == id(p) for key in R._fives)

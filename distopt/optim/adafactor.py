@@ -224,12 +224,15 @@ class _AdafactorKernel(DistOptimizer):
         else:
             scale = h.scale_parameter and h.scale_external
         packs = []
+        made: dict[tuple, list[float]] = {}  # equal packs are one object (see _rf.run)
         for v, t, d in zip(views, steps, dims):
-            beta2t = 1.0 - math.pow(t, h.decay_rate)
-            n_c, n_r = (v.shape[d[0]], v.shape[d[1]]) if d is not None else (1, 1)
-            base = relative_step_lr(t, h.warmup_init) if h.relative_step else float(h.lr)  # type: ignore[arg-type]
-            packs.append(
-                _rf.pack(
+            key = (t, v.shape, d)
+            values = made.get(key)
+            if values is None:
+                beta2t = 1.0 - math.pow(t, h.decay_rate)
+                n_c, n_r = (v.shape[d[0]], v.shape[d[1]]) if d is not None else (1, 1)
+                base = relative_step_lr(t, h.warmup_init) if h.relative_step else float(h.lr)  # type: ignore[arg-type]
+                values = made[key] = _rf.pack(
                     w2=1.0 - beta2t,
                     b2=beta2t,
                     eps=h.eps_sq,
@@ -244,7 +247,7 @@ class _AdafactorKernel(DistOptimizer):
                     wd=h.weight_decay,
                     eps_scale=h.eps_scale,
                 )
-            )
+            packs.append(values)
         opts = _rf.Options(
             flavour="hf",
             psq=True,

@@ -187,14 +187,17 @@ class AdafactorBigVision(DistOptimizer):
             decay = 1.0 - scale * wd
         m = 0.0 if momentum is None else momentum
         packs = []
+        made: dict[tuple, list[float]] = {}  # equal packs are one object (see _rf.run)
         for v, t, d in zip(views, steps, dims):
-            w2 = 1.0 - min(
-                group["beta2_cap"],
-                1.0 - max(t - group["decay_offset"], 1) ** (-group["decay_rate"]),
-            )
-            n_c, n_r = (v.shape[d[0]], v.shape[d[1]]) if d is not None else (1, 1)
-            packs.append(
-                _rf.pack(
+            key = (t, v.shape, d, v.data.dtype)
+            values = made.get(key)
+            if values is None:
+                w2 = 1.0 - min(
+                    group["beta2_cap"],
+                    1.0 - max(t - group["decay_offset"], 1) ** (-group["decay_rate"]),
+                )
+                n_c, n_r = (v.shape[d[0]], v.shape[d[1]]) if d is not None else (1, 1)
+                values = made[key] = _rf.pack(
                     w2=w2,
                     eps=_eps(group["eps"], v),
                     n_r=n_r,
@@ -207,7 +210,7 @@ class AdafactorBigVision(DistOptimizer):
                     root_n=math.sqrt(max(v.numel, 1)),
                     clip=0.0 if threshold is None else threshold,
                 )
-            )
+            packs.append(values)
         opts = _rf.Options(
             flavour="bv",
             psq=False,
