@@ -56,23 +56,28 @@ def run(
     flats: list[Any] = []  # per view: its kept flat aliases (see _kept), or None
     groups: dict[tuple, list[int]] = {}
     scs: list[Tensor] = []
-    last: tuple[Mapping[str, float] | None, Any] = (None, None)
+    # the previous view's mapping, device and pack: the same mapping object (one for all, or
+    # one per distinct step count) on the same device is the same pack, without hashing values
+    last_sv: Any = None
+    last_dev: Any = None
+    vals: tuple[float, ...] = ()
+    sc: Any = None
     for i, v in enumerate(views):
         sv = per_view[i]
-        if sv is last[0]:  # the same mapping as the previous view (one mapping for all)
-            vals = last[1]
-        else:
-            vals = tuple([float(sv[n]) for n in names])
-            last = (sv, vals)
         data = v.data
         dev = data.device
-        sc = packs.get((vals, dev))
-        if sc is None:
-            sc = packs[(vals, dev)] = device_tensor(vals, torch.float64, dev)  # no stream sync
-        if dev not in aux:
-            inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
-            fi = None if found_inf is None else found_inf.to(dev, torch.float32)
-            aux[dev] = (inv, fi)
+        if sv is not last_sv or dev != last_dev:
+            if sv is not last_sv:
+                vals = tuple([float(sv[n]) for n in names])
+                last_sv = sv
+            last_dev = dev
+            sc = packs.get((vals, dev))
+            if sc is None:
+                sc = packs[(vals, dev)] = device_tensor(vals, torch.float64, dev)  # no stream sync
+            if dev not in aux:
+                inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
+                fi = None if found_inf is None else found_inf.to(dev, torch.float32)
+                aux[dev] = (inv, fi)
         scs.append(sc)
         n = data.numel()
         if compiled and n < small:  # concatenated with others, or its aliases made when alone
@@ -83,7 +88,8 @@ def run(
             flat = kept is not None
             flats.append(kept)
         if compiled and flat and n < small:
-            gk = (vals, dev, data.dtype, n) if sums else (vals, dev, data.dtype)
+            # one pack per (values, device) in this call: the pack's identity stands for them
+            gk = (id(sc), data.dtype, n) if sums else (id(sc), data.dtype)
             groups.setdefault(gk, []).append(i)
         else:
             one.append((i, flat))
@@ -95,7 +101,7 @@ def run(
             units.append(("one", idx, True))
         elif not sums:
             units.append(("cat", idx, True))
-        elif rows_ok(kern, gk[2], scs[idx[0]]):
+        elif rows_ok(kern, gk[1], scs[idx[0]]):
             units.append(("rows", idx, True))
         else:
             units.extend(("one", [i], True) for i in idx)
