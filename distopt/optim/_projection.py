@@ -274,14 +274,20 @@ def projected_update(
     views, scalars = list(views), list(scalars)
     if RR.fusable(views):
         layout = [_layer_rows(v) for v in views]
-        fused = [
-            {
-                **sc,
-                **factor_scalars(v, delta=delta, wd_ratio=wd_ratio, eps=eps, rate=r, step=t),
-                **({} if rows is None else {"p_thr_c": -1.0}),  # no channel passes: layer only
-            }
-            for v, sc, r, t, rows in zip(views, scalars, rates, steps, layout)
-        ]
+        # one mapping per distinct (scalars, shape, layout, rate, step): views of one shape
+        # share it, and fused_update packs each mapping once
+        merged: dict[tuple, dict[str, float]] = {}
+        fused = []
+        for v, sc, r, t, rows in zip(views, scalars, rates, steps, layout):
+            k = (id(sc), v.shape, rows, r, t)
+            m = merged.get(k)
+            if m is None:
+                m = merged[k] = {
+                    **sc,
+                    **factor_scalars(v, delta=delta, wd_ratio=wd_ratio, eps=eps, rate=r, step=t),
+                    **({} if rows is None else {"p_thr_c": -1.0}),  # no channel test: layer only
+                }
+            fused.append(m)
         rest = RR.fused_update(
             opt, rule, views, states, fused, local_factors, ROW_STATS, layout=layout, **options
         )

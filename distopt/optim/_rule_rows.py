@@ -331,11 +331,17 @@ def fused_update(
     fi = None if found_inf is None else found_inf.to(dev, torch.float32)
     u_once = getattr(rule, "u_once", False)
     packs: dict[tuple, Tensor] = {}
+    by_id: dict[int, Tensor] = {}  # a mapping given for several views is packed once
+    once: Callable[..., Any] | None = None
+    fused: Callable[..., Any] | None = None
     for i, (v, vals) in enumerate(zip(views, scalars)):
-        values = tuple([float(vals[n]) for n in names])
-        sc = packs.get(values)
+        sc = by_id.get(id(vals))
         if sc is None:
-            sc = packs[values] = device_tensor(values, torch.float64, dev)  # no stream sync
+            values = tuple([float(vals[n]) for n in names])
+            sc = packs.get(values)
+            if sc is None:
+                sc = packs[values] = device_tensor(values, torch.float64, dev)  # no stream sync
+            by_id[id(vals)] = sc
         rows = (layout[i] if layout is not None else None) or local_rows(v)
         if rows == 0:
             continue
@@ -344,12 +350,15 @@ def fused_update(
         p = _as_rows(v.data, rows, cols, copies)
         g = _as_rows(v.grad, rows, cols, [])
         sts = tuple([_as_rows(v.state[n], rows, cols, copies) for n in states])
-        once = u_once and rows * cols <= SCRATCH_MAX
         try:
-            if once:
-                _kernel(key, "once", True)(p, g, sts, sc, _ones(rows, p.dtype, dev), inv, fi)
+            if u_once and rows * cols <= SCRATCH_MAX:
+                if once is None:
+                    once = _kernel(key, "once", True)
+                once(p, g, sts, sc, _ones(rows, p.dtype, dev), inv, fi)
             else:
-                _kernel(key, "fused", True)(p, g, sts, sc, None, inv, fi)
+                if fused is None:
+                    fused = _kernel(key, "fused", True)
+                fused(p, g, sts, sc, None, inv, fi)
         except Exception as exc:  # noqa: BLE001 - any compile failure: the three-step form
             return _fall_back(key, rule, exc, views, i, found_inf)
         for t, c in copies:
