@@ -286,9 +286,14 @@ class _Concat:
 
     def holds(self, group: list[ParamView], states: tuple[str, ...]) -> bool:
         """Whether ``group`` still has the parameters, memory and states this was made from."""
-        for j, v in enumerate(group):
+        for v, owner, (ptr, shape, dtype) in zip(group, self.owners, self.ptrs):
             d = v.data
-            if self.owners[j]() is not v.param or self.ptrs[j] != (d.data_ptr(), d.shape, d.dtype):
+            if (
+                owner() is not v.param
+                or d.data_ptr() != ptr
+                or d.dtype != dtype
+                or d.shape != shape
+            ):
                 return False
         for s, col, ptrs in zip(states, self.states, self.sptrs):
             for v, t, ptr in zip(group, col, ptrs):
