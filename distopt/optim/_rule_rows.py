@@ -15,7 +15,9 @@ express.  This module runs the same kind of rule over each parameter viewed as
 * :func:`fused_update` (unsharded tensors, compiled): both without the reduction across ranks
   in between, in one kernel per tensor; for a rule whose ``u`` is costly to recompute
   (``rule.u_once``: AdamP) that kernel computes ``u`` once: its first loop writes the states
-  and ``u`` and sums the channels, its last reads ``p`` and ``u`` only.
+  and ``u`` and sums the channels, its last reads ``p`` and ``u`` only (tensors over
+  ``ONCE_MAX`` elements: the same in two kernels, ``store`` and ``finish``, with a kept buffer
+  for ``u``).
 
 All compile with ``torch.compile(dynamic=True, fullgraph=True)`` (through
 :func:`distopt.optim._kernel.compiled_kernel`: repeated calls skip dynamo) under the same mode
@@ -56,6 +58,8 @@ def local_rows(view: ParamView) -> int:
 def _factory(key: tuple, phase: str) -> Callable[..., Any]:
     if phase == "once":
         return _once_factory(key)
+    if phase in ("store", "finish"):
+        return _fused_factory(key, phase)
     rule, states, names, options, sums = key[:5]
     decide = key[5] if len(key) > 5 else None
     opts = dict(options)
@@ -132,6 +136,53 @@ def _once_factory(key: tuple) -> Callable[..., Any]:
         return factor
 
     return K._named(kernel, f"distopt_{rule.__name__}_once_rows")
+
+
+def _fused_factory(key: tuple, phase: str) -> Callable[..., Any]:
+    """The two kernels of :func:`fused_update`.
+
+    ``store``: ``rule(..., phase="rows")`` gives the channel products, ``u`` and the new
+    states; the states are stored in place, ``u`` into ``u_out``, and the channel sums are
+    returned.  Every store is multiplied by ``one`` (exact ones, one per row): the stores then
+    iterate like the row sums, and inductor writes them in the sums' loop (without it the flat
+    stores take a loop of their own, which reads the tensors again).
+    ``finish``: ``factor = decide(sums, s)`` per row, then ``p <- rule(p * factor, ...,
+    {"u": u}, phase="apply")``.  Reads ``p`` and ``u`` only: no second read of the gradient
+    and states, and ``u`` (a square root and a division per element for AdamP) is not
+    computed twice."""
+    rule, states, names, options, sums, decide = key[:6]
+    opts = dict(options)
+
+    def store(
+        p: Tensor,
+        g: Tensor,
+        sts: tuple[Tensor, ...],
+        sc: Tensor,
+        one: Tensor,
+        inv: Tensor | None,
+        found_inf: Tensor | None,
+        u_out: Tensor,
+    ) -> Tensor:
+        if inv is not None:
+            g = g * inv
+        s = dict(zip(names, sc.unbind(0)))
+        old = dict(zip(states, sts))
+        parts, u, new = rule(p, g, old, s, phase="rows", **opts)
+        K._store([(old[k], v * one) for k, v in new.items()], found_inf)
+        u_out.copy_(u * one)
+        return torch.stack([parts[k].sum(dim=1, dtype=torch.float32) for k in sums])
+
+    def finish(p: Tensor, u: Tensor, stats: Tensor, sc: Tensor, found_inf: Tensor | None) -> Tensor:
+        s = dict(zip(names, sc.unbind(0)))
+        factor = decide(stats, s).to(p.dtype).unsqueeze(1)
+        new_p = rule(p * factor, None, {"u": u}, s, phase="apply", **opts)
+        K._store([(p, new_p)], found_inf)
+        # the factors are an output, so inductor stores them once per row instead of computing
+        # them again (float64 square roots and divisions) for every element
+        return factor
+
+    fn = store if phase == "store" else finish
+    return K._named(fn, f"distopt_{rule.__name__}_{phase}_rows")
 
 
 def _kernel(key: tuple, phase: str, compiled: bool) -> Callable[..., Any]:
@@ -305,8 +356,10 @@ def fused_update(
     ONE kernel per tensor: by default its second loop reads each tensor again and recomputes
     ``u``; for a rule with ``rule.u_once = True`` (``u`` costly to recompute: AdamP's square
     root and division) the first loop writes ``u`` to a buffer of the call and the second reads
-    ``p`` and ``u`` only (see :func:`_once_factory`).  Tensors over :data:`SCRATCH_MAX` elements
-    take the recomputing form (the buffer for ``u`` stays bounded).
+    ``p`` and ``u`` only (see :func:`_once_factory`).  Tensors over :data:`ONCE_MAX` elements
+    take the same in two kernels with a buffer for ``u`` kept across steps (see
+    :func:`_fused_factory`: one more call, no fresh tensor-sized buffer per call), tensors over
+    :data:`SCRATCH_MAX` the recomputing form (the kept buffer stays bounded).
 
     ``layout[i]``: the row count of view ``i``'s ``(rows, cols)`` form (``None``: its local
     rows); a caller that regroups a tensor's elements into other rows gives ``decide`` scalars
@@ -350,17 +403,31 @@ def fused_update(
         p = _as_rows(v.data, rows, cols, copies)
         g = _as_rows(v.grad, rows, cols, [])
         sts = tuple([_as_rows(v.state[n], rows, cols, copies) for n in states])
+        n = rows * cols
+        two = u_once and ONCE_MAX < n <= SCRATCH_MAX
         try:
-            if u_once and rows * cols <= SCRATCH_MAX:
+            if u_once and n <= ONCE_MAX:
                 if once is None:
                     once = _kernel(key, "once", True)
                 once(p, g, sts, sc, _ones(rows, p.dtype, dev), inv, fi)
+            elif two:
+                u = _scratch(n, p.dtype, dev).view(rows, cols)
+                store = _kernel(key, "store", True)
+                stats = store(p, g, sts, sc, _ones(rows, p.dtype, dev), inv, fi, u)
             else:
                 if fused is None:
                     fused = _kernel(key, "fused", True)
                 fused(p, g, sts, sc, None, inv, fi)
         except Exception as exc:  # noqa: BLE001 - any compile failure: the three-step form
             return _fall_back(key, rule, exc, views, i, found_inf)
+        if two:
+            try:
+                _kernel(key, "finish", True)(p, u, stats, sc, fi)
+            except Exception as exc:  # noqa: BLE001 - the states are stored: finish it eagerly
+                _kernel(key, "finish", False)(p, u, stats, sc, fi)
+                for t, c in copies:
+                    t.copy_(c.view(t.shape))
+                return _fall_back(key, rule, exc, views, i + 1, found_inf)
         for t, c in copies:
             t.copy_(c.view(t.shape))
     if found_inf is not None:
@@ -389,11 +456,17 @@ def _fall_back(
     return list(range(i, len(views)))
 
 
-#: the largest tensor (elements) for which :func:`fused_update`'s ``u_once`` kernel keeps
-#: ``u`` in a buffer of the call; larger ones take the recomputing form (no tensor-sized
-#: temporary)
+#: the largest tensor (elements) that takes :func:`fused_update`'s one-call ``once`` kernel
+#: (``u_once`` rules): its buffer for ``u`` comes from the allocator at every call, which
+#: reuses freed memory for a few MB (a fresh buffer of tens of MB is new pages, faulted in at
+#: every call: a 10M-element AdamP tensor took 32 ms instead of 18); larger ones take the
+#: ``store``/``finish`` kernels and their kept buffer (up to :data:`SCRATCH_MAX`)
+ONCE_MAX = 1 << 20
+#: the largest tensor (elements) whose ``u`` the ``store``/``finish`` kernels keep in their
+#: buffer (one per dtype and device, kept across steps); larger ones take the recomputing form
 SCRATCH_MAX = 1 << 24
 _ONES: dict[tuple, Tensor] = {}
+_SCRATCH: dict[tuple, Tensor] = {}
 
 
 def _ones(rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -405,6 +478,17 @@ def _ones(rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
             _ONES.clear()
         one = _ONES[k] = torch.ones(rows, 1, dtype=dtype, device=device)
     return one
+
+
+def _scratch(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``n`` elements of the buffer that carries ``u`` from :func:`fused_update`'s ``store``
+    kernel to its ``finish`` kernel: one per dtype and device, as large as the largest tensor
+    it served (kept across steps: no allocation, no fresh pages, per call)."""
+    k = (dtype, device)
+    buf = _SCRATCH.get(k)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH[k] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n]
 
 
 def _take_back(views: Sequence[ParamView], found_inf: Tensor) -> None:
