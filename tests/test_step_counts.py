@@ -191,3 +191,24 @@ def test_blocks_go_with_the_optimizer():
     del opt
     gc.collect()
     assert key not in SC._blocks, "the block outlived its counters"
+
+
+def test_a_deep_copied_optimizer_counts_on_its_own():
+    """copy.deepcopy of an optimizer (its counters: copies sharing a new storage, not views of
+    the block) counts on its own, and the original keeps counting."""
+    import copy
+
+    params = _model()
+    opt = do.Nadam(params, lr=0.1)
+    for t in range(2):
+        _grads(params, t)
+        opt.step()
+    twin = copy.deepcopy(opt)
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    for t in range(2, 5):
+        _grads(params, t)
+        opt.step()
+    _grads(twin_params, 9)
+    twin.step()
+    assert _steps(opt, params) == [5.0] * 5
+    assert _steps(twin, twin_params) == [3.0] * 5
