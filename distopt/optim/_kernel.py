@@ -97,7 +97,8 @@ SMALL = 1 << 15
 #: inductor options of every kernel.  ``cpp.dynamic_threads``: a CPU kernel asks OpenMP for the
 #: thread count when it runs (``torch.set_num_threads`` now), instead of the count at its first
 #: compile being written into the C++ code (1 thread compiles a serial loop, and torch.compile
-#: does not recompile when the count changes: a kernel first run at 1 thread stayed serial)
+#: does not recompile when the count changes: a kernel first run at 1 thread stayed serial); the
+#: build for 1 thread replaces it by ``cpp.threads=1`` (see ``THREADS_KEYED``)
 #: ``cpp.vec_isa_ok``: take the CPU's vector ISA from its cpuid flags instead of building and
 #: loading a probe library per ISA first (inductor's check: ~10 s of the first cold compile in
 #: a fresh cache, paid by whichever optimizer compiles first); should the compiler not support
