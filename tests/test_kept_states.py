@@ -133,8 +133,10 @@ def test_a_column_of_mixed_dtypes_keeps_its_tensors():
     views = []
     for i, n in enumerate((3, 5, 4)):
         p = nn.Parameter(torch.randn(n, generator=gen))
-        st = {"a": torch.randn(n, generator=gen),
-              "b": torch.randn(n, generator=gen, dtype=torch.float64 if i == 1 else torch.float32)}
+        st = {
+            "a": torch.randn(n, generator=gen),
+            "b": torch.randn(n, generator=gen, dtype=torch.float64 if i == 1 else torch.float32),
+        }
         views.append(ParamView(p, p.detach(), torch.randn(n, generator=gen), p.shape, False, st))
     mixed = [v.state["b"] for v in views]
     uniform = [v.state["a"].clone() for v in views]
