@@ -82,27 +82,27 @@ def test_blocked_sum_traces_once_for_every_row_count():
     assert len(graphs) == 1
 
 
-def test_only_matrix_views_or_large_tensors_compile():
-    """In compile mode a factored tensor compiles when its 5-D view is a plain matrix (P, M, S of
-    1) of at least EAGER_BELOW elements, or it has at least EAGER_5D_BELOW elements; a smaller
-    convolution kernel or patch embedding (a graph of its own for a small share of the step) and
-    anything in eager mode run eagerly."""
-    big = R.EAGER_5D_BELOW
+def test_blocked_sums_except_big_vision_views_that_are_no_matrix():
+    """Compiled calls on >= 16 rows sum over dim 1 in blocks, except Big Vision's on a 5-D view
+    that is no plain matrix (its graph of its own, the costliest to compile with blocks);
+    transformers/timm Adafactor keep blocks there; fewer rows or eager calls: no blocks."""
+    from distopt.optim._factored import Options
+
+    flags = dict(psq=False, scale=False, clip=False, momentum=True, caution=False, decay=True)
+    hf, bv = Options("hf", **flags), Options("bv", **flags)
 
     def lay(shape, dims):
         return R.layout(torch.Size(shape), dims)
 
-    assert R._compiles(True, lay((1152, 384), (1, 0)), 1152 * 384)
-    assert R._compiles(True, lay((384, 1536), (0, 1)), 384 * 1536)
-    assert R._compiles(True, lay((1, 197, 384), (1, 2)), 197 * 384)  # a leading 1 is no batch
-    assert not R._compiles(True, lay((100, 100), (0, 1)), 100 * 100)  # below EAGER_BELOW
-    assert not R._compiles(False, lay((1152, 384), (1, 0)), 1152 * 384)
-    pe = (384, 3, 16, 16)  # ViT-S's patch embedding: Big Vision (M = 48), transformers (P = 1152)
-    assert not R._compiles(True, lay(pe, (3, 0)), 384 * 768)
-    assert not R._compiles(True, lay(pe, (2, 3)), 384 * 768)
-    for n in (256, 512):  # convolution kernels (S = 9) below and above EAGER_5D_BELOW
-        assert R._compiles(True, lay((n, n, 3, 3), (0, 1)), n * n * 9) == (n * n * 9 >= big)
-    assert 256 * 256 * 9 < big <= 512 * 512 * 9
+    for shape, dims in (((1152, 384), (1, 0)), ((384, 1536), (0, 1)), ((1, 197, 384), (1, 2))):
+        assert R._blocks(True, lay(shape, dims), bv)
+        assert not R._blocks(False, lay(shape, dims), bv)
+    pe = (384, 3, 16, 16)  # ViT-S's patch embedding: Big Vision's view (1, 384, 48, 16, 1)
+    assert not R._blocks(True, lay(pe, (3, 0)), bv)
+    assert R._blocks(True, lay(pe, (3, 0)), hf)
+    assert R._blocks(True, lay(pe, (2, 3)), hf)  # transformers: (1152, 16, 1, 16, 1)
+    assert not R._blocks(True, lay((15, 384), (0, 1)), bv)  # below BLOCK rows
+    assert not R._blocks(True, lay((15, 384), (0, 1)), hf)
 
 
 def test_parameter_rms_statistics_are_compiled_with_the_fusion_option(monkeypatch):
@@ -178,7 +178,6 @@ def test_non_contiguous_parameter_equals_its_contiguous_copy(name):
 @pytest.mark.parametrize("name", sorted(_MAKERS))
 def test_compiled_equals_eager(name, monkeypatch):
     monkeypatch.setattr(R, "EAGER_BELOW", 0)  # the test's tensors are small: compile them all
-    monkeypatch.setattr(R, "EAGER_5D_BELOW", 0)  # the (4, 3, 3, 3) tensor's 5-D view too
     out = {}
     try:
         for mode in ("eager", "compile"):

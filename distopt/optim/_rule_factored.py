@@ -89,28 +89,19 @@ def fusion_options(fn: Callable[..., Any], opts: dict[str, Any]) -> dict[str, An
     return {k: v for k, v in FUSION_OPTIONS.items() if k in known}
 
 
-#: in compile mode, a factored tensor whose 5-D view is no plain matrix (``P``, ``M`` or ``S``
-#: above 1: a convolution kernel, a patch embedding) runs eagerly below this many elements:
-#: dynamic shapes specialise size-1 dims, so such a view compiles every kernel it calls again
-#: (ViT-S's patch embedding, 295k elements: the costliest of Big Vision's three step graphs,
-#: ~6 of ~16 s compile CPU under load) for a small share of the step
-EAGER_5D_BELOW = 1 << 20
-
-
-def _compiles(compiled: bool, lay: Layout, numel: int) -> bool:
-    """Whether a factored tensor's calls are compiled (see :data:`EAGER_BELOW` and
-    :data:`EAGER_5D_BELOW`)."""
-    if not compiled or numel < EAGER_BELOW:
-        return False
-    p, _, m, _, s = lay.shape5
-    return p == m == s == 1 or numel >= EAGER_5D_BELOW
-
-
-def _blocks(compiled: bool, rows: int) -> bool:
+def _blocks(compiled: bool, lay: Layout, opt: Options) -> bool:
     """Whether a call's sums over dim 1 run in blocks of rows (``_factored._sum``): compiled
-    calls on at least :data:`~distopt.optim._factored.BLOCK` rows (Big Vision's ViT-S step
-    x0.87, its compile ~25% more CPU per graph: room made by :data:`EAGER_5D_BELOW`)."""
-    return compiled and rows >= BLOCK
+    calls on at least :data:`~distopt.optim._factored.BLOCK` rows, except Big Vision's on a
+    5-D view that is no plain matrix (``P``, ``M`` or ``S`` above 1: a patch embedding, a
+    convolution kernel).  Such a view compiles a graph of its own (dynamic shapes specialise
+    size-1 dims), the largest with blocks; ViT-S, cold first step, thread + child CPU under
+    load: blocks everywhere ~+18% over none, on its matrices only ~+10%.  Its step: x0.90 of
+    none with blocks on the matrices, x0.89 everywhere.  Running the patch embedding eagerly
+    instead saved a graph but cost ~2 ms of page faults per step (its eager temporaries)."""
+    p, rows, m, _, s = lay.shape5
+    if not compiled or rows < BLOCK:
+        return False
+    return opt.flavour == "hf" or p == m == s == 1
 
 
 def _kernel(
@@ -312,7 +303,7 @@ def run(
             continue
         # every statistic local: the whole step in one call
         inv, fi = aux[v.data.device]
-        on = _compiles(compiled, lay, t["p"].numel())
+        on = runs_compiled(t["p"])
         lrs[i], *_ = _call(
             step_factored,
             on,
@@ -328,7 +319,7 @@ def run(
             dc=lay.dc,
             dr=lay.dr,
             opt=opt,
-            block=_blocks(on, s5[1]),
+            block=_blocks(on, lay, opt),
         )
     # unfactored units: (view indices, rows per tensor, tensors as (rows, cols))
     units: list[tuple[list[int], int, dict[str, Tensor | None]]] = []
@@ -372,7 +363,7 @@ def run(
                     out[j] = y
     for i, (lay, t) in ts.items():
         inv, fi = aux[views[i].data.device]
-        on = _compiles(compiled, lay, t["p"].numel())
+        on = runs_compiled(t["p"])
         r, c, nrm, w, ps = _call(
             stats_factored,
             on,
@@ -386,7 +377,7 @@ def run(
             dr=lay.dr,
             row_local=lay.row_local,
             opt=opt,
-            block=_blocks(on, lay.shape5[1]),
+            block=_blocks(on, lay, opt),
         )
         rsum[i], csum[i] = (empty if r is None else r), c
         rnorm[i] = empty if nrm is None else nrm
@@ -412,7 +403,7 @@ def run(
         # with a local row statistic only small tensors: eager (a compiled call costs more)
         rf[i], cf[i], u2 = _call(
             precond_factored,
-            _compiles(compiled, lay, t["g"].numel()) and not lay.row_local,
+            runs_compiled(t["g"]) and not lay.row_local,
             None if lay.row_local else t["g"],
             t["r"],
             t["c"],
@@ -463,11 +454,11 @@ def run(
                 opt=opt,
                 phase=phase,
             )
-        for i, (lay, t) in ts.items():
+        for i, (_, t) in ts.items():
             inv, fi = aux[views[i].data.device]
             counts[i] = _call(
                 apply_factored,
-                _compiles(compiled, lay, t["p"].numel()),
+                runs_compiled(t["p"]),
                 t["p"],
                 t["g"],
                 t["m"],
