@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_PLAIN = (torch.nn.Parameter, Tensor)
 #: the state key of the fp32 master copy of a bf16/fp16 param-group tensor (see
 #: :meth:`DistOptimizer.refresh_masters`): persistent state, saved, loaded and resharded like
 #: ``exp_avg``; the update runs on it and one cast writes the result into the parameter
@@ -351,7 +352,8 @@ class DistOptimizer(Optimizer):
             # ``detached``: ``data`` is a fresh detached alias already (what the view holds);
             # attributes of a plain tensor also read faster than a Parameter's
             detached = False
-            if dt is not None and isinstance(p, dt):
+            # a plain Parameter or tensor is no DTensor (a DTensor parameter keeps its class)
+            if dt is not None and type(p) not in _PLAIN and isinstance(p, dt):
                 data, sharded, pg = local_and_sharding(p)
                 grad = local_tensor(grad)
                 shape = p.shape
