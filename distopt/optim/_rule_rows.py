@@ -109,8 +109,6 @@ def _once_factory(key: tuple) -> Callable[..., Any]:
     multiplied by ``one`` (exact ones, one per row): the stores then iterate like the row sums,
     and inductor writes them in the sums' loop (without it the flat stores take a loop of their
     own, which reads the tensors again)."""
-    rule, states, names, options, sums, decide = key[:6]
-    opts = dict(options)
 
     def kernel(
         p: Tensor,
@@ -121,21 +119,48 @@ def _once_factory(key: tuple) -> Callable[..., Any]:
         inv: Tensor | None,
         found_inf: Tensor | None,
     ) -> Tensor:
-        if inv is not None:
-            g = g * inv
-        s = dict(zip(names, sc.unbind(0)))
-        old = dict(zip(states, sts))
-        parts, u, new = rule(p, g, old, s, phase="rows", **opts)
-        K._store([(old[k], v * one) for k, v in new.items()], found_inf)
-        stats = torch.stack([parts[k].sum(dim=1, dtype=torch.float32) for k in sums])
-        factor = decide(stats, s).to(p.dtype).unsqueeze(1)
-        new_p = rule(p * factor, None, {"u": u}, s, phase="apply", **opts)
-        K._store([(p, new_p)], found_inf)
-        # the factors are an output, so inductor stores them once per row instead of computing
-        # them again (float64 square roots and divisions) for every element
-        return factor
+        s, u, stats = _rows_store(key, p, g, sts, sc, one, inv, found_inf)
+        return _rows_finish(key, p, u, stats, s, found_inf)
 
-    return K._named(kernel, f"distopt_{rule.__name__}_once_rows")
+    return K._named(kernel, f"distopt_{key[0].__name__}_once_rows")
+
+
+def _rows_store(
+    key: tuple,
+    p: Tensor,
+    g: Tensor,
+    sts: tuple[Tensor, ...],
+    sc: Tensor,
+    one: Tensor,
+    inv: Tensor | None,
+    found_inf: Tensor | None,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """The first half of the per-channel kernels (``once`` and ``store``): ``rule(...,
+    phase="rows")``, the new states stored in place (times ``one``, see
+    :func:`_once_factory`), and the channel sums.  Returns the scalars, ``u`` and the sums."""
+    rule, states, names, options, sums = key[:5]
+    if inv is not None:
+        g = g * inv
+    s = dict(zip(names, sc.unbind(0)))
+    old = dict(zip(states, sts))
+    parts, u, new = rule(p, g, old, s, phase="rows", **dict(options))
+    K._store([(old[k], v * one) for k, v in new.items()], found_inf)
+    stats = torch.stack([parts[k].sum(dim=1, dtype=torch.float32) for k in sums])
+    return s, u, stats
+
+
+def _rows_finish(
+    key: tuple, p: Tensor, u: Tensor, stats: Tensor, s: dict[str, Tensor], found_inf: Tensor | None
+) -> Tensor:
+    """The second half (``once`` and ``finish``): ``factor = decide(stats, s)`` per row, then
+    ``p <- rule(p * factor, ..., {"u": u}, phase="apply")``.  Returns the factors: as an
+    output, inductor stores them once per row instead of computing them again (float64 square
+    roots and divisions) for every element."""
+    rule, options, decide = key[0], key[3], key[5]
+    factor = decide(stats, s).to(p.dtype).unsqueeze(1)
+    new_p = rule(p * factor, None, {"u": u}, s, phase="apply", **dict(options))
+    K._store([(p, new_p)], found_inf)
+    return factor
 
 
 def _fused_factory(key: tuple, phase: str) -> Callable[..., Any]:
@@ -150,8 +175,7 @@ def _fused_factory(key: tuple, phase: str) -> Callable[..., Any]:
     {"u": u}, phase="apply")``.  Reads ``p`` and ``u`` only: no second read of the gradient
     and states, and ``u`` (a square root and a division per element for AdamP) is not
     computed twice."""
-    rule, states, names, options, sums, decide = key[:6]
-    opts = dict(options)
+    names = key[2]
 
     def store(
         p: Tensor,
@@ -163,26 +187,15 @@ def _fused_factory(key: tuple, phase: str) -> Callable[..., Any]:
         found_inf: Tensor | None,
         u_out: Tensor,
     ) -> Tensor:
-        if inv is not None:
-            g = g * inv
-        s = dict(zip(names, sc.unbind(0)))
-        old = dict(zip(states, sts))
-        parts, u, new = rule(p, g, old, s, phase="rows", **opts)
-        K._store([(old[k], v * one) for k, v in new.items()], found_inf)
+        _, u, stats = _rows_store(key, p, g, sts, sc, one, inv, found_inf)
         u_out.copy_(u * one)
-        return torch.stack([parts[k].sum(dim=1, dtype=torch.float32) for k in sums])
+        return stats
 
     def finish(p: Tensor, u: Tensor, stats: Tensor, sc: Tensor, found_inf: Tensor | None) -> Tensor:
-        s = dict(zip(names, sc.unbind(0)))
-        factor = decide(stats, s).to(p.dtype).unsqueeze(1)
-        new_p = rule(p * factor, None, {"u": u}, s, phase="apply", **opts)
-        K._store([(p, new_p)], found_inf)
-        # the factors are an output, so inductor stores them once per row instead of computing
-        # them again (float64 square roots and divisions) for every element
-        return factor
+        return _rows_finish(key, p, u, stats, dict(zip(names, sc.unbind(0))), found_inf)
 
     fn = store if phase == "store" else finish
-    return K._named(fn, f"distopt_{rule.__name__}_{phase}_rows")
+    return K._named(fn, f"distopt_{key[0].__name__}_{phase}_rows")
 
 
 def _kernel(key: tuple, phase: str, compiled: bool) -> Callable[..., Any]:
