@@ -324,12 +324,10 @@ def _adoptable(col: list[Tensor]) -> bool:
     )
 
 
-#: (id(parameter), state names) -> (weak reference to the parameter, data_ptr, shape, dtype, flat
-#: alias of its values, weak references to its state tensors, their data_ptrs, their flat
-#: aliases): the flat aliases of parameters and states, kept across steps (two tensor ops per
-#: tensor and step otherwise, and the contiguity checks); an entry goes with its parameter or
-#: any of its state tensors (weakref callbacks) and is rebuilt when the values' memory, shape,
-#: dtype or layout changed or a state tensor was replaced
+#: (id(parameter), state names) -> an entry of :func:`kept_aliases` whose result is the flat
+#: aliases ``(values, states)``: kept across steps (two tensor ops per tensor and step
+#: otherwise, and the contiguity checks); rebuilt when the values' memory, shape, dtype or
+#: layout changed or a state tensor was replaced
 _aliases: dict[tuple, tuple] = {}
 
 
@@ -337,8 +335,33 @@ def _kept(v: ParamView, states: tuple[str, ...]) -> tuple[Tensor, tuple[Tensor, 
     """Flat aliases ``(values, states)`` of a view's parameter values and ``states``, kept
     across steps (see ``_aliases``), or ``None`` where they cannot be flattened (a
     non-contiguous tensor, a state not shaped like the values)."""
-    data, st, key = v.data, v.state, (id(v.param), states)
-    e = _aliases.get(key)
+    return kept_aliases(_aliases, (id(v.param), states), v, states, _flat_pair)
+
+
+def _flat_pair(data: Tensor, ts: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]] | None:
+    shape = data.shape
+    if not data.is_contiguous() or any(not t.is_contiguous() or t.shape != shape for t in ts):
+        return None
+    return _flat(data), tuple(_flat(t) for t in ts)
+
+
+def kept_aliases(
+    cache: dict[Any, tuple],
+    key: Any,
+    v: ParamView,
+    states: tuple[str, ...],
+    make: Callable[[Tensor, tuple[Tensor, ...]], Any],
+) -> Any:
+    """``make(values, state tensors)`` for view ``v`` (aliases of its parameter's values and of
+    its ``states``, or ``None`` where they cannot be made), kept in ``cache`` under ``key``
+    across steps.
+
+    The kept result is returned while the parameter is the same object, its values' memory,
+    shape and dtype are unchanged and contiguous, and each state is the same tensor at the same
+    address, shape and contiguity; otherwise ``make`` runs again.  The entry holds the parameter
+    and states by weak reference and goes when one of them does."""
+    data, st = v.data, v.state
+    e = cache.get(key)
     if (
         e is not None
         and e[0]() is v.param
@@ -347,23 +370,28 @@ def _kept(v: ParamView, states: tuple[str, ...]) -> tuple[Tensor, tuple[Tensor, 
         and e[3] == data.dtype
         and data.is_contiguous()
     ):
-        shape = e[2]
-        for s, t, ptr in zip(states, e[5], e[6]):
-            t2 = st[s]
-            if t() is not t2 or t2.data_ptr() != ptr or t2.shape != shape or not t2.is_contiguous():
+        for s, ref, ptr, shape in zip(states, e[4], e[5], e[6]):
+            t = st[s]
+            if ref() is not t or t.data_ptr() != ptr or t.shape != shape or not t.is_contiguous():
                 break
         else:
-            return e[4], e[7]
-    if not _flat_ok(data, st, states):
-        return None
+            return e[7]
     ts = tuple(st[s] for s in states)
-    p, sts = _flat(data), tuple(_flat(t) for t in ts)
-    drop = _dropper(_aliases, key)
-    refs = tuple(weakref.ref(t, drop) for t in ts)
-    ptrs = tuple(t.data_ptr() for t in ts)
-    ref = weakref.ref(v.param, drop)
-    _aliases[key] = (ref, data.data_ptr(), data.shape, data.dtype, p, refs, ptrs, sts)
-    return p, sts
+    out = make(data, ts)
+    if out is None:
+        return None
+    drop = _dropper(cache, key)
+    cache[key] = (
+        weakref.ref(v.param, drop),
+        data.data_ptr(),
+        data.shape,
+        data.dtype,
+        tuple(weakref.ref(t, drop) for t in ts),
+        tuple(t.data_ptr() for t in ts),
+        tuple(t.shape for t in ts),
+        out,
+    )
+    return out
 
 
 def _dropper(cache: dict, key: Any) -> Callable[[Any], None]:

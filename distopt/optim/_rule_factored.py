@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,6 +54,7 @@ from distopt.optim._factored import (  # the runner calls the phases by these mo
     step_factored,
 )
 from distopt.optim._functional import device_tensor
+from distopt.optim._kernel_plan import kept_aliases
 
 __all__ = ["Layout", "layout", "Options", "pack", "run", "SC", "EAGER_BELOW"]
 
@@ -155,11 +155,9 @@ def _as5(t: Tensor, shape: Sequence[int], back: list[tuple[Tensor, Tensor]]) -> 
     return c
 
 
-#: (id(parameter), 5-D shape, state names) -> (weak reference to the parameter, the values'
-#: data_ptr, shape and dtype, weak references to the state tensors, their data_ptrs, the 5-D
-#: aliases of the values and states): a factored tensor's 5-D aliases kept across steps (a view
-#: and a detach per tensor and step otherwise: ~4 ms of Big Vision's ViT-S step under load); an
-#: entry goes with its parameter or any of its state tensors (weakref callbacks) and is rebuilt
+#: (id(parameter), 5-D shape, state names) -> an entry of :func:`_kernel_plan.kept_aliases`
+#: whose result is the 5-D aliases of the values and states: kept across steps (a view and a
+#: detach per tensor and step otherwise: ~4 ms of Big Vision's ViT-S step under load); rebuilt
 #: when the values' memory, shape or dtype changed or a state tensor was replaced
 _fives: dict[tuple, tuple] = {}
 
@@ -170,40 +168,15 @@ def _kept5(
     """The 5-D aliases (as :func:`_as5`) of a view's values (``shape5``) and of its states
     ``names`` (``shapes``), kept across steps (see ``_fives``), or None where one of them is
     not contiguous (:func:`_as5` copies it)."""
-    data, st = v.data, v.state
-    key = (id(v.param), shape5, names)
-    e = _fives.get(key)
-    if (
-        e is not None
-        and e[0]() is v.param
-        and e[1] == data.data_ptr()
-        and e[2] == data.shape
-        and e[3] == data.dtype
-        and data.is_contiguous()
-    ):
-        for s, ref, ptr in zip(names, e[4], e[5]):
-            t = st[s]
-            if ref() is not t or t.data_ptr() != ptr or not t.is_contiguous():
-                break
-        else:
-            return e[6]
-    ts = [st[s] for s in names]
-    if not data.is_contiguous() or not all(t.is_contiguous() for t in ts):
-        return None
-    out = (data.view(shape5).detach(),) + tuple(t.view(sh).detach() for t, sh in zip(ts, shapes))
-    drop = lambda _: _fives.pop(key, None)  # noqa: E731
-    refs = tuple(weakref.ref(t, drop) for t in ts)
-    ptrs = tuple(t.data_ptr() for t in ts)
-    _fives[key] = (
-        weakref.ref(v.param, drop),
-        data.data_ptr(),
-        data.shape,
-        data.dtype,
-        refs,
-        ptrs,
-        out,
-    )
-    return out
+
+    def make(data: Tensor, ts: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+        if not data.is_contiguous() or not all(t.is_contiguous() for t in ts):
+            return None
+        return (data.view(shape5).detach(),) + tuple(
+            t.view(sh).detach() for t, sh in zip(ts, shapes)
+        )
+
+    return kept_aliases(_fives, (id(v.param), shape5, names), v, names, make)
 
 
 def _own(t: Any) -> Any:
