@@ -172,18 +172,21 @@ def test_lamb_clip_norm_of_large_gradients_equals_timm(one_thread):
     _equals_timm("lamb", do.Lamb, "Lamb", kw, lambda shape, step: torch.randn(shape) * 2.0)
 
 
+def _sparse_grad(shape, step):
+    """A gradient with 100 non-zeros, growing with the step: with a large lr, a wrong
+    ||g||^2 moves NvNovoGrad's update above the tolerance."""
+    g = torch.randn(shape) * (step + 1.0)
+    g.view(-1)[100:] = 0.0
+    return g
+
+
 def test_nvnovograd_norms_of_large_gradients_equal_timm(one_thread):
     """NvNovoGrad (eager) on a tensor whose ||g||^2 comes from a dot (squared_norms) and one from
     _foreach_norm equals timm's NvNovoGrad (the update divides g by sqrt of that sum; gradients
     with few non-zeros and a large lr make a wrong sum visible above the tolerance)."""
 
-    def grad_of(shape, step):
-        g = torch.randn(shape) * (step + 1.0)
-        g.view(-1)[100:] = 0.0
-        return g
-
     _equals_timm(
-        "nvnovograd", do.NvNovoGrad, "NvNovoGrad", dict(lr=0.1, weight_decay=0.05), grad_of
+        "nvnovograd", do.NvNovoGrad, "NvNovoGrad", dict(lr=0.1, weight_decay=0.05), _sparse_grad
     )
 
 
@@ -263,13 +266,8 @@ def test_lamb_with_the_native_clip_norm_equals_timm(native):
 def test_nvnovograd_with_native_norms_equals_timm(native):
     """As test_nvnovograd_norms_of_large_gradients_equal_timm, the norms from the native loop."""
 
-    def grad_of(shape, step):
-        g = torch.randn(shape) * (step + 1.0)
-        g.view(-1)[100:] = 0.0
-        return g
-
     _equals_timm(
-        "nvnovograd", do.NvNovoGrad, "NvNovoGrad", dict(lr=0.1, weight_decay=0.05), grad_of
+        "nvnovograd", do.NvNovoGrad, "NvNovoGrad", dict(lr=0.1, weight_decay=0.05), _sparse_grad
     )
 
 
