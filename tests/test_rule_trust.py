@@ -218,9 +218,13 @@ def test_native_sq_sums_are_the_float64_sums(native):
     assert got.dtype == torch.float64 and got.shape == (len(xs),)
     want = torch.stack([x.double().square().sum() for x in xs])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+    ptrs, sizes = native.addresses(xs)  # what grad_norm hands to the loop
+    assert list(ptrs) == [x.data_ptr() for x in xs] and list(sizes) == [x.numel() for x in xs]
+    torch.testing.assert_close(native._sums(xs, (ptrs, sizes)), want, rtol=1e-12, atol=0.0)
     for bad in (torch.randn(8).to(torch.bfloat16), torch.randn(8, 2)[:, 0], [1.0]):
         with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
             native.sq_sums([torch.randn(4), bad])
+        assert native.addresses([torch.randn(4), bad]) is None
 
 
 def test_grad_sq_sums_take_the_native_loop_for_what_it_reads(native, monkeypatch):
@@ -233,7 +237,7 @@ def test_grad_sq_sums_take_the_native_loop_for_what_it_reads(native, monkeypatch
     grads.append(torch.randn(77).to(torch.bfloat16))
     calls = []
     real = native._sums
-    monkeypatch.setattr(native, "_sums", lambda ts: calls.append(len(ts)) or real(ts))
+    monkeypatch.setattr(native, "_sums", lambda ts, *a: calls.append(len(ts)) or real(ts, *a))
     got = grad_sq_sums(grads, torch.float64)
     assert calls == [2], "the two float32 contiguous gradients in one native call"
     for i, (g, s) in enumerate(zip(grads, got)):

@@ -155,9 +155,11 @@ def grad_norm(ctx: StepContext, views: list[ParamView]) -> Tensor:
     # last (still in the caches)
     grads = [v.grad for v in reversed(views)]
     sharded = any(v.sharded for v in views)
-    if not sharded and _sqsum.available() and all(_sqsum.eligible(g) for g in grads):
-        # the common CPU case: one native call, float64 sums added in float64
-        return _sqsum._sums(grads).sum().sqrt().to(torch.float32)
+    if not sharded and _sqsum.available():
+        packed = _sqsum.addresses(grads)  # None unless every gradient is eligible
+        if packed is not None:
+            # the common CPU case: one native call, float64 sums added in float64
+            return _sqsum._sums(grads, packed).sum().sqrt().to(torch.float32)
     sq = grad_sq_sums(grads)[::-1]
     if not sharded:
         return torch.stack(sq).sum().sqrt()

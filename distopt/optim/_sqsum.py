@@ -28,12 +28,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+from array import array
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "eligible", "sq_sums", "SOURCE", "ENABLED"]
+__all__ = ["available", "eligible", "addresses", "sq_sums", "SOURCE", "ENABLED"]
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,23 @@ def available() -> bool:
 
 def eligible(t: Tensor) -> bool:
     """Whether :func:`sq_sums` takes ``t``: a contiguous float32 CPU tensor, not a subclass."""
-    return type(t) is Tensor and t.is_cpu and t.dtype == torch.float32 and t.is_contiguous()
+    return type(t) is Tensor and t.dtype is _F32 and t.is_cpu and t.is_contiguous()
+
+
+_F32 = torch.float32
+
+
+def addresses(tensors: Sequence[Tensor]) -> tuple[array, array] | None:
+    """The data addresses and element counts of ``tensors`` for the native loop, or ``None``
+    when one of them is not :func:`eligible` (one pass: the per-tensor checks and reads cost
+    ~0.15 us each, ~0.1 ms per step for ViT-S's 152 gradients)."""
+    ptrs, sizes = [], []
+    for t in tensors:
+        if type(t) is not Tensor or t.dtype is not _F32 or not t.is_cpu or not t.is_contiguous():
+            return None
+        ptrs.append(t.data_ptr())
+        sizes.append(t.numel())
+    return array("q", ptrs), array("q", sizes)
 
 
 def sq_sums(tensors: Sequence[Tensor]) -> Tensor:
@@ -189,12 +206,20 @@ def sq_sums(tensors: Sequence[Tensor]) -> Tensor:
     return _sums(tensors)
 
 
-def _sums(tensors: Sequence[Tensor]) -> Tensor:
-    """:func:`sq_sums` for tensors the caller checked with :func:`eligible`."""
+def _sums(tensors: Sequence[Tensor], packed: tuple[array, array] | None = None) -> Tensor:
+    """:func:`sq_sums` for tensors the caller checked with :func:`eligible` (``packed``: their
+    :func:`addresses`, when the caller has them already)."""
     m = len(tensors)
     out = torch.empty(m, dtype=torch.float64)
     if m:
-        ptrs = (ctypes.c_void_p * m)(*[t.data_ptr() for t in tensors])
-        sizes = (ctypes.c_int64 * m)(*[t.numel() for t in tensors])
-        _lib.distopt_sq_sums(ptrs, sizes, m, out.data_ptr())  # type: ignore[union-attr]
+        if packed is None:
+            packed = (array("q", [t.data_ptr() for t in tensors]),
+                      array("q", [t.numel() for t in tensors]))  # fmt: skip
+        ptrs, sizes = packed
+        if len(ptrs) != m or len(sizes) != m:
+            raise ValueError(f"_sums: {len(ptrs)} addresses for {m} tensors")
+        # array.array instead of ctypes arrays: ~7 us instead of ~100 for 152 tensors
+        _lib.distopt_sq_sums(  # type: ignore[union-attr]
+            ptrs.buffer_info()[0], sizes.buffer_info()[0], m, out.data_ptr()
+        )
     return out
