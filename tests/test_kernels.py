@@ -574,6 +574,59 @@ def test_compiled_calls_skip_dynamo_after_the_first_call_per_signature(monkeypat
     assert len(entries) == before + 2
 
 
+def test_private_tensors_keep_the_signature_and_its_guards(monkeypatch):
+    """``_kernel_compile.private``: a tensor noted as its caller's own enters the signature as
+    a token read from a table; calls with it skip dynamo exactly when calls with an ordinary
+    tensor of the same metadata do (one dynamo entry per signature, same numbers), another
+    shape or dtype still enters dynamo, a call whose gradient shares a private tensor's memory
+    keeps dynamo's guards, and the table forgets a tensor when it goes."""
+    import gc
+
+    from distopt.optim import _kernel_compile as KC
+
+    backend = _CountingBackend()
+    c = K.Compiled(K._named(_axpy, "axpy_private"), backend, None)
+    entries = []
+    real = c._dynamo
+    monkeypatch.setattr(c, "_dynamo", lambda *a: entries.append(1) or real(*a))
+    sc = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+
+    def check(n, dtype, private):
+        p, g, m = (torch.randn(n, generator=gen, dtype=dtype) for _ in range(3))
+        if private:
+            KC.private(p, m)
+        want_p, want_m = p * 0.5 + g * 2.0, m + g
+        out = c(p, g, (m,), sc, None, None, None)
+        torch.testing.assert_close((p, m), (want_p, want_m))
+        torch.testing.assert_close(out, (want_p * want_p).sum(dtype=torch.float64))
+        return p
+
+    for private, n, dtype, dynamo in [(True, 64, torch.float32, 1), (True, 64, torch.float32, 0),
+                                      (True, 64, torch.float32, 0), (True, 33, torch.float32, 1),
+                                      (True, 64, torch.float64, 1), (False, 64, torch.float32, 1),
+                                      (False, 64, torch.float32, 0)]:  # fmt: skip
+        before = len(entries)
+        check(n, dtype, private)
+        assert len(entries) == before + dynamo, (private, n, dtype)
+    # a gradient sharing the private parameter's memory: dynamo decides, every time
+    buf = torch.randn(128, generator=gen)
+    p, m = buf[:64].detach(), torch.randn(64, generator=gen)
+    KC.private(p, m)
+    before = len(entries)
+    for _ in range(2):
+        c(p, buf[64:], (m,), sc, None, None, None)
+    assert len(entries) == before + 2
+    # the table holds no tensor alive and drops its entries with them
+    noted = len(KC._private)
+    q = torch.randn(8)
+    KC.private(q)
+    assert len(KC._private) == noted + 1 and KC._on_cpu(q)
+    del q
+    gc.collect()
+    assert len(KC._private) == noted
+
+
 # --------------------------------------------------------------------------- caller-given stats
 
 

@@ -302,8 +302,17 @@ class _Kernels:
 
     def __init__(self, key: tuple, compiled: bool):
         self.key, self.compiled = key, compiled
+        # (phase, compiled) -> its kernel, for this runner call: the module cache's key holds
+        # the rule's whole key (hashing it costs ~1 us per kernel call)
+        self._got: dict[tuple[str, bool], Callable[..., Any]] = {}
 
     def get(self, phase: str, compiled: bool) -> Callable[..., Any]:
+        fn = self._got.get((phase, compiled))
+        if fn is None:
+            fn = self._got[(phase, compiled)] = self._get(phase, compiled)
+        return fn
+
+    def _get(self, phase: str, compiled: bool) -> Callable[..., Any]:
         rule, states, scalars, options, sums = self.key
         k = (self.key, phase, compiled)
         fn = _kernels.get(k)

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 from distopt.optim import _kernel as K
 from distopt.optim._core import ParamView, StepContext
 from distopt.optim._functional import device_tensor
+from distopt.optim._kernel_compile import private
 
 __all__ = ["run", "rows_ok", "RowsFailed"]
 
@@ -74,8 +75,11 @@ def run(
             sc = packs.get((vals, dev))
             if sc is None:
                 sc = packs[(vals, dev)] = device_tensor(vals, torch.float64, dev)  # no stream sync
+                private(sc)
             if dev not in aux:
                 inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
+                if inv is not None:
+                    private(inv)  # a new tensor (found_inf.to may return found_inf itself)
                 fi = None if found_inf is None else found_inf.to(dev, torch.float32)
                 aux[dev] = (inv, fi)
         scs.append(sc)
@@ -280,6 +284,7 @@ class _Concat:
         self.states = [[weakref.ref(t, drop) for t in col] for col in cols]
         self.sptrs = [[t.data_ptr() for t in col] for col in cols]
         self.bufs = [b.view(self.rows, -1) if rows else b for b in bufs]
+        private(*self.bufs)
         self.dst = [t for col in self.flats for t in col]
         self.src = [x for b in self.flatbufs for x in torch.split(b, sizes)]
         _concats[key] = self
@@ -342,7 +347,9 @@ def _flat_pair(data: Tensor, ts: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tens
     shape = data.shape
     if not data.is_contiguous() or any(not t.is_contiguous() or t.shape != shape for t in ts):
         return None
-    return _flat(data), tuple(_flat(t) for t in ts)
+    p, sts = _flat(data), tuple(_flat(t) for t in ts)
+    private(p, *sts)  # the kernels' signatures read their metadata once (see Compiled)
+    return p, sts
 
 
 def kept_aliases(
