@@ -238,3 +238,42 @@ def test_single_row_tensors_share_the_kernel_and_project_as_one_vector(
     unprojected = run("eager", 0.0)  # delta 0: nothing is projected
     assert not torch.allclose(eager[0], unprojected[0], rtol=1e-6, atol=1e-7)
     assert not torch.allclose(eager[1], unprojected[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not K._can_compile(torch.device("cpu")), reason="no C++ compiler")
+@pytest.mark.parametrize("name", ["AdamP", "SGDP"])
+def test_kept_row_aliases_follow_replaced_values_and_states(name, kernel_mode, monkeypatch):
+    """The one-kernel form keeps each tensor's ``(rows, cols)`` aliases across steps; a
+    parameter whose ``.data`` or states are replaced (new memory, as ``load_state_dict`` or a
+    user assignment gives) is updated in its new tensors: the numbers of a twin optimizer
+    whose tensors were never replaced."""
+    from distopt.optim import _rule_rows as RR
+
+    monkeypatch.setattr(K, "BACKEND", _Traced())
+    for mod in (K, RR):
+        monkeypatch.setattr(mod, "_kernels", {})
+        monkeypatch.setattr(mod, "_failed", set())
+    kernel_mode("compile")
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 8), (5, 3, 3)]
+    a = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    oa, ob = getattr(do, name)(a, **kw), getattr(do, name)(b, **kw)
+    for step in range(4):
+        if step == 2:  # new memory for a's values and states
+            for p in a:
+                p.data = p.data.clone()
+                st = oa.state[p]
+                for k in [k for k, t in st.items() if torch.is_tensor(t) and t.dim() > 0]:
+                    st[k] = st[k].clone()
+        for pa, pb in zip(a, b):
+            pa.grad = torch.randn(pa.shape, generator=gen)
+            pb.grad = pa.grad.clone()
+        oa.step()
+        ob.step()
+    assert any(k[2] for k in RR._kernels), "the one-kernel form did not run"
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa.detach(), pb.detach(), rtol=0, atol=0)
+        for k, t in ob.state[pb].items():
+            torch.testing.assert_close(oa.state[pa][k], t, rtol=0, atol=0)

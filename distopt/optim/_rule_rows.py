@@ -41,6 +41,7 @@ from torch import Tensor
 from distopt.optim import _kernel as K
 from distopt.optim._core import ParamView
 from distopt.optim._functional import device_tensor
+from distopt.optim._kernel_plan import kept_aliases
 
 __all__ = ["row_sums", "update_rows", "fused_update", "fusable", "local_rows"]
 
@@ -206,6 +207,22 @@ def _kernel(key: tuple, phase: str, compiled: bool) -> Callable[..., Any]:
             fn = K.compiled_kernel(fn)
         _kernels[(key, phase, compiled)] = fn
     return fn
+
+
+#: (id(parameter), state names, rows) -> an entry of :func:`_kernel_plan.kept_aliases`: the
+#: ``(rows, cols)`` aliases of a view's values and states that :func:`fused_update` passes
+#: its kernels, kept across steps (a view and a detach per tensor and step saved)
+_row_aliases: dict[tuple, tuple] = {}
+
+
+def _rows_pair(data: Tensor, ts: tuple[Tensor, ...], rows: int) -> tuple | None:
+    """``(data, states)`` as ``(rows, cols)`` aliases (detached, see :func:`_as_rows`), or
+    ``None`` where one of them is not contiguous or not shaped like ``data``."""
+    shape = data.shape
+    if not data.is_contiguous() or any(not t.is_contiguous() or t.shape != shape for t in ts):
+        return None
+    cols = data.numel() // rows
+    return data.view(rows, cols).detach(), tuple(t.view(rows, cols).detach() for t in ts)
 
 
 def _as_rows(t: Tensor, rows: int, cols: int, copies: list[tuple[Tensor, Tensor]]) -> Tensor:
@@ -396,6 +413,7 @@ def fused_update(
     inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
     fi = None if found_inf is None else found_inf.to(dev, torch.float32)
     u_once = getattr(rule, "u_once", False)
+    states = tuple(states)
     packs: dict[tuple, Tensor] = {}
     by_id: dict[int, Tensor] = {}  # a mapping given for several views is packed once
     once: Callable[..., Any] | None = None
@@ -413,9 +431,16 @@ def fused_update(
             continue
         cols = v.data.numel() // rows
         copies: list[tuple[Tensor, Tensor]] = []
-        p = _as_rows(v.data, rows, cols, copies)
+        kept = kept_aliases(
+            _row_aliases, (id(v.param), states, rows), v, states,
+            lambda d, ts: _rows_pair(d, ts, rows),  # noqa: B023 - called at once
+        )  # fmt: skip
+        if kept is not None:
+            p, sts = kept
+        else:
+            p = _as_rows(v.data, rows, cols, copies)
+            sts = tuple([_as_rows(v.state[n], rows, cols, copies) for n in states])
         g = _as_rows(v.grad, rows, cols, [])
-        sts = tuple([_as_rows(v.state[n], rows, cols, copies) for n in states])
         n = rows * cols
         two = u_once and ONCE_MAX < n <= SCRATCH_MAX
         try:
