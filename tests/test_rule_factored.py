@@ -333,3 +333,58 @@ def test_kept_5d_aliases_follow_replaced_tensors_and_free_dropped_state(name):
     gc.collect()
     assert not [r for r in states if r() is not None], "the cache kept a dropped optimizer's state"
     assert not any(key[0] == id(p) for key in R._fives)
+
+
+@pytest.mark.parametrize("momentum_dtype", [torch.bfloat16, torch.float32])
+def test_both_orientations_of_a_matrix_share_one_compiled_step(momentum_dtype, monkeypatch):
+    """Big Vision without the clip: a tall matrix (column statistic over dim 3 of the 5-D view),
+    a fat one and a (1, rows, cols) tensor (column statistic over dim 1: passed swapped, see
+    ``_factored._factors``) take ONE compiled one-call graph (each orientation compiled its own
+    before), and their parameters and every state are bitwise those of the eager run, which
+    calls the unswapped form; with the clip each orientation keeps a graph of its own."""
+    graphs = []
+
+    def backend(gm, example_inputs):  # the captured graph as it is: no C++ build
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(K, "BACKEND", backend)
+    monkeypatch.setattr(R, "_kernels", {})
+    monkeypatch.setattr(R, "_failed", set())
+    monkeypatch.setattr(R, "EAGER_BELOW", 100)  # the matrices compiled, the vector eager
+    # fewer than BLOCK rows everywhere: the same (unblocked) sums compiled and eager
+    shapes = [(13, 11), (11, 13), (1, 12, 13), (7,)]  # no size 15: the pack's length
+
+    def run(mode, clip):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = do.AdafactorBigVision(
+            params,
+            lr=1e-2,
+            min_dim_size_to_factor=2,
+            weight_decay=0.01,
+            momentum_dtype=momentum_dtype,
+            clipping_threshold=clip,
+        )
+        K.set_mode(mode)
+        try:
+            for t in range(4):
+                gen = torch.Generator().manual_seed(t)
+                for i, p in enumerate(params):
+                    p.grad = torch.randn(p.shape, generator=gen) * (i + 1)
+                opt.step()
+        finally:
+            K.set_mode(None)
+        return [t.detach().clone() for p in params for t in (p, *opt.state[p].values())]
+
+    eager = run("eager", None)
+    assert not graphs
+    compiled = run("compile", None)
+    assert not R._failed, f"compiling fell back to eager for {R._failed}"
+    assert len(graphs) == 1, f"{len(graphs)} graphs for the three factored tensors"
+    assert len(eager) == len(compiled)
+    for i, (a, b) in enumerate(zip(eager, compiled)):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"tensor {i} differs"
+    graphs.clear()
+    run("compile", 1.0)
+    assert len(graphs) == 2  # the clip's sum of u^2 runs over dc: one graph per orientation

@@ -65,6 +65,7 @@ SC = {
     "clip": 11,  # the clip threshold of the update RMS
     "wd": 12,  # transformers/timm: weight decay (p is multiplied by 1 - wd * lr)
     "eps_scale": 13,  # transformers/timm: lower bound of the parameter RMS in the scale factor
+    "swap": 14,  # 1: the runner passed the row and column statistics swapped (see _factors)
 }
 
 
@@ -132,10 +133,24 @@ def _grad(g: Tensor, inv: Tensor | None) -> Tensor:
     return g if inv is None else g * inv
 
 
-def _factors(row: Tensor, col: Tensor, rnorm: Tensor, sc: Tensor) -> tuple[Tensor, Tensor]:
+def _factors(
+    row: Tensor, col: Tensor, rnorm: Tensor, sc: Tensor, dr: int, either: bool = False
+) -> tuple[Tensor, Tensor]:
     """The row and column factors of ``1 / sqrt((R / mean_dc(R)) outer C)`` (``rnorm``: the sum
-    of ``R`` over ``dc``); small tensors, realised once (not recomputed per element)."""
-    return torch.rsqrt(row / (rnorm / sc[SC["n_c"]])), torch.rsqrt(col)
+    of ``R`` over ``dc``); small tensors, realised once (not recomputed per element).
+
+    ``either``: ``row`` and ``col`` may come swapped, as the pack's ``swap`` says (a value read
+    at run time, so that one kernel serves both orientations of a matrix): then ``col`` is the
+    row statistic, normalised by its mean over ``dr`` (``n_r`` and ``n_c`` swapped in the pack
+    too), and ``row`` is not normalised.  Dividing the other factor by an exact 1 leaves it as
+    it was, and the product of the two factors is the same in either order (multiplication
+    commutes), so the update is bitwise the one of the unswapped call."""
+    if not either:
+        return torch.rsqrt(row / (rnorm / sc[SC["n_c"]])), torch.rsqrt(col)
+    swap = sc[SC["swap"]] > 0
+    rn = torch.where(swap, 1.0, rnorm / sc[SC["n_c"]])
+    cn = torch.where(swap, col.sum(dim=dr, keepdim=True) / sc[SC["n_r"]], 1.0)
+    return torch.rsqrt(row / rn), torch.rsqrt(col / cn)
 
 
 def _direction(
@@ -255,12 +270,27 @@ def stats_factored(
 
 
 def precond_factored(
-    g, row, col, rsum, csum, rnorm, wsum, sc, inv, fi, *, dc: int, row_local: bool, opt: Options
+    g,
+    row,
+    col,
+    rsum,
+    csum,
+    rnorm,
+    wsum,
+    sc,
+    inv,
+    fi,
+    *,
+    dc: int,
+    row_local: bool,
+    opt: Options,
+    either: bool = False,
 ):
     """Phase 2 of a factored tensor (the partial sums now whole): the column statistic and, when
     it needed the reduction, the row statistic; returns the row and column factors and the sum
     of ``u^2`` (or None): from ``wsum`` (see :func:`stats_factored`) with a local row statistic,
-    else one read of ``g`` (``g`` is None with a local row statistic)."""
+    else one read of ``g`` (``g`` is None with a local row statistic).  ``either``: the
+    statistics may come swapped (see :func:`_factors`; not with ``opt.clip``)."""
     new_col = _ema(col, csum / sc[SC["n_c"]] + sc[SC["eps"]], sc, opt.flavour)
     K._store([(col, new_col)], fi)
     if row_local:
@@ -269,7 +299,7 @@ def precond_factored(
         new_row = _ema(row, rsum / sc[SC["n_r"]] + sc[SC["eps"]], sc, opt.flavour)
         K._store([(row, new_row)], fi)
         rnorm = new_row.sum(dim=dc, keepdim=True)
-    r_factor, c_factor = _factors(new_row, new_col, rnorm, sc)
+    r_factor, c_factor = _factors(new_row, new_col, rnorm, sc, 4 - dc, either)
     if not opt.clip:
         return r_factor, c_factor, None
     if row_local:
@@ -348,18 +378,49 @@ def scales(psq: Tensor | None, usq: Tensor | None, sc: Tensor, opt: Options):
 
 
 def step_factored(
-    p, g, m, row, col, rms, sc, inv, fi, *, dc: int, dr: int, opt: Options, block: bool = False
+    p,
+    g,
+    m,
+    row,
+    col,
+    rms,
+    sc,
+    inv,
+    fi,
+    *,
+    dc: int,
+    dr: int,
+    opt: Options,
+    block: bool = False,
+    either: bool = False,
 ):
     """The whole step of a factored tensor whose statistics are all local (not sharded; without
     the cautious mask): :func:`stats_factored`, :func:`precond_factored`, :func:`scales` and
     :func:`apply_factored` in one call; writes the row and column statistics, ``rms`` (the
     parameter RMS state, "hf"), ``p`` and the first moment.  Returns the lr ("hf"; None for Big
-    Vision), then the row and column factors and the per-tensor ``pre`` and ``decay``."""
+    Vision), then the row and column factors and the per-tensor ``pre`` and ``decay``.
+    ``either``: ``row`` and ``col`` may come swapped, as the pack's ``swap`` says (see
+    :func:`_factors`); not with ``opt.clip`` (its sum of ``u^2`` runs over ``dc``)."""
+    if either and opt.clip:
+        raise ValueError("step_factored: either=True needs opt.clip=False")
     _, csum, rnorm, wsum, psq = stats_factored(
         p, g, row, sc, inv, fi, dc=dc, dr=dr, row_local=True, opt=opt, block=block
     )
     r_factor, c_factor, usq = precond_factored(
-        None, row, col, None, csum, rnorm, wsum, sc, inv, fi, dc=dc, row_local=True, opt=opt
+        None,
+        row,
+        col,
+        None,
+        csum,
+        rnorm,
+        wsum,
+        sc,
+        inv,
+        fi,
+        dc=dc,
+        row_local=True,
+        opt=opt,
+        either=either,
     )
     pre, decay, new_rms, lr = scales(psq, usq, sc, opt)
     if new_rms is not None:

@@ -179,6 +179,32 @@ def _kept5(
     return kept_aliases(_fives, (id(v.param), shape5, names), v, names, make)
 
 
+def _swapped(v: ParamView, lay: Layout, opt: Options) -> bool:
+    """Whether the runner, compiling without the clip, calls
+    :func:`~distopt.optim._factored.step_factored` on ``v`` (factored as ``lay``) with its
+    statistics swapped: a tensor of the one-call path (unsharded, no cautious mask) whose
+    column statistic is the mean over the 5-D view's dim 1 (``dc == 1``), large enough to run
+    compiled."""
+    return lay.dc == 1 and not (v.sharded or opt.caution) and math.prod(lay.shape5) >= EAGER_BELOW
+
+
+def _swap_packs(packs: Sequence[Sequence[float]], swaps: list[bool]) -> list[Sequence[float]]:
+    """``packs`` with, where ``swaps`` says, a copy whose ``n_r`` and ``n_c`` are exchanged and
+    ``swap`` is 1 (one copy per pack object: equal packs stay one object)."""
+    made: dict[int, list[float]] = {}
+    out: list[Sequence[float]] = []
+    for values, swap in zip(packs, swaps):
+        if swap:
+            x = made.get(id(values))
+            if x is None:
+                x = made[id(values)] = list(values)
+                x[SC["n_r"]], x[SC["n_c"]] = values[SC["n_c"]], values[SC["n_r"]]
+                x[SC["swap"]] = 1.0
+            values = x
+        out.append(values)
+    return out
+
+
 def _own(t: Any) -> Any:
     """``t``, or a copy at storage offset 0 when it is a slice of a batched tensor (a compiled
     kernel guards on its inputs' storage offsets: slices at varying offsets would recompile)."""
@@ -219,6 +245,15 @@ def run(
     compiled = K.mode() == "compile" and K._can_compile(views[0].data.device)
     kr, kc, kv = state_names
     n = len(views)
+    # the one-call path of compiled factored tensors without the clip: both orientations of a
+    # matrix (dc before dr or after it) in one kernel, the statistics passed swapped for one
+    # (see _factored._factors): a graph fewer to compile (ViT-S: Big Vision's matrices and
+    # pos_embed in one graph instead of two)
+    swaps = [False] * n
+    if compiled and not opt.clip:
+        swaps = [lay is not None and _swapped(v, lay, opt) for v, lay in zip(views, lays)]
+        if any(swaps):
+            packs = _swap_packs(packs, swaps)
     # one scalar tensor per distinct set of values (tensors of one shape share theirs); each its
     # own storage: a row of a shared pack would have a storage offset the kernels guard on
     sc: list[Tensor] = []
@@ -277,22 +312,27 @@ def run(
         # every statistic local: the whole step in one call
         inv, fi = aux[v.data.device]
         on = runs_compiled(t["p"])
+        either = compiled and not opt.clip and on
+        row, col, dc, dr = t["r"], t["c"], lay.dc, lay.dr
+        if swaps[i]:
+            row, col, dc, dr = col, row, dr, dc
         lrs[i], *_ = _call(
             step_factored,
             on,
             t["p"],
             t["g"],
             t["m"],
-            t["r"],
-            t["c"],
+            row,
+            col,
             v.state["RMS"] if opt.psq else None,
             sc[i],
             inv,
             fi,
-            dc=lay.dc,
-            dr=lay.dr,
+            dc=dc,
+            dr=dr,
             opt=opt,
             block=_blocks(on, lay, opt),
+            **({"either": True} if either else {}),
         )
     # unfactored units: (view indices, rows per tensor, tensors as (rows, cols))
     units: list[tuple[list[int], int, dict[str, Tensor | None]]] = []
