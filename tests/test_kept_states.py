@@ -154,3 +154,39 @@ def test_a_column_of_mixed_dtypes_keeps_its_tensors():
     P._scatter((p_buf, g, (a_buf, b_buf)), c)
     assert torch.equal(mixed[2], torch.full((4,), 8.0))  # written back
     assert all(torch.equal(t, u + 1.0) for t, u in zip(a, uniform))  # views: updated in place
+
+
+def test_kept_gradient_aliases_follow_the_gradient(compiled, monkeypatch):
+    """A gradient that stays the same tensor across steps keeps its flat alias (the per-tensor
+    route); written in place it is read anew each step, and given new memory (``set_``),
+    replaced, or given a non-contiguous layout, the next step uses the new values: bit for bit
+    the run whose gradients are new tensors every step (which never reuses an alias)."""
+    monkeypatch.setattr(K, "SMALL", 4)  # every tensor of 4 elements or more: its own call
+    compiled("compile")
+    out, kept = {}, []
+    for how in ("fresh", "kept"):
+        params = _params()
+        opt = do.Nadam(params, lr=1e-2, weight_decay=0.05)
+        _grads(params, 0)
+        g0 = params[0].grad
+        for step in range(6):
+            gen = torch.Generator().manual_seed(2000 + step)
+            new = [torch.randn(p.shape, generator=gen) for p in params]
+            for p, g in zip(params, new):
+                if how == "fresh":
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)  # in place: the same gradient tensors
+            if how == "kept" and step == 2:
+                params[0].grad.set_(new[0].clone())  # new memory, same object
+            if how == "kept" and step == 3:
+                params[1].grad = new[1].clone()  # replaced
+            if step == 4:  # a non-contiguous gradient (the unflattened route), then back
+                params[3].grad = new[3].clone().transpose(0, 2).contiguous().transpose(0, 2)
+            opt.step()
+            if how == "kept" and step in (0, 1):
+                kept.append(P._grads[id(g0)][4])
+        out[how] = [t for p in params for t in (p, *opt.state[p].values()) if torch.is_tensor(t)]
+    assert kept[0] is kept[1]  # the same alias on the second step
+    for a, b in zip(out["fresh"], out["kept"]):
+        assert torch.equal(a, b)
