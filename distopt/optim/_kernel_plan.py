@@ -386,13 +386,14 @@ def kept_aliases(
         and e[2] == data.shape
         and e[3] == data.dtype
         and data.is_contiguous()
+        and e[5] == states
     ):
-        for s, ref, ptr, shape in zip(states, e[4], e[5], e[6]):
+        for s, ref, ptr, shape in e[4]:  # (name, weak reference, address, shape) per state
             t = st[s]
             if ref() is not t or t.data_ptr() != ptr or t.shape != shape or not t.is_contiguous():
                 break
         else:
-            return e[7]
+            return e[6]
     ts = tuple(st[s] for s in states)
     out = make(data, ts)
     if out is None:
@@ -403,9 +404,8 @@ def kept_aliases(
         data.data_ptr(),
         data.shape,
         data.dtype,
-        tuple(weakref.ref(t, drop) for t in ts),
-        tuple(t.data_ptr() for t in ts),
-        tuple(t.shape for t in ts),
+        tuple((s, weakref.ref(t, drop), t.data_ptr(), t.shape) for s, t in zip(states, ts)),
+        states,
         out,
     )
     return out
