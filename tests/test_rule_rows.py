@@ -243,10 +243,12 @@ def test_single_row_tensors_share_the_kernel_and_project_as_one_vector(
 @pytest.mark.skipif(not K._can_compile(torch.device("cpu")), reason="no C++ compiler")
 @pytest.mark.parametrize("name", ["AdamP", "SGDP"])
 def test_kept_row_aliases_follow_replaced_values_and_states(name, kernel_mode, monkeypatch):
-    """The one-kernel form keeps each tensor's ``(rows, cols)`` aliases across steps; a
-    parameter whose ``.data`` or states are replaced (new memory, as ``load_state_dict`` or a
-    user assignment gives) is updated in its new tensors: the numbers of a twin optimizer
-    whose tensors were never replaced."""
+    """The one-kernel form keeps each tensor's ``(rows, cols)`` aliases across steps (values,
+    states, and a gradient that stays the same tensor); a parameter whose ``.data`` or states
+    are replaced (new memory, as ``load_state_dict`` or a user assignment gives) is updated in
+    its new tensors, and a gradient written in place or moved to other memory (``set_``) is
+    read where it is: the numbers of a twin optimizer whose tensors were never replaced and
+    whose gradients are new tensors each step."""
     from distopt.optim import _rule_rows as RR
 
     monkeypatch.setattr(K, "BACKEND", _Traced())
@@ -268,8 +270,14 @@ def test_kept_row_aliases_follow_replaced_values_and_states(name, kernel_mode, m
                 for k in [k for k, t in st.items() if torch.is_tensor(t) and t.dim() > 0]:
                     st[k] = st[k].clone()
         for pa, pb in zip(a, b):
-            pa.grad = torch.randn(pa.shape, generator=gen)
-            pb.grad = pa.grad.clone()
+            grad = torch.randn(pa.shape, generator=gen)
+            if step == 0:
+                pa.grad = grad.clone()
+            elif step == 3:  # the same gradient tensor on other memory
+                pa.grad.set_(grad.clone())
+            else:  # accumulated in place: the same tensor, new values
+                pa.grad.copy_(grad)
+            pb.grad = grad  # b: a new gradient tensor each step
         oa.step()
         ob.step()
     assert any(k[2] for k in RR._kernels), "the one-kernel form did not run"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +42,7 @@ from torch import Tensor
 from distopt.optim import _kernel as K
 from distopt.optim._core import ParamView
 from distopt.optim._functional import device_tensor
+from distopt.optim._kernel_compile import private
 from distopt.optim._kernel_plan import kept_aliases
 
 __all__ = ["row_sums", "update_rows", "fused_update", "fusable", "local_rows"]
@@ -222,7 +224,43 @@ def _rows_pair(data: Tensor, ts: tuple[Tensor, ...], rows: int) -> tuple | None:
     if not data.is_contiguous() or any(not t.is_contiguous() or t.shape != shape for t in ts):
         return None
     cols = data.numel() // rows
-    return data.view(rows, cols).detach(), tuple(t.view(rows, cols).detach() for t in ts)
+    p, sts = data.view(rows, cols).detach(), tuple(t.view(rows, cols).detach() for t in ts)
+    private(p, *sts)  # the kernels' signatures read their metadata once (see Compiled)
+    return p, sts
+
+
+#: id(gradient) -> (weak reference, address, rows, shape, dtype, its ``(rows, cols)`` alias)
+_grads: dict[int, tuple] = {}
+
+
+def _grad_rows(g: Tensor, rows: int, cols: int) -> Tensor:
+    """The gradient as ``(rows, cols)`` (see :func:`_as_rows`); for a contiguous one the alias
+    is kept while ``g`` is the same tensor at the same address, shape and dtype (a gradient
+    accumulated in place stays one tensor across steps)."""
+    key = id(g)
+    e = _grads.get(key)
+    if (
+        e is not None
+        and e[0]() is g
+        and e[1] == g.data_ptr()
+        and e[2] == rows
+        and e[3] == g.shape
+        and e[4] == g.dtype
+        and g.is_contiguous()
+    ):
+        return e[5]
+    if not g.is_contiguous():
+        return _as_rows(g, rows, cols, [])
+    a = g.view(rows, cols).detach()
+    private(a)
+    drop = _dropper(_grads, key)
+    _grads[key] = (weakref.ref(g, drop), g.data_ptr(), rows, g.shape, g.dtype, a)
+    return a
+
+
+def _dropper(cache: dict, key: Any) -> Callable[[Any], None]:
+    """A weakref callback that removes ``key`` from ``cache``."""
+    return lambda _: cache.pop(key, None)
 
 
 def _as_rows(t: Tensor, rows: int, cols: int, copies: list[tuple[Tensor, Tensor]]) -> Tensor:
@@ -425,6 +463,7 @@ def fused_update(
             sc = packs.get(values)
             if sc is None:
                 sc = packs[values] = device_tensor(values, torch.float64, dev)  # no stream sync
+                private(sc)
             by_id[id(vals)] = sc
         rows = (layout[i] if layout is not None else None) or local_rows(v)
         if rows == 0:
@@ -440,7 +479,7 @@ def fused_update(
         else:
             p = _as_rows(v.data, rows, cols, copies)
             sts = tuple([_as_rows(v.state[n], rows, cols, copies) for n in states])
-        g = _as_rows(v.grad, rows, cols, [])
+        g = _grad_rows(v.grad, rows, cols)
         n = rows * cols
         two = u_once and ONCE_MAX < n <= SCRATCH_MAX
         try:
@@ -515,6 +554,7 @@ def _ones(rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         if len(_ONES) > 256:
             _ONES.clear()
         one = _ONES[k] = torch.ones(rows, 1, dtype=dtype, device=device)
+        private(one)
     return one
 
 
