@@ -50,6 +50,8 @@ def run(
     ``given``: the caller's whole-tensor values of ``sums``, one ``(len(sums),)`` tensor per
     view (then only update calls, units grouped as with sums)."""
     packs: dict[tuple, Tensor] = {}
+    # a rule may take its scalars in float32 (``rule.scalar_dtype``: lamb_rule); float64 else
+    pack_dtype = getattr(kern.key[0], "scalar_dtype", torch.float64)
     aux: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
     compiled = kern.compiled
     small = K.SMALL
@@ -84,7 +86,7 @@ def run(
             last_dev = dev
             sc = packs.get((vals, dev))
             if sc is None:
-                sc = packs[(vals, dev)] = device_tensor(vals, torch.float64, dev)  # no stream sync
+                sc = packs[(vals, dev)] = device_tensor(vals, pack_dtype, dev)  # no stream sync
                 private(sc)
             if dev not in aux:
                 inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
@@ -294,7 +296,11 @@ class _Concat:
         self.states = [[weakref.ref(t, drop) for t in col] for col in cols]
         self.sptrs = [[t.data_ptr() for t in col] for col in cols]
         self.bufs = [b.view(self.rows, -1) if rows else b for b in bufs]
+        self.bufs_st = tuple(self.bufs[1:])
         private(*self.bufs)
+        self.total = sum(sizes)
+        #: (flat buffer, the kernel's view of it) the gradients are concatenated into
+        self.gbuf: tuple[Tensor, Tensor] | None = None
         self.dst = [t for col in self.flats for t in col]
         self.src = [x for b in self.flatbufs for x in torch.split(b, sizes)]
         _concats[key] = self
@@ -318,14 +324,25 @@ class _Concat:
         return True
 
     def fill(self, group: list[ParamView]) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-        """This step's values in the buffers: ``(p, g, states)`` (``g`` a fresh concatenation)."""
+        """This step's values in the buffers: ``(p, g, states)``; ``g``: the gradients'
+        concatenation, into a buffer kept across steps while every gradient has its
+        parameter's size and the buffer's dtype (a fresh tensor of ~1 MB per step otherwise:
+        an allocation, and page faults when the allocator has returned the memory)."""
         for b, col in zip(self.flatbufs, self.flats):
             torch.cat(col, out=b)
-        g = torch.cat([_flat1(v.grad) for v in group])
-        if self.rows:
-            g = g.view(self.rows, -1)
-        bufs = self.bufs
-        return bufs[0], g, tuple(bufs[1:])
+        gs = [_flat1(v.grad) for v in group]
+        gb = self.gbuf
+        if gb is not None:
+            dt = gb[0].dtype
+            if all(g.dtype == dt and g.numel() == n for g, n in zip(gs, self.sizes)):
+                torch.cat(gs, out=gb[0])
+                return self.bufs[0], gb[1], self.bufs_st
+        g = torch.cat(gs)
+        view = g.view(self.rows, -1) if self.rows else g
+        if len(g) == self.total:
+            self.gbuf = (g, view)  # the next steps concatenate into it
+            private(view)
+        return self.bufs[0], view, self.bufs_st
 
 
 def _adoptable(col: list[Tensor]) -> bool:
