@@ -296,11 +296,7 @@ class _Concat:
         self.states = [[weakref.ref(t, drop) for t in col] for col in cols]
         self.sptrs = [[t.data_ptr() for t in col] for col in cols]
         self.bufs = [b.view(self.rows, -1) if rows else b for b in bufs]
-        self.bufs_st = tuple(self.bufs[1:])
         private(*self.bufs)
-        self.total = sum(sizes)
-        #: (flat buffer, the kernel's view of it) the gradients are concatenated into
-        self.gbuf: tuple[Tensor, Tensor] | None = None
         self.dst = [t for col in self.flats for t in col]
         self.src = [x for b in self.flatbufs for x in torch.split(b, sizes)]
         _concats[key] = self
@@ -324,25 +320,14 @@ class _Concat:
         return True
 
     def fill(self, group: list[ParamView]) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-        """This step's values in the buffers: ``(p, g, states)``; ``g``: the gradients'
-        concatenation, into a buffer kept across steps while every gradient has its
-        parameter's size and the buffer's dtype (a fresh tensor of ~1 MB per step otherwise:
-        an allocation, and page faults when the allocator has returned the memory)."""
+        """This step's values in the buffers: ``(p, g, states)`` (``g`` a fresh concatenation)."""
         for b, col in zip(self.flatbufs, self.flats):
             torch.cat(col, out=b)
-        gs = [_flat1(v.grad) for v in group]
-        gb = self.gbuf
-        if gb is not None:
-            dt = gb[0].dtype
-            if all(g.dtype == dt and g.numel() == n for g, n in zip(gs, self.sizes)):
-                torch.cat(gs, out=gb[0])
-                return self.bufs[0], gb[1], self.bufs_st
-        g = torch.cat(gs)
-        view = g.view(self.rows, -1) if self.rows else g
-        if len(g) == self.total:
-            self.gbuf = (g, view)  # the next steps concatenate into it
-            private(view)
-        return self.bufs[0], view, self.bufs_st
+        g = torch.cat([_flat1(v.grad) for v in group])
+        if self.rows:
+            g = g.view(self.rows, -1)
+        bufs = self.bufs
+        return bufs[0], g, tuple(bufs[1:])
 
 
 def _adoptable(col: list[Tensor]) -> bool:
