@@ -310,6 +310,9 @@ def _signature(args: tuple, tensors: list[Tensor]) -> tuple | None:
     ptrs: set[int] = set()
     known = _private
     for a in args:
+        if a is None:  # (the runner's absent stats, scale and flags)
+            key.append(None)
+            continue
         tup = isinstance(a, tuple)
         for x in a if tup else (a,):
             if isinstance(x, Tensor):
