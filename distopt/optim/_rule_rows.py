@@ -454,8 +454,9 @@ def fused_update(
     states = tuple(states)
     packs: dict[tuple, Tensor] = {}
     by_id: dict[int, Tensor] = {}  # a mapping given for several views is packed once
-    once: Callable[..., Any] | None = None
-    fused: Callable[..., Any] | None = None
+    # every tensor's arguments first, then the calls back to back: the Python between two
+    # calls is then the call alone (code and data run cold after a kernel streamed megabytes)
+    work = []
     for i, (v, vals) in enumerate(zip(views, scalars)):
         sc = by_id.get(id(vals))
         if sc is None:
@@ -481,23 +482,27 @@ def fused_update(
             sts = tuple([_as_rows(v.state[n], rows, cols, copies) for n in states])
         g = _grad_rows(v.grad, rows, cols)
         n = rows * cols
-        two = u_once and ONCE_MAX < n <= SCRATCH_MAX
+        kind = "once" if u_once and n <= ONCE_MAX else "two" if u_once and n <= SCRATCH_MAX else ""
+        one = _ones(rows, p.dtype, dev) if kind else None
+        work.append((i, kind, p, g, sts, sc, one, copies))
+    once: Callable[..., Any] | None = None
+    fused: Callable[..., Any] | None = None
+    for i, kind, p, g, sts, sc, one, copies in work:
         try:
-            if u_once and n <= ONCE_MAX:
+            if kind == "once":
                 if once is None:
                     once = _kernel(key, "once", True)
-                once(p, g, sts, sc, _ones(rows, p.dtype, dev), inv, fi)
-            elif two:
-                u = _scratch(n, p.dtype, dev).view(rows, cols)
-                store = _kernel(key, "store", True)
-                stats = store(p, g, sts, sc, _ones(rows, p.dtype, dev), inv, fi, u)
+                once(p, g, sts, sc, one, inv, fi)
+            elif kind:
+                u = _scratch(p.numel(), p.dtype, dev).view(p.shape)
+                stats = _kernel(key, "store", True)(p, g, sts, sc, one, inv, fi, u)
             else:
                 if fused is None:
                     fused = _kernel(key, "fused", True)
                 fused(p, g, sts, sc, None, inv, fi)
         except Exception as exc:  # noqa: BLE001 - any compile failure: the three-step form
             return _fall_back(key, rule, exc, views, i, found_inf)
-        if two:
+        if kind == "two":
             try:
                 _kernel(key, "finish", True)(p, u, stats, sc, fi)
             except Exception as exc:  # noqa: BLE001 - the states are stored: finish it eagerly
