@@ -143,7 +143,7 @@ class Mars(DistOptimizer):
         states = ("exp_avg", "last_grad", "exp_avg_sq")
         K.apply(
             self, mars_rule, views, states, scalars, ctx=ctx,
-            sums=("c_sq", "c_sq_rest") if normed else K.CAUTION_SUMS if caution else (),
+            sums=("c_sq",) if normed else K.CAUTION_SUMS if caution else (),
             normed=normed, lion=normed and group["mars_type"] == "lion", caution=caution,
             decay=wd != 0.0, **({"split": SUMS_SPLIT} if normed else {}),
         )  # fmt: skip
@@ -198,18 +198,18 @@ def mars_rule(
     phase: str = "update",
 ) -> Any:
     """MARS's update of one tensor (see :class:`Mars`): ``normed`` (MARS proper: ``c`` from
-    this and the last gradient, divided by ``max(||c||, 1)``) or the AdamW of the other parameters (``c = g``, optionally cautious).
+    this and the last gradient, divided by ``max(||c||, 1)``, ``s["c_sq"]`` its whole-tensor
+    sum of squares) or the AdamW of the other parameters (``c = g``, optionally cautious).
     ``split``: parts of a flat tensor its sums pass reads at once (see
-    :func:`_interleaved_squares`; ``||c||^2`` is ``s["c_sq"] + s["c_sq_rest"]``)."""
+    :func:`_interleaved_squares`)."""
     if normed and caution:
         raise ValueError("mars_rule: caution after the norm needs two dependent sums passes")
     c = g
     if normed:
         c = (g - st["last_grad"]) * s["vr"] + g  # s["vr"] = 0 at the first step: c = g
         if phase == "sums":
-            return _interleaved_squares(c, split)
-        c_sq = s["c_sq"] + s["c_sq_rest"]
-        c = c * (1.0 / torch.clamp(torch.sqrt(c_sq), min=1.0))  # one per-tensor division
+            return {"c_sq": _interleaved_squares(c, split)}
+        c = c * (1.0 / torch.clamp(torch.sqrt(s["c_sq"]), min=1.0))  # one per-tensor division
     m = st["exp_avg"] * s["beta1"] + c * (1.0 - s["beta1"])
     num = m
     if caution:
@@ -230,28 +230,25 @@ def mars_rule(
     return p + u * s["neg_lr"], new
 
 
-def _interleaved_squares(c: Tensor, split: int) -> dict[str, Tensor]:
-    """The values whose whole-tensor sums add up to ``||c||^2``: ``c_sq`` and ``c_sq_rest``.
+def _interleaved_squares(c: Tensor, split: int) -> Tensor:
+    """Values whose whole-tensor sum is ``||c||^2``.
 
-    In a compiled kernel, for a flat ``c``: ``c_sq`` is the squares (float64) of its first
-    ``split * (n // split)`` elements in ``split`` equal parts added element-wise, ``c_sq_rest``
-    the squares of the last ``n % split`` (the same sum: float64 accumulation, in another
-    order; no branch on the size, so one graph serves every size).  The compiled sums loop
-    then reads ``split`` places of the gradient and of the last gradient at once instead of
-    one: a read-only pass over two tensors reaches a fraction of the memory rate from one
-    stream each (ViT-S's 50 matrices, 1 thread, loaded: 23.5 ms at 7.5 GB/s, 17.4 ms with 4
-    parts).  Otherwise (eager, chunked temporaries; a 2-D stack of small tensors, one per
-    row) ``c_sq = c * c`` and ``c_sq_rest`` empty."""
+    In a compiled kernel, for a flat ``c`` of ``n >= split`` elements: the squares (float64)
+    of its ``split`` parts of ``q = n // split`` elements added element-wise, plus the last
+    ``q`` elements' squares where they lie past ``split * q`` (the ``n % split`` rest: no graph
+    per remainder, no second sum).  The same sum as ``c * c``'s (float64 accumulation, in
+    another order).  The compiled sums loop then reads ``split`` places of the gradient and of
+    the last gradient at once instead of one (the rest's window shares their cache lines): a
+    read-only pass over two tensors reaches a fraction of the memory rate from one stream each
+    (ViT-S's 50 matrices, 1 thread, loaded: 23.5 ms at 7.5 GB/s, 17.4 ms with 4 parts).
+    Otherwise (eager, chunked temporaries; a 2-D stack of small tensors, one per row) ``c * c``."""
     sq = c * c
     if split <= 1 or c.dim() != 1 or c.shape[0] < split or not torch.compiler.is_compiling():
-        return {"c_sq": sq, "c_sq_rest": sq[..., :0]}
+        return sq
     n = c.shape[0]
     q = n // split
     out = sq[:q].double()
     for i in range(1, split):
         out = out + sq[i * q : (i + 1) * q].double()
-    # the last n % split elements: of the last `split` (a static size: no graph per remainder)
-    # those past split * q
-    last = sq[n - split :]
-    past = torch.arange(split, device=c.device) >= split - (n - split * q)
-    return {"c_sq": out, "c_sq_rest": torch.where(past, last, 0.0)}
+    past = torch.arange(q, device=c.device) >= split * q + q - n  # the last n - split * q
+    return out + torch.where(past, sq[n - q :], 0.0).double()
