@@ -92,6 +92,72 @@ def test_once_is_the_value(shape):
     assert torch.isnan(nan)
 
 
+def test_lamb_scalar_parts_carry_float64_values_whole():
+    """Lamb's float32 scalar pack carries lr, wd and numel as three float32 parts whose float64
+    sum is the value exactly (lr-like, integer and random values)."""
+    import random
+    from array import array
+
+    from distopt.optim.lamb import _parts
+
+    rng = random.Random(0)
+    xs = [0.0, 1e-3, 3e-4, 0.1, 1 / 3, 2.0**-75, 590000.0, float(2**40 + 3)]
+    xs += [rng.random() * 10 ** rng.uniform(-20, 12) for _ in range(2000)]
+    for x in xs:
+        d = _parts("x", x)
+        assert all(array("f", (v,))[0] == v for v in d.values()), x  # float32 values
+        assert (d["x"] + d["x_1"]) + d["x_2"] == x, x
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"caution": True}, {"caution": True, "decoupled_decay": True}], ids=str
+)
+def test_lamb_float32_scalar_pack_gives_the_float64_results(kw, monkeypatch):
+    """The runner packs lamb_rule's scalars in float32 (its ``scalar_dtype``); parameters and
+    states are bit for bit those of float64 scalars taken whole (the per-tensor factors' lr,
+    wd, numel arrive whole in three float32 parts: lr and wd here differ from their float32
+    roundings by ~half a spacing, so a rounded one changes some tensors' step factors)."""
+    from distopt.optim import _kernel_plan, lamb
+
+    dtypes = []
+    real = _kernel_plan.device_tensor
+    monkeypatch.setattr(
+        _kernel_plan, "device_tensor", lambda v, dt, dev: dtypes.append(dt) or real(v, dt, dev)
+    )
+
+    def off_float32(x):  # x moved ~0.45 of a float32 spacing off its float32 rounding
+        t = torch.tensor(x, dtype=torch.float32)
+        return float(t) + 0.45 * float(torch.nextafter(t, 2 * t) - t)
+
+    lr, wd = off_float32(3e-3), off_float32(0.05)
+    shapes = [(40000,), (30, 10), (7,)] + [(13, 11)] * 6 + [(50,)] * 4
+
+    split = lamb._parts
+
+    def run(dtype):
+        monkeypatch.setattr(lamb.lamb_rule, "scalar_dtype", dtype)
+        # float64: each value whole in its first part (the maths before the float32 pack)
+        plain = lambda name, x: {name: x, f"{name}_1": 0.0, f"{name}_2": 0.0}  # noqa: E731
+        monkeypatch.setattr(lamb, "_parts", split if dtype == torch.float32 else plain)
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = do.Lamb(ps, lr=lr, weight_decay=wd, **kw)
+        for t in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape) * (4.0 if t else 0.2)
+            opt.step()
+        return [p.detach() for p in ps] + [
+            opt.state[p][k] for p in ps for k in ("exp_avg", "exp_avg_sq")
+        ]
+
+    want = run(torch.float64)
+    dtypes.clear()
+    got = run(torch.float32)
+    assert dtypes and set(dtypes) == {torch.float32}
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+
+
 @pytest.fixture
 def one_thread():
     """torch at 1 thread (the dot path of grad_sq_sums), restored afterwards."""
