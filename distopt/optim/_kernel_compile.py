@@ -45,7 +45,10 @@ class Compiled:
     reads the thread count when it runs, see ``_kernel.THREADS_KEYED``; autocast and the
     default dtype do not change element-wise maths) and aliasing between inputs (calls whose
     tensors share memory always go through dynamo).  Signatures whose call cannot be mapped so (a graph argument that is no
-    caller tensor, an output that is none of the graph's) keep going through dynamo.
+    caller tensor, an output that is none of the graph's) keep going through dynamo.  The
+    runner's own tensors (kept flat aliases, concatenation buffers, scalar packs) are noted
+    once by :func:`private`: their entries and storage addresses come from a table, not from
+    ~1.3 us of metadata reads per tensor and call.
     """
 
     def __init__(
