@@ -76,6 +76,32 @@ def test_lamb_fused_kernel_computes_its_direction_once(graphs):
 
 
 @pytest.mark.skipif(not K._can_compile(torch.device("cpu")), reason="no C++ compiler")
+def test_lamb_fused_kernel_stores_u_and_nothing_else(monkeypatch):
+    """Inductor's C++ for Lamb's fused kernel allocates ONE tensor-sized buffer per call (u,
+    stored in the sums loop, read by the update): with inductor's default realize_reads_threshold
+    Lamb's scalar reads tip it into m' and v' scratch buffers and u recomputed (two buffers)."""
+    import re
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(K, "_kernels", {})
+    monkeypatch.setattr(K, "_failed", set())
+    K.set_mode("compile")
+    try:
+        with inductor_config.patch(fx_graph_cache=False):  # generate the code, not a cache hit
+            torch.manual_seed(0)
+            p = torch.nn.Parameter(torch.randn(40000))
+            opt = do.Lamb([p], weight_decay=0.01)
+            p.grad = torch.randn(40000)
+            _, codes = run_and_get_code(opt.step)
+    finally:
+        K.set_mode(None)
+    assert len(codes) == 1, "one fused kernel"
+    assert len(re.findall(r"empty_strided_cpu\(\(s\d+, \)", codes[0])) == 1, codes[0]
+
+
+@pytest.mark.skipif(not K._can_compile(torch.device("cpu")), reason="no C++ compiler")
 def test_lars_trust_factor_goes_through_once(graphs):
     _step(lambda ps: do.Lars(ps, weight_decay=0.01, momentum=0.9))
     assert len(graphs.gms) == 1
