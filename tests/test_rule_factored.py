@@ -428,3 +428,51 @@ def test_compiled_swapped_orientation_equals_eager(monkeypatch):
             assert (a != b).sum().item() <= a.numel() // 100, f"tensor {i}"
         else:
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=lambda m, i=i: f"{i}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_big_vision_float32_pack_gives_the_float64_pack_numbers(mode, monkeypatch):
+    """Big Vision's float32 tensors get a float32 scalar pack (every use casts its entries to
+    float32): bitwise the numbers of a float64 pack (lr 0.011, eps 1e-30 and the decay are not
+    float32 values, so any use computing in float64 would differ), with the clip, the cautious
+    mask and the corrected decay; float64 tensors keep a float64 pack."""
+    monkeypatch.setattr(K, "BACKEND", lambda gm, example_inputs: gm.forward)  # traced, no C++
+    monkeypatch.setattr(R, "_kernels", {})
+    monkeypatch.setattr(R, "_failed", set())
+    monkeypatch.setattr(R, "EAGER_BELOW", 100)
+    made = R.device_tensor
+    dtypes = []
+
+    def run(force64, dtype, **kw):
+        def device_tensor(values, dt, dev):
+            dtypes.append(dt)
+            return made(values, torch.float64 if force64 else dt, dev)
+
+        monkeypatch.setattr(R, "device_tensor", device_tensor)
+        torch.manual_seed(0)
+        shapes = [(13, 11), (11, 13), (7,), (7,)]
+        params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+        opt = do.AdafactorBigVision(
+            params, lr=0.011, min_dim_size_to_factor=2, weight_decay=0.03, **kw
+        )
+        K.set_mode(mode)
+        try:
+            for t in range(3):
+                gen = torch.Generator().manual_seed(t)
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+                opt.step()
+        finally:
+            K.set_mode(None)
+        return [t.detach().clone() for p in params for t in (p, *opt.state[p].values())]
+
+    for kw in ({}, {"clipping_threshold": 0.5, "caution": True, "corrected_weight_decay": True}):
+        dtypes.clear()
+        got = run(False, torch.float32, **kw)
+        assert set(dtypes) == {torch.float32}
+        want = run(True, torch.float32, **kw)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"{kw}: tensor {i} differs"
+    dtypes.clear()
+    run(False, torch.float64)
+    assert set(dtypes) == {torch.float64}

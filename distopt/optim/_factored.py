@@ -49,7 +49,8 @@ __all__ = [
     "step_factored",
 ]
 
-#: positions in each tensor's float64 scalar pack
+#: positions in each tensor's scalar pack (float64; float32 for Big Vision's float32 tensors, whose
+#: maths casts every entry to float32 where it uses it)
 SC = {
     "w2": 0,
     "b2": 1,

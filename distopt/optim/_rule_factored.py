@@ -245,6 +245,7 @@ def run(
     compiled = K.mode() == "compile" and K._can_compile(views[0].data.device)
     kr, kc, kv = state_names
     n = len(views)
+    bv = opt.flavour == "bv"
     # the one-call path of compiled factored tensors without the clip: both orientations of a
     # matrix (dc before dr or after it) in one kernel, the statistics passed swapped for one
     # (see _factored._factors): a graph fewer to compile (ViT-S: Big Vision's matrices and
@@ -256,19 +257,25 @@ def run(
             packs = _swap_packs(packs, swaps)
     # one scalar tensor per distinct set of values (tensors of one shape share theirs); each its
     # own storage: a row of a shared pack would have a storage offset the kernels guard on
+    # (float32 for Big Vision's float32 tensors: every use of its pack casts the value to the
+    # data's float32 at that use, so a float32 pack holds the same values, and the kernels load
+    # them as they are instead of converting a double per vector of elements, a scalar load the
+    # C++ compiler does not hoist past the stores: ~3% of a ViT-S matrix's step, same numbers;
+    # transformers/timm compute their lr in float64)
     sc: list[Tensor] = []
     made: dict[tuple, Tensor] = {}
-    seen: dict[tuple[int, torch.device], Tensor] = {}  # by pack object (alive: in ``packs``)
+    seen: dict[tuple, Tensor] = {}  # by pack object (alive: in ``packs``)
     aux: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
     for v, values in zip(views, packs):
         dev = v.data.device
-        x = seen.get((id(values), dev))
+        dt = torch.float32 if bv and v.data.dtype == torch.float32 else torch.float64
+        x = seen.get((id(values), dev, dt))
         if x is None:
-            key = (tuple(values), dev)  # floats (pack)
+            key = (tuple(values), dev, dt)  # floats (pack)
             x = made.get(key)
             if x is None:
-                x = made[key] = device_tensor(key[0], torch.float64, dev)  # no stream sync
-            seen[(id(values), dev)] = x
+                x = made[key] = device_tensor(key[0], dt, dev)  # no stream sync
+            seen[(id(values), dev, dt)] = x
         sc.append(x)
         if dev not in aux:
             inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()
