@@ -321,12 +321,7 @@ class _Kernels:
             if compiled:
                 # a rule may opt out of scalar hoisting (``rule.hoist_scalars = False``): Lamb's
                 # fused kernel stores its u once only when nothing else is reduced before it
-                # and give inductor options of its own (``rule.inductor_options``: Lamb's)
-                fn = compiled_kernel(
-                    fn,
-                    hoist=getattr(rule, "hoist_scalars", True),
-                    options=getattr(rule, "inductor_options", None),
-                )
+                fn = compiled_kernel(fn, hoist=getattr(rule, "hoist_scalars", True))
             _kernels[k] = fn
         return fn
 

@@ -50,8 +50,6 @@ def run(
     ``given``: the caller's whole-tensor values of ``sums``, one ``(len(sums),)`` tensor per
     view (then only update calls, units grouped as with sums)."""
     packs: dict[tuple, Tensor] = {}
-    # a rule may take its scalars in float32 (``rule.scalar_dtype``: lamb_rule); float64 else
-    pack_dtype = getattr(kern.key[0], "scalar_dtype", torch.float64)
     aux: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
     compiled = kern.compiled
     small = K.SMALL
@@ -86,7 +84,7 @@ def run(
             last_dev = dev
             sc = packs.get((vals, dev))
             if sc is None:
-                sc = packs[(vals, dev)] = device_tensor(vals, pack_dtype, dev)  # no stream sync
+                sc = packs[(vals, dev)] = device_tensor(vals, torch.float64, dev)  # no stream sync
                 private(sc)
             if dev not in aux:
                 inv = None if grad_scale is None else grad_scale.to(dev, torch.float32).reciprocal()

@@ -4,7 +4,6 @@ cautious (arXiv:2411.16085) and corrected-decay (arXiv:2506.02285) options."""
 from __future__ import annotations
 
 import math
-from array import array
 from typing import Any
 
 import torch
@@ -126,11 +125,10 @@ class Lamb(DistOptimizer):
         beta1, beta2 = group["betas"]
         bc1, bc2 = (1.0 - beta1**t, 1.0 - beta2**t) if group["bias_correction"] else (1.0, 1.0)
         # (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) = m / (sqrt(v) * k1 + k2): one division
-        # per element instead of three (a compiled rule divides per element, vector by vector);
-        # 1 - beta2 here in float64, as K.ema_sq computes it before rounding it to float32
-        return {**_parts("lr", float(group["lr"])), "beta1": beta1, "beta3": 1.0 - beta1,
-                "beta2": beta2, "omb2": 1.0 - beta2, **_parts("wd", group["weight_decay"]),
-                "decay": decay, "k1": bc1 / math.sqrt(bc2), "k2": bc1 * group["eps"]}  # fmt: skip
+        # per element instead of three (a compiled rule divides per element, vector by vector)
+        return {"lr": float(group["lr"]), "beta1": beta1, "beta3": 1.0 - beta1, "beta2": beta2,
+                "wd": group["weight_decay"], "decay": decay, "k1": bc1 / math.sqrt(bc2),
+                "k2": bc1 * group["eps"]}  # fmt: skip
 
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:
@@ -147,7 +145,7 @@ class Lamb(DistOptimizer):
             sc = per_step.get(t)
             if sc is None:
                 sc = per_step[t] = self._scalars(group, t, decay)
-            scalars.append({**sc, **_parts("numel", float(v.numel))} if caution else sc)
+            scalars.append({**sc, "numel": float(v.numel)} if caution else sc)
         sums: tuple[str, ...] = ()
         if adapt:
             sums = ("p_sq", "u_sq")
@@ -205,8 +203,7 @@ def lamb_rule(
         # beta1 * m + beta3 * g as a multiply-add (a lerp by a runtime weight compiles to both
         # of its branches and a blend per element)
         m = st["exp_avg"] * s["beta1"] + (g * s["beta3"] if averaging else g)
-        # K.ema_sq's rounding (v * beta2 + ((1 - beta2) * g) * g) with 1 - beta2 from the host
-        v = torch.addcmul(st["exp_avg_sq"] * s["beta2"], s["omb2"] * g, g)
+        v = K.ema_sq(st["exp_avg_sq"], g, s["beta2"])
         u = m / (v.sqrt() * s["k1"] + s["k2"])  # (m / bc1) / (sqrt(v / bc2) + eps), see _scalars
         if phase == "sums":
             st[_SHARED] = (m, v, u)  # type: ignore[assignment]
@@ -231,7 +228,7 @@ def lamb_rule(
     # per-tensor factors cast to the values' dtype once: the compiled loop does no float64
     # scalar maths per element (the eager result is the same: torch casts them so anyway)
     if caution:
-        c = torch.clamp(s["agree"] / _exact(s, "numel"), min=1e-3)
+        c = torch.clamp(s["agree"] / s["numel"], min=1e-3)
         u = u * mask * once(c.reciprocal().to(u.dtype))  # a multiply per element
     if decay == "l2":
         u = u + s["wd"] * p
@@ -239,32 +236,13 @@ def lamb_rule(
         if caution:
             u_sq = s["um_sq"] / (c * c)
             if decay == "l2":
-                wd = _exact(s, "wd")
-                u_sq = u_sq + 2.0 * wd * s["um_p"] / c + wd * wd * s["p_sq"]
+                u_sq = u_sq + 2.0 * s["wd"] * s["um_p"] / c + s["wd"] * s["wd"] * s["p_sq"]
         else:
             u_sq = s["u_sq"]
         # one per-tensor factor -lr * r, computed once per call (see _rule_trust.once)
-        step = once((trust_ratio(s["p_sq"], u_sq, trust_clip) * -_exact(s, "lr")).to(u.dtype))
+        step = once((trust_ratio(s["p_sq"], u_sq, trust_clip) * -s["lr"]).to(u.dtype))
         return torch.addcmul(p, u, step), new
     return torch.addcmul(p, u, -s["lr"]), new
-
-
-def _parts(name: str, x: float) -> dict[str, float]:
-    """``{name: hi, name_1: mid, name_2: lo}``: three float32 values whose float64 sum is ``x``
-    exactly (each the float32 rounding of what the previous ones leave; exact for 0 and
-    ``2^-75 <= |x| < 2^127``), so a float32 scalar pack carries a float64 value whole."""
-    hi = _f32(x)
-    mid = _f32(x - hi)
-    return {name: hi, f"{name}_1": mid, f"{name}_2": _f32(x - hi - mid)}
-
-
-def _f32(x: float) -> float:
-    return array("f", (x,))[0]
-
-
-def _exact(s: dict[str, Tensor], name: str) -> Tensor:
-    """The float64 value :func:`_parts` sent as ``name``, ``name_1``, ``name_2``."""
-    return (s[name].double() + s[f"{name}_1"].double()) + s[f"{name}_2"].double()
 
 
 # The runner's scalar hoisting (``_kernel.HOIST``) makes inductor keep m and v in per-call
@@ -272,17 +250,3 @@ def _exact(s: dict[str, Tensor], name: str) -> Tensor:
 # ~2.4x -> ~3.1x fused AdamW), so Lamb's kernels opt out; its per-tensor factors go through
 # ``once`` instead.
 lamb_rule.hoist_scalars = False  # type: ignore[attr-defined]
-# Without hoisting, every scalar the loops use is loaded again per vector (the stores may alias
-# it), and from a float64 pack also converted and broadcast: 6 conversions per 16 elements in
-# the sums loop.  A float32 pack (the runner reads ``scalar_dtype``) is loaded as it is used;
-# the results are bitwise the same: each scalar met float32 data, rounded to float32, before
-# too (1 - beta2 comes from the host as ``omb2``, rounded as K.ema_sq rounds it), and the
-# per-tensor factors' float64 values (lr; with ``caution`` wd and numel) travel whole as three
-# float32 parts (_parts / _exact).  1 thread, A/B in one process (loaded machine): ViT-S
-# structure at dim 64 x0.92; full ViT-S x0.95 (float32 pack prototype), 0.97-1.04 (noise).
-lamb_rule.scalar_dtype = torch.float32  # type: ignore[attr-defined]
-# ``omb2`` is one more scalar the sums loop reads; with inductor's default realize_reads_threshold
-# (4) that tips it into storing m' and v' in two per-call scratch buffers and recomputing u in
-# the update loop (56 instead of 44 B per element); 8 keeps the one stored u (the runner passes
-# a rule's ``inductor_options`` to its kernels' compile)
-lamb_rule.inductor_options = {"realize_reads_threshold": 8}  # type: ignore[attr-defined]
