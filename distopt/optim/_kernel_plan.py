@@ -426,21 +426,34 @@ _grads: dict[int, tuple] = {}
 def _grad_flat(g: Tensor) -> Tensor:
     """A flat alias of the contiguous gradient ``g`` (as :func:`_flat`), kept while ``g`` is
     the same tensor at the same address, shape and dtype, still contiguous."""
+    return kept_grad(_grads, g, _flat)
+
+
+def kept_grad(
+    cache: dict[int, tuple], g: Tensor, make: Callable[[Tensor], Tensor], extra: Any = None
+) -> Tensor:
+    """``make(g)`` (an alias of the contiguous gradient ``g``: flat, or ``(rows, cols)``),
+    noted :func:`~distopt.optim._kernel_compile.private` and kept in ``cache`` while ``g`` is
+    the same tensor at the same address, shape and dtype, still contiguous, and ``extra``
+    (whatever else ``make`` depends on, e.g. the row count) is the same.  A gradient accumulated
+    in place stays one tensor across steps; a fresh gradient each step adds one entry, which
+    goes with it (weak reference).  Entries: ``(ref, address, shape, dtype, alias, extra)``."""
     key = id(g)
-    e = _grads.get(key)
+    e = cache.get(key)
     if (
         e is not None
         and e[0]() is g
         and e[1] == g.data_ptr()
         and e[2] == g.shape
         and e[3] == g.dtype
+        and e[5] == extra
         and g.is_contiguous()
     ):
         return e[4]
-    flat = _flat(g)
-    private(flat)
-    _grads[key] = (weakref.ref(g, _dropper(_grads, key)), g.data_ptr(), g.shape, g.dtype, flat)
-    return flat
+    a = make(g)
+    private(a)
+    cache[key] = (weakref.ref(g, _dropper(cache, key)), g.data_ptr(), g.shape, g.dtype, a, extra)
+    return a
 
 
 def _flat_ok(data: Tensor, state: Mapping[str, Tensor], states: tuple[str, ...]) -> bool:

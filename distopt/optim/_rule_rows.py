@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -43,7 +42,7 @@ from distopt.optim import _kernel as K
 from distopt.optim._core import ParamView
 from distopt.optim._functional import device_tensor
 from distopt.optim._kernel_compile import private
-from distopt.optim._kernel_plan import kept_aliases
+from distopt.optim._kernel_plan import kept_aliases, kept_grad
 
 __all__ = ["row_sums", "update_rows", "fused_update", "fusable", "local_rows"]
 
@@ -229,7 +228,7 @@ def _rows_pair(data: Tensor, ts: tuple[Tensor, ...], rows: int) -> tuple | None:
     return p, sts
 
 
-#: id(gradient) -> (weak reference, address, rows, shape, dtype, its ``(rows, cols)`` alias)
+#: id(gradient) -> its kept ``(rows, cols)`` alias (:func:`_kernel_plan.kept_grad` entries)
 _grads: dict[int, tuple] = {}
 
 
@@ -237,30 +236,9 @@ def _grad_rows(g: Tensor, rows: int, cols: int) -> Tensor:
     """The gradient as ``(rows, cols)`` (see :func:`_as_rows`); for a contiguous one the alias
     is kept while ``g`` is the same tensor at the same address, shape and dtype (a gradient
     accumulated in place stays one tensor across steps)."""
-    key = id(g)
-    e = _grads.get(key)
-    if (
-        e is not None
-        and e[0]() is g
-        and e[1] == g.data_ptr()
-        and e[2] == rows
-        and e[3] == g.shape
-        and e[4] == g.dtype
-        and g.is_contiguous()
-    ):
-        return e[5]
     if not g.is_contiguous():
         return _as_rows(g, rows, cols, [])
-    a = g.view(rows, cols).detach()
-    private(a)
-    drop = _dropper(_grads, key)
-    _grads[key] = (weakref.ref(g, drop), g.data_ptr(), rows, g.shape, g.dtype, a)
-    return a
-
-
-def _dropper(cache: dict, key: Any) -> Callable[[Any], None]:
-    """A weakref callback that removes ``key`` from ``cache``."""
-    return lambda _: cache.pop(key, None)
+    return kept_grad(_grads, g, lambda t: t.view(rows, cols).detach(), rows)
 
 
 def _as_rows(t: Tensor, rows: int, cols: int, copies: list[tuple[Tensor, Tensor]]) -> Tensor:
