@@ -179,7 +179,7 @@ def addresses(tensors: Sequence[Tensor]) -> tuple[array, array] | None:
     ~0.15 us each, ~0.1 ms per step for ViT-S's 152 gradients)."""
     ptrs, sizes = [], []
     for t in tensors:
-        if type(t) is not Tensor or t.dtype is not _F32 or not t.is_cpu or not t.is_contiguous():
+        if not eligible(t):
             return None
         ptrs.append(t.data_ptr())
         sizes.append(t.numel())
@@ -213,8 +213,9 @@ def _sums(tensors: Sequence[Tensor], packed: tuple[array, array] | None = None) 
     out = torch.empty(m, dtype=torch.float64)
     if m:
         if packed is None:
-            packed = (array("q", [t.data_ptr() for t in tensors]),
-                      array("q", [t.numel() for t in tensors]))  # fmt: skip
+            packed = addresses(tensors)
+            if packed is None:
+                raise ValueError("_sums: every tensor must be eligible() (see sq_sums)")
         ptrs, sizes = packed
         if len(ptrs) != m or len(sizes) != m:
             raise ValueError(f"_sums: {len(ptrs)} addresses for {m} tensors")
