@@ -354,10 +354,20 @@ def _kept(v: ParamView, states: tuple[str, ...]) -> tuple[Tensor, tuple[Tensor, 
 
 
 def _flat_pair(data: Tensor, ts: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]] | None:
+    return alias_pair(data, ts, _flat)
+
+
+def alias_pair(
+    data: Tensor, ts: tuple[Tensor, ...], make: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, tuple[Tensor, ...]] | None:
+    """``(make(data), tuple(make(t) for t in ts))`` (aliases: flat, or ``(rows, cols)``), noted
+    :func:`~distopt.optim._kernel_compile.private`, or ``None`` where ``data`` or one of ``ts``
+    is not contiguous or a state is not shaped like ``data`` (a ``make`` for
+    :func:`kept_aliases`)."""
     shape = data.shape
     if not data.is_contiguous() or any(not t.is_contiguous() or t.shape != shape for t in ts):
         return None
-    p, sts = _flat(data), tuple(_flat(t) for t in ts)
+    p, sts = make(data), tuple(make(t) for t in ts)
     private(p, *sts)  # the kernels' signatures read their metadata once (see Compiled)
     return p, sts
 

@@ -42,7 +42,7 @@ from distopt.optim import _kernel as K
 from distopt.optim._core import ParamView
 from distopt.optim._functional import device_tensor
 from distopt.optim._kernel_compile import private
-from distopt.optim._kernel_plan import kept_aliases, kept_grad
+from distopt.optim._kernel_plan import alias_pair, kept_aliases, kept_grad
 
 __all__ = ["row_sums", "update_rows", "fused_update", "fusable", "local_rows"]
 
@@ -219,13 +219,8 @@ _row_aliases: dict[tuple, tuple] = {}
 def _rows_pair(data: Tensor, ts: tuple[Tensor, ...], rows: int) -> tuple | None:
     """``(data, states)`` as ``(rows, cols)`` aliases (detached, see :func:`_as_rows`), or
     ``None`` where one of them is not contiguous or not shaped like ``data``."""
-    shape = data.shape
-    if not data.is_contiguous() or any(not t.is_contiguous() or t.shape != shape for t in ts):
-        return None
     cols = data.numel() // rows
-    p, sts = data.view(rows, cols).detach(), tuple(t.view(rows, cols).detach() for t in ts)
-    private(p, *sts)  # the kernels' signatures read their metadata once (see Compiled)
-    return p, sts
+    return alias_pair(data, ts, lambda t: t.view(rows, cols).detach())
 
 
 #: id(gradient) -> its kept ``(rows, cols)`` alias (:func:`_kernel_plan.kept_grad` entries)
