@@ -18,6 +18,10 @@ def test_zero_state_and_traffic_vs_ddp(world):
     res = run(world, "adamw", ("ddp", "distopt-z1", "distopt-z2", "torch-zero"), rounds=1, steps=1, batch=2, seq=16)
     ddp = res["modes"]["ddp"]
     assert ddp["traffic_bytes"] > 0 and ddp["state_bytes"] > 0
+    # every mode's CPU time per step is measured (positive, and at most the ranks' wall time
+    # on their cores plus their communication threads': bounded by a generous factor)
+    for mode, r in res["modes"].items():
+        assert 0 < r["cpu_s"] < 20 * r["step_s"], (mode, r)
     for mode in ("distopt-z1", "distopt-z2"):
         r = res["modes"][mode]
         # state per rank <= 1.05 x total/N (row remainders and replicated step counters only)

@@ -10,8 +10,12 @@ rank) and one optimizer, every mode runs in the same processes, interleaved in r
 
 Reported per mode: optimizer-state bytes on the most loaded rank, bytes each rank sends per step
 under the ring model computed from the collectives *requested* at the ``torch.distributed`` API
-(counted by wrapping it, see ``_collectives.py``), and the median step time (forward, backward,
-step).  Ranks meet through a ``FileStore``; gloo on CPU, NCCL with one GPU per rank.
+(counted by wrapping it, see ``_collectives.py``), the median step time (forward, backward,
+step; per round the slowest rank's) and the median CPU time per step and rank (the process's
+CPU time, its communication threads included, averaged over the ranks).  When the ranks
+outnumber the cores (4 ranks on 2 cores) the step time depends on how the scheduler interleaves
+them; the CPU time is the work each mode asks of the machine, which moves far less between
+rounds.  Ranks meet through a ``FileStore``; gloo on CPU, NCCL with one GPU per rank.
 """
 
 from __future__ import annotations
@@ -126,6 +130,7 @@ def _measure(rank: int, world: int, device: torch.device, cfg: dict[str, Any]) -
             for i in range(2):
                 step(model, opt, i)
         times: dict[str, list[float]] = {m: [] for m in runs}
+        cpu: dict[str, list[float]] = {m: [] for m in runs}
         traffic: dict[str, float] = {}
         # whole-tensor work (Muon's Newton-Schulz): seconds and share of the FLOPs on this rank
         ns: dict[str, list[float]] = {m: [] for m in runs}
@@ -137,12 +142,13 @@ def _measure(rank: int, world: int, device: torch.device, cfg: dict[str, Any]) -
                 dist.barrier()
                 if use_cuda:
                     torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for i in range(cfg["steps"]):
                     step(model, opt, i)
                 if use_cuda:
                     torch.cuda.synchronize()
                 dt = (time.perf_counter() - t0) / cfg["steps"]
+                cpu[m].append((time.process_time() - c0) / cfg["steps"])
                 counter.active = False
                 # barrier bytes are excluded: they are issued outside the active window
                 traffic[m] = counter.ring_bytes(world) / cfg["steps"]
@@ -151,7 +157,7 @@ def _measure(rank: int, world: int, device: torch.device, cfg: dict[str, Any]) -
                 ns[m].append((whole.local_seconds / cfg["steps"], share))
         state = {m: _state_bytes(opt) for m, (_, opt) in runs.items()}
         total_params = sum(p.numel() for p in runs[cfg["modes"][0]][0].parameters())
-    return {"times": times, "traffic": traffic, "state": state, "ns": ns, "params": total_params}
+    return {"times": times, "cpu": cpu, "traffic": traffic, "state": state, "ns": ns, "params": total_params}
 
 
 def run(world: int, optim: str = "adamw", modes: tuple[str, ...] = MODES, rounds: int = 5, steps: int = 3,
@@ -169,6 +175,8 @@ def run(world: int, optim: str = "adamw", modes: tuple[str, ...] = MODES, rounds
         per_round = [max(r["times"][m][i] for r in res["ranks"]) for i in range(rounds)]
         out["modes"][m] = {
             "step_s": statistics.median(per_round),
+            # CPU time per step, averaged over the ranks, median over rounds
+            "cpu_s": statistics.median(statistics.fmean(r["cpu"][m][i] for r in res["ranks"]) for i in range(rounds)),
             "traffic_bytes": max(r["traffic"][m] for r in res["ranks"]),
             "state_bytes": max(r["state"][m] for r in res["ranks"]),
             # Newton-Schulz (whole-tensor) seconds per step and FLOP share, busiest rank
@@ -180,7 +188,8 @@ def run(world: int, optim: str = "adamw", modes: tuple[str, ...] = MODES, rounds
 
 def format_table(result: dict[str, Any], fmt: str = "text") -> str:
     base = result["modes"]["ddp"] if "ddp" in result["modes"] else next(iter(result["modes"].values()))
-    head = ["mode", "step ms", "x DDP", "state MiB/rank", "x DDP", "traffic MiB/step/rank", "x DDP"]
+    head = ["mode", "step ms", "x DDP", "CPU ms/step/rank", "x DDP", "state MiB/rank", "x DDP",
+            "traffic MiB/step/rank", "x DDP"]
     rows = []
     with_ns = any(r.get("ns_s", 0.0) > 0 for r in result["modes"].values())
     if with_ns:
@@ -189,6 +198,7 @@ def format_table(result: dict[str, Any], fmt: str = "text") -> str:
         rows.append([
             m,
             f"{r['step_s'] * 1e3:.1f}", f"{r['step_s'] / base['step_s']:.2f}",
+            f"{r['cpu_s'] * 1e3:.1f}", f"{r['cpu_s'] / max(base['cpu_s'], 1e-12):.2f}",
             f"{r['state_bytes'] / 2**20:.2f}", f"{r['state_bytes'] / max(base['state_bytes'], 1):.2f}",
             f"{r['traffic_bytes'] / 2**20:.2f}", f"{r['traffic_bytes'] / max(base['traffic_bytes'], 1):.2f}",
         ])  # fmt: skip
