@@ -254,6 +254,31 @@ def test_native_sq_sums_are_the_float64_sums(native):
         assert native.addresses([torch.randn(4), bad]) is None
 
 
+def test_native_sq_sums_are_the_same_at_every_thread_count(native):
+    """At more than one thread the tensors are shared out among OpenMP's threads, each sum
+    still one thread's: bitwise the 1-thread sums (and the float64 sums); the library brings no
+    OpenMP runtime of its own into the process (one libgomp mapped: torch's)."""
+    torch.manual_seed(2)
+    xs = [torch.randn(n) for n in (40003, 0, 7, 300000, 129, 65536, 1000, 5)] * 3
+    before = torch.get_num_threads()
+    got = {}
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got[n] = native.sq_sums(xs)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[1], got[2]) and torch.equal(got[1], got[3])
+    want = torch.stack([x.double().square().sum() for x in xs])
+    torch.testing.assert_close(got[2], want, rtol=1e-12, atol=0.0)
+    try:
+        with open("/proc/self/maps") as f:
+            gomps = {line.split()[-1] for line in f if "libgomp" in line}
+    except OSError:
+        return
+    assert len(gomps) <= 1, gomps
+
+
 def test_grad_sq_sums_take_the_native_loop_for_what_it_reads(native, monkeypatch):
     """grad_sq_sums with the native loop: one call for the float32 contiguous gradients, the
     others as before (here: a strided and a bfloat16 one), every sum in its place."""

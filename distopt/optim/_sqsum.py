@@ -9,7 +9,11 @@ read one tensor in several streams.  So :func:`sq_sums` hands every tensor's add
 a small C++ loop, built on first use with the C++ compiler ``torch.compile`` uses (compiled
 mode only: ``DISTOPT_KERNELS=eager`` builds nothing) and kept in a cache directory; it walks
 each tensor in 8 equal parts at once and accumulates in float64 (each sum is exact to float64
-rounding of the squares, closer than a float32 dot).  Where it cannot be built or loaded the
+rounding of the squares, closer than a float32 dot).  At more than one torch thread the tensors
+are shared out among that many OpenMP threads (torch's own runtime, where torch runs on
+libgomp; each sum still one thread's, so the same numbers at every count): a serial loop there
+was a serial part of the step while every kernel around it ran on all threads.  Where it cannot
+be built or loaded the
 callers keep their torch path (:func:`available` is ``False``; a warning says why, once).
 
 The library lives in ``$DISTOPT_CACHE_DIR`` (default: ``distopt`` in
@@ -27,6 +31,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from array import array
 from collections.abc import Sequence
@@ -43,7 +48,10 @@ ENABLED = True
 
 #: the loop: per tensor, 8 parts of 16-element blocks read together (8 streams), float64
 #: accumulators per lane; the remainder (under 128 elements) after them.  ``target_clones``
-#: (GCC, x86-64): an AVX-512, an AVX2 and a plain version, chosen by the CPU at load time.
+#: (GCC, x86-64): an AVX-512, an AVX2 and a plain version of the per-tensor sum, chosen by the
+#: CPU at load time.  With ``threads > 1`` (built with OpenMP, see ``_OPENMP``) the tensors are
+#: shared out among that many threads, one tensor at a time (``schedule(dynamic, 1)``): each
+#: sum is still one thread's, so the numbers are the same at every thread count.
 SOURCE = r"""
 #include <stdint.h>
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -53,37 +61,49 @@ SOURCE = r"""
 #endif
 #define PARTS 8
 #define LANES 16
-extern "C" DISTOPT_CLONES void distopt_sq_sums(const float* const* xs, const int64_t* ns,
-                                               int64_t m, double* out) {
-  for (int64_t t = 0; t < m; t++) {
-    const float* x = xs[t];
-    const int64_t n = ns[t];
-    const int64_t q = (n / (PARTS * LANES)) * LANES;
-    double acc[PARTS][LANES];
-    for (int j = 0; j < PARTS; j++)
-      for (int l = 0; l < LANES; l++) acc[j][l] = 0.0;
-    for (int64_t i = 0; i < q; i += LANES) {
-      for (int j = 0; j < PARTS; j++) {
-        const float* y = x + j * q + i;
-        for (int l = 0; l < LANES; l++) {
-          const double d = y[l];
-          acc[j][l] += d * d;
-        }
+static DISTOPT_CLONES __attribute__((noinline)) double distopt_sq_sum(const float* x,
+                                                                        const int64_t n) {
+  const int64_t q = (n / (PARTS * LANES)) * LANES;
+  double acc[PARTS][LANES];
+  for (int j = 0; j < PARTS; j++)
+    for (int l = 0; l < LANES; l++) acc[j][l] = 0.0;
+  for (int64_t i = 0; i < q; i += LANES) {
+    for (int j = 0; j < PARTS; j++) {
+      const float* y = x + j * q + i;
+      for (int l = 0; l < LANES; l++) {
+        const double d = y[l];
+        acc[j][l] += d * d;
       }
     }
-    double s = 0.0;
-    for (int j = 0; j < PARTS; j++)
-      for (int l = 0; l < LANES; l++) s += acc[j][l];
-    for (int64_t i = PARTS * q; i < n; i++) {
-      const double d = x[i];
-      s += d * d;
-    }
-    out[t] = s;
   }
+  double s = 0.0;
+  for (int j = 0; j < PARTS; j++)
+    for (int l = 0; l < LANES; l++) s += acc[j][l];
+  for (int64_t i = PARTS * q; i < n; i++) {
+    const double d = x[i];
+    s += d * d;
+  }
+  return s;
+}
+extern "C" void distopt_sq_sums(const float* const* xs, const int64_t* ns, int64_t m,
+                                double* out, int threads) {
+#ifdef _OPENMP
+  if (threads > 1 && m > 1) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t t = 0; t < m; t++) out[t] = distopt_sq_sum(xs[t], ns[t]);
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < m; t++) out[t] = distopt_sq_sum(xs[t], ns[t]);
 }
 """
 
 _FLAGS = ("-O3", "-shared", "-fPIC", "-x", "c++")
+#: build with OpenMP (``-fopenmp``) where torch's CPU threads are OpenMP's (its parallel backend):
+#: the library then needs ``libgomp.so.1``, which the loader finds already loaded by torch (the
+#: same runtime and thread pool as torch's and inductor's kernels; a second runtime's threads
+#: would spin against them); elsewhere a serial build (``threads`` is ignored)
+_OPENMP = ("-fopenmp",)
 _lib: ctypes.CDLL | None = None
 _state: str = ""  # "" not tried, "ok", "failed"
 
@@ -109,14 +129,9 @@ def _cache_dir() -> str:
     return os.path.join(base, "distopt")
 
 
-def _build() -> ctypes.CDLL:
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found ($CXX, g++, c++, clang++)")
-    version = subprocess.run(
-        [cxx, "--version"], capture_output=True, text=True, timeout=60, check=True
-    ).stdout
-    key = hashlib.sha256("\0".join([SOURCE, cxx, version, *_FLAGS]).encode()).hexdigest()[:20]
+def _built(cxx: str, version: str, flags: tuple[str, ...]) -> str:
+    """The path of the library built with ``flags`` (built now unless the cache has it)."""
+    key = hashlib.sha256("\0".join([SOURCE, cxx, version, *flags]).encode()).hexdigest()[:20]
     d = _cache_dir()
     path = os.path.join(d, f"sqsum-{key}.so")
     if not os.path.exists(path):
@@ -126,16 +141,53 @@ def _build() -> ctypes.CDLL:
             with open(src, "w") as f:
                 f.write(SOURCE)
             res = subprocess.run(
-                [cxx, *_FLAGS, src, "-o", out], capture_output=True, text=True, timeout=300
+                [cxx, *flags, src, "-o", out], capture_output=True, text=True, timeout=300
             )
             if res.returncode != 0:
                 raise RuntimeError(f"{cxx} failed: {res.stderr.strip()[-2000:]}")
             os.replace(out, path)  # atomic: a concurrent build's file is whole
+    return path
+
+
+def _build() -> ctypes.CDLL:
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found ($CXX, g++, c++, clang++)")
+    version = subprocess.run(
+        [cxx, "--version"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    last: Exception | None = None
+    # with OpenMP where torch runs on GCC's libgomp, else (or should that build fail) serial
+    for flags in ((_FLAGS + _OPENMP,) if _openmp(version) else ()) + (_FLAGS,):
+        try:
+            path = _built(cxx, version, flags)
+            break
+        except RuntimeError as exc:
+            last = exc
+    else:
+        raise last  # type: ignore[misc]
     lib = ctypes.CDLL(path)
     fn = lib.distopt_sq_sums
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     return lib
+
+
+def _openmp(version: str) -> bool:
+    """Whether to build with OpenMP: Linux, a GCC compiler (``version``: its ``--version``; its
+    ``-fopenmp`` links ``libgomp.so.1``), and torch's CPU threads on that same runtime (its
+    parallel backend is OpenMP and a ``libgomp`` is loaded in this process)."""
+    if (
+        not sys.platform.startswith("linux")
+        or "clang" in version.lower()
+        or "parallel backend: OpenMP" not in torch.__config__.parallel_info()
+    ):
+        return False
+    try:
+        with open("/proc/self/maps") as f:
+            return "/libgomp" in f.read()
+    except OSError:
+        return False
 
 
 def available() -> bool:
@@ -206,6 +258,9 @@ def sq_sums(tensors: Sequence[Tensor]) -> Tensor:
     return _sums(tensors)
 
 
+_threads = torch.get_num_threads
+
+
 def _sums(tensors: Sequence[Tensor], packed: tuple[array, array] | None = None) -> Tensor:
     """:func:`sq_sums` for tensors the caller checked with :func:`eligible` (``packed``: their
     :func:`addresses`, when the caller has them already)."""
@@ -220,7 +275,8 @@ def _sums(tensors: Sequence[Tensor], packed: tuple[array, array] | None = None) 
         if len(ptrs) != m or len(sizes) != m:
             raise ValueError(f"_sums: {len(ptrs)} addresses for {m} tensors")
         # array.array instead of ctypes arrays: ~7 us instead of ~100 for 152 tensors
+        # at torch's thread count: more than 1 shares the tensors out among OpenMP's threads
         _lib.distopt_sq_sums(  # type: ignore[union-attr]
-            ptrs.buffer_info()[0], sizes.buffer_info()[0], m, out.data_ptr()
+            ptrs.buffer_info()[0], sizes.buffer_info()[0], m, out.data_ptr(), _threads()
         )
     return out
