@@ -176,7 +176,8 @@ def _build() -> ctypes.CDLL:
 def _openmp(version: str) -> bool:
     """Whether to build with OpenMP: Linux, a GCC compiler (``version``: its ``--version``; its
     ``-fopenmp`` links ``libgomp.so.1``), and torch's CPU threads on that same runtime (its
-    parallel backend is OpenMP and a ``libgomp`` is loaded in this process)."""
+    parallel backend is OpenMP and a ``libgomp.so.1`` is loaded in this process, which the
+    library's own need of that name then resolves to)."""
     if (
         not sys.platform.startswith("linux")
         or "clang" in version.lower()
@@ -185,7 +186,9 @@ def _openmp(version: str) -> bool:
         return False
     try:
         with open("/proc/self/maps") as f:
-            return "/libgomp" in f.read()
+            # exactly this name: a wheel's renamed copy (libgomp-<hash>.so.1) would leave the
+            # loader to bring in the system's libgomp.so.1 beside it, a second runtime
+            return any(line.rstrip().endswith("/libgomp.so.1") for line in f)
     except OSError:
         return False
 
