@@ -54,7 +54,8 @@ from distopt.optim._factored import (  # the runner calls the phases by these mo
     step_factored,
 )
 from distopt.optim._functional import device_tensor
-from distopt.optim._kernel_plan import kept_aliases
+from distopt.optim._kernel_compile import private
+from distopt.optim._kernel_plan import kept_aliases, kept_grad
 
 __all__ = ["Layout", "layout", "Options", "pack", "run", "SC", "EAGER_BELOW"]
 
@@ -172,11 +173,26 @@ def _kept5(
     def make(data: Tensor, ts: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
         if not data.is_contiguous() or not all(t.is_contiguous() for t in ts):
             return None
-        return (data.view(shape5).detach(),) + tuple(
+        out = (data.view(shape5).detach(),) + tuple(
             t.view(sh).detach() for t, sh in zip(ts, shapes)
         )
+        private(*out)  # the kernels' signatures read their metadata once (see Compiled)
+        return out
 
     return kept_aliases(_fives, (id(v.param), shape5, names), v, names, make)
+
+
+#: id(gradient) -> an entry of :func:`_kernel_plan.kept_grad`: the 5-D alias of a gradient that
+#: stays one tensor across steps (noted private); a fresh gradient each step adds one entry
+_grads5: dict[int, tuple] = {}
+
+
+def _grad5(g: Tensor, shape5: tuple[int, ...], back: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """The 5-D alias of the gradient ``g`` (as :func:`_as5`): kept while ``g`` is the same
+    contiguous tensor, else :func:`_as5`'s (a copy where ``g`` is not contiguous)."""
+    if not g.is_contiguous():
+        return _as5(g, shape5, back)
+    return kept_grad(_grads5, g, lambda t: t.view(shape5).detach(), shape5)
 
 
 def _swapped(v: ParamView, lay: Layout, opt: Options) -> bool:
@@ -275,6 +291,7 @@ def run(
             x = made.get(key)
             if x is None:
                 x = made[key] = device_tensor(key[0], dt, dev)  # no stream sync
+                private(x)
             seen[(id(values), dev, dt)] = x
         sc.append(x)
         if dev not in aux:
@@ -303,7 +320,7 @@ def run(
         names = (kr, kc) if m is None else (kr, kc, "exp_avg")
         kept = _kept5(v, s5, names, (r5, c5, s5))
         if kept is not None:
-            t = {"p": kept[0], "g": _as5(v.grad, s5, back), "r": kept[1], "c": kept[2]}
+            t = {"p": kept[0], "g": _grad5(v.grad, s5, back), "r": kept[1], "c": kept[2]}
             t["m"] = None if m is None else kept[3]
         else:
             t = {
