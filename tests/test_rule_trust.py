@@ -10,6 +10,8 @@ gradients at 1 thread) against the plain sums and against timm on a tensor large
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -348,6 +350,34 @@ def test_native_loop_that_cannot_be_built_leaves_the_torch_path(monkeypatch, cap
     torch.testing.assert_close(s.double(), g.double().square().sum(), rtol=1e-5, atol=0.0)
     with pytest.raises(RuntimeError, match="not available"):
         _sqsum.sq_sums([g])
+
+
+def test_native_loop_whose_openmp_build_fails_is_built_serial(monkeypatch, tmp_path):
+    """Where the OpenMP build fails (here: a flag the compiler refuses), the serial build is
+    used: available(), the same sums at 2 threads, no warning."""
+    from distopt.optim import _sqsum
+
+    if _sqsum._compiler() is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv("DISTOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_sqsum, "_state", "")
+    monkeypatch.setattr(_sqsum, "_lib", None)
+    monkeypatch.setattr(_sqsum, "_openmp", lambda version: True)
+    monkeypatch.setattr(_sqsum, "_OPENMP", ("-fno-such-option-distopt",))
+    K.set_mode("compile")
+    before = torch.get_num_threads()
+    try:
+        assert _sqsum.available()
+        torch.set_num_threads(2)
+        xs = [torch.randn(n) for n in (1000, 40003, 3)]
+        got = _sqsum.sq_sums(xs)
+    finally:
+        torch.set_num_threads(before)
+        K.set_mode(None)
+    built = [f for f in os.listdir(tmp_path) if f.endswith(".so")]
+    assert len(built) == 1, built  # the serial build only
+    want = torch.stack([x.double().square().sum() for x in xs])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
 
 
 def test_native_loop_cache_directory(monkeypatch, tmp_path):
