@@ -6,21 +6,27 @@ place since a given moment (the version counter that autograd's saved-tensor che
 FSDP2 reduce its accumulated gradients outside a backward pass, to build a ``ShardedTensor``
 of uneven row shards from metadata every rank already has (without a collective per tensor), or
 to compile a graph with inductor from a ``torch.compile`` backend of one's own (the optimizer
-kernels note the compiled graph so that repeated calls skip dynamo's frame evaluation).
+kernels note the compiled graph so that repeated calls skip dynamo's frame evaluation), or to
+call an inductor-compiled graph's generated code without the wrappers around it (which cost
+~100 us a call on caches a kernel has just flushed).
 Everything else in distopt uses public torch APIs.  ``tests/test_private_apis.py`` fails loudly
 when a torch release removes or changes one of these (see docs/architecture.md, "Private APIs").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "fsdp2_reduce_now",
+    "compiled_fx_graph",
     "inductor_compiler",
+    "watch_generated_call",
     "queue_end_of_backward",
     "sharded_tensor_from_metadata",
     "version_of",
@@ -119,3 +125,62 @@ def inductor_compiler(options: dict | None) -> Callable[[object, list], Callable
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     return compile_inductor
+
+
+def compiled_fx_graph(compiled: object) -> object | None:
+    """The ``CompiledFxGraph`` (inductor's output) inside the wrappers ``compile_fx`` returned
+    (AOT autograd's forward, its runtime wrapper), found through ``__wrapped__``, ``compiled_fn``
+    and closure cells; ``None`` where there is none (another torch, another shape of wrappers)."""
+    try:
+        from torch._inductor.output_code import CompiledFxGraph
+    except ImportError:
+        return None
+    stack, seen = [compiled], set()
+    while stack and len(seen) < 64:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, CompiledFxGraph):
+            ok = callable(getattr(obj, "current_callable", None)) and getattr(obj, "_boxed_call", False)
+            return obj if ok else None
+        for cell in getattr(obj, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if callable(value) and not isinstance(value, type):
+                stack.append(value)
+        for name in ("__wrapped__", "compiled_fn"):
+            value = getattr(obj, name, None)
+            if value is not None and callable(value):
+                stack.append(value)
+    return None
+
+
+@contextlib.contextmanager
+def watch_generated_call(fx: object, seen: list) -> Iterator[Callable[[list], Any]]:
+    """Watch the calls of the inductor output ``fx`` (see :func:`compiled_fx_graph`) reach its
+    generated code; yields that code's boxed ``call(args: list) -> outputs``.
+
+    Within the ``with`` block, each call appends to ``seen`` the argument list the generated
+    ``call`` got and then what it returned.  A caller that finds both to be the very objects it
+    passed to the wrappers and got back from them knows that the wrappers (AOT autograd's
+    runtime wrapper, ``CompiledFxGraph.__call__``: input mutations written back, aliased outputs
+    regenerated, profiler and metrics records) did nothing for that graph, and may call the
+    generated ``call`` directly with a fresh list of the same arguments (it clears the list).
+    No public API reaches it.
+    """
+    original = fx.current_callable  # type: ignore[attr-defined]
+
+    def watched(args: list) -> Any:
+        seen.append(list(args))
+        out = original(args)
+        seen.append(out)
+        return out
+
+    fx.current_callable = watched  # type: ignore[attr-defined]
+    try:
+        yield original
+    finally:
+        fx.current_callable = original  # type: ignore[attr-defined]

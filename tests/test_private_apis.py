@@ -124,3 +124,34 @@ def test_torch_inductor_compiler_for_an_own_backend():
         "torch._inductor.compile_fx.compile_fx(gm, example_inputs, config_patches=) is gone: "
         "distopt's optimizer kernels lose their direct calls (see _kernel.Compiled)"
     )
+
+
+def test_torch_inductor_generated_call_is_reachable():
+    """``_kernel.Compiled``'s direct calls call inductor's generated code itself where the
+    wrappers around it do nothing (``_kernel.GENERATED``): ``compiled_fx_graph`` finds the
+    ``CompiledFxGraph`` inside what ``compile_fx`` returned, and ``watch_generated_call`` sees
+    a call reach its boxed ``current_callable``.  Without them the kernels keep calling
+    through the wrappers (~100 us more a call on cold caches)."""
+
+    def fn(x, y):
+        return x * 2.0 + y
+
+    compiled = []
+
+    def backend(gm, example_inputs):
+        compiled.append(tp.inductor_compiler({})(gm, example_inputs))
+        return compiled[-1]
+
+    f = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+    x, y = torch.randn(5), torch.randn(5)
+    torch.testing.assert_close(f(x, y), x * 2.0 + y)
+    fx = tp.compiled_fx_graph(compiled[0])
+    assert fx is not None, (
+        "torch._inductor.output_code.CompiledFxGraph (with a boxed current_callable) is no "
+        "longer inside compile_fx's wrappers: distopt's kernels lose their generated calls"
+    )
+    seen = []
+    with tp.watch_generated_call(fx, seen) as call:
+        out = compiled[0](5, x, y)
+    assert callable(call) and len(seen) == 2 and seen[1][0] is out[0]
+    torch.testing.assert_close(call([5, x, y])[0], x * 2.0 + y)

@@ -103,7 +103,10 @@ SMALL = 1 << 15
 #: loading a probe library per ISA first (inductor's check: ~10 s of the first cold compile in
 #: a fresh cache, paid by whichever optimizer compiles first); should the compiler not support
 #: the ISA after all, the compile fails and the rule runs eagerly, with a warning
-COMPILE_OPTIONS = {"cpp.dynamic_threads": True, "cpp.vec_isa_ok": True}
+#: (``size_asserts`` off: the generated code's per-call checks of every input's sizes and
+#: strides, ~25 us a call on caches a kernel has just flushed, repeat what dynamo's guards and
+#: the direct calls' signature already established)
+COMPILE_OPTIONS = {"cpp.dynamic_threads": True, "cpp.vec_isa_ok": True, "size_asserts": False}
 #: the ``torch.compile`` backend, a name or a callable (tests count the graphs of every rule with
 #: a backend that runs them as traced, without building C++)
 BACKEND = "inductor"
@@ -112,6 +115,9 @@ BACKEND = "inductor"
 DIRECT = True
 #: compute a kernel's scalar maths once per call (see :func:`_hoist_scalars`)
 HOIST = True
+#: direct calls call inductor's generated code itself where the wrappers around it do nothing
+#: for the graph (see ``_kernel_compile._passed_through``); ``False``: through the wrappers
+GENERATED = True
 #: build each CPU kernel twice at most, by ``torch.get_num_threads()`` at the call: for 1 thread
 #: serial C++ without OpenMP (``cpp.dynamic_threads`` gave every loop of every call an OpenMP
 #: region, even at 1 thread), for more ``COMPILE_OPTIONS``' build without scalar hoisting (each

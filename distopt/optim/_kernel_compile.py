@@ -120,10 +120,27 @@ class Compiled:
             _hoist_scalars(gm)
         graph = (inner or self._inner)(gm, example_inputs)  # type: ignore[misc]
         noted = self._noted
+        fx = _torch_private.compiled_fx_graph(graph) if K.GENERATED else None
+
+        def boxed(graph_args: list) -> Any:
+            return graph(*graph_args)
 
         def graph_call(*args: Any) -> Any:
-            out = graph(*args)
-            noted.append((graph, args, out))
+            if fx is None:
+                out = graph(*args)
+                noted.append((boxed, args, out))
+                return out
+            seen: list[Any] = []
+            versions = [(i, _torch_private.version_of(a)) for i, a in enumerate(args) if isinstance(a, Tensor)]
+            with _torch_private.watch_generated_call(fx, seen) as generated:
+                out = graph(*args)
+            call = boxed
+            if _passed_through(args, out, seen):
+                # the inputs the wrappers marked as written (their version counters, which
+                # autograd's saved-tensor checks read): a direct call marks them the same way
+                written = tuple(i for i, v in versions if _torch_private.version_of(args[i]) != v)
+                call = _marking(generated, written) if written else generated
+            noted.append((call, args, out))
             return out
 
         return graph_call
@@ -139,8 +156,8 @@ class Compiled:
         if key is not None:
             direct = directs.get(key)
             if direct:
-                graph, plan, ret = direct
-                res = graph(*[tensors[a] if a >= 0 else c for a, c in plan])
+                call, plan, ret = direct
+                res = call([tensors[a] if a >= 0 else c for a, c in plan])
                 if ret is None or type(ret) is int:
                     return None if ret is None else res[ret]
                 return tuple(None if j is None else res[j] for j in ret)
@@ -150,6 +167,38 @@ class Compiled:
             directs[key] = _direct_plan(self._noted, tensors, out)
         self._noted.clear()
         return out
+
+
+def _passed_through(args: tuple, out: Any, seen: list[Any]) -> bool:
+    """Whether one call of a compiled graph reached inductor's generated code with exactly
+    ``args`` (the same tensor objects, equal sizes) and returned exactly its outputs (the same
+    tensor objects): then the wrappers between them did nothing for this graph, and its direct
+    calls may call the generated code itself (see ``_torch_private.watch_generated_call``)."""
+    if len(seen) != 2 or not isinstance(out, (list, tuple)) or not isinstance(seen[1], (list, tuple)):
+        return False
+    got, res = seen
+    if len(got) != len(args) or len(res) != len(out):
+        return False
+    for a, b in zip(args, got):
+        if isinstance(a, Tensor) or isinstance(b, Tensor):
+            if a is not b:
+                return False
+        elif type(a) is not type(b) or a != b:
+            return False
+    # outputs the wrappers marked for dynamo's dynamic shapes are left to them
+    return all(a is b and not hasattr(a, "_dynamo_dynamic_indices") for a, b in zip(out, res))
+
+
+def _marking(call: Callable[[list], Any], written: tuple[int, ...]) -> Callable[[list], Any]:
+    """``call`` that first bumps the version counters of its arguments at ``written`` (what
+    AOT autograd's runtime wrapper does for the inputs a graph writes in place)."""
+    increment = torch.autograd.graph.increment_version
+
+    def marked(graph_args: list) -> Any:
+        increment(tuple(graph_args[i] for i in written))
+        return call(graph_args)
+
+    return marked
 
 
 def _first_tensor(args: tuple) -> Tensor | None:
@@ -339,7 +388,7 @@ def _signature(args: tuple, tensors: list[Tensor]) -> tuple | None:
 
 
 def _direct_plan(noted: list[tuple[Any, tuple, Any]], tensors: list[Tensor], out: Any) -> Any:
-    """``(graph, [(caller tensor index, -1) or (-1, constant)], output)`` from the one graph
+    """``(call, [(caller tensor index, -1) or (-1, constant)], output)`` from the one graph
     call dynamo made (output: the index of the returned graph output, a tuple of such indices
     and Nones, or None), or ``False`` (keep calling through dynamo)."""
     if len(noted) != 1:
