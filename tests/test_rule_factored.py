@@ -234,6 +234,73 @@ def test_stacked_vectors_equal_one_optimizer_per_tensor(name, monkeypatch):
     assert torch.Size([2, 7]) in calls, "vectors at a different step were stacked together"
 
 
+@pytest.mark.parametrize("name", ["adafactor", "adafactorbv"])
+def test_stacked_states_are_kept_views_of_one_stack(name):
+    """The states of a unit of equal unfactored tensors become views of one stack per state,
+    kept across steps (nothing stacked or copied back for them): a write into a state in place
+    is seen, a ``load_state_dict`` resumes bit for bit against an uninterrupted run, a skipped
+    step (another unit) still gives the per-tensor numbers, and a dropped optimizer leaves none
+    of its state alive in the cache."""
+    import copy
+    import gc
+    import weakref
+
+    makers = {
+        "adafactor": _MAKERS["adafactor"],
+        "adafactorbv": lambda p: do.AdafactorBigVision(p, lr=1e-2, weight_decay=0.01),
+    }
+    make = makers[name]
+    torch.manual_seed(0)
+    shapes = [(7,), (7,), (7,), (3, 7)]
+    base = [torch.randn(s) for s in shapes]
+    runs = {k: [torch.nn.Parameter(b.clone()) for b in base] for k in ("kept", "apart", "resumed")}
+    opt = make(runs["kept"])
+    apart = [make([q]) for q in runs["apart"]]
+    resumed = make(runs["resumed"])
+    for t in range(8):
+        gen = torch.Generator().manual_seed(t)
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for k, ps in runs.items():
+            for i, (q, g) in enumerate(zip(ps, grads)):
+                q.grad = None if (t == 3 and i == 0) else g.clone()
+        opt.step()
+        for o in apart:
+            o.step()
+        resumed.step()
+        if t == 0:
+            vecs = [opt.state[q]["exp_avg_sq"] for q in runs["kept"][:3]]
+            ptrs = {v.untyped_storage().data_ptr() for v in vecs}
+            assert len(ptrs) == 1, "the three vectors' states are not views of one stack"
+            del vecs
+        if t >= 6:  # kept: the same state tensors from step to step (no stacking again)
+            now = [o.state[ps[1]]["exp_avg_sq"] for o, ps in ((opt, runs["kept"]),
+                                                              (resumed, runs["resumed"]))]  # fmt: skip
+            assert t == 6 or all(a is b for a, b in zip(now, kept_state)), (
+                "the stack was made again without a change"
+            )
+            kept_state = now
+        if t == 1:  # in place, into a state of each run
+            for o, q in ((opt, runs["kept"][1]), (apart[1], runs["apart"][1]),
+                         (resumed, runs["resumed"][1])):  # fmt: skip
+                o.state[q]["exp_avg_sq"].mul_(2.0)
+        if t == 4:  # fresh state tensors with the same values (the stack is made again)
+            sd = copy.deepcopy(resumed.state_dict())
+            resumed = make(runs["resumed"])
+            resumed.load_state_dict(sd)
+            del sd  # the states it gave go when the stack replaces them
+    for a, b, c in zip(runs["kept"], runs["apart"], runs["resumed"]):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+        assert torch.equal(a, c), "the resumed run is not the uninterrupted one bit for bit"
+    # after the skipped step, parameters 1 and 2 (one step count) are the stacked unit
+    assert any(key[1] == (id(runs["kept"][1]), id(runs["kept"][2])) for key in R._stacks)
+    states = [weakref.ref(t) for q in runs["kept"] for t in opt.state[q].values()
+              if isinstance(t, torch.Tensor)]  # fmt: skip
+    del opt, q, kept_state, now
+    gc.collect()
+    assert not [r for r in states if r() is not None], "the cache kept a dropped optimizer's state"
+    assert not any(id(runs["kept"][1]) in key[1] for key in R._stacks)
+
+
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_parameter_written_between_steps_is_seen(mode, monkeypatch):
     """The parameter RMS (``scale_parameter``) of an unsharded factored tensor follows writes to
