@@ -216,10 +216,11 @@ def _kernel_factory(
         old = dict(zip(states, sts))
         if base != "update":
             parts = rule(p, g, old, s, phase="sums", **opts)
-            stats = _sum_parts([parts[k] for k in sums], rows)
             if base == "sums":
-                return stats
-        if stats is not None:  # 0-dim per name, or one (n, 1) column per name for rows
+                return _sum_parts([parts[k] for k in sums], rows)
+            # fused: each sum straight into s (no stacked buffer written and taken apart)
+            s.update((k, _sum_one(parts[k], rows)) for k in sums)
+        elif stats is not None:  # 0-dim per name, or one (n, 1) column per name for rows
             s.update(zip(sums, stats.t().unsqueeze(-1).unbind(0) if rows else stats.unbind(0)))
         kw = dict(opts, phase="update") if sums else opts
         new_p, new = rule(p, g, old, s, **kw)
@@ -231,13 +232,19 @@ def _kernel_factory(
     return _named(kernel, f"distopt_{rule.__name__}_{phase}")
 
 
+def _sum_one(x: Tensor, rows: bool) -> Tensor:
+    """The whole-tensor sum of ``x`` (float64 accumulation: more exact than float32, and
+    inductor's CPU reduction to float64 vectorises without its cascade-sum helper): 0-dim, or
+    an ``(n, 1)`` column of per-row sums when ``rows``."""
+    return x.sum(dim=-1, keepdim=True, dtype=torch.float64) if rows else x.sum(dtype=torch.float64)
+
+
 def _sum_parts(parts: list[Tensor], rows: bool) -> Tensor:
-    """Whole-tensor sums of ``parts`` (float64 accumulation: more exact than float32, and
-    inductor's CPU reduction to float64 vectorises without its cascade-sum helper), stacked:
-    ``(k,)``, or ``(n, k)`` per row when ``rows``."""
+    """:func:`_sum_one` of each of ``parts``, stacked: ``(k,)``, or ``(n, k)`` per row when
+    ``rows``."""
     if rows:
-        return torch.stack([x.sum(dim=-1, dtype=torch.float64) for x in parts], -1)
-    return torch.stack([x.sum(dtype=torch.float64) for x in parts])
+        return torch.cat([_sum_one(x, True) for x in parts], -1)
+    return torch.stack([_sum_one(x, False) for x in parts])
 
 
 def _store(outs: Iterable[tuple[Tensor, Tensor]], found_inf: Tensor | None) -> None:
