@@ -146,13 +146,13 @@ class _Traced:
 @pytest.mark.parametrize("cid", ["adamp", "adamp-project-nesterov", "sgdp"])
 def test_fused_kernel_equals_the_three_step_form(cid, kernel_mode, monkeypatch):
     """Unsharded tensors under compiled kernels take ONE kernel per tensor (channel sums,
-    :func:`local_factors`, the update): ``fused`` (the update recomputes ``u``), or for AdamP
-    (``u_once``) ``once`` (``u`` computed once for the sums and the update); traced, they
-    give the numbers of the three-step form (``row_sums``, ``channel_factors``,
-    ``update_rows``, as sharded tensors take) and of eager.  ``mixed``: in one step, AdamP's
-    tensors up to ``ONCE_MAX`` elements take ``once``, those up to ``SCRATCH_MAX`` two kernels
-    (``store``: the states, ``u`` in a kept buffer and the channel sums; ``finish``: the
-    factors, ``p`` from ``u``), larger ones ``fused``."""
+    :func:`local_factors`, the update): ``once`` (SGDP: its last loop computes ``u`` from the
+    momentum buffer as just stored; AdamP, ``u_once``: ``u`` computed once for the sums and
+    the update); traced, they give the numbers of the three-step form (``row_sums``,
+    ``channel_factors``, ``update_rows``, as sharded tensors take) and of eager.  ``mixed``:
+    in one step, AdamP's tensors up to ``ONCE_MAX`` elements take ``once``, those up to
+    ``SCRATCH_MAX`` two kernels (``store``: the states, ``u`` in a kept buffer and the channel
+    sums; ``finish``: the factors, ``p`` from ``u``), larger ones ``fused``."""
     from distopt.optim import _rule_rows as RR
 
     monkeypatch.setattr(K, "BACKEND", _Traced())
@@ -175,12 +175,48 @@ def test_fused_kernel_equals_the_three_step_form(cid, kernel_mode, monkeypatch):
         res[name] = p
         phases[name] = {k[1] for k in set(RR._kernels) - before if k[2]}
     two = cid.startswith("adamp")  # AdamP: u_once
-    assert phases["fused"] == ({"once"} if two else {"fused"}), phases
+    assert phases["fused"] == {"once"}, phases
     assert phases["mixed"] == ({"store", "finish", "fused"} if two else set()), phases
     assert phases["three"] == {"rows", "update"}, phases
     for other in ("eager", "mixed", "three"):
         for a, b in zip(res[other], res["fused"]):
             torch.testing.assert_close(a.detach(), b.detach(), rtol=case.tol, atol=case.tol)
+
+
+@pytest.mark.skipif(not K._can_compile(torch.device("cpu")), reason="no C++ compiler")
+@pytest.mark.parametrize("name, buffers, loads", [("SGDP", 0, 3 + 2), ("AdamP", 1, 4 + 2)])
+def test_one_kernel_reads_each_tensor_once_per_loop(name, buffers, loads, kernel_mode, monkeypatch):
+    """Inductor's C++ for the one-kernel form: SGDP's first loop reads p, g and the momentum
+    buffer and stores the buffer, its last reads p and the buffer where the first stored it
+    (one in-place foreach copy of the states; with a ``copy_`` per state the last loop reads p, g
+    and the old buffer again and stores both: 6 loads), no tensor-sized buffer per call; AdamP
+    reads p, g, m, v, then p and ``u`` (one buffer per call, stored by the first loop:
+    recomputing u in the last loop was slower)."""
+    import re
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from distopt.optim import _rule_rows as RR
+
+    for mod in (K, RR):
+        monkeypatch.setattr(mod, "_kernels", {})
+        monkeypatch.setattr(mod, "_failed", set())
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # generate, not a cache hit
+    kernel_mode("compile")
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(48, 40, generator=gen))
+    opt = getattr(do, name)([p], lr=0.1, weight_decay=0.1)
+    p.grad = torch.randn(48, 40, generator=gen)
+    _, codes = run_and_get_code(opt.step)
+    assert len(codes) == 1, "one kernel"
+    found = re.findall(r"empty_strided_cpu\(\(s\d+, s\d+\)", codes[0])
+    assert len(found) == buffers, codes[0]
+    # whole vectors of the (rows, cols) tensors (the masked column tails load them again)
+    vectors = (
+        r"loadu\(\w+ \+ static_cast<int64_t>\(x1 \+ ks1\*x0\), static_cast<int64_t>\(16\)\)"
+    )
+    assert len(re.findall(vectors, codes[0])) == loads, codes[0]
 
 
 class _Counting(_Traced):

@@ -13,11 +13,11 @@ express.  This module runs the same kind of rule over each parameter viewed as
   ``(rows, 1)`` tensor, broadcast inside the kernel), the results written in place as
   :func:`~distopt.optim._kernel.apply` does: one read and one write of each tensor;
 * :func:`fused_update` (unsharded tensors, compiled): both without the reduction across ranks
-  in between, in one kernel per tensor; for a rule whose ``u`` is costly to recompute
-  (``rule.u_once``: AdamP) that kernel computes ``u`` once: its first loop writes the states
-  and ``u`` and sums the channels, its last reads ``p`` and ``u`` only (tensors over
-  ``ONCE_MAX`` elements: the same in two kernels, ``store`` and ``finish``, with a kept buffer
-  for ``u``).
+  in between, in one kernel per tensor: its first loop writes the states and sums the
+  channels, its last reads ``p`` and the states as stored (SGDP), or, for a rule whose ``u``
+  is costly to recompute (``rule.u_once``: AdamP), ``p`` and ``u`` (written by the first loop
+  to a buffer of the call; tensors over ``ONCE_MAX`` elements: the same in two kernels,
+  ``store`` and ``finish``, with a kept buffer for ``u``).
 
 All compile with ``torch.compile(dynamic=True, fullgraph=True)`` (through
 :func:`distopt.optim._kernel.compiled_kernel`: repeated calls skip dynamo) under the same mode
@@ -97,20 +97,24 @@ def _factory(key: tuple, phase: str) -> Callable[..., Any]:
 
 
 def _once_factory(key: tuple) -> Callable[..., Any]:
-    """:func:`fused_update`'s kernel for a rule with ``u_once``: ``rule(..., phase="rows")``
-    gives the channel products, ``u`` and the new states; the states are stored in place and
-    the channel sums give ``factor = decide(sums, s)`` per row, then ``p <- rule(p * factor,
-    ..., {"u": u}, phase="apply")``.
+    """:func:`fused_update`'s kernel: ``rule(..., phase="rows")`` gives the channel products,
+    ``u`` and the new states; the states are stored in place and the channel sums give
+    ``factor = decide(sums, s)`` per row, then ``p <- rule(p * factor, g, given,
+    phase="apply")``, ``given`` being ``{"u": u}`` for a rule with ``u_once`` (AdamP: a square
+    root and a division per element), else the new states as stored (SGDP: ``u`` is the
+    momentum buffer, or a sum with the gradient).
 
-    The same ``u`` feeds the sums and the update, so inductor computes it once: the first loop
-    (over rows, then columns) reads ``p``, ``g`` and the states, writes the states and ``u``
-    (a buffer of the call) and sums the channels; the last reads ``p`` and ``u`` only and
-    writes ``p``.  One call per tensor (each costs ~0.1-0.2 ms of host work after a loop that
-    streamed megabytes), no second read of the gradient and states, and ``u`` (a square root
-    and a division per element for AdamP) is not computed twice.  Every state store is
-    multiplied by ``one`` (exact ones, one per row): the stores then iterate like the row sums,
-    and inductor writes them in the sums' loop (without it the flat stores take a loop of their
-    own, which reads the tensors again)."""
+    Inductor makes two loops over the tensor.  The first (over rows, then columns) reads ``p``,
+    ``g`` and the states, writes the states (and, ``u_once``, ``u`` to a buffer of the call)
+    and sums the channels.  The last reads ``p`` and ``u`` (``u_once``), or ``p`` and the
+    stored states (and ``g`` where ``u`` needs it: Nesterov), and writes ``p``.  One call per
+    tensor (each costs ~0.1-0.2 ms of host work after a loop that streamed megabytes), no
+    second read of the gradient and the old states.  Every state store is multiplied by
+    ``one`` (exact ones, one per row): the stores then iterate like the row sums, and inductor
+    writes them in the sums' loop (without it the flat stores take a loop of their own, which
+    reads the tensors again)."""
+
+    u_once = getattr(key[0], "u_once", False)
 
     def kernel(
         p: Tensor,
@@ -121,8 +125,9 @@ def _once_factory(key: tuple) -> Callable[..., Any]:
         inv: Tensor | None,
         found_inf: Tensor | None,
     ) -> Tensor:
-        s, u, stats = _rows_store(key, p, g, sts, sc, one, inv, found_inf)
-        return _rows_finish(key, p, u, stats, s, found_inf)
+        s, g, u, stats = _rows_store(key, p, g, sts, sc, one, inv, found_inf)
+        given = {"u": u} if u_once else dict(zip(key[1], sts))  # the states as just stored
+        return _rows_finish(key, p, g, given, stats, s, found_inf)
 
     return K._named(kernel, f"distopt_{key[0].__name__}_once_rows")
 
@@ -136,31 +141,50 @@ def _rows_store(
     one: Tensor,
     inv: Tensor | None,
     found_inf: Tensor | None,
-) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
     """The first half of the per-channel kernels (``once`` and ``store``): ``rule(...,
     phase="rows")``, the new states stored in place (times ``one``, see
-    :func:`_once_factory`), and the channel sums.  Returns the scalars, ``u`` and the sums."""
+    :func:`_once_factory`), and the channel sums.  Returns the scalars, the gradient (times
+    ``inv``), ``u`` and the sums."""
     rule, states, names, options, sums = key[:5]
     if inv is not None:
         g = g * inv
     s = dict(zip(names, sc.unbind(0)))
     old = dict(zip(states, sts))
     parts, u, new = rule(p, g, old, s, phase="rows", **dict(options))
-    K._store([(old[k], v * one) for k, v in new.items()], found_inf)
+    if getattr(rule, "u_once", False):  # u's buffer feeds the last loop, not the states
+        K._store([(old[k], v * one) for k, v in new.items()], found_inf)
+    else:
+        vals = [new[k] * one for k in states]
+        if found_inf is not None:  # a skipped step keeps the old states (and p)
+            vals = [torch.where(found_inf > 0, t, v) for t, v in zip(sts, vals)]
+        # ONE in-place foreach copy: inductor writes it straight into the states (its
+        # re-inplacing of foreach ops), so the last loop's reads of ``sts`` read the state
+        # tensors.  With a ``copy_`` per state the new values stay in per-call buffers, which
+        # the last loop reads and copies into the states; with this copy for a ``u_once`` rule
+        # inductor gives m' and v' such buffers and computes u again (AdamP: checked)
+        torch._foreach_copy_(list(sts), vals)
     stats = torch.stack([parts[k].sum(dim=1, dtype=torch.float32) for k in sums])
-    return s, u, stats
+    return s, g, u, stats
 
 
 def _rows_finish(
-    key: tuple, p: Tensor, u: Tensor, stats: Tensor, s: dict[str, Tensor], found_inf: Tensor | None
+    key: tuple,
+    p: Tensor,
+    g: Tensor | None,
+    given: dict[str, Tensor],
+    stats: Tensor,
+    s: dict[str, Tensor],
+    found_inf: Tensor | None,
 ) -> Tensor:
     """The second half (``once`` and ``finish``): ``factor = decide(stats, s)`` per row, then
-    ``p <- rule(p * factor, ..., {"u": u}, phase="apply")``.  Returns the factors: as an
-    output, inductor stores them once per row instead of computing them again (float64 square
-    roots and divisions) for every element."""
+    ``p <- rule(p * factor, g, given, phase="apply")`` (``given``: ``{"u": u}`` for a
+    ``u_once`` rule, else the new states).  Returns the factors: as an output, inductor stores
+    them once per row instead of computing them again (float64 square roots and divisions) for
+    every element."""
     rule, options, decide = key[0], key[3], key[5]
     factor = decide(stats, s).to(p.dtype).unsqueeze(1)
-    new_p = rule(p * factor, None, {"u": u}, s, phase="apply", **dict(options))
+    new_p = rule(p * factor, g, given, s, phase="apply", **dict(options))
     K._store([(p, new_p)], found_inf)
     return factor
 
@@ -189,12 +213,13 @@ def _fused_factory(key: tuple, phase: str) -> Callable[..., Any]:
         found_inf: Tensor | None,
         u_out: Tensor,
     ) -> Tensor:
-        _, u, stats = _rows_store(key, p, g, sts, sc, one, inv, found_inf)
+        _, _, u, stats = _rows_store(key, p, g, sts, sc, one, inv, found_inf)
         u_out.copy_(u * one)
         return stats
 
     def finish(p: Tensor, u: Tensor, stats: Tensor, sc: Tensor, found_inf: Tensor | None) -> Tensor:
-        return _rows_finish(key, p, u, stats, dict(zip(names, sc.unbind(0))), found_inf)
+        s = dict(zip(names, sc.unbind(0)))
+        return _rows_finish(key, p, None, {"u": u}, stats, s, found_inf)
 
     fn = store if phase == "store" else finish
     return K._named(fn, f"distopt_{key[0].__name__}_{phase}_rows")
@@ -394,13 +419,14 @@ def fused_update(
     from the sums of ``rule(..., phase="rows")``'s values named ``sums``), then ``rule(p *
     factor, g, st, s)`` in place.
 
-    ONE kernel per tensor: by default its second loop reads each tensor again and recomputes
-    ``u``; for a rule with ``rule.u_once = True`` (``u`` costly to recompute: AdamP's square
-    root and division) the first loop writes ``u`` to a buffer of the call and the second reads
-    ``p`` and ``u`` only (see :func:`_once_factory`).  Tensors over :data:`ONCE_MAX` elements
-    take the same in two kernels with a buffer for ``u`` kept across steps (see
-    :func:`_fused_factory`: one more call, no fresh tensor-sized buffer per call), tensors over
-    :data:`SCRATCH_MAX` the recomputing form (the kept buffer stays bounded).
+    ONE kernel per tensor (see :func:`_once_factory`): its first loop writes the states and
+    sums the channels, its second reads ``p`` and the states as stored; for a rule with
+    ``rule.u_once = True`` (``u`` costly to recompute: AdamP's square root and division) the
+    first loop also writes ``u`` to a buffer of the call and the second reads ``p`` and ``u``.
+    Such a rule's tensors over :data:`ONCE_MAX` elements take the same in two kernels with a
+    buffer for ``u`` kept across steps (see :func:`_fused_factory`: one more call, no fresh
+    tensor-sized buffer per call), those over :data:`SCRATCH_MAX` a kernel that reads each
+    tensor again and recomputes ``u`` (the kept buffer stays bounded).
 
     ``layout[i]``: the row count of view ``i``'s ``(rows, cols)`` form (``None``: its local
     rows); a caller that regroups a tensor's elements into other rows gives ``decide`` scalars
@@ -455,7 +481,9 @@ def fused_update(
             sts = tuple([_as_rows(v.state[n], rows, cols, copies) for n in states])
         g = _grad_rows(v.grad, rows, cols)
         n = rows * cols
-        kind = "once" if u_once and n <= ONCE_MAX else "two" if u_once and n <= SCRATCH_MAX else ""
+        kind = "once"  # "two": store + finish with the kept u; "": u recomputed
+        if u_once and n > ONCE_MAX:
+            kind = "two" if n <= SCRATCH_MAX else ""
         one = _ones(rows, p.dtype, dev) if kind else None
         work.append((i, kind, p, g, sts, sc, one, copies))
     once: Callable[..., Any] | None = None

@@ -127,12 +127,15 @@ def sgdp_rule(
     the channel factors fold into ``p`` (:func:`~distopt.optim._projection.channel_factors`).
 
     ``phase="rows"``: ``(the products the projection's channel statistics sum, u, the new
-    states)``; ``phase="apply"``: the new ``p`` from ``st["u"]`` (a ``u`` the rows phase gave;
-    ``g`` unused)."""
+    states)``; ``phase="apply"``: the new ``p`` from the NEW momentum buffer in ``st`` (the
+    rows phase's, as stored: ``u`` is computed from it again, a read of the buffer instead of
+    a buffer for ``u``)."""
     if phase == "apply":
-        return p * s["decay"] + st["u"] * s["neg_lr"]
-    b = st["momentum"] * s["momentum"] + g * s["damp"]
+        b = st["momentum"]
+    else:
+        b = st["momentum"] * s["momentum"] + g * s["damp"]
     u = g + b * s["momentum"] if nesterov else b
     if phase == "rows":
         return projection_parts(p, g, u), u, {"momentum": b}
-    return sgdp_rule(p, g, {"u": u}, s, nesterov=nesterov, phase="apply"), {"momentum": b}
+    new_p = p * s["decay"] + u * s["neg_lr"]
+    return new_p if phase == "apply" else (new_p, {"momentum": b})
