@@ -304,6 +304,14 @@ def test_bench_bytes_per_parameter_follow_the_state():
     assert step_bytes(opt, params) == 4 * (5 + 4 + 2)
     opt, params = after_one_step(lambda p: do.Mars(p, caution=True))
     assert step_bytes(opt, params) == 4 * (2 * 5 + 4)
+    # Adahessian's update (the Hessian-vector products belong to backward): p, g, m, v and the
+    # kept estimate read, p, m, v written; no statistics pass
+    params = [torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(5))]
+    opt = do.Adahessian(params, update_each=2)
+    sum((p**3).sum() for p in params).backward(create_graph=True)
+    opt.step()
+    assert "hess" in opt.state[params[0]]
+    assert step_bytes(opt, params) == 4 * (5 + 3)
 
 
 # --------------------------------------------------------------------------- grouping (_kernel_plan)

@@ -20,8 +20,10 @@ import torch
 
 __all__ = ["step_bytes", "traffic", "whole_tensor_stats", "statistics_reads"]
 
-#: state tensors every known optimizer reads but never writes during a step
-READ_ONLY_STATE = frozenset({"x0"})
+#: state tensors every known optimizer reads but never writes during an update: MADGRAD's
+#: ``x0``; Adahessian's kept Hessian estimate ``hess`` (``update_each > 1``), written only by the
+#: Hessian-vector products of its Hessian steps, which ``bench step`` does not time
+READ_ONLY_STATE = frozenset({"x0", "hess"})
 
 
 def _base(opt: Any) -> Any:

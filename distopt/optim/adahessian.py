@@ -104,6 +104,13 @@ class Adahessian(DistOptimizer):
 
     _zero_state = ("exp_avg", "exp_hessian_diag_sq")
 
+    def statistics_reads(self, group: dict[str, Any]) -> frozenset[str] | None:
+        """What the update's whole-tensor statistics read (for ``distopt bench step``'s bytes
+        per parameter): nothing; the update is element-wise given the Hessian estimate, whose
+        Hessian-vector products are part of the backward pass (whole-model work: the reason
+        Adahessian cannot run sharded), not of the update."""
+        return frozenset()
+
     # ------------------------------------------------------------------ Hutchinson estimate
     def _hutchinson(self, views: list[ParamView], positions: list[int]) -> list[Tensor]:
         """``mean_s z_s * (H z_s)`` for each view (one autograd call per sample for all of them)."""
