@@ -102,3 +102,35 @@ def test_passed_through_refuses_anything_the_wrappers_changed():
     assert not KC._passed_through((a, 3), out, [[a, 3], [b, a]])  # an extra (mutation) output
     assert not KC._passed_through((a, 3), [b.view(-1)], [[a, 3], [b]])  # a rebuilt alias
     assert not KC._passed_through((a, 3), out, [])  # the generated code was not reached
+
+
+def test_calls_under_inference_mode(monkeypatch):
+    """Inference tensors have no version counter: a kernel called in ``torch.inference_mode``
+    on them (and on a normal parameter written there) works, gives eager's numbers and marks
+    the normal tensor as the calls through the wrappers do."""
+    got = {}
+    for generated in (True, False):
+        monkeypatch.setattr(K, "GENERATED", generated)
+        fn = K._named(_aliasless, f"aliasless_inference_{generated}")
+        c = KC.Compiled(fn, "inductor", dict(K.COMPILE_OPTIONS))
+        p = torch.arange(3000, dtype=torch.float32) / 3000
+        s = torch.tensor([0.5], dtype=torch.float64)
+        bumps = []
+        with torch.inference_mode():
+            g = torch.ones(3000)
+            q = torch.zeros(3000)  # an inference tensor written in place
+            for _ in range(3):
+                v = p._version
+                c(p, g, q, s)
+                bumps.append(p._version - v)
+        got[generated] = (p, q, bumps)
+    (p, q, bumps), (want_p, want_q, want_bumps) = got[True], got[False]
+    assert bumps == want_bumps
+    assert torch.equal(p, want_p) and torch.equal(q, want_q)
+    torch.testing.assert_close(p, torch.arange(3000, dtype=torch.float32) / 3000 + 1.5)
+    torch.testing.assert_close(q, torch.full((3000,), 3.0))
+
+
+def _aliasless(p, g, q, s):
+    p.copy_(p + g * s[0])
+    q.copy_(q + g)

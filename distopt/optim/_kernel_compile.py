@@ -131,7 +131,11 @@ class Compiled:
                 noted.append((boxed, args, out))
                 return out
             seen: list[Any] = []
-            versions = [(i, _torch_private.version_of(a)) for i, a in enumerate(args) if isinstance(a, Tensor)]
+            versions = [  # (inference tensors have no version counter)
+                (i, _torch_private.version_of(a))
+                for i, a in enumerate(args)
+                if isinstance(a, Tensor) and not a.is_inference()
+            ]
             with _torch_private.watch_generated_call(fx, seen) as generated:
                 out = graph(*args)
             call = boxed
