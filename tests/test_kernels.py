@@ -304,6 +304,12 @@ def test_bench_bytes_per_parameter_follow_the_state():
     assert step_bytes(opt, params) == 4 * (5 + 4 + 2)
     opt, params = after_one_step(lambda p: do.Mars(p, caution=True))
     assert step_bytes(opt, params) == 4 * (2 * 5 + 4)
+    # SGDP: p, g, b read and p, b written, its channel sums read p and g once more (the
+    # buffer's dots in the update's pass); cautious: everything again
+    opt, params = after_one_step(lambda p: do.SGDP(p, lr=0.1, momentum=0.9))
+    assert step_bytes(opt, params) == 4 * (3 + 2 + 2)
+    opt, params = after_one_step(lambda p: do.SGDP(p, lr=0.1, momentum=0.9, caution=True))
+    assert step_bytes(opt, params) == 4 * (2 * 3 + 2)
     # Adahessian's update (the Hessian-vector products belong to backward): p, g, m, v and the
     # kept estimate read, p, m, v written; no statistics pass
     params = [torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(5))]

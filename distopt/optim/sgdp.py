@@ -68,6 +68,13 @@ class SGDP(DistOptimizer):
     def _init_state(self, group: dict[str, Any], view: ParamView) -> None:
         view.state["momentum"] = self._zeros(view)
 
+    def statistics_reads(self, group: dict[str, Any]) -> frozenset[str] | None:
+        """What the whole-tensor statistics of ``group`` read beyond the update (for ``distopt
+        bench step``'s bytes per parameter): the channel sums read p and g (the momentum
+        buffer's dots come from the update's own pass, the projection then reads p and the
+        stored buffer); with ``caution`` the mask's mean needs the update, so everything."""
+        return None if group["caution"] else frozenset({"param", "grad"})
+
     def _update(self, group: dict[str, Any], views: list[ParamView], ctx: StepContext) -> None:
         if not views:
             return
