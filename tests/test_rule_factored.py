@@ -333,6 +333,38 @@ def test_parameter_written_between_steps_is_seen(mode, monkeypatch):
     torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
 
 
+def test_compiled_bf16_momentum_is_written_in_place_without_a_buffer(monkeypatch):
+    """Big Vision's compiled step stores its bfloat16 first moment in the loop that computes it
+    and its parameter loop reads the stored moment: inductor's C++ allocates no tensor-sized
+    bfloat16 buffer per call (with copy_ stores the new moment went through one, copied into the
+    state by the parameter's loop: checked)."""
+    import re
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    if not K._can_compile(torch.device("cpu")):
+        pytest.skip("no compiler")
+    monkeypatch.setattr(R, "EAGER_BELOW", 0)
+    monkeypatch.setattr(R, "_kernels", {})
+    monkeypatch.setattr(R, "_failed", set())
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # generate, not a cache hit
+    p = torch.nn.Parameter(torch.randn(48, 40, generator=torch.Generator().manual_seed(0)))
+    p.grad = torch.randn(48, 40, generator=torch.Generator().manual_seed(1)) * 1e-3
+    opt = do.AdafactorBigVision([p], lr=1e-2, weight_decay=0.01)
+    try:
+        K.set_mode("compile")
+        _, codes = run_and_get_code(opt.step)
+    finally:
+        K.set_mode(None)
+    assert not R._failed, f"compiling fell back to eager for {R._failed}"
+    assert len(codes) == 1, "one compiled step"
+    assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+    assert not re.findall(r"empty_strided_cpu\(\(1, s\d+, 1, s\d+, 1\)[^\n]*bfloat16", codes[0]), (
+        codes[0]
+    )
+
+
 def test_compiled_bf16_momentum_rounds_the_update_as_eager(monkeypatch):
     """Big Vision's bfloat16 first moment: ``lerp(m, u.to(bfloat16), 1 - beta1)`` (timm's
     rounding, kept by the eager phases). Inductor drops a cast to bfloat16 that a fused kernel

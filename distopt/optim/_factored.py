@@ -220,6 +220,17 @@ def _finish(p, g, u, m, pre, decay, agree, sc, fi, opt: Options, phase: str, one
     d, m_new = _direction(u, m, pre, sc, opt)
     if phase == "mask":
         return _mask(d, g).sum(dtype=torch.float32)
+    stored = m_new is not None and one is None and m.dtype != p.dtype
+    if stored:
+        # A low-precision first moment (Big Vision's bfloat16) is stored first, by an in-place
+        # foreach copy, and the direction read back from it: inductor then writes the moment in
+        # the (rows, cols) loop that computes it and the flat loop of p reads the stored moment
+        # (with copy_ stores the new moment went through a per-call buffer of its size, copied
+        # into the state by p's loop: 2 bytes per element more and a buffer per call). The same
+        # numbers: m_new.to(d.dtype) is what the stored moment reads back as (where found_inf
+        # keeps the old moment, p keeps its old value too).
+        torch._foreach_copy_([m], [m_new if fi is None else torch.where(fi > 0, m, m_new)])
+        d = m.to(d.dtype)
     if agree is not None:
         d = d * (_mask(d, g) / torch.clamp(agree / sc[SC["numel"]], min=1e-3))
     kept = p
@@ -232,7 +243,7 @@ def _finish(p, g, u, m, pre, decay, agree, sc, fi, opt: Options, phase: str, one
     new_p = kept - d
     if one is not None:
         new_p, m_new = new_p * one, m_new * one
-    K._store([(p, new_p)] + ([] if m_new is None else [(m, m_new)]), fi)
+    K._store([(p, new_p)] + ([] if m_new is None or stored else [(m, m_new)]), fi)
     return None
 
 
