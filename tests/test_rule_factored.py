@@ -16,6 +16,7 @@ import torch
 import distopt.optim as do
 from distopt.optim import _kernel as K
 from distopt.optim import _rule_factored as R
+from distopt.optim import _state_stacks
 from tests.problems import make_params, run_quadratic
 from tests.references_shape import RefAdafactor
 
@@ -292,13 +293,13 @@ def test_stacked_states_are_kept_views_of_one_stack(name):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
         assert torch.equal(a, c), "the resumed run is not the uninterrupted one bit for bit"
     # after the skipped step, parameters 1 and 2 (one step count) are the stacked unit
-    assert any(key[1] == (id(runs["kept"][1]), id(runs["kept"][2])) for key in R._stacks)
+    assert any(key[1] == (id(runs["kept"][1]), id(runs["kept"][2])) for key in _state_stacks._stacks)
     states = [weakref.ref(t) for q in runs["kept"] for t in opt.state[q].values()
               if isinstance(t, torch.Tensor)]  # fmt: skip
     del opt, q, kept_state, now
     gc.collect()
     assert not [r for r in states if r() is not None], "the cache kept a dropped optimizer's state"
-    assert not any(id(runs["kept"][1]) in key[1] for key in R._stacks)
+    assert not any(id(runs["kept"][1]) in key[1] for key in _state_stacks._stacks)
 
 
 @pytest.mark.parametrize("mode", ["eager", "compile"])
