@@ -229,7 +229,7 @@ def _finish(p, g, u, m, pre, decay, agree, sc, fi, opt: Options, phase: str, one
         # into the state by p's loop: 2 bytes per element more and a buffer per call). The same
         # numbers: m_new.to(d.dtype) is what the stored moment reads back as (where found_inf
         # keeps the old moment, p keeps its old value too).
-        torch._foreach_copy_([m], [m_new if fi is None else torch.where(fi > 0, m, m_new)])
+        K._store_foreach([(m, m_new)], fi)
         d = m.to(d.dtype)
     if agree is not None:
         d = d * (_mask(d, g) / torch.clamp(agree / sc[SC["numel"]], min=1e-3))

@@ -257,6 +257,15 @@ def _store(outs: Iterable[tuple[Tensor, Tensor]], found_inf: Tensor | None) -> N
         dst.copy_(val)
 
 
+def _store_foreach(outs: Sequence[tuple[Tensor, Tensor]], found_inf: Tensor | None) -> None:
+    """:func:`_store` as ONE in-place ``torch._foreach_copy_``: inductor writes it straight into
+    the destinations (its re-inplacing of foreach ops), so a later read of a destination in the
+    same graph reads the stored value; with a ``copy_`` per destination the new values may stay
+    in per-call buffers that a later loop copies in."""
+    vals = [v if found_inf is None else torch.where(found_inf > 0, d, v) for d, v in outs]
+    torch._foreach_copy_([d for d, _ in outs], vals)
+
+
 def compiled_kernel(
     fn: Callable[..., Any], hoist: bool = True, options: Mapping[str, Any] | None = None
 ) -> Callable[..., Any]:

@@ -155,15 +155,11 @@ def _rows_store(
     if getattr(rule, "u_once", False):  # u's buffer feeds the last loop, not the states
         K._store([(old[k], v * one) for k, v in new.items()], found_inf)
     else:
-        vals = [new[k] * one for k in states]
-        if found_inf is not None:  # a skipped step keeps the old states (and p)
-            vals = [torch.where(found_inf > 0, t, v) for t, v in zip(sts, vals)]
-        # ONE in-place foreach copy: inductor writes it straight into the states (its
-        # re-inplacing of foreach ops), so the last loop's reads of ``sts`` read the state
-        # tensors.  With a ``copy_`` per state the new values stay in per-call buffers, which
-        # the last loop reads and copies into the states; with this copy for a ``u_once`` rule
-        # inductor gives m' and v' such buffers and computes u again (AdamP: checked)
-        torch._foreach_copy_(list(sts), vals)
+        # ONE in-place foreach copy: the last loop's reads of ``sts`` read the state tensors.
+        # With a ``copy_`` per state the new values stay in per-call buffers, which the last
+        # loop reads and copies into the states; with this copy for a ``u_once`` rule inductor
+        # gives m' and v' such buffers and computes u again (AdamP: checked)
+        K._store_foreach([(t, new[k] * one) for t, k in zip(sts, states)], found_inf)
     stats = torch.stack([parts[k].sum(dim=1, dtype=torch.float32) for k in sums])
     return s, g, u, stats
 
