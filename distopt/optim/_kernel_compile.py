@@ -218,6 +218,28 @@ def _scalar_value(node: torch.fx.Node) -> Any:
     return ev if isinstance(ev, Tensor) and ev.dim() == 0 else None
 
 
+def _node(graph: torch.fx.Graph, op: str, target: Any, *args: Any) -> torch.fx.Node:
+    """A new node ``target(*args)`` with its ``example_value`` (computed on the arguments'
+    fake values), as dynamo gives every node it traces: AOT autograd's cache takes a graph only
+    when each ``call_method`` node's receiver has one (else it bypasses the cache and a warm
+    start traces the graph through AOT autograd again)."""
+    node = graph.create_node(op, target, args)
+
+    def fake(a: Any) -> Any:
+        if isinstance(a, (list, tuple)):
+            return type(a)(fake(x) for x in a)
+        return a.meta["example_value"] if isinstance(a, torch.fx.Node) else a
+
+    values = fake(args)
+    mode = next(v.fake_mode for v in torch.utils._pytree.tree_leaves(values)
+                if hasattr(v, "fake_mode"))  # fmt: skip
+    with mode:
+        node.meta["example_value"] = (
+            getattr(values[0], target)(*values[1:]) if op == "call_method" else target(*values)
+        )
+    return node
+
+
 def _hoist_scalars(gm: torch.fx.GraphModule) -> int:
     """Compute each per-call scalar of a kernel graph once per call, not once per vector.
 
@@ -290,14 +312,14 @@ def _hoist_scalars(gm: torch.fx.GraphModule) -> int:
             with graph.inserting_before(where):
                 vals = [
                     n if n.meta["example_value"].dtype == dtype
-                    else graph.call_method("to", (n, dtype))
+                    else _node(graph, "call_method", "to", n, dtype)
                     for n, _ in batch
                 ]  # fmt: skip
-                x = graph.call_function(torch.stack, (vals,))
-                x = graph.call_method("unsqueeze", (x, -1))
-                x = graph.call_method("expand", (x, len(vals), 16))
-                x = graph.call_method("amax", (x, -1))
-                once = [graph.call_function(operator.getitem, (x, i)) for i in range(len(vals))]
+                x = _node(graph, "call_function", torch.stack, vals)
+                x = _node(graph, "call_method", "unsqueeze", x, -1)
+                x = _node(graph, "call_method", "expand", x, len(vals), 16)
+                x = _node(graph, "call_method", "amax", x, -1)
+                once = [_node(graph, "call_function", operator.getitem, x, i) for i in range(len(vals))]
             for (n, outside), o in zip(batch, once):
                 for u in outside:
                     u.replace_input_with(n, o)
