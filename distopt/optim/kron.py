@@ -330,12 +330,20 @@ class Kron(DistOptimizer):
                 mom = flat[:, :n].reshape(pl["fshape"]).to(pdt)
                 grad = flat[:, n : 2 * n].reshape(pl["fshape"]).to(pdt) if with_grad else mom
                 fcols = cols - n * (2 if with_grad else 1)
+                # the factors: views of one buffer (one copy in from the packed columns, one
+                # copy back), updated in place; the result goes into the tensor that came in
+                tail = flat[:, cols - fcols :]
+                buf = torch.empty(flat.shape[0] * fcols, dtype=fdt, device=w.device)
+                factors = _factor_views(buf, pl["fshape"], pl["diag"])
                 if pl["first"]:
-                    factors = K.init_factors(
+                    buf.zero_()
+                    init = K.init_factors(
                         pl["fshape"], pl["diag"], group["precond_init_scale"], fdt, w.device
                     )
+                    for q, q0 in zip(factors, init):
+                        q.copy_(q0)
                 else:
-                    factors = _unpack(flat[:, cols - fcols :], pl["fshape"], pl["diag"], fdt)
+                    buf.view(flat.shape[0], fcols).copy_(tail)
                 if pl["balance"]:
                     K.balance_(factors)
                 if pl["update"]:
@@ -344,30 +352,22 @@ class Kron(DistOptimizer):
                     K.update_factors_(factors, grad, probe, group["precond_lr"])
                 pre = K.apply_preconditioner(factors, mom).to(v.data.dtype)
                 pre = pre * torch.clamp(1.1 / (pre.square().mean().sqrt() + 1e-8), max=1.0)
-                res = torch.zeros_like(flat)
-                res[:, :n] = pre.reshape(shape[0], n)
-                res[:, cols - fcols :] = _pack(factors, shape[0], fcols)
-                out.append(res.reshape(w.shape))
+                # (mom and grad may be views of flat: read before these writes)
+                flat[:, :n] = pre.reshape(shape[0], n)
+                tail.copy_(buf.view(flat.shape[0], fcols))
+                out.append(flat.view(w.shape))
             return out
 
         return fn
 
 
-def _pack(factors: list[Tensor], rows: int, width: int) -> Tensor:
-    flat = torch.cat([q.reshape(-1) for q in factors])
-    out = flat.new_zeros(rows * width)
-    out[: flat.numel()] = flat
-    return out.view(rows, width)
-
-
-def _unpack(
-    packed: Tensor, shape: torch.Size, diag: list[bool], dtype: torch.dtype
-) -> list[Tensor]:
-    flat = packed.reshape(-1)
+def _factor_views(buf: Tensor, shape: torch.Size, diag: list[bool]) -> list[Tensor]:
+    """The factors as views of the flat buffer ``buf`` (a vector for a diagonal factor, a
+    ``(d, d)`` matrix otherwise), in order, from its start."""
     factors, offset = [], 0
     for d, dg in zip(shape, diag):
         n = d if dg else d * d
-        q = flat[offset : offset + n].to(dtype).clone()
+        q = buf[offset : offset + n]
         factors.append(q if dg else q.view(d, d))
         offset += n
     return factors
