@@ -224,19 +224,22 @@ def _node(graph: torch.fx.Graph, op: str, target: Any, *args: Any) -> torch.fx.N
     when each ``call_method`` node's receiver has one (else it bypasses the cache and a warm
     start traces the graph through AOT autograd again)."""
     node = graph.create_node(op, target, args)
+    modes: list[Any] = []
 
     def fake(a: Any) -> Any:
         if isinstance(a, (list, tuple)):
             return type(a)(fake(x) for x in a)
-        return a.meta["example_value"] if isinstance(a, torch.fx.Node) else a
+        value = a.meta.get("example_value") if isinstance(a, torch.fx.Node) else a
+        if hasattr(value, "fake_mode"):
+            modes.append(value.fake_mode)
+        return value
 
     values = fake(args)
-    mode = next(v.fake_mode for v in torch.utils._pytree.tree_leaves(values)
-                if hasattr(v, "fake_mode"))  # fmt: skip
-    with mode:
-        node.meta["example_value"] = (
-            getattr(values[0], target)(*values[1:]) if op == "call_method" else target(*values)
-        )
+    if modes:  # (dynamo's graphs always have them; without, the node is left as it was made)
+        with modes[0]:
+            node.meta["example_value"] = (
+                getattr(values[0], target)(*values[1:]) if op == "call_method" else target(*values)
+            )
     return node
 
 
