@@ -17,6 +17,7 @@ import torch
 
 import distopt.optim as do
 from distopt.optim import _kernel as K
+from distopt.optim import _kernel_compile as KC
 from distopt.optim._rule_trust import once
 
 
@@ -32,9 +33,12 @@ class _Graphs:
 
 
 def _calls(gm, name: str, min_dim: int) -> int:
-    """Nodes of ``gm`` calling ``name`` (function or method) whose result has >= ``min_dim`` dims."""
+    """Nodes of ``gm`` calling ``name`` (function or method) whose result has >= ``min_dim`` dims
+    (the rule's own: not the nodes the backend's scalar hoisting adds, marked ``HOISTED``)."""
     count = 0
     for node in gm.graph.nodes:
+        if node.meta.get(KC.HOISTED):
+            continue
         target = getattr(node.target, "__name__", node.target)
         if node.op in ("call_function", "call_method") and target == name:
             val = node.meta.get("example_value")

@@ -218,12 +218,17 @@ def _scalar_value(node: torch.fx.Node) -> Any:
     return ev if isinstance(ev, Tensor) and ev.dim() == 0 else None
 
 
+#: the ``meta`` key marking the nodes :func:`_hoist_scalars` adds (not the rule's own)
+HOISTED = "distopt_hoisted"
+
+
 def _node(graph: torch.fx.Graph, op: str, target: Any, *args: Any) -> torch.fx.Node:
     """A new node ``target(*args)`` with its ``example_value`` (computed on the arguments'
     fake values), as dynamo gives every node it traces: AOT autograd's cache takes a graph only
     when each ``call_method`` node's receiver has one (else it bypasses the cache and a warm
-    start traces the graph through AOT autograd again)."""
+    start traces the graph through AOT autograd again); marked ``meta[HOISTED]``."""
     node = graph.create_node(op, target, args)
+    node.meta[HOISTED] = True
     modes: list[Any] = []
 
     def fake(a: Any) -> Any:
