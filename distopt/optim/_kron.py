@@ -133,7 +133,7 @@ def _tri_mm(q: Tensor, x: Tensor, upper: bool, out: Tensor | None = None) -> Ten
     """
     d = q.shape[0]
     if out is None:
-        out = x.new_empty((d, x.shape[1]), dtype=torch.promote_types(q.dtype, x.dtype))
+        out = x.new_empty((d, x.shape[1]))
     if d < 2 * TRI_BLOCK:
         return torch.mm(q, x, out=out)
     h = d // 2
@@ -155,7 +155,8 @@ def _triu_product(a: Tensor, b: Tensor) -> Tensor:
     if d < 2 * TRI_BLOCK:
         return a @ b
     h = d // 2
-    out = torch.zeros((d, d), dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    out = a.new_empty((d, d))
+    out[h:, :h].zero_()
     out[:h, :h] = _triu_product(a[:h, :h], b[:h, :h])
     _tri_mm(a[:h, :h], b[:h, h:], True, out[:h, h:])
     out[:h, h:].add_(_tri_mm(b[h:, h:].t(), a[:h, h:].t(), False).t())  # A12 B22 = (B22^T A12^T)^T

@@ -332,8 +332,9 @@ class Kron(DistOptimizer):
                 fcols = cols - n * (2 if with_grad else 1)
                 # the factors: views of one buffer (one copy in from the packed columns, one
                 # copy back), updated in place; the result goes into the tensor that came in
+                rows = flat.shape[0]
                 tail = flat[:, cols - fcols :]
-                buf = torch.empty(flat.shape[0] * fcols, dtype=fdt, device=w.device)
+                buf = torch.empty(rows * fcols, dtype=fdt, device=w.device)
                 factors = _factor_views(buf, pl["fshape"], pl["diag"])
                 if pl["first"]:
                     buf.zero_()
@@ -343,7 +344,7 @@ class Kron(DistOptimizer):
                     for q, q0 in zip(factors, init):
                         q.copy_(q0)
                 else:
-                    buf.view(flat.shape[0], fcols).copy_(tail)
+                    buf.view(rows, fcols).copy_(tail)
                 if pl["balance"]:
                     K.balance_(factors)
                 if pl["update"]:
@@ -353,8 +354,8 @@ class Kron(DistOptimizer):
                 pre = K.apply_preconditioner(factors, mom).to(v.data.dtype)
                 pre = pre * torch.clamp(1.1 / (pre.square().mean().sqrt() + 1e-8), max=1.0)
                 # (mom and grad may be views of flat: read before these writes)
-                flat[:, :n] = pre.reshape(shape[0], n)
-                tail.copy_(buf.view(flat.shape[0], fcols))
+                flat[:, :n] = pre.reshape(rows, n)
+                tail.copy_(buf.view(rows, fcols))
                 out.append(flat.view(w.shape))
             return out
 
